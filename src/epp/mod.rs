@@ -1,0 +1,15 @@
+//! Endpoint Picker: an Envoy ext_proc server that routes each inference request to the model
+//! replica where it is cheapest (prefix-cache affinity, queue depth, KV-cache utilisation).
+
+pub mod datastore;
+pub mod director;
+pub mod discovery;
+pub mod endpoint;
+pub mod extproc;
+pub mod metrics;
+pub mod prefix;
+pub mod request;
+pub mod saturation;
+pub mod scheduling;
+pub mod scrape;
+pub mod server;

@@ -1,0 +1,1 @@
+//! Scheduling: filters, scorers, pickers and profiles configured by EndpointPickerConfig.

@@ -1,0 +1,1 @@
+//! Prometheus text-format parsing that materialises only the families a caller asks for.

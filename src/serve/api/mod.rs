@@ -1,0 +1,1 @@
+//! HTTP routes, OpenAI types, SSE and errors.

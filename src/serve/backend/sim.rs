@@ -1,0 +1,1 @@
+//! Simulated-GPU backend (in progress).

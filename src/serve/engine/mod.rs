@@ -1,0 +1,1 @@
+//! Scheduler, block manager with prefix cache, sequences and sampling.

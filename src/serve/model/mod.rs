@@ -1,0 +1,1 @@
+//! Model config, safetensors weights, tokenizer and chat template.
