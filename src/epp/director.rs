@@ -1,1 +1,379 @@
-//! (in progress)
+//! One routing decision: parse → admission → candidates → schedule → reply data.
+//!
+//! A function of (request, datastore snapshot); no protocol details live here (those are in
+//! `extproc`). Error texts and codes are the reference EPP's (GIE v1.5.0
+//! `pkg/epp/requestcontrol/director.go`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::Rng;
+
+use super::datastore::{Datastore, RewriteTarget};
+use super::endpoint::EndpointSnapshot;
+use super::request::{self, ApiType, RequestError};
+use super::saturation::SaturationDetector;
+use super::scheduling::{Scheduler, SchedulingRequest};
+
+/// Error classes the reference maps to HTTP statuses in an ImmediateResponse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadRequest,
+    PayloadTooLarge,
+    ResourceExhausted,
+    Internal,
+    ServiceUnavailable,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "BadRequest",
+            ErrorCode::PayloadTooLarge => "PayloadTooLarge",
+            ErrorCode::ResourceExhausted => "ResourceExhausted",
+            ErrorCode::Internal => "Internal",
+            ErrorCode::ServiceUnavailable => "ServiceUnavailable",
+        }
+    }
+
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest => 400,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::ResourceExhausted => 429,
+            ErrorCode::Internal => 500,
+            ErrorCode::ServiceUnavailable => 503,
+        }
+    }
+}
+
+/// A request that cannot be routed. Displays as the reference's `inference error: <Code> - <Msg>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("inference error: {} - {msg}", code.as_str())]
+pub struct RoutingError {
+    pub code: ErrorCode,
+    pub msg: String,
+    /// Model labels for the error metric (empty when the body was not parsed).
+    pub model: String,
+    pub target_model: String,
+}
+
+impl RoutingError {
+    pub fn new(code: ErrorCode, msg: impl Into<String>) -> Self {
+        RoutingError {
+            code,
+            msg: msg.into(),
+            model: String::new(),
+            target_model: String::new(),
+        }
+    }
+
+    fn with_models(mut self, model: &str, target: &str) -> Self {
+        self.model = model.to_string();
+        self.target_model = target.to_string();
+        self
+    }
+}
+
+/// Request facts taken from the headers and metadata before the body arrives.
+#[derive(Debug, Clone, Default)]
+pub struct RequestMeta {
+    pub api: ApiType,
+    pub request_id: String,
+    pub objective: Option<String>,
+    pub model_rewrite: Option<String>,
+    /// Subset hint from `envoy.lb.subset_hint` metadata or the conformance test header.
+    pub subset: Option<Vec<String>>,
+}
+
+/// Where to send the request and what to send.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// Primary first, then fallbacks.
+    pub endpoints: Vec<Arc<EndpointSnapshot>>,
+    /// `ip:port[,ip:port...]` for the destination header and metadata.
+    pub destination: String,
+    /// The body to forward when the model was rewritten; `None` forwards the original bytes.
+    pub rewritten_body: Option<Vec<u8>>,
+    pub incoming_model: String,
+    pub target_model: String,
+    pub priority: i32,
+    pub stream: bool,
+}
+
+/// Static knobs of the director, from flags.
+#[derive(Debug, Clone)]
+pub struct DirectorConfig {
+    /// Extra endpoints after the primary in the destination header (`--fallback-endpoints`).
+    pub fallback_endpoints: usize,
+    /// Ignore subset hints (`--disable-endpoint-subset-filter`).
+    pub disable_subset_filter: bool,
+}
+
+pub struct Director {
+    datastore: Arc<Datastore>,
+    scheduler: Arc<Scheduler>,
+    saturation: SaturationDetector,
+    config: DirectorConfig,
+}
+
+impl Director {
+    pub fn new(
+        datastore: Arc<Datastore>,
+        scheduler: Arc<Scheduler>,
+        saturation: SaturationDetector,
+        config: DirectorConfig,
+    ) -> Self {
+        Director {
+            datastore,
+            scheduler,
+            saturation,
+            config,
+        }
+    }
+
+    pub fn datastore(&self) -> &Arc<Datastore> {
+        &self.datastore
+    }
+
+    /// Routes a request that has no body (header-only). The reference picks a random endpoint;
+    /// we run the scheduler with an empty prompt, so queue and KV load still count.
+    pub fn route_headers_only(&self, meta: &RequestMeta) -> Result<Decision, RoutingError> {
+        let snapshot = self.datastore.snapshot();
+        if snapshot.is_empty() {
+            return Err(RoutingError::new(
+                ErrorCode::Internal,
+                "no pods available in datastore",
+            ));
+        }
+        let candidates = self.candidates(snapshot, meta)?;
+        let req = SchedulingRequest {
+            request_id: &meta.request_id,
+            target_model: "",
+            prompt: &[],
+            cache_salt: &[],
+            fallbacks: self.config.fallback_endpoints,
+        };
+        let result = self
+            .scheduler
+            .schedule(&req, &candidates)
+            .map_err(|e| schedule_error(&e))?;
+        Ok(Decision {
+            destination: destination_value(&result.endpoints),
+            endpoints: result.endpoints,
+            rewritten_body: None,
+            incoming_model: String::new(),
+            target_model: String::new(),
+            priority: 0,
+            stream: false,
+        })
+    }
+
+    /// Routes a request with its complete body.
+    pub fn route(&self, meta: &RequestMeta, body: &[u8]) -> Result<Decision, RoutingError> {
+        let inspected = request::inspect(body, meta.api).map_err(|e| match e {
+            RequestError::InvalidJson(msg) => RoutingError::new(ErrorCode::BadRequest, msg),
+            RequestError::MissingModel => {
+                RoutingError::new(ErrorCode::BadRequest, RequestError::MissingModel.to_string())
+            }
+        })?;
+        let policy = self.datastore.policy();
+
+        // Target model: rewrite header, else the body's model; a rewrite rule for the incoming
+        // model then picks a weighted target (reference order).
+        let incoming_model = inspected.model.to_string();
+        let mut target_model = meta
+            .model_rewrite
+            .clone()
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| incoming_model.clone());
+        if let Some(targets) = policy.model_rewrites.get(&incoming_model) {
+            if let Some(t) = pick_weighted(targets, &mut rand::rng()) {
+                target_model = t.to_string();
+            }
+        }
+
+        let priority = meta
+            .objective
+            .as_deref()
+            .and_then(|name| policy.objectives.get(name).copied())
+            .unwrap_or(0);
+
+        let label_err = |e: RoutingError| e.with_models(&incoming_model, &target_model);
+        let snapshot = self.datastore.snapshot();
+        if priority < 0 && self.saturation.is_saturated(&snapshot, Instant::now()) {
+            return Err(label_err(RoutingError::new(
+                ErrorCode::ResourceExhausted,
+                "system saturated, sheddable request dropped",
+            )));
+        }
+
+        let candidates = self.candidates(snapshot, meta).map_err(label_err)?;
+        let req = SchedulingRequest {
+            request_id: &meta.request_id,
+            target_model: &target_model,
+            prompt: &inspected.prompt,
+            cache_salt: inspected.cache_salt.as_bytes(),
+            fallbacks: self.config.fallback_endpoints,
+        };
+        let result = self
+            .scheduler
+            .schedule(&req, &candidates)
+            .map_err(|e| label_err(schedule_error(&e)))?;
+
+        let rewritten_body =
+            (target_model != incoming_model).then(|| inspected.rewrite_model(body, &target_model));
+        Ok(Decision {
+            destination: destination_value(&result.endpoints),
+            endpoints: result.endpoints,
+            rewritten_body,
+            incoming_model,
+            target_model,
+            priority,
+            stream: inspected.stream,
+        })
+    }
+
+    /// Applies the subset hint. No candidate left is the reference's 503.
+    fn candidates(
+        &self,
+        snapshot: Vec<Arc<EndpointSnapshot>>,
+        meta: &RequestMeta,
+    ) -> Result<Vec<Arc<EndpointSnapshot>>, RoutingError> {
+        let candidates = match (&meta.subset, self.config.disable_subset_filter) {
+            (Some(subset), false) => {
+                let filters: Vec<SubsetEntry> = subset.iter().filter_map(|s| SubsetEntry::parse(s)).collect();
+                snapshot
+                    .into_iter()
+                    .filter(|s| filters.iter().any(|f| f.matches(s.endpoint.addr)))
+                    .collect()
+            }
+            _ => snapshot,
+        };
+        if candidates.is_empty() {
+            return Err(RoutingError::new(
+                ErrorCode::ServiceUnavailable,
+                "failed to find endpoint candidates for serving the request",
+            ));
+        }
+        Ok(candidates)
+    }
+}
+
+fn schedule_error(e: &impl std::fmt::Display) -> RoutingError {
+    RoutingError::new(
+        ErrorCode::ResourceExhausted,
+        format!("failed to find target endpoint: {e}"),
+    )
+}
+
+fn destination_value(endpoints: &[Arc<EndpointSnapshot>]) -> String {
+    let mut out = String::with_capacity(endpoints.len() * 22);
+    for (i, e) in endpoints.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&e.endpoint.addr.to_string());
+    }
+    out
+}
+
+/// Weighted random choice among rewrite targets; all-zero weights choose uniformly.
+fn pick_weighted<'a>(targets: &'a [RewriteTarget], rng: &mut impl Rng) -> Option<&'a str> {
+    if targets.is_empty() {
+        return None;
+    }
+    let total: u64 = targets.iter().map(|t| u64::from(t.weight)).sum();
+    if total == 0 {
+        return targets.get(rng.random_range(0..targets.len())).map(|t| t.model.as_str());
+    }
+    let mut point = rng.random_range(0..total);
+    for t in targets {
+        let w = u64::from(t.weight);
+        if point < w {
+            return Some(&t.model);
+        }
+        point -= w;
+    }
+    targets.last().map(|t| t.model.as_str())
+}
+
+/// One subset-hint entry: `ip:port` matches exactly, a bare `ip` matches every port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SubsetEntry {
+    Exact(SocketAddr),
+    AnyPort(IpAddr),
+}
+
+impl SubsetEntry {
+    fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Some(SubsetEntry::Exact(addr));
+        }
+        let bare = s.trim_start_matches('[').trim_end_matches(']');
+        bare.parse::<IpAddr>().ok().map(SubsetEntry::AnyPort)
+    }
+
+    fn matches(self, addr: SocketAddr) -> bool {
+        match self {
+            SubsetEntry::Exact(a) => a == addr,
+            SubsetEntry::AnyPort(ip) => ip == addr.ip(),
+        }
+    }
+}
+
+/// Splits a subset hint given as a comma-separated string.
+pub fn split_subset(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn subset_entries_match_exact_or_any_port() {
+        let a: SocketAddr = "10.0.0.1:8000".parse().unwrap();
+        assert!(SubsetEntry::parse("10.0.0.1:8000").unwrap().matches(a));
+        assert!(!SubsetEntry::parse("10.0.0.1:8001").unwrap().matches(a));
+        assert!(SubsetEntry::parse("10.0.0.1").unwrap().matches(a));
+        assert!(SubsetEntry::parse("[::1]").unwrap().matches("[::1]:9".parse().unwrap()));
+        assert_eq!(SubsetEntry::parse("not-an-ip"), None);
+        assert_eq!(split_subset(" a, b ,,c"), vec!["a", "b", "c"]);
+    }
+
+    #[test]
+    fn weighted_rewrite_respects_weights() {
+        let targets = vec![
+            RewriteTarget { model: "a".into(), weight: 0 },
+            RewriteTarget { model: "b".into(), weight: 3 },
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..100 {
+            assert_eq!(pick_weighted(&targets, &mut rng), Some("b"));
+        }
+        let zero = vec![
+            RewriteTarget { model: "a".into(), weight: 0 },
+            RewriteTarget { model: "b".into(), weight: 0 },
+        ];
+        let picks: std::collections::HashSet<_> =
+            (0..100).filter_map(|_| pick_weighted(&zero, &mut rng)).collect();
+        assert_eq!(picks.len(), 2);
+        assert_eq!(pick_weighted(&[], &mut rng), None);
+    }
+
+    #[test]
+    fn error_text_is_the_reference_format() {
+        let e = RoutingError::new(ErrorCode::ServiceUnavailable, "x y");
+        assert_eq!(e.to_string(), "inference error: ServiceUnavailable - x y");
+        assert_eq!(e.code.http_status(), 503);
+    }
+}

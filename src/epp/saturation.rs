@@ -1,1 +1,360 @@
-//! (in progress)
+//! Pool saturation for admission control: the reference `utilization-detector` (GIE v1.5.0
+//! `pkg/epp/framework/plugins/flowcontrol/saturationdetector/utilization/`).
+//!
+//! Each endpoint scores `max(waiting / queueDepthThreshold, kv_usage / kvCacheUtilThreshold)`
+//! (1.0 when its metrics are stale or were never scraped); the pool's saturation is the mean
+//! score, and the pool is saturated at 1.0 or more. Sheddable requests (priority < 0) are
+//! rejected while the pool is saturated.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::endpoint::{EndpointMetrics, EndpointSnapshot};
+use crate::flagfmt::parse_go_duration;
+
+/// Reference default for `queueDepthThreshold`.
+pub const DEFAULT_QUEUE_DEPTH_THRESHOLD: u32 = 5;
+/// Reference default for `kvCacheUtilThreshold`.
+pub const DEFAULT_KV_CACHE_UTIL_THRESHOLD: f64 = 0.8;
+/// Reference default for `metricsStalenessThreshold`.
+pub const DEFAULT_METRICS_STALENESS_THRESHOLD: Duration = Duration::from_millis(200);
+
+/// Why a detector configuration was rejected; names the offending parameter.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SaturationConfigError {
+    #[error("queueDepthThreshold must be strictly positive, got {0}")]
+    QueueDepthThreshold(i64),
+    #[error("kvCacheUtilThreshold must be in (0.0, 1.0], got {0}")]
+    KvCacheUtilThreshold(f64),
+    #[error("metricsStalenessThreshold must be a positive duration, got {0:?}")]
+    MetricsStalenessThreshold(String),
+    #[error("headroom must be a non-negative number, got {0}")]
+    Headroom(f64),
+    #[error("utilization-detector parameters: {0}")]
+    Parameters(String),
+}
+
+/// Validated detector settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SaturationConfig {
+    /// Waiting requests at which one endpoint counts as full (> 0).
+    pub queue_depth_threshold: u32,
+    /// KV-cache utilisation at which one endpoint counts as full, in (0, 1].
+    pub kv_cache_util_threshold: f64,
+    /// Metrics older than this make an endpoint count as full (> 0).
+    pub metrics_staleness_threshold: Duration,
+    /// Burst allowance above the thresholds used by [`SaturationDetector::filter`] (≥ 0).
+    pub headroom: f64,
+}
+
+impl Default for SaturationConfig {
+    fn default() -> Self {
+        SaturationConfig {
+            queue_depth_threshold: DEFAULT_QUEUE_DEPTH_THRESHOLD,
+            kv_cache_util_threshold: DEFAULT_KV_CACHE_UTIL_THRESHOLD,
+            metrics_staleness_threshold: DEFAULT_METRICS_STALENESS_THRESHOLD,
+            headroom: 0.0,
+        }
+    }
+}
+
+/// The reference plugin's `parameters` block, as written in an EndpointPickerConfig.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WireParameters {
+    queue_depth_threshold: Option<i64>,
+    kv_cache_util_threshold: Option<f64>,
+    metrics_staleness_threshold: Option<String>,
+    headroom: Option<f64>,
+}
+
+impl SaturationConfig {
+    /// Builds a config from the `utilization-detector` plugin's `parameters` (keys
+    /// `queueDepthThreshold`, `kvCacheUtilThreshold`, `metricsStalenessThreshold` as a Go
+    /// duration string, `headroom`), applying the reference defaults and validation.
+    pub fn from_parameters(
+        parameters: Option<&serde_json::Value>,
+    ) -> Result<Self, SaturationConfigError> {
+        let wire: WireParameters = match parameters {
+            None | Some(serde_json::Value::Null) => WireParameters::default(),
+            Some(value) => serde_json::from_value(value.clone())
+                .map_err(|e| SaturationConfigError::Parameters(e.to_string()))?,
+        };
+        let defaults = SaturationConfig::default();
+        let queue = wire
+            .queue_depth_threshold
+            .unwrap_or(i64::from(defaults.queue_depth_threshold));
+        let queue_depth_threshold = u32::try_from(queue)
+            .ok()
+            .filter(|q| *q > 0)
+            .ok_or(SaturationConfigError::QueueDepthThreshold(queue))?;
+        let staleness = match wire.metrics_staleness_threshold {
+            None => defaults.metrics_staleness_threshold,
+            Some(text) => parse_go_duration(&text)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or(SaturationConfigError::MetricsStalenessThreshold(text))?,
+        };
+        let config = SaturationConfig {
+            queue_depth_threshold,
+            kv_cache_util_threshold: wire
+                .kv_cache_util_threshold
+                .unwrap_or(defaults.kv_cache_util_threshold),
+            metrics_staleness_threshold: staleness,
+            headroom: wire.headroom.unwrap_or(defaults.headroom),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the ranges the reference enforces.
+    pub fn validate(&self) -> Result<(), SaturationConfigError> {
+        if self.queue_depth_threshold == 0 {
+            return Err(SaturationConfigError::QueueDepthThreshold(0));
+        }
+        let kv = self.kv_cache_util_threshold;
+        // Written as a negated range check so NaN is rejected too.
+        if !(kv > 0.0 && kv <= 1.0) {
+            return Err(SaturationConfigError::KvCacheUtilThreshold(kv));
+        }
+        if self.metrics_staleness_threshold.is_zero() {
+            return Err(SaturationConfigError::MetricsStalenessThreshold(
+                "0s".to_string(),
+            ));
+        }
+        if !(self.headroom >= 0.0 && self.headroom.is_finite()) {
+            return Err(SaturationConfigError::Headroom(self.headroom));
+        }
+        Ok(())
+    }
+}
+
+/// Computes pool saturation from endpoint snapshots; cheap and lock-free (reads snapshots only).
+#[derive(Debug, Clone)]
+pub struct SaturationDetector {
+    config: SaturationConfig,
+}
+
+impl Default for SaturationDetector {
+    fn default() -> Self {
+        SaturationDetector::new(SaturationConfig::default())
+    }
+}
+
+impl SaturationDetector {
+    /// Takes a config that passed [`SaturationConfig::validate`] (or the defaults).
+    pub fn new(config: SaturationConfig) -> Self {
+        tracing::info!(
+            queue_depth_threshold = config.queue_depth_threshold,
+            kv_cache_util_threshold = config.kv_cache_util_threshold,
+            metrics_staleness_threshold = ?config.metrics_staleness_threshold,
+            headroom = config.headroom,
+            "utilization-detector configured"
+        );
+        SaturationDetector { config }
+    }
+
+    pub fn config(&self) -> &SaturationConfig {
+        &self.config
+    }
+
+    fn is_stale(&self, metrics: &EndpointMetrics, now: Instant) -> bool {
+        metrics.is_stale(now, self.config.metrics_staleness_threshold)
+    }
+
+    /// One endpoint's score: its most constrained resource relative to the thresholds.
+    pub fn endpoint_score(&self, metrics: &EndpointMetrics, now: Instant) -> f64 {
+        if self.is_stale(metrics, now) {
+            return 1.0;
+        }
+        let queue = f64::from(metrics.waiting_queue_size) / f64::from(self.config.queue_depth_threshold);
+        let kv = metrics.kv_cache_usage / self.config.kv_cache_util_threshold;
+        queue.max(kv)
+    }
+
+    /// Mean endpoint score over `endpoints`. An empty pool is fully saturated (1.0), as in the
+    /// reference: with nothing to serve them, sheddable requests are shed.
+    pub fn saturation(&self, endpoints: &[Arc<EndpointSnapshot>], now: Instant) -> f64 {
+        if endpoints.is_empty() {
+            return 1.0;
+        }
+        let total: f64 = endpoints
+            .iter()
+            .map(|e| self.endpoint_score(&e.metrics, now))
+            .sum();
+        total / endpoints.len() as f64
+    }
+
+    /// Whether the pool is saturated (mean score ≥ 1.0).
+    pub fn is_saturated(&self, endpoints: &[Arc<EndpointSnapshot>], now: Instant) -> bool {
+        self.saturation(endpoints, now) >= 1.0
+    }
+
+    /// Whether one endpoint may take more work: fresh metrics and below the thresholds relaxed by
+    /// `headroom` (the reference detector's scheduling-filter role).
+    pub fn has_capacity(&self, metrics: &EndpointMetrics, now: Instant) -> bool {
+        if self.is_stale(metrics, now) {
+            return false;
+        }
+        let scale = 1.0 + self.config.headroom;
+        let queue_limit = f64::from(self.config.queue_depth_threshold) * scale;
+        let kv_limit = self.config.kv_cache_util_threshold * scale;
+        f64::from(metrics.waiting_queue_size) < queue_limit && metrics.kv_cache_usage < kv_limit
+    }
+
+    /// The endpoints with capacity; fails open (returns all of them) when none has any, so that
+    /// the scorers can still pick the least-bad one.
+    pub fn filter(
+        &self,
+        endpoints: &[Arc<EndpointSnapshot>],
+        now: Instant,
+    ) -> Vec<Arc<EndpointSnapshot>> {
+        let kept: Vec<Arc<EndpointSnapshot>> = endpoints
+            .iter()
+            .filter(|e| self.has_capacity(&e.metrics, now))
+            .cloned()
+            .collect();
+        if kept.is_empty() {
+            endpoints.to_vec()
+        } else {
+            kept
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::epp::endpoint::Endpoint;
+
+    fn snapshot(queue: u32, kv: f64, age: Option<Duration>, now: Instant) -> Arc<EndpointSnapshot> {
+        Arc::new(EndpointSnapshot {
+            endpoint: Arc::new(Endpoint::from_addr("10.0.0.1:8000".parse().unwrap())),
+            metrics: EndpointMetrics {
+                waiting_queue_size: queue,
+                kv_cache_usage: kv,
+                updated_at: age.map(|a| now - a),
+                ..Default::default()
+            },
+        })
+    }
+
+    #[test]
+    fn score_is_the_most_constrained_resource() {
+        let now = Instant::now();
+        let fresh = Some(Duration::from_millis(10));
+        let d = SaturationDetector::default();
+        // queue 2/5 = 0.4 vs kv 0.4/0.8 = 0.5 → 0.5
+        assert_eq!(d.endpoint_score(&snapshot(2, 0.4, fresh, now).metrics, now), 0.5);
+        // queue 10/5 = 2.0 vs kv 0.2/0.8 = 0.25 → 2.0
+        assert_eq!(d.endpoint_score(&snapshot(10, 0.2, fresh, now).metrics, now), 2.0);
+        assert_eq!(d.endpoint_score(&snapshot(0, 0.0, fresh, now).metrics, now), 0.0);
+    }
+
+    #[test]
+    fn stale_and_never_scraped_endpoints_count_as_full() {
+        let now = Instant::now();
+        let d = SaturationDetector::default();
+        // Exactly at the threshold is still fresh (the reference compares with `>`).
+        let at = snapshot(0, 0.0, Some(Duration::from_millis(200)), now);
+        assert_eq!(d.endpoint_score(&at.metrics, now), 0.0);
+        let over = snapshot(0, 0.0, Some(Duration::from_millis(201)), now);
+        assert_eq!(d.endpoint_score(&over.metrics, now), 1.0);
+        let never = snapshot(0, 0.0, None, now);
+        assert_eq!(d.endpoint_score(&never.metrics, now), 1.0);
+    }
+
+    #[test]
+    fn pool_saturation_is_the_mean_and_saturated_at_one() {
+        let now = Instant::now();
+        let fresh = Some(Duration::from_millis(5));
+        let d = SaturationDetector::default();
+        assert_eq!(d.saturation(&[], now), 1.0);
+        assert!(d.is_saturated(&[], now));
+        // Scores 0.5, 2.0, 1.0 (stale) → mean 3.5 / 3.
+        let pool = [
+            snapshot(2, 0.4, fresh, now),
+            snapshot(10, 0.2, fresh, now),
+            snapshot(0, 0.0, Some(Duration::from_secs(1)), now),
+        ];
+        assert_eq!(d.saturation(&pool, now), 3.5 / 3.0);
+        assert!(d.is_saturated(&pool, now));
+        // Scores 0.5 and 1.0 (queue 5/5) → 0.75: not saturated.
+        let pool = [snapshot(2, 0.4, fresh, now), snapshot(5, 0.0, fresh, now)];
+        assert_eq!(d.saturation(&pool, now), 0.75);
+        assert!(!d.is_saturated(&pool, now));
+        // Mean exactly 1.0 is saturated.
+        let pool = [snapshot(5, 0.0, fresh, now), snapshot(0, 0.8, fresh, now)];
+        assert_eq!(d.saturation(&pool, now), 1.0);
+        assert!(d.is_saturated(&pool, now));
+    }
+
+    #[test]
+    fn custom_thresholds_change_the_scores() {
+        let now = Instant::now();
+        let d = SaturationDetector::new(SaturationConfig {
+            queue_depth_threshold: 10,
+            kv_cache_util_threshold: 0.5,
+            metrics_staleness_threshold: Duration::from_secs(2),
+            headroom: 0.0,
+        });
+        let e = snapshot(5, 0.25, Some(Duration::from_secs(1)), now);
+        assert_eq!(d.endpoint_score(&e.metrics, now), 0.5);
+    }
+
+    #[test]
+    fn filter_uses_headroom_and_fails_open() {
+        let now = Instant::now();
+        let fresh = Some(Duration::from_millis(5));
+        let d = SaturationDetector::new(SaturationConfig {
+            headroom: 0.2,
+            ..Default::default()
+        });
+        // Limits: queue < 6, kv < 0.96.
+        let pool = [
+            snapshot(5, 0.95, fresh, now),
+            snapshot(6, 0.1, fresh, now),
+            snapshot(0, 0.96, fresh, now),
+            snapshot(0, 0.0, None, now),
+        ];
+        let kept = d.filter(&pool, now);
+        assert_eq!(kept.len(), 1);
+        assert!(Arc::ptr_eq(&kept[0], &pool[0]));
+        let none_fit = [pool[1].clone(), pool[3].clone()];
+        assert_eq!(d.filter(&none_fit, now).len(), 2);
+    }
+
+    #[test]
+    fn parameters_default_and_validate_like_the_reference() {
+        assert_eq!(SaturationConfig::from_parameters(None).unwrap(), SaturationConfig::default());
+        let json = serde_json::json!({
+            "queueDepthThreshold": 8, "kvCacheUtilThreshold": 0.9,
+            "metricsStalenessThreshold": "150ms", "headroom": 0.1
+        });
+        assert_eq!(
+            SaturationConfig::from_parameters(Some(&json)).unwrap(),
+            SaturationConfig {
+                queue_depth_threshold: 8,
+                kv_cache_util_threshold: 0.9,
+                metrics_staleness_threshold: Duration::from_millis(150),
+                headroom: 0.1,
+            }
+        );
+        let bad = [
+            (serde_json::json!({"queueDepthThreshold": 0}), "queueDepthThreshold must be strictly positive, got 0"),
+            (serde_json::json!({"queueDepthThreshold": -3}), "queueDepthThreshold must be strictly positive, got -3"),
+            (serde_json::json!({"kvCacheUtilThreshold": 1.5}), "kvCacheUtilThreshold must be in (0.0, 1.0], got 1.5"),
+            (serde_json::json!({"kvCacheUtilThreshold": 0.0}), "kvCacheUtilThreshold must be in (0.0, 1.0], got 0"),
+            (serde_json::json!({"metricsStalenessThreshold": "0s"}), "metricsStalenessThreshold must be a positive duration, got \"0s\""),
+            (serde_json::json!({"metricsStalenessThreshold": "soon"}), "metricsStalenessThreshold must be a positive duration, got \"soon\""),
+            (serde_json::json!({"headroom": -0.1}), "headroom must be a non-negative number, got -0.1"),
+        ];
+        for (json, message) in bad {
+            let err = SaturationConfig::from_parameters(Some(&json)).unwrap_err();
+            assert_eq!(err.to_string(), message);
+        }
+        let unknown = serde_json::json!({"queueThreshold": 3});
+        let err = SaturationConfig::from_parameters(Some(&unknown)).unwrap_err();
+        assert!(err.to_string().contains("unknown field `queueThreshold`"), "{err}");
+    }
+}

@@ -1,13 +1,444 @@
-//! Wiring of the EPP: ext_proc and health gRPC servers, metrics HTTP, discovery, scrapers, shutdown.
+//! Wiring of `switchyard epp`: discovery and scrapers feeding the datastore, the ext_proc and
+//! health gRPC servers, the metrics HTTP server, and graceful shutdown.
 
-/// Command-line flags of `switchyard epp`, named like the reference EPP's.
-#[derive(Debug, Clone, clap::Args)]
-pub struct EppArgs {
-    /// ext_proc gRPC port.
-    #[arg(long, default_value_t = 9002)]
-    pub grpc_port: u16,
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
+use tonic_health::ServingStatus;
+
+pub use super::args::EppArgs;
+use super::args::{EndpointSource, LogEncoder};
+use super::datastore::Datastore;
+use super::director::{Director, DirectorConfig};
+use super::discovery::file::FileDiscovery;
+use super::discovery::kubernetes::{KubeDiscoveryConfig, KubernetesDiscovery};
+use super::discovery::static_list::{parse_endpoint_list, StaticDiscovery};
+use super::discovery::Discovery;
+use super::extproc::{ExtProcConfig, ExtProcService, Shared};
+use super::metrics::{self, EppMetrics};
+use super::metrics_auth::MetricsAuth;
+use super::saturation::{SaturationConfig, SaturationDetector};
+use super::scheduling::{self, Scheduler};
+use super::scrape::{spawn_scrape_manager, ScrapeConfig};
+
+/// Health services the reference answers on (REFERENCE.md §1 "Health").
+const READINESS_SERVICES: [&str; 4] = [
+    "readiness",
+    "envoy.service.ext_proc.v3.ExternalProcessor",
+    "inference-extension",
+    "",
+];
+
+/// Runs the EPP until SIGTERM/SIGINT.
+pub async fn run(args: EppArgs) -> anyhow::Result<()> {
+    init_logging(&args);
+    if args.check_config {
+        check_config(&args)?;
+        println!("configuration OK");
+        return Ok(());
+    }
+    let epp = start(args).await?;
+    shutdown_signal().await;
+    tracing::info!("shutdown requested; draining open streams");
+    epp.shutdown().await;
+    Ok(())
 }
 
-pub async fn run(_args: EppArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+fn init_logging(args: &EppArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(args.log_filter()));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second init (tests starting several EPPs in one process) is harmless; ignore it.
+    let _ = match args.zap_encoder {
+        LogEncoder::Json => builder.json().try_init(),
+        LogEncoder::Console => builder.try_init(),
+    };
+}
+
+/// Scheduler configuration from `--config-text`, `--config-file` or the built-in default.
+fn load_scheduler_config(args: &EppArgs) -> anyhow::Result<scheduling::SchedulerConfig> {
+    let (text, origin) = if !args.config_text.is_empty() {
+        (args.config_text.clone(), "--config-text".to_string())
+    } else if !args.config_file.is_empty() {
+        let text = std::fs::read_to_string(&args.config_file)
+            .with_context(|| format!("reading --config-file {}", args.config_file))?;
+        (text, args.config_file.clone())
+    } else {
+        (scheduling::DEFAULT_CONFIG.to_string(), "built-in default".to_string())
+    };
+    scheduling::parse_config(&text).with_context(|| format!("invalid EndpointPickerConfig ({origin})"))
+}
+
+/// `--check-config`: everything `start` would reject, without binding ports or calling APIs.
+fn check_config(args: &EppArgs) -> anyhow::Result<()> {
+    let source = args.validate()?;
+    load_scheduler_config(args)?;
+    match source {
+        EndpointSource::Static(list) => {
+            parse_endpoint_list(&list)?;
+        }
+        EndpointSource::File(path) => {
+            super::discovery::file::load_pool_file(&path)?;
+        }
+        EndpointSource::Kubernetes => kube_config(args).validate()?,
+    }
+    if !args.cert_path.is_empty() {
+        super::tls::load_from_dir(Path::new(&args.cert_path))?;
+    }
+    Ok(())
+}
+
+fn kube_config(args: &EppArgs) -> KubeDiscoveryConfig {
+    KubeDiscoveryConfig {
+        pool_name: args.pool_name.clone(),
+        pool_namespace: pool_namespace(args),
+        pool_group: args.pool_group.clone(),
+        endpoint_selector: (!args.endpoint_selector.is_empty()).then(|| args.endpoint_selector.clone()),
+        endpoint_target_ports: args.endpoint_target_ports.clone(),
+    }
+}
+
+fn pool_namespace(args: &EppArgs) -> String {
+    if !args.pool_namespace.is_empty() {
+        return args.pool_namespace.clone();
+    }
+    std::env::var("NAMESPACE").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "default".to_string())
+}
+
+/// A running EPP: its bound addresses and what is needed to stop it.
+pub struct RunningEpp {
+    pub grpc_addr: SocketAddr,
+    pub health_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub datastore: Arc<Datastore>,
+    shared: Arc<Shared>,
+    health: tonic_health::server::HealthReporter,
+    shutdown_tx: watch::Sender<bool>,
+    drain_timeout: Duration,
+    tasks: Vec<JoinHandle<()>>,
+    grpc_task: JoinHandle<()>,
+}
+
+impl RunningEpp {
+    /// Stops accepting, reports NOT_SERVING, waits for open streams up to the drain timeout.
+    pub async fn shutdown(self) {
+        for svc in READINESS_SERVICES {
+            self.health.set_service_status(svc, ServingStatus::NotServing).await;
+        }
+        let _ = self.shutdown_tx.send(true);
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        while self.shared.open_streams() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.shared.open_streams();
+        if left > 0 {
+            tracing::warn!(open_streams = left, "drain timeout reached; closing remaining streams");
+        }
+        self.grpc_task.abort();
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Starts every part of the EPP and returns once all ports are bound.
+pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
+    let source = args.validate()?;
+    let sched_config = load_scheduler_config(&args)?;
+    let mut registry = Registry::default();
+    let epp_metrics = EppMetrics::new(&mut registry);
+    let scheduler = Arc::new(Scheduler::new(&sched_config, &mut registry));
+    let datastore = Arc::new(Datastore::new());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    // Discovery (and, in Kubernetes, leader election and metrics auth).
+    let mut leader_rx: Option<watch::Receiver<bool>> = None;
+    let mut metrics_auth: Option<Arc<MetricsAuth>> = None;
+    let discovery: Box<dyn Discovery> = match source {
+        EndpointSource::Static(list) => Box::new(StaticDiscovery::new(parse_endpoint_list(&list)?)),
+        EndpointSource::File(path) => {
+            super::discovery::file::load_pool_file(&path)?;
+            Box::new(FileDiscovery::new(path, Duration::from_secs(1)))
+        }
+        EndpointSource::Kubernetes => {
+            let config = kube_config(&args);
+            config.validate()?;
+            let client = super::kube_client::client_from_env().await?;
+            if args.ha_enable_leader_election {
+                let identity = format!(
+                    "{}_{:08x}",
+                    std::env::var("POD_NAME").unwrap_or_else(|_| "switchyard-epp".to_string()),
+                    rand::random::<u32>()
+                );
+                let lease = super::leader::LeaseConfig::for_pool(&config.pool_namespace, &config.pool_name, identity);
+                leader_rx = Some(super::leader::spawn_leader_election(client.clone(), lease, shutdown_rx.clone()));
+            }
+            if args.metrics_endpoint_auth {
+                metrics_auth = Some(Arc::new(MetricsAuth::new(client.clone())));
+            }
+            Box::new(KubernetesDiscovery::new(client, config))
+        }
+    };
+    {
+        let ds = datastore.clone();
+        let rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = discovery.run(ds, rx).await {
+                tracing::error!(error = %e, "endpoint discovery stopped");
+            }
+        }));
+    }
+    tasks.push(spawn_scrape_manager(
+        datastore.clone(),
+        ScrapeConfig {
+            interval: args.refresh_metrics_interval,
+            timeout: args.metrics_scrape_timeout,
+        },
+        shutdown_rx.clone(),
+    ));
+    tasks.push(spawn_endpoint_bookkeeping(
+        datastore.clone(),
+        scheduler.clone(),
+        epp_metrics.clone(),
+        args.pool_name.clone(),
+        args.refresh_prometheus_metrics_interval,
+        args.metrics_staleness_threshold,
+    ));
+
+    let director = Arc::new(Director::new(
+        datastore.clone(),
+        scheduler,
+        SaturationDetector::new(SaturationConfig::default()),
+        DirectorConfig {
+            fallback_endpoints: args.fallback_endpoints,
+            disable_subset_filter: args.disable_endpoint_subset_filter,
+        },
+    ));
+    let shared = Shared::new(
+        director,
+        epp_metrics,
+        ExtProcConfig {
+            max_body_bytes: args.max_body_bytes,
+            max_response_buffer_bytes: args.max_body_bytes,
+        },
+    );
+
+    // Health.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("liveness", ServingStatus::Serving).await;
+    for svc in READINESS_SERVICES {
+        health.set_service_status(svc, ServingStatus::NotServing).await;
+    }
+    let health_listener = TcpListener::bind((args.bind_address, args.grpc_health_port))
+        .await
+        .with_context(|| format!("binding health port {}", args.grpc_health_port))?;
+    let health_addr = health_listener.local_addr()?;
+    tasks.push(tokio::spawn(async move {
+        let incoming = TcpListenerStream::new(health_listener);
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .serve_with_incoming(incoming)
+            .await
+        {
+            tracing::error!(error = %e, "health server stopped");
+        }
+    }));
+    tasks.push(spawn_readiness(datastore.clone(), health.clone(), leader_rx));
+
+    // Metrics HTTP.
+    let metrics_listener = TcpListener::bind((args.bind_address, args.metrics_port))
+        .await
+        .with_context(|| format!("binding metrics port {}", args.metrics_port))?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(serve_metrics))
+        .with_state(MetricsState {
+            registry: Arc::new(registry),
+            auth: metrics_auth,
+        });
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(metrics_listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    }));
+
+    // ext_proc.
+    let grpc_listener = TcpListener::bind((args.bind_address, args.grpc_port))
+        .await
+        .with_context(|| format!("binding ext_proc port {}", args.grpc_port))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let service = ExtProcService::new(shared.clone()).into_server();
+    let mut stop = shutdown_rx.clone();
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let grpc_task = if args.secure_serving {
+        let cert_dir = (!args.cert_path.is_empty()).then(|| Path::new(&args.cert_path));
+        let acceptor = super::tls::acceptor(cert_dir, args.enable_cert_reload)?;
+        let incoming = TcpListenerStream::new(grpc_listener)
+            .filter_map(|conn| conn.ok())
+            .then(move |tcp| {
+                let acceptor = acceptor.clone();
+                async move {
+                    let _ = tcp.set_nodelay(true);
+                    match acceptor.accept(tcp).await {
+                        Ok(tls) => Some(Ok::<_, std::io::Error>(super::tls::TlsConn(tls))),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            None
+                        }
+                    }
+                }
+            })
+            .filter_map(|c| c);
+        tokio::spawn(async move {
+            if let Err(e) = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, stopped)
+                .await
+            {
+                tracing::error!(error = %e, "ext_proc server stopped");
+            }
+        })
+    } else {
+        let incoming = TcpListenerStream::new(grpc_listener);
+        tokio::spawn(async move {
+            if let Err(e) = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, stopped)
+                .await
+            {
+                tracing::error!(error = %e, "ext_proc server stopped");
+            }
+        })
+    };
+    tracing::info!(%grpc_addr, %health_addr, %metrics_addr, tls = args.secure_serving, "switchyard epp started");
+
+    Ok(RunningEpp {
+        grpc_addr,
+        health_addr,
+        metrics_addr,
+        datastore,
+        shared,
+        health,
+        shutdown_tx,
+        drain_timeout: args.drain_timeout,
+        tasks,
+        grpc_task,
+    })
+}
+
+/// Readiness: SERVING once discovery has synced and, with leader election, only on the leader.
+fn spawn_readiness(
+    datastore: Arc<Datastore>,
+    health: tonic_health::server::HealthReporter,
+    leader: Option<watch::Receiver<bool>>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tick.tick().await;
+            let leading = leader.as_ref().is_none_or(|rx| *rx.borrow());
+            let ready = datastore.is_synced() && leading;
+            if last != Some(ready) {
+                let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+                for svc in READINESS_SERVICES {
+                    health.set_service_status(svc, status).await;
+                }
+                tracing::info!(ready, leading, "readiness changed");
+                last = Some(ready);
+            }
+        }
+    })
+}
+
+/// Follows endpoint-set changes: forgets departed endpoints in the prefix index and refreshes
+/// the pool gauges.
+fn spawn_endpoint_bookkeeping(
+    datastore: Arc<Datastore>,
+    scheduler: Arc<Scheduler>,
+    metrics: EppMetrics,
+    pool: String,
+    gauge_interval: Duration,
+    staleness: Duration,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut changes = datastore.subscribe();
+        let mut known: Vec<String> = Vec::new();
+        let mut tick = tokio::time::interval(gauge_interval.max(Duration::from_millis(10)));
+        loop {
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() { return; }
+                    let now: Vec<String> = datastore.slots().iter().map(|s| s.endpoint().name.clone()).collect();
+                    for gone in known.iter().filter(|n| !now.contains(n)) {
+                        scheduler.remove_endpoint(gone);
+                    }
+                    tracing::info!(endpoints = now.len(), "endpoint set changed");
+                    known = now;
+                    metrics.refresh_pool_gauges(&pool, &datastore, staleness);
+                }
+                _ = tick.tick() => metrics.refresh_pool_gauges(&pool, &datastore, staleness),
+            }
+        }
+    })
+}
+
+#[derive(Clone)]
+struct MetricsState {
+    registry: Arc<Registry>,
+    auth: Option<Arc<MetricsAuth>>,
+}
+
+async fn serve_metrics(State(state): State<MetricsState>, headers: HeaderMap) -> axum::response::Response {
+    if let Some(auth) = &state.auth {
+        let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        if let Err(e) = auth.authorize(bearer).await {
+            let status = StatusCode::from_u16(e.status().as_u16()).unwrap_or(StatusCode::FORBIDDEN);
+            return (status, e.to_string()).into_response();
+        }
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        metrics::encode(&state.registry),
+    )
+        .into_response()
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -2,9 +2,12 @@
 //! (paged KV cache, prefix caching, continuous batching) and pluggable backends.
 
 pub mod api;
+pub mod approx_codec;
 pub mod backend;
 pub mod codec;
 pub mod engine;
+pub mod kv_events;
+pub mod metrics;
 pub mod model;
 
 /// Command-line flags of `switchyard serve` (named like vLLM's where they overlap).

@@ -2,6 +2,8 @@
 //! [`Datastore::apply`](super::datastore::Datastore::apply); the Kubernetes watch implements the
 //! same trait.
 
+pub mod kubernetes;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,4 +20,39 @@ pub trait Discovery: Send + 'static {
         datastore: Arc<Datastore>,
         shutdown: watch::Receiver<bool>,
     ) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+}
+
+pub mod file;
+pub mod static_list;
+
+/// Why an endpoint list or pool file was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("endpoint list is empty")]
+    EmptyList,
+    #[error("endpoint entry {index} ({entry:?}): {reason}")]
+    BadEntry {
+        index: usize,
+        entry: String,
+        reason: String,
+    },
+    #[error("endpoint {entry:?} is listed twice")]
+    Duplicate { entry: String },
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: file is over the {max}-byte limit")]
+    TooLarge { path: String, max: u64 },
+    #[error("{path}: line {line}, column {column}: {message}")]
+    Syntax {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
 }

@@ -1,0 +1,295 @@
+//! `switchyard epp` flags: the reference EPP's names and defaults (GIE v1.5.0
+//! `pkg/epp/server/options.go`), Go-style values (`--flag=false`, `50ms`), plus Switchyard's own.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::flagfmt::{parse_go_bool, parse_go_duration};
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_go_duration(s)
+}
+
+fn go_bool(s: &str) -> Result<bool, String> {
+    parse_go_bool(s)
+}
+
+fn port_list(s: &str) -> Result<u16, String> {
+    s.trim()
+        .parse::<u16>()
+        .map_err(|_| format!("invalid port number {s:?}"))
+}
+
+/// Log encoding (`--zap-encoder`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogEncoder {
+    Json,
+    Console,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct EppArgs {
+    // --- ports ---
+    /// gRPC port used for communicating with Envoy proxy.
+    #[arg(long, default_value_t = 9002)]
+    pub grpc_port: u16,
+    /// The port used for gRPC liveness and readiness probes.
+    #[arg(long, default_value_t = 9003)]
+    pub grpc_health_port: u16,
+    /// The metrics port exposed by EPP.
+    #[arg(long, default_value_t = 9090)]
+    pub metrics_port: u16,
+    /// Address the three servers bind to.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind_address: std::net::IpAddr,
+
+    // --- pool / discovery ---
+    /// Name of the InferencePool this Endpoint Picker is associated with (Kubernetes discovery).
+    #[arg(long, default_value = "")]
+    pub pool_name: String,
+    /// Namespace of the InferencePool (default: $NAMESPACE, else "default").
+    #[arg(long, default_value = "")]
+    pub pool_namespace: String,
+    /// Kubernetes resource group of the InferencePool.
+    #[arg(long, default_value = "inference.networking.k8s.io")]
+    pub pool_group: String,
+    /// Selector for model-server pods without an InferencePool (`key=value,...`).
+    #[arg(long, default_value = "")]
+    pub endpoint_selector: String,
+    /// Target ports of model-server pods (with --endpoint-selector), comma-separated.
+    #[arg(long, value_delimiter = ',', value_parser = port_list)]
+    pub endpoint_target_ports: Vec<u16>,
+    /// Static endpoints `ip:port,ip:port` (no Kubernetes).
+    #[arg(long, default_value = "")]
+    pub endpoints: String,
+    /// YAML file with endpoints, objectives and model rewrites, reloaded on change (no Kubernetes).
+    #[arg(long)]
+    pub endpoints_file: Option<PathBuf>,
+    /// Disables respecting the x-gateway-destination-endpoint-subset metadata.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub disable_endpoint_subset_filter: bool,
+
+    // --- scheduling ---
+    /// The path to the EndpointPickerConfig file.
+    #[arg(long, default_value = "")]
+    pub config_file: String,
+    /// The EndpointPickerConfig as text, in lieu of a file.
+    #[arg(long, default_value = "")]
+    pub config_text: String,
+    /// Fallback endpoints to add after the primary in x-gateway-destination-endpoint.
+    #[arg(long, default_value_t = 0)]
+    pub fallback_endpoints: usize,
+    /// Largest request body accepted; larger requests get 413.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    // --- metrics scraping ---
+    /// Interval to refresh metrics.
+    #[arg(long, default_value = "50ms", value_parser = duration)]
+    pub refresh_metrics_interval: Duration,
+    /// Interval to flush Prometheus metrics (pool gauges).
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub refresh_prometheus_metrics_interval: Duration,
+    /// Duration after which metrics are considered stale.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    pub metrics_staleness_threshold: Duration,
+    /// Timeout of one metrics scrape.
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    pub metrics_scrape_timeout: Duration,
+
+    // --- serving ---
+    /// Enables secure serving (TLS) on the ext_proc port.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_value = "true", default_missing_value = "true", value_parser = go_bool)]
+    pub secure_serving: bool,
+    /// Directory with tls.crt and tls.key; self-signed when unset.
+    #[arg(long, default_value = "")]
+    pub cert_path: String,
+    /// Reload the certificate in --cert-path when it changes.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub enable_cert_reload: bool,
+    /// Enables leader election for high availability (readiness only on the leader).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub ha_enable_leader_election: bool,
+    /// Enables authentication and authorization of the metrics endpoint (Kubernetes only).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_value = "true", default_missing_value = "true", value_parser = go_bool)]
+    pub metrics_endpoint_auth: bool,
+    /// How long SIGTERM waits for open streams to finish.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub drain_timeout: Duration,
+
+    // --- logging / observability ---
+    /// Number for the log level verbosity (reference levels: 2 default, 3 verbose, 4 debug, 5 trace).
+    #[arg(short = 'v', long = "v", default_value_t = 2)]
+    pub verbosity: u8,
+    /// Zap log encoding: json or console.
+    #[arg(long, value_enum, default_value = "console")]
+    pub zap_encoder: LogEncoder,
+    /// Accepted for compatibility (zap's level; --v decides).
+    #[arg(long)]
+    pub zap_log_level: Option<String>,
+    /// Accepted for compatibility.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub zap_devel: Option<bool>,
+    /// Accepted for compatibility.
+    #[arg(long)]
+    pub zap_stacktrace_level: Option<String>,
+    /// Accepted for compatibility.
+    #[arg(long)]
+    pub zap_time_encoding: Option<String>,
+    /// Enables emitting traces (accepted; OpenTelemetry export is not built in).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_value = "true", default_missing_value = "true", value_parser = go_bool)]
+    pub tracing: bool,
+    /// Accepted for compatibility (health checking is always on).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub health_checking: Option<bool>,
+    /// Accepted for compatibility (no pprof in a Rust binary).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub enable_pprof: Option<bool>,
+    /// Accepted for compatibility; metrics are always scraped over http from /metrics.
+    #[arg(long)]
+    pub model_server_metrics_scheme: Option<String>,
+    /// Accepted for compatibility.
+    #[arg(long)]
+    pub model_server_metrics_path: Option<String>,
+    /// Accepted for compatibility.
+    #[arg(long)]
+    pub model_server_metrics_port: Option<u16>,
+    /// Accepted for compatibility.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub model_server_metrics_https_insecure_skip_verify: Option<bool>,
+
+    /// Parse flags and configuration, report problems, and exit without serving.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ArgsError {
+    #[error("both the \"configText\" and \"configFile\" flags can not be set at the same time")]
+    BothConfigs,
+    #[error("only one endpoint source may be set: --endpoints, --endpoints-file, --pool-name or --endpoint-selector")]
+    SeveralSources,
+    #[error("no endpoint source: set --endpoints, --endpoints-file, --pool-name or --endpoint-selector")]
+    NoSource,
+    #[error("flag \"endpoint-target-ports\" should have length from 1 to 8")]
+    TargetPorts,
+    #[error("unexpected {0:?} value for \"model-server-metrics-scheme\" flag, it can only be set to 'http'")]
+    Scheme(String),
+    #[error("--refresh-metrics-interval must be greater than zero")]
+    ZeroInterval,
+}
+
+/// Where endpoints come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointSource {
+    Static(String),
+    File(PathBuf),
+    Kubernetes,
+}
+
+impl EppArgs {
+    /// Cross-flag checks (the reference's `Validate`).
+    pub fn validate(&self) -> Result<EndpointSource, ArgsError> {
+        if !self.config_file.is_empty() && !self.config_text.is_empty() {
+            return Err(ArgsError::BothConfigs);
+        }
+        if let Some(s) = self.model_server_metrics_scheme.as_deref().filter(|s| *s != "http") {
+            return Err(ArgsError::Scheme(s.to_string()));
+        }
+        if self.refresh_metrics_interval.is_zero() {
+            return Err(ArgsError::ZeroInterval);
+        }
+        let kube = !self.pool_name.is_empty() || !self.endpoint_selector.is_empty();
+        if !self.endpoint_selector.is_empty()
+            && (self.endpoint_target_ports.is_empty() || self.endpoint_target_ports.len() > 8)
+        {
+            return Err(ArgsError::TargetPorts);
+        }
+        let sources = [!self.endpoints.is_empty(), self.endpoints_file.is_some(), kube];
+        match sources.iter().filter(|s| **s).count() {
+            0 => Err(ArgsError::NoSource),
+            1 if !self.endpoints.is_empty() => Ok(EndpointSource::Static(self.endpoints.clone())),
+            1 => match &self.endpoints_file {
+                Some(p) => Ok(EndpointSource::File(p.clone())),
+                None => Ok(EndpointSource::Kubernetes),
+            },
+            _ => Err(ArgsError::SeveralSources),
+        }
+    }
+
+    /// `tracing` filter directive for `--v`.
+    pub fn log_filter(&self) -> &'static str {
+        match self.verbosity {
+            0..=3 => "info",
+            4 => "debug",
+            _ => "trace",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: EppArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<EppArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("epp").chain(args.iter().copied())).map(|c| c.args)
+    }
+
+    #[test]
+    fn reference_chart_args_are_accepted() {
+        let a = parse(&[
+            "--pool-name", "vllm-pool", "--pool-namespace", "default", "--pool-group",
+            "inference.networking.k8s.io", "--zap-encoder", "json", "--config-file",
+            "/config/default-plugins.yaml", "--v", "1", "--tracing=false",
+            "--metrics-endpoint-auth=false", "--ha-enable-leader-election",
+            "--refresh-metrics-interval=50ms", "--metrics-staleness-threshold", "2s",
+        ])
+        .unwrap();
+        assert_eq!(a.pool_name, "vllm-pool");
+        assert!(!a.tracing);
+        assert!(!a.metrics_endpoint_auth);
+        assert!(a.ha_enable_leader_election);
+        assert!(a.secure_serving);
+        assert_eq!(a.verbosity, 1);
+        assert_eq!(a.zap_encoder, LogEncoder::Json);
+        assert_eq!(a.refresh_metrics_interval, Duration::from_millis(50));
+        assert_eq!(a.validate(), Ok(EndpointSource::Kubernetes));
+    }
+
+    #[test]
+    fn defaults_match_the_reference() {
+        let a = parse(&["--endpoints", "10.0.0.1:8000"]).unwrap();
+        assert_eq!((a.grpc_port, a.grpc_health_port, a.metrics_port), (9002, 9003, 9090));
+        assert_eq!(a.refresh_metrics_interval, Duration::from_millis(50));
+        assert_eq!(a.metrics_staleness_threshold, Duration::from_secs(2));
+        assert!(a.secure_serving && a.metrics_endpoint_auth && a.tracing);
+        assert_eq!(a.max_body_bytes, 16 << 20);
+        assert_eq!(a.fallback_endpoints, 0);
+        assert_eq!(a.validate(), Ok(EndpointSource::Static("10.0.0.1:8000".into())));
+    }
+
+    #[test]
+    fn bad_flags_are_rejected() {
+        assert!(parse(&["--refresh-metrics-interval", "fast"]).is_err());
+        assert!(parse(&["--secure-serving=maybe"]).is_err());
+        assert!(parse(&["--grpc-port", "70000"]).is_err());
+        let both = parse(&["--endpoints", "1.2.3.4:1", "--config-file", "a", "--config-text", "b"]).unwrap();
+        assert_eq!(both.validate(), Err(ArgsError::BothConfigs));
+        let none = parse(&[]).unwrap();
+        assert_eq!(none.validate(), Err(ArgsError::NoSource));
+        let two = parse(&["--endpoints", "1.2.3.4:1", "--pool-name", "p"]).unwrap();
+        assert_eq!(two.validate(), Err(ArgsError::SeveralSources));
+        let sel = parse(&["--endpoint-selector", "app=x"]).unwrap();
+        assert_eq!(sel.validate(), Err(ArgsError::TargetPorts));
+        let sel = parse(&["--endpoint-selector", "app=x", "--endpoint-target-ports", "8000,8001"]).unwrap();
+        assert_eq!(sel.endpoint_target_ports, vec![8000, 8001]);
+        assert_eq!(sel.validate(), Ok(EndpointSource::Kubernetes));
+    }
+}

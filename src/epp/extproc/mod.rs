@@ -1,0 +1,153 @@
+//! The ext_proc stream: one per HTTP request. A typed state machine turns each
+//! `ProcessingRequest` into zero or more `ProcessingResponse`s; routing itself is the director's.
+//!
+//! ```text
+//!  RequestHeaders ──eos──▶ route now ─────────────────────────────┐
+//!        │ (full duplex: hold the header reply)                   │
+//!  RequestBody* ──eos──▶ director.route ──▶ header reply + body ──┤──▶ ResponseHeaders ──▶
+//!        │ (buffered: headers answered at once, body reply routes)│    ResponseBody* (SSE: pass
+//!        └── error ──▶ ImmediateResponse, stream ends             │    through; JSON: buffer)
+//! ```
+
+mod replies;
+mod state;
+pub mod usage;
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
+    ExternalProcessor, ExternalProcessorServer,
+};
+use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+pub use replies::BODY_CHUNK_LIMIT;
+pub use state::StreamState;
+
+use super::director::Director;
+use super::metrics::EppMetrics;
+
+/// Knobs of the ext_proc handler, from flags.
+#[derive(Debug, Clone)]
+pub struct ExtProcConfig {
+    /// Largest request body accepted (`--max-body-bytes`); larger gets a 413.
+    pub max_body_bytes: usize,
+    /// Largest JSON response body buffered for usage parsing; larger is passed through unparsed.
+    pub max_response_buffer_bytes: usize,
+}
+
+impl Default for ExtProcConfig {
+    fn default() -> Self {
+        ExtProcConfig {
+            max_body_bytes: 16 << 20,
+            max_response_buffer_bytes: 16 << 20,
+        }
+    }
+}
+
+/// What every stream shares.
+pub struct Shared {
+    pub director: Arc<Director>,
+    pub metrics: EppMetrics,
+    pub config: ExtProcConfig,
+    open_streams: AtomicUsize,
+}
+
+impl Shared {
+    pub fn new(director: Arc<Director>, metrics: EppMetrics, config: ExtProcConfig) -> Arc<Self> {
+        Arc::new(Shared {
+            director,
+            metrics,
+            config,
+            open_streams: AtomicUsize::new(0),
+        })
+    }
+
+    /// Streams currently open (for draining on shutdown).
+    pub fn open_streams(&self) -> usize {
+        self.open_streams.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a stream as open for as long as it lives, whatever way it ends.
+struct OpenStreamGuard(Arc<Shared>);
+
+impl Drop for OpenStreamGuard {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct ExtProcService {
+    shared: Arc<Shared>,
+}
+
+/// Replies buffered per stream before the reader waits for Envoy to take them.
+const REPLY_QUEUE: usize = 64;
+
+impl ExtProcService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        ExtProcService { shared }
+    }
+
+    pub fn into_server(self) -> ExternalProcessorServer<Self> {
+        // Full-duplex bodies arrive as chunks; a chunk is bounded by Envoy's buffer, but keep
+        // room above the body limit for the protobuf framing.
+        let limit = self.shared.config.max_body_bytes.saturating_add(1 << 20);
+        ExternalProcessorServer::new(self)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit)
+    }
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExternalProcessor for ExtProcService {
+    type ProcessStream = ReplyStream;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(REPLY_QUEUE);
+        let shared = self.shared.clone();
+        shared.open_streams.fetch_add(1, Ordering::Relaxed);
+        let guard = OpenStreamGuard(shared.clone());
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut state = StreamState::new(shared);
+            let mut out = Vec::with_capacity(4);
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(code = ?status.code(), message = status.message(), "ext_proc stream broke");
+                        break;
+                    }
+                };
+                out.clear();
+                let finished = state.on_message(msg, &mut out);
+                for reply in out.drain(..) {
+                    if tx.send(Ok(reply)).await.is_err() {
+                        // Envoy went away; dropping `state` releases in-flight accounting.
+                        return;
+                    }
+                }
+                if finished {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

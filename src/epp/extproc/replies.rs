@@ -1,0 +1,190 @@
+//! Builders for the ext_proc replies the EPP sends, shaped exactly like the reference's
+//! (GIE v1.5.0 `pkg/epp/handlers`, `pkg/common/envoy`).
+
+use envoy_types::pb::envoy::config::core::v3::{
+    header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption,
+};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    body_mutation::Mutation, processing_response::Response, BodyMutation, BodyResponse,
+    CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse, ProcessingResponse,
+    StreamedBodyResponse, TrailersResponse,
+};
+use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+
+use super::super::director::RoutingError;
+
+/// Largest body chunk sent back in one StreamedBodyResponse (the reference's `BodyByteLimit`).
+pub const BODY_CHUNK_LIMIT: usize = 62_000;
+
+pub const DESTINATION_NAMESPACE: &str = "envoy.lb";
+pub const DESTINATION_KEY: &str = "x-gateway-destination-endpoint";
+
+/// A header set with overwrite semantics (the EPP always replaces client-supplied values).
+pub fn set_header(key: &str, raw_value: impl Into<Vec<u8>>) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_string(),
+            value: String::new(),
+            raw_value: raw_value.into(),
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+/// `{"envoy.lb": {"x-gateway-destination-endpoint": "<destination>"}}`
+pub fn destination_metadata(destination: &str) -> Struct {
+    let inner = Struct {
+        fields: [(
+            DESTINATION_KEY.to_string(),
+            Value {
+                kind: Some(Kind::StringValue(destination.to_string())),
+            },
+        )]
+        .into_iter()
+        .collect(),
+    };
+    Struct {
+        fields: [(
+            DESTINATION_NAMESPACE.to_string(),
+            Value {
+                kind: Some(Kind::StructValue(inner)),
+            },
+        )]
+        .into_iter()
+        .collect(),
+    }
+}
+
+/// Header reply that routes the request (full-duplex mode; sent after body end_of_stream).
+pub fn request_headers_routed(set_headers: Vec<HeaderValueOption>, destination: &str) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(Response::RequestHeaders(HeadersResponse {
+            response: Some(routing_common(set_headers)),
+        })),
+        dynamic_metadata: Some(destination_metadata(destination)),
+        ..Default::default()
+    }
+}
+
+/// Body reply that routes the request (buffered mode): headers and, when rewritten, the body.
+pub fn request_body_routed(
+    set_headers: Vec<HeaderValueOption>,
+    destination: &str,
+    new_body: Option<Vec<u8>>,
+) -> ProcessingResponse {
+    let mut common = routing_common(set_headers);
+    common.body_mutation = new_body.map(|b| BodyMutation {
+        mutation: Some(Mutation::Body(b)),
+    });
+    ProcessingResponse {
+        response: Some(Response::RequestBody(BodyResponse {
+            response: Some(common),
+        })),
+        dynamic_metadata: Some(destination_metadata(destination)),
+        ..Default::default()
+    }
+}
+
+fn routing_common(set_headers: Vec<HeaderValueOption>) -> CommonResponse {
+    CommonResponse {
+        clear_route_cache: true,
+        header_mutation: Some(HeaderMutation {
+            set_headers,
+            remove_headers: Vec::new(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// "Continue unchanged" replies.
+pub fn request_headers_continue() -> ProcessingResponse {
+    wrap(Response::RequestHeaders(HeadersResponse::default()))
+}
+
+pub fn request_body_continue() -> ProcessingResponse {
+    wrap(Response::RequestBody(BodyResponse::default()))
+}
+
+pub fn response_body_continue() -> ProcessingResponse {
+    wrap(Response::ResponseBody(BodyResponse::default()))
+}
+
+pub fn request_trailers_ack() -> ProcessingResponse {
+    wrap(Response::RequestTrailers(TrailersResponse::default()))
+}
+
+pub fn response_trailers_ack() -> ProcessingResponse {
+    wrap(Response::ResponseTrailers(TrailersResponse::default()))
+}
+
+pub fn response_headers(set_headers: Vec<HeaderValueOption>) -> ProcessingResponse {
+    wrap(Response::ResponseHeaders(HeadersResponse {
+        response: Some(CommonResponse {
+            header_mutation: Some(HeaderMutation {
+                set_headers,
+                remove_headers: Vec::new(),
+            }),
+            ..Default::default()
+        }),
+    }))
+}
+
+fn wrap(response: Response) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(response),
+        ..Default::default()
+    }
+}
+
+/// Which direction a streamed body belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Request,
+    Response,
+}
+
+/// Splits `body` into StreamedBodyResponse chunks of at most [`BODY_CHUNK_LIMIT`] bytes, with
+/// `end_of_stream` on the last one when `eos`. An empty body still yields one (empty) chunk.
+pub fn streamed_body(direction: Direction, body: &[u8], eos: bool, out: &mut Vec<ProcessingResponse>) {
+    let mut chunks = body.chunks(BODY_CHUNK_LIMIT).peekable();
+    if chunks.peek().is_none() {
+        out.push(streamed_chunk(direction, Vec::new(), eos));
+        return;
+    }
+    while let Some(chunk) = chunks.next() {
+        let last = chunks.peek().is_none();
+        out.push(streamed_chunk(direction, chunk.to_vec(), eos && last));
+    }
+}
+
+fn streamed_chunk(direction: Direction, body: Vec<u8>, end_of_stream: bool) -> ProcessingResponse {
+    let body = BodyResponse {
+        response: Some(CommonResponse {
+            body_mutation: Some(BodyMutation {
+                mutation: Some(Mutation::StreamedResponse(StreamedBodyResponse {
+                    body,
+                    end_of_stream,
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        }),
+    };
+    wrap(match direction {
+        Direction::Request => Response::RequestBody(body),
+        Direction::Response => Response::ResponseBody(body),
+    })
+}
+
+/// The reference's error reply: status code and body `inference error: <Code> - <Msg>`.
+pub fn immediate_error(err: &RoutingError) -> ProcessingResponse {
+    wrap(Response::ImmediateResponse(ImmediateResponse {
+        status: Some(HttpStatus {
+            code: i32::from(err.code.http_status()),
+        }),
+        body: err.to_string().into_bytes(),
+        ..Default::default()
+    }))
+}

@@ -1,0 +1,89 @@
+//! Scheduling plugin traits (`Filter`, `Scorer`, `Picker`, `ProfileHandler`) and the per-cycle
+//! state they share; one file per plugin family below.
+//!
+//! Contracts: plugins are stateless across requests except for shared, internally synchronised
+//! structures (the prefix index). Scorers write one score per endpoint into a caller-provided
+//! slice indexed like the endpoint slice; the scheduler clamps scores to [0, 1] and weights them.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rand::RngCore;
+
+use super::SchedulingRequest;
+use crate::epp::endpoint::EndpointSnapshot;
+
+pub mod pickers;
+pub mod profile;
+pub mod scorers;
+
+/// What every plugin has: its config `type` and its instance name (used in logs and metrics).
+pub trait Plugin: Send + Sync + fmt::Debug {
+    fn plugin_type(&self) -> &'static str;
+    fn name(&self) -> &str;
+}
+
+/// State shared by the plugins of one scheduling cycle (one request).
+#[derive(Debug)]
+pub struct CycleState<'a> {
+    pub request: &'a SchedulingRequest<'a>,
+    /// The request's chained prefix-block hashes (empty without a prefix plugin, or when the
+    /// prompt is shorter than one block). Computed once per request.
+    pub prefix_hashes: &'a [u64],
+    /// Block size (tokens) the hashes were computed with.
+    pub prefix_block_tokens: usize,
+    /// Matched prefix blocks per endpoint of the profile being scored, written by the
+    /// prefix-cache scorer (empty if it did not run).
+    pub prefix_matches: Vec<usize>,
+}
+
+/// Removes endpoints that must not serve the request. Runs in profile order; a filter that
+/// leaves no endpoint fails the profile.
+pub trait Filter: Plugin {
+    fn filter(&self, cycle: &CycleState<'_>, endpoints: &mut Vec<Arc<EndpointSnapshot>>);
+}
+
+/// Scores each endpoint; `out[i]` is the score of `endpoints[i]` (expected in 0..=1; values
+/// outside are clamped by the caller). `out.len() == endpoints.len()`; every element must be set.
+pub trait Scorer: Plugin {
+    fn score(
+        &self,
+        cycle: &mut CycleState<'_>,
+        endpoints: &[Arc<EndpointSnapshot>],
+        out: &mut [f64],
+    );
+}
+
+/// An endpoint's position in the profile's endpoint list and its weighted score.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scored {
+    pub index: usize,
+    pub score: f64,
+}
+
+/// Chooses endpoints: reorders `scored` so the picked ones come first, best first, and returns
+/// how many were picked (at least 1 when `scored` is non-empty, at most its length).
+pub trait Picker: Plugin {
+    fn pick(&self, scored: &mut [Scored], rng: &mut dyn RngCore) -> usize;
+}
+
+/// Outcome of running one profile, as seen by the profile handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProfileOutcome {
+    NotRun,
+    Failed,
+    Picked,
+}
+
+/// Decides which profiles run and which result is primary.
+pub trait ProfileHandler: Plugin {
+    /// Appends to `next` the indices of the profiles to run now, given `outcomes` so far
+    /// (one per profile); appending nothing ends the cycle.
+    fn pick_profiles(&self, outcomes: &[ProfileOutcome], next: &mut Vec<usize>);
+    /// Returns the index of the primary profile, or the error the request fails with.
+    fn process_results(
+        &self,
+        profile_names: &[String],
+        outcomes: &[ProfileOutcome],
+    ) -> Result<usize, super::ScheduleError>;
+}

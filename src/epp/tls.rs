@@ -1,0 +1,164 @@
+//! TLS for the ext_proc port (`--secure-serving`): a certificate from `--cert-path`
+//! (`tls.crt` + `tls.key`, as the reference expects), optionally reloaded when the files change
+//! (`--enable-cert-reload`), or a self-signed one generated at startup.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("no certificate found in {0}")]
+    NoCertificate(PathBuf),
+    #[error("invalid private key in {path}: {reason}")]
+    BadKey { path: PathBuf, reason: String },
+    #[error("generating a self-signed certificate: {0}")]
+    SelfSigned(String),
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+/// Serves whichever certificate is current; swapped atomically on reload.
+#[derive(Debug)]
+pub struct CertStore {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certified_key(certs: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>, path: &Path) -> Result<CertifiedKey, TlsError> {
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| TlsError::BadKey {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    Ok(CertifiedKey::new(certs, signing))
+}
+
+/// Loads `<dir>/tls.crt` and `<dir>/tls.key`.
+pub fn load_from_dir(dir: &Path) -> Result<CertifiedKey, TlsError> {
+    let crt = dir.join("tls.crt");
+    let key = dir.join("tls.key");
+    let read = |p: &Path| std::fs::read(p).map_err(|source| TlsError::Read { path: p.to_path_buf(), source });
+    let crt_pem = read(&crt)?;
+    let key_pem = read(&key)?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&crt_pem)
+        .filter_map(Result::ok)
+        .collect();
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(crt));
+    }
+    let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::BadKey {
+        path: key.clone(),
+        reason: e.to_string(),
+    })?;
+    certified_key(certs, key_der, &key)
+}
+
+/// A fresh self-signed certificate (the reference's default when no `--cert-path` is given).
+pub fn self_signed() -> Result<CertifiedKey, TlsError> {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "switchyard-epp".to_string()])
+        .map_err(|e| TlsError::SelfSigned(e.to_string()))?;
+    let der = CertificateDer::from(cert.cert.der().to_vec());
+    let key = PrivateKeyDer::try_from(cert.key_pair.serialize_der()).map_err(|e| TlsError::SelfSigned(e.to_string()))?;
+    certified_key(vec![der], key, Path::new("<self-signed>"))
+}
+
+/// Builds the acceptor. With `reload`, a background task re-reads the files when they change.
+pub fn acceptor(cert_dir: Option<&Path>, reload: bool) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    let key = match cert_dir {
+        Some(dir) => load_from_dir(dir)?,
+        None => self_signed()?,
+    };
+    let store = Arc::new(CertStore {
+        current: ArcSwap::from_pointee(key),
+    });
+    if let (Some(dir), true) = (cert_dir, reload) {
+        spawn_reloader(dir.to_path_buf(), store.clone());
+    }
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(store);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+fn spawn_reloader(dir: PathBuf, store: Arc<CertStore>) {
+    tokio::spawn(async move {
+        let stamp = |d: &Path| (mtime(&d.join("tls.crt")), mtime(&d.join("tls.key")));
+        let mut last = stamp(&dir);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let now = stamp(&dir);
+            if now == last {
+                continue;
+            }
+            last = now;
+            match load_from_dir(&dir) {
+                Ok(key) => {
+                    store.current.store(Arc::new(key));
+                    tracing::info!(dir = %dir.display(), "reloaded TLS certificate");
+                }
+                Err(e) => tracing::warn!(error = %e, "TLS certificate reload failed; keeping the previous one"),
+            }
+        }
+    });
+}
+
+/// A TLS connection tonic can serve (it needs to know the peer address).
+pub struct TlsConn(pub TlsStream<TcpStream>);
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = Option<SocketAddr>;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.get_ref().0.peer_addr().ok()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut ReadBuf<'_>) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}

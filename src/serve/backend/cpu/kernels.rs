@@ -1,0 +1,227 @@
+//! f32 kernels of the CPU forward pass: dot products, the weight matmul, RMSNorm, RoPE, SwiGLU.
+//!
+//! Hand-written rather than a BLAS crate: the shapes are fixed (activations × transposed weight
+//! rows), a BLAS would bring a C/Fortran toolchain into the build, and the CPU backend is the
+//! correctness oracle first; these loops are written so LLVM vectorises them on any x86-64/ARM.
+
+use rayon::prelude::*;
+
+/// Lanes of the dot-product accumulators: independent partial sums let LLVM keep several SIMD
+/// registers busy (float addition is not associative, so one accumulator would serialise).
+const LANES: usize = 16;
+
+/// Tokens processed together against one weight chunk, so their activation rows stay in L1/L2
+/// while each weight row streams once per tile.
+const TOKEN_TILE: usize = 8;
+
+/// `Σ a[i]·b[i]` over the shorter of the two slices.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let ca = a.chunks_exact(LANES);
+    let cb = b.chunks_exact(LANES);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    let mut acc = [0f32; LANES];
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = 0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    // Pairwise reduction of the lanes keeps the rounding error independent of the length.
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+        width /= 2;
+    }
+    acc[0] + s
+}
+
+/// `out[n × m] = x[n × k] · w[m × k]ᵀ + bias[m]`, multi-threaded over output features.
+///
+/// Weights are PyTorch's `[out_features, in_features]`, so every output is a dot product of two
+/// contiguous rows. Work is split over chunks of weight rows (rayon, on the backend's own pool:
+/// the pool's threads are reused across the dozens of matmuls of a step, where spawning threads
+/// per matmul would cost more than a decode matmul itself); each chunk reads its slice of `w`
+/// from memory once per token tile, which is what bounds decode (memory-bound) and prefill alike.
+/// `scratch` holds the transposed `[m × n]` result when `n > 1`, since a chunk of output
+/// features is a strided column block of `out`.
+#[allow(clippy::too_many_arguments)] // a BLAS-style signature reads better than a struct here
+pub fn matmul_t(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    w: &[f32],
+    m: usize,
+    bias: Option<&[f32]>,
+    out: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
+) {
+    debug_assert!(x.len() >= n * k && w.len() >= m * k);
+    out.clear();
+    out.resize(n * m, 0.0);
+    if n == 0 || m == 0 {
+        return;
+    }
+    let tasks = rayon::current_num_threads() * 4;
+    let rows = m.div_ceil(tasks).max(1);
+    let bias_of = |o: usize| bias.and_then(|b| b.get(o)).copied().unwrap_or(0.0);
+    if n == 1 {
+        out.par_chunks_mut(rows)
+            .enumerate()
+            .for_each(|(ci, chunk)| {
+                let o0 = ci * rows;
+                for (r, dst) in chunk.iter_mut().enumerate() {
+                    let o = o0 + r;
+                    *dst = dot(x, &w[o * k..(o + 1) * k]) + bias_of(o);
+                }
+            });
+        return;
+    }
+    scratch.clear();
+    scratch.resize(m * n, 0.0);
+    scratch
+        .par_chunks_mut(rows * n)
+        .enumerate()
+        .for_each(|(ci, chunk)| {
+            let o0 = ci * rows;
+            let nrows = chunk.len() / n;
+            for t0 in (0..n).step_by(TOKEN_TILE) {
+                let t1 = (t0 + TOKEN_TILE).min(n);
+                for r in 0..nrows {
+                    let o = o0 + r;
+                    let wrow = &w[o * k..(o + 1) * k];
+                    let b = bias_of(o);
+                    let dst = &mut chunk[r * n..(r + 1) * n];
+                    for t in t0..t1 {
+                        dst[t] = dot(&x[t * k..(t + 1) * k], wrow) + b;
+                    }
+                }
+            }
+        });
+    let src: &[f32] = scratch;
+    out.par_chunks_mut(m).enumerate().for_each(|(t, row)| {
+        for (o, dst) in row.iter_mut().enumerate() {
+            *dst = src[o * n + t];
+        }
+    });
+}
+
+/// `out = x / sqrt(mean(x²) + eps) * weight`, row by row (`x` and `out` are `[rows × w.len()]`).
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut Vec<f32>) {
+    let h = weight.len();
+    out.clear();
+    out.resize(x.len(), 0.0);
+    if h == 0 {
+        return;
+    }
+    for (src, dst) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+        let mean_sq = dot(src, src) / h as f32;
+        let inv = 1.0 / (mean_sq + eps).sqrt();
+        for ((d, s), w) in dst.iter_mut().zip(src).zip(weight) {
+            *d = s * inv * w;
+        }
+    }
+}
+
+/// Rotates every head of one token in place (NeoX/Qwen "rotate half": element `i` pairs with
+/// `i + head/2`). `cos_sin` holds `(cos, sin)` of `position · inv_freq[i]` for `i < head/2`.
+pub fn rope_in_place(token: &mut [f32], head_size: usize, cos_sin: &[(f32, f32)]) {
+    let half = head_size / 2;
+    for head in token.chunks_exact_mut(head_size) {
+        let (lo, hi) = head.split_at_mut(half);
+        for ((a, b), &(c, s)) in lo.iter_mut().zip(hi.iter_mut()).zip(cos_sin) {
+            let (x1, x2) = (*a, *b);
+            *a = x1 * c - x2 * s;
+            *b = x2 * c + x1 * s;
+        }
+    }
+}
+
+/// `(cos, sin)` of `position · θ^(-2i/d)` for `i < d/2`, computed in f64 then rounded, so long
+/// positions lose no accuracy to an f32 angle.
+pub fn rope_cos_sin(position: u32, inv_freq: &[f64], out: &mut [(f32, f32)]) {
+    for (dst, f) in out.iter_mut().zip(inv_freq) {
+        let (s, c) = (f64::from(position) * f).sin_cos();
+        *dst = (c as f32, s as f32);
+    }
+}
+
+/// `θ^(-2i/d)` for `i < d/2`.
+pub fn rope_inv_freq(head_size: usize, theta: f64) -> Vec<f64> {
+    (0..head_size / 2)
+        .map(|i| theta.powf(-((2 * i) as f64) / head_size as f64))
+        .collect()
+}
+
+/// `gate = silu(gate) · up`, elementwise, in place.
+pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// `x += y`, elementwise.
+pub fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_matches_naive_for_odd_lengths() {
+        for n in [0, 1, 7, 16, 17, 33, 100] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let naive: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(x * y)).sum();
+            assert!((f64::from(dot(&a, &b)) - naive).abs() < 1e-4, "n={n}");
+        }
+    }
+
+    #[test]
+    fn matmul_matches_naive() {
+        let (n, k, m) = (11, 19, 23);
+        let x: Vec<f32> = (0..n * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+        let w: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 5) % 11) as f32 * 0.5 - 2.0)
+            .collect();
+        let bias: Vec<f32> = (0..m).map(|i| i as f32).collect();
+        for rows in [1, n] {
+            let (mut out, mut scratch) = (Vec::new(), Vec::new());
+            matmul_t(&x, rows, k, &w, m, Some(&bias), &mut out, &mut scratch);
+            assert_eq!(out.len(), rows * m);
+            for t in 0..rows {
+                for o in 0..m {
+                    let want: f32 =
+                        (0..k).map(|i| x[t * k + i] * w[o * k + i]).sum::<f32>() + bias[o];
+                    assert_eq!(out[t * m + o], want, "t={t} o={o}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rope_rotates_pairs() {
+        let inv = rope_inv_freq(4, 10000.0);
+        assert_eq!(inv, vec![1.0, 0.01]);
+        let mut cs = [(0.0, 0.0); 2];
+        rope_cos_sin(0, &inv, &mut cs);
+        let mut v = [1.0, 2.0, 3.0, 4.0];
+        rope_in_place(&mut v, 4, &cs);
+        assert_eq!(v, [1.0, 2.0, 3.0, 4.0]);
+        rope_cos_sin(1, &inv, &mut cs);
+        let mut v = [1.0, 0.0, 0.0, 0.0];
+        rope_in_place(&mut v, 4, &cs);
+        assert!((v[0] - 1f32.cos()).abs() < 1e-7 && (v[2] - 1f32.sin()).abs() < 1e-7);
+    }
+}

@@ -1,0 +1,438 @@
+//! The engine loop: schedule → build the batch → execute on the backend → sample → emit tokens,
+//! once per step, by the single owner of scheduler, KV manager and backend.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::block_pool::BlockPool;
+use super::kv_manager::KvManager;
+use super::sampling::{request_rng, Sampler, TokenLogprobs};
+use super::scheduler::{Scheduler, SchedulerConfig, StepPlan};
+use super::sequence::{Sequence, Timing};
+use super::{
+    Command, EngineConfig, EngineError, EngineInfo, EngineRequest, EngineShared, FinishReason,
+    SeqEvent,
+};
+use crate::serve::backend::{Backend, BackendError, SeqSlice, StepBatch, StepOutput};
+use crate::serve::kv_events::KvEventLog;
+use crate::serve::metrics::{CacheConfigInfo, ServeMetrics};
+
+/// Scheduler, KV manager and backend with the buffers one step reuses.
+pub struct EngineCore {
+    cfg: EngineConfig,
+    sched: Scheduler,
+    backend: Box<dyn Backend>,
+    num_blocks: usize,
+    batch: StepBatch,
+    out: StepOutput,
+    plan: StepPlan,
+    sampler: Sampler,
+    metrics: Arc<ServeMetrics>,
+    kv_events: Option<Arc<KvEventLog>>,
+    shared: Arc<EngineShared>,
+}
+
+impl std::fmt::Debug for EngineCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineCore")
+            .field("backend", &self.backend.name())
+            .field("num_blocks", &self.num_blocks)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Marks the engine dead when the loop ends for any reason, panics included.
+struct AliveGuard(Arc<EngineShared>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::Release);
+    }
+}
+
+impl EngineCore {
+    /// Validates `cfg`, sizes the block pool and initialises the backend's KV cache.
+    pub fn new(
+        cfg: EngineConfig,
+        mut backend: Box<dyn Backend>,
+        metrics: Arc<ServeMetrics>,
+        kv_events: Option<Arc<KvEventLog>>,
+        shared: Arc<EngineShared>,
+    ) -> Result<Self, EngineError> {
+        let nonzero = [
+            ("block_size", cfg.block_size),
+            ("max_num_seqs", cfg.max_num_seqs),
+            ("max_num_batched_tokens", cfg.max_num_batched_tokens),
+            ("max_model_len", cfg.max_model_len),
+            ("max_waiting", cfg.max_waiting),
+        ];
+        if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
+            return Err(EngineError::Config(format!("{name} must be at least 1")));
+        }
+        let spec = backend.kv_spec();
+        if spec.block_size != cfg.block_size {
+            return Err(EngineError::Config(format!(
+                "backend block size {} differs from --block-size {}",
+                spec.block_size, cfg.block_size
+            )));
+        }
+        let num_blocks = cfg.num_blocks_override.unwrap_or_else(|| backend.available_kv_blocks());
+        if num_blocks.saturating_mul(cfg.block_size) < cfg.max_model_len {
+            return Err(EngineError::KvTooSmall {
+                num_blocks,
+                block_size: cfg.block_size,
+                max_model_len: cfg.max_model_len,
+            });
+        }
+        backend.init_kv(num_blocks)?;
+        let pool = BlockPool::new(num_blocks, cfg.enable_prefix_caching, kv_events.is_some());
+        let kv = KvManager::new(pool, cfg.block_size, &cfg.model_name);
+        let sched = Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs: cfg.max_num_seqs,
+                max_num_batched_tokens: cfg.max_num_batched_tokens,
+            },
+            kv,
+        );
+        metrics.set_cache_config(&CacheConfigInfo {
+            block_size: cfg.block_size,
+            num_gpu_blocks: num_blocks,
+            enable_prefix_caching: cfg.enable_prefix_caching,
+            gpu_memory_utilization: cfg.gpu_memory_utilization,
+        });
+        if let Some(log) = &kv_events {
+            log.set_num_blocks(num_blocks);
+        }
+        shared.num_free_blocks.store(num_blocks, Ordering::Relaxed);
+        tracing::info!(
+            backend = backend.name(),
+            num_blocks,
+            block_size = cfg.block_size,
+            kv_tokens = num_blocks * cfg.block_size,
+            "engine ready"
+        );
+        Ok(Self {
+            cfg,
+            sched,
+            backend,
+            num_blocks,
+            batch: StepBatch::default(),
+            out: StepOutput::default(),
+            plan: StepPlan::default(),
+            sampler: Sampler::default(),
+            metrics,
+            kv_events,
+            shared,
+        })
+    }
+
+    pub fn info(&self) -> EngineInfo {
+        EngineInfo {
+            model_name: self.cfg.model_name.clone(),
+            backend: self.backend.name(),
+            block_size: self.cfg.block_size,
+            num_blocks: self.num_blocks,
+            max_model_len: self.cfg.max_model_len,
+            max_waiting: self.cfg.max_waiting,
+            eos_token_ids: self.cfg.eos_token_ids.clone(),
+            vocab_size: self.backend.vocab_size(),
+        }
+    }
+
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.sched
+    }
+
+    pub fn has_work(&self) -> bool {
+        self.sched.has_work()
+    }
+
+    /// Runs until every [`EngineHandle`](super::EngineHandle) is dropped and the work is done,
+    /// or the backend fails (then every request gets `Failed` and `/health` turns 503).
+    pub fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let _guard = AliveGuard(Arc::clone(&self.shared));
+        loop {
+            if !self.sched.has_work() {
+                match rx.blocking_recv() {
+                    Some(cmd) => self.handle(cmd),
+                    None => break,
+                }
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                self.handle(cmd);
+            }
+            match self.step() {
+                Ok(0) if self.sched.has_work() => {
+                    // Nothing fits this step (only possible transiently); do not spin hot.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "engine step failed; engine stops");
+                    self.shared.alive.store(false, Ordering::Release);
+                    let message = format!("engine failure: {e}");
+                    self.sched.remove_where(
+                        |_| true,
+                        |s| s.send(SeqEvent::Failed { message: message.clone() }),
+                    );
+                    self.publish();
+                    return;
+                }
+            }
+        }
+        tracing::info!("engine stopped");
+    }
+
+    /// Applies one command from the API.
+    pub fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit(req) => self.submit(req),
+            Command::Stop { id } => {
+                if let Some(mut seq) = self.sched.abort(id) {
+                    self.finish(&mut seq, FinishReason::Stop, None, Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Queues a request (the engine-side check of what the API validated).
+    pub fn submit(&mut self, req: EngineRequest) {
+        let total = req.prompt.len().saturating_add(req.params.max_tokens);
+        if req.prompt.is_empty() || req.params.max_tokens == 0 || total > self.cfg.max_model_len {
+            let _ = req.events.send(SeqEvent::Failed {
+                message: format!(
+                    "invalid request: prompt {} tokens, max_tokens {}, max_model_len {}",
+                    req.prompt.len(),
+                    req.params.max_tokens,
+                    self.cfg.max_model_len
+                ),
+            });
+            return;
+        }
+        tracing::trace!(request_id = req.id, prompt_tokens = req.prompt.len(), "request queued");
+        let mut tokens = Vec::with_capacity(total);
+        tokens.extend_from_slice(&req.prompt);
+        let rng = request_rng(&req.params, self.cfg.seed, req.id);
+        self.sched.add(Sequence {
+            id: req.id,
+            prompt_len: tokens.len(),
+            tokens,
+            num_computed: 0,
+            block_table: Vec::new(),
+            block_hashes: Vec::new(),
+            num_registered: 0,
+            params: req.params,
+            rng,
+            events: req.events,
+            timing: Timing {
+                arrival: req.arrival,
+                first_scheduled: None,
+                first_token: None,
+                last_token: None,
+            },
+            cached_tokens: None,
+            finished: None,
+            num_preemptions: 0,
+        });
+        self.shared.num_waiting.store(self.sched.waiting.len(), Ordering::Relaxed);
+    }
+
+    /// One engine step. Returns the number of tokens the backend processed.
+    pub fn step(&mut self) -> Result<usize, EngineError> {
+        if self.sched.running.iter().chain(self.sched.waiting.iter()).any(Sequence::client_gone) {
+            let now = Instant::now();
+            let mut gone = Vec::new();
+            self.sched.remove_where(Sequence::client_gone, |s| gone.push(s));
+            for mut seq in gone {
+                tracing::debug!(request_id = seq.id, "client gone; request aborted");
+                self.finish(&mut seq, FinishReason::Abort, None, now);
+            }
+        }
+        let now = Instant::now();
+        self.sched.schedule(&mut self.plan, now);
+        self.metrics.num_preemptions.inc_by(self.plan.num_preempted);
+        self.metrics.prefix_cache_queries.inc_by(self.plan.prefix_queries);
+        self.metrics.prefix_cache_hits.inc_by(self.plan.prefix_hits);
+        if self.plan.scheduled.is_empty() {
+            self.publish();
+            return Ok(0);
+        }
+        self.build_batch();
+        self.out.clear();
+        self.backend.execute(&self.batch, &mut self.out)?;
+        let num_tokens = self.batch.num_tokens();
+        self.process_output()?;
+        self.publish();
+        Ok(num_tokens)
+    }
+
+    fn build_batch(&mut self) {
+        let bs = self.cfg.block_size;
+        let b = &mut self.batch;
+        b.token_ids.clear();
+        b.positions.clear();
+        b.seqs.clear();
+        b.slot_mapping.clear();
+        b.logits_rows.clear();
+        for (k, s) in self.plan.scheduled.iter().enumerate() {
+            let seq = &self.sched.running[s.idx];
+            let start = seq.num_computed;
+            let end = start + s.num_new;
+            let query_start = b.token_ids.len();
+            b.token_ids.extend_from_slice(&seq.tokens[start..end]);
+            for p in start..end {
+                b.positions.push(p as u32);
+                b.slot_mapping.push(seq.block_table[p / bs] * bs as u32 + (p % bs) as u32);
+            }
+            b.seqs.push(SeqSlice { query_start, query_len: s.num_new, context_len: start });
+            // Reuse the inner vectors of earlier steps instead of reallocating each table.
+            match b.block_tables.get_mut(k) {
+                Some(table) => {
+                    table.clear();
+                    table.extend_from_slice(&seq.block_table);
+                }
+                None => b.block_tables.push(seq.block_table.clone()),
+            }
+            if end == seq.num_tokens() {
+                b.logits_rows.push(b.token_ids.len() - 1);
+            }
+        }
+        b.block_tables.truncate(self.plan.scheduled.len());
+    }
+
+    fn process_output(&mut self) -> Result<(), EngineError> {
+        let now = Instant::now();
+        let use_sampled = !self.out.sampled.is_empty();
+        let scale = self.cfg.latency_scale;
+        let mut row = 0usize;
+        let mut any_finished = false;
+        for i in 0..self.plan.scheduled.len() {
+            let s = self.plan.scheduled[i];
+            let seq = &mut self.sched.running[s.idx];
+            seq.num_computed += s.num_new;
+            self.sched.kv.commit(seq);
+            if seq.num_computed < seq.num_tokens() {
+                continue; // a prefill chunk that does not reach the end yet
+            }
+            let r = row;
+            row += 1;
+            let (token, logprobs) = if use_sampled {
+                let token = *self.out.sampled.get(r).ok_or_else(|| missing_row(r))?;
+                let logprobs = seq.params.logprobs.map(|n| TokenLogprobs {
+                    // The sim backend has no distribution: its pick is certain.
+                    logprob: 0.0,
+                    top: if n > 0 { vec![(token, 0.0)] } else { Vec::new() },
+                });
+                (token, logprobs)
+            } else {
+                let logits = self.out.row(r).ok_or_else(|| missing_row(r))?;
+                let token = self.sampler.sample(logits, &seq.params, &mut seq.rng);
+                let logprobs = seq.params.logprobs.map(|n| self.sampler.logprobs(logits, token, n));
+                (token, logprobs)
+            };
+            seq.tokens.push(token);
+            match seq.timing.last_token {
+                None => {
+                    seq.timing.first_token = Some(now);
+                    self.metrics
+                        .time_to_first_token
+                        .observe(secs(now - seq.timing.arrival, scale));
+                    self.metrics.prompt_tokens.inc_by(seq.prompt_len as u64);
+                    seq.send(SeqEvent::Started {
+                        prompt_tokens: seq.prompt_len,
+                        cached_tokens: seq.cached_tokens.unwrap_or(0),
+                    });
+                }
+                Some(last) => self.metrics.inter_token_latency.observe(secs(now - last, scale)),
+            }
+            seq.timing.last_token = Some(now);
+            self.metrics.generation_tokens.inc();
+            seq.send(SeqEvent::Token { id: token, logprobs });
+            let p = &seq.params;
+            let end = if !p.ignore_eos && self.cfg.eos_token_ids.contains(&token) {
+                Some((FinishReason::Stop, None))
+            } else if p.stop_token_ids.contains(&token) {
+                Some((FinishReason::Stop, Some(token)))
+            } else if seq.num_generated() >= p.max_tokens
+                || seq.num_tokens() >= self.cfg.max_model_len
+            {
+                Some((FinishReason::Length, None))
+            } else {
+                None
+            };
+            if let Some((reason, stop_token)) = end {
+                any_finished = true;
+                let seq = &mut self.sched.running[s.idx];
+                finish_seq(&self.metrics, scale, seq, reason, stop_token, now);
+            }
+        }
+        if any_finished {
+            self.sched.remove_where(|s| s.finished.is_some(), drop);
+        }
+        Ok(())
+    }
+
+    fn finish(&self, seq: &mut Sequence, reason: FinishReason, stop: Option<u32>, now: Instant) {
+        finish_seq(&self.metrics, self.cfg.latency_scale, seq, reason, stop, now);
+    }
+
+    fn publish(&mut self) {
+        let pool = self.sched.kv.pool();
+        self.metrics.num_requests_running.set(self.sched.running.len() as i64);
+        self.metrics.num_requests_waiting.set(self.sched.waiting.len() as i64);
+        self.metrics.kv_cache_usage_perc.set(pool.usage());
+        self.shared.num_running.store(self.sched.running.len(), Ordering::Relaxed);
+        self.shared.num_waiting.store(self.sched.waiting.len(), Ordering::Relaxed);
+        self.shared.num_free_blocks.store(pool.num_free(), Ordering::Relaxed);
+        if let Some(log) = &self.kv_events {
+            log.publish(self.sched.kv.pool_mut().drain_events());
+        }
+    }
+}
+
+fn missing_row(row: usize) -> EngineError {
+    EngineError::Backend(BackendError::Failed(format!("backend returned no output for row {row}")))
+}
+
+fn secs(d: Duration, scale: f64) -> f64 {
+    d.as_secs_f64() * scale
+}
+
+/// Marks `seq` finished, tells the client and records the per-request metrics.
+fn finish_seq(
+    m: &ServeMetrics,
+    scale: f64,
+    seq: &mut Sequence,
+    reason: FinishReason,
+    stop_token: Option<u32>,
+    now: Instant,
+) {
+    seq.finished = Some(reason);
+    seq.send(SeqEvent::Finished { reason, stop_token });
+    m.request_finished(reason);
+    tracing::trace!(request_id = seq.id, reason = reason.as_str(), "request finished");
+    if reason == FinishReason::Abort {
+        return;
+    }
+    let t = seq.timing;
+    m.e2e_request_latency.observe(secs(now - t.arrival, scale));
+    if let Some(sched) = t.first_scheduled {
+        m.request_queue_time.observe(secs(sched - t.arrival, scale));
+        if let Some(first) = t.first_token {
+            m.request_prefill_time.observe(secs(first - sched, scale));
+        }
+    }
+    let generated = seq.num_generated();
+    if let Some(first) = t.first_token {
+        let decode = now - first;
+        m.request_decode_time.observe(secs(decode, scale));
+        if generated > 1 {
+            m.time_per_output_token.observe(secs(decode, scale) / (generated - 1) as f64);
+        }
+    }
+    m.request_prompt_tokens.observe(seq.prompt_len as f64);
+    m.request_generation_tokens.observe(generated as f64);
+}

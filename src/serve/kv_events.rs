@@ -1,0 +1,278 @@
+//! KV-cache event stream: a bounded, resumable log of the prefix-cache changes the engine makes,
+//! served over gRPC (`proto/kv_events.proto`, `switchyard.kvevents.v1.KvEvents/Subscribe`).
+//!
+//! The engine appends once per step ([`KvEventLog::publish`]); each subscriber task reads from the
+//! log at its own cursor and waits on a `watch` channel when caught up, so a slow subscriber never
+//! blocks the engine: if it falls behind the retained window it gets `OUT_OF_RANGE` and resyncs.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::serve::engine::block_pool::PoolEvent;
+
+/// Generated types of `switchyard.kvevents.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("switchyard.kvevents.v1");
+}
+
+use pb::kv_event::Event;
+
+/// Events sent per subscriber read, bounding the time the log lock is held.
+const READ_BATCH: usize = 256;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KvEventsError {
+    #[error("sequence {requested} is no longer retained; oldest retained is {oldest}")]
+    TooOld { requested: u64, oldest: u64 },
+    #[error("sequence {requested} is beyond the next sequence {next} (server restarted?)")]
+    InFuture { requested: u64, next: u64 },
+}
+
+#[derive(Debug)]
+struct Ring {
+    events: VecDeque<Arc<pb::KvEvent>>,
+    /// Sequence of `events[0]`.
+    oldest: u64,
+    capacity: usize,
+}
+
+impl Ring {
+    fn next(&self) -> u64 {
+        self.oldest + self.events.len() as u64
+    }
+}
+
+/// The bounded event log shared by the engine (writer) and the gRPC subscribers (readers).
+#[derive(Debug)]
+pub struct KvEventLog {
+    ring: Mutex<Ring>,
+    next_tx: watch::Sender<u64>,
+    model_name: String,
+    block_size: u32,
+    root_hash: u64,
+    num_blocks: AtomicU64,
+    instance_id: u64,
+}
+
+fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+impl KvEventLog {
+    /// A log retaining the last `capacity` (≥ 1) events; event 1 is `AllCleared`.
+    pub fn new(capacity: usize, model_name: &str, block_size: usize) -> Arc<Self> {
+        let first = Arc::new(pb::KvEvent {
+            sequence: 1,
+            timestamp_unix_nanos: now_nanos(),
+            event: Some(Event::Cleared(pb::AllCleared {})),
+        });
+        let capacity = capacity.max(1);
+        let mut events = VecDeque::with_capacity(capacity.min(1 << 16));
+        events.push_back(first);
+        let (next_tx, _) = watch::channel(2);
+        Arc::new(Self {
+            ring: Mutex::new(Ring { events, oldest: 1, capacity }),
+            next_tx,
+            model_name: model_name.to_owned(),
+            block_size: u32::try_from(block_size).unwrap_or(u32::MAX),
+            root_hash: crate::serve::engine::hashing::root_hash(model_name),
+            num_blocks: AtomicU64::new(0),
+            instance_id: rand::random(),
+        })
+    }
+
+    pub fn set_num_blocks(&self, n: usize) {
+        self.num_blocks.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// `(oldest retained, next)` sequence numbers.
+    pub fn bounds(&self) -> (u64, u64) {
+        let ring = self.ring.lock();
+        (ring.oldest, ring.next())
+    }
+
+    /// Appends the engine's pool events (one lock per call) and wakes subscribers.
+    pub fn publish(&self, events: impl IntoIterator<Item = PoolEvent>) {
+        let ts = now_nanos();
+        let next = {
+            let mut ring = self.ring.lock();
+            let before = ring.next();
+            for ev in events {
+                let event = match ev {
+                    PoolEvent::Stored { block_hashes, parent_hash, token_ids } => {
+                        Event::Stored(pb::BlockStored {
+                            token_count: u32::try_from(token_ids.len()).unwrap_or(u32::MAX),
+                            block_hashes,
+                            parent_hash,
+                            token_ids,
+                            block_size: self.block_size,
+                        })
+                    }
+                    PoolEvent::Removed { block_hashes } => {
+                        Event::Removed(pb::BlockRemoved { block_hashes })
+                    }
+                    PoolEvent::AllCleared => Event::Cleared(pb::AllCleared {}),
+                };
+                let sequence = ring.next();
+                if ring.events.len() == ring.capacity {
+                    ring.events.pop_front();
+                    ring.oldest += 1;
+                }
+                ring.events.push_back(Arc::new(pb::KvEvent {
+                    sequence,
+                    timestamp_unix_nanos: ts,
+                    event: Some(event),
+                }));
+            }
+            let next = ring.next();
+            if next == before {
+                return;
+            }
+            next
+        };
+        self.next_tx.send_replace(next);
+    }
+
+    /// Copies up to `max` events starting at sequence `from` into `out`.
+    pub fn read_from(
+        &self,
+        from: u64,
+        max: usize,
+        out: &mut Vec<Arc<pb::KvEvent>>,
+    ) -> Result<(), KvEventsError> {
+        let ring = self.ring.lock();
+        if from < ring.oldest {
+            return Err(KvEventsError::TooOld { requested: from, oldest: ring.oldest });
+        }
+        if from > ring.next() {
+            return Err(KvEventsError::InFuture { requested: from, next: ring.next() });
+        }
+        let start = (from - ring.oldest) as usize;
+        out.extend(ring.events.iter().skip(start).take(max).cloned());
+        Ok(())
+    }
+
+    fn info(&self) -> pb::ServerInfo {
+        let (oldest, next) = self.bounds();
+        pb::ServerInfo {
+            model_name: self.model_name.clone(),
+            block_size: self.block_size,
+            root_hash: self.root_hash,
+            num_blocks: self.num_blocks.load(Ordering::Relaxed),
+            instance_id: self.instance_id,
+            oldest_sequence: oldest,
+            next_sequence: next,
+        }
+    }
+
+    /// The tonic service serving this log.
+    pub fn service(self: &Arc<Self>) -> pb::kv_events_server::KvEventsServer<KvEventsService> {
+        pb::kv_events_server::KvEventsServer::new(KvEventsService { log: Arc::clone(self) })
+    }
+}
+
+/// gRPC front of a [`KvEventLog`].
+#[derive(Debug, Clone)]
+pub struct KvEventsService {
+    log: Arc<KvEventLog>,
+}
+
+fn status_of(e: &KvEventsError) -> Status {
+    Status::out_of_range(e.to_string())
+}
+
+#[tonic::async_trait]
+impl pb::kv_events_server::KvEvents for KvEventsService {
+    type SubscribeStream = ReceiverStream<Result<pb::SubscribeResponse, Status>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let from = request.into_inner().from_sequence;
+        let mut next_rx = self.log.next_tx.subscribe();
+        let (oldest, next) = self.log.bounds();
+        let mut cursor = match from {
+            0 => next,
+            f if f < oldest => {
+                return Err(status_of(&KvEventsError::TooOld { requested: f, oldest }))
+            }
+            f if f > next => return Err(status_of(&KvEventsError::InFuture { requested: f, next })),
+            f => f,
+        };
+        tracing::debug!(from, cursor, "kv-events subscriber connected");
+        let (tx, rx) = mpsc::channel(READ_BATCH);
+        let log = Arc::clone(&self.log);
+        tokio::spawn(async move {
+            let info = pb::SubscribeResponse { message: Some(pb::subscribe_response::Message::Info(log.info())) };
+            if tx.send(Ok(info)).await.is_err() {
+                return;
+            }
+            let mut batch = Vec::with_capacity(READ_BATCH);
+            loop {
+                batch.clear();
+                // Mark the current value seen before reading, so a publish after the read wakes us.
+                next_rx.borrow_and_update();
+                if let Err(e) = log.read_from(cursor, READ_BATCH, &mut batch) {
+                    let _ = tx.send(Err(status_of(&e))).await;
+                    return;
+                }
+                if batch.is_empty() {
+                    tokio::select! {
+                        changed = next_rx.changed() => if changed.is_err() { return },
+                        () = tx.closed() => return,
+                    }
+                    continue;
+                }
+                for ev in batch.drain(..) {
+                    cursor = ev.sequence + 1;
+                    let msg = pb::SubscribeResponse {
+                        message: Some(pb::subscribe_response::Message::Event((*ev).clone())),
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return; // subscriber went away
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_is_bounded_and_resumable() {
+        let log = KvEventLog::new(3, "m", 16);
+        log.publish((0..4).map(|i| PoolEvent::Removed { block_hashes: vec![i] }));
+        assert_eq!(log.bounds(), (3, 6));
+        let mut out = Vec::new();
+        assert_eq!(
+            log.read_from(2, 10, &mut out),
+            Err(KvEventsError::TooOld { requested: 2, oldest: 3 })
+        );
+        log.read_from(4, 10, &mut out).unwrap();
+        let seqs: Vec<u64> = out.iter().map(|e| e.sequence).collect();
+        assert_eq!(seqs, vec![4, 5]);
+        assert_eq!(
+            out[1].event,
+            Some(Event::Removed(pb::BlockRemoved { block_hashes: vec![3] }))
+        );
+        out.clear();
+        log.read_from(6, 10, &mut out).unwrap();
+        assert!(out.is_empty());
+        assert!(log.read_from(7, 10, &mut out).is_err());
+    }
+}

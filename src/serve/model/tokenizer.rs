@@ -1,0 +1,171 @@
+//! The Hugging Face tokenizer of a model directory as a [`TextCodec`]: `tokenizer.json` through
+//! the `tokenizers` crate (offline), chat template and EOS ids from the JSON configs beside it.
+
+use std::path::Path;
+
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use super::chat::ChatTemplate;
+use super::{read_json_opt, ModelError};
+use crate::serve::codec::{ChatMessage, CodecError, TextCodec};
+
+/// Qwen's end-of-turn and end-of-text tokens: the EOS fallback when no config names one.
+const FALLBACK_EOS: [&str; 2] = ["<|im_end|>", "<|endoftext|>"];
+
+pub struct HfCodec {
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    eos: Vec<u32>,
+}
+
+impl std::fmt::Debug for HfCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HfCodec")
+            .field("vocab", &self.tokenizer.get_vocab_size(true))
+            .field("template", &self.template)
+            .field("eos", &self.eos)
+            .finish()
+    }
+}
+
+impl HfCodec {
+    /// Loads `dir/tokenizer.json`, plus `tokenizer_config.json` and `generation_config.json`
+    /// when present.
+    pub fn load(dir: &Path) -> Result<HfCodec, ModelError> {
+        let tok_path = dir.join("tokenizer.json");
+        let bytes = super::read_file(&tok_path)?;
+        let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| ModelError::Tokenizer {
+            path: tok_path.clone(),
+            reason: e.to_string(),
+        })?;
+
+        let tc_path = dir.join("tokenizer_config.json");
+        let tc = read_json_opt(&tc_path)?.unwrap_or(Value::Null);
+        let gc = read_json_opt(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
+
+        let bos_token = token_string(tc.get("bos_token")).unwrap_or_default();
+        let eos_token = token_string(tc.get("eos_token"));
+        let template = match chat_template_source(&tc) {
+            Some(src) => ChatTemplate::compile(
+                src,
+                &bos_token,
+                eos_token.as_deref().unwrap_or(""),
+                &tc_path,
+            )?,
+            None => {
+                tracing::info!(dir = %dir.display(), "no chat_template in tokenizer_config.json; using ChatML");
+                ChatTemplate::chatml()
+            }
+        };
+
+        let eos = eos_ids(&tokenizer, &gc, eos_token.as_deref());
+        tracing::info!(
+            dir = %dir.display(),
+            vocab = tokenizer.get_vocab_size(true),
+            eos = ?eos,
+            "tokenizer loaded"
+        );
+        Ok(HfCodec {
+            tokenizer,
+            template,
+            eos,
+        })
+    }
+
+    /// Id of a token string (e.g. `<|im_start|>`), special tokens included.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// The underlying tokenizer (for incremental detokenization).
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+}
+
+impl TextCodec for HfCodec {
+    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, CodecError> {
+        let enc = self
+            .tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| CodecError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, CodecError> {
+        self.tokenizer
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| CodecError::Decode(e.to_string()))
+    }
+
+    fn eos_token_ids(&self) -> &[u32] {
+        &self.eos
+    }
+
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, CodecError> {
+        self.template.render(messages)
+    }
+}
+
+/// `chat_template` is a string, or a list of `{name, template}` of which `default` is used.
+fn chat_template_source(tc: &Value) -> Option<&str> {
+    match tc.get("chat_template")? {
+        Value::String(s) => Some(s),
+        Value::Array(list) => {
+            let named = |want: &str| {
+                list.iter().find_map(|t| {
+                    (t.get("name")?.as_str()? == want).then(|| t.get("template")?.as_str())?
+                })
+            };
+            named("default").or_else(|| list.first()?.get("template")?.as_str())
+        }
+        _ => None,
+    }
+}
+
+/// A special-token entry: `"<s>"` or `{"content": "<s>", ...}`.
+fn token_string(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+/// EOS ids: `generation_config.json` `eos_token_id` (int or list) plus the tokenizer config's
+/// `eos_token`, in that order without duplicates; Qwen's `<|im_end|>`/`<|endoftext|>` when
+/// neither names one.
+fn eos_ids(tok: &Tokenizer, gc: &Value, eos_token: Option<&str>) -> Vec<u32> {
+    let mut ids: Vec<u32> = Vec::new();
+    let push = |ids: &mut Vec<u32>, id: u32| {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    };
+    match gc.get("eos_token_id") {
+        Some(Value::Number(n)) => {
+            if let Some(id) = n.as_u64().and_then(|x| u32::try_from(x).ok()) {
+                push(&mut ids, id);
+            }
+        }
+        Some(Value::Array(list)) => {
+            for id in list
+                .iter()
+                .filter_map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
+            {
+                push(&mut ids, id);
+            }
+        }
+        _ => {}
+    }
+    if let Some(id) = eos_token.and_then(|t| tok.token_to_id(t)) {
+        push(&mut ids, id);
+    }
+    if ids.is_empty() {
+        for id in FALLBACK_EOS.iter().filter_map(|t| tok.token_to_id(t)) {
+            push(&mut ids, id);
+        }
+    }
+    ids
+}

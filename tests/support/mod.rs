@@ -1,0 +1,18 @@
+//! Shared helpers for the integration tests (`mod support;` in a `tests/*.rs` file): a mock
+//! OpenAI/vLLM model server, an HTTP client, free ports, tool lookup, and process guards for
+//! Envoy and the real `switchyard epp` binary.
+
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code, unused_imports, unused_macros)]
+
+pub mod envoy;
+pub mod epp_process;
+pub mod http_client;
+pub mod mock_model_server;
+pub mod ports;
+pub mod tools;
+
+pub use http_client::{HttpClient, HttpResponse};
+pub use envoy::{EnvoyConfig, EnvoyProcess, RouteCluster};
+pub use epp_process::{EppOptions, EppProcess};
+pub use mock_model_server::MockModelServer;
