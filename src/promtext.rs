@@ -193,10 +193,12 @@ pub fn parse<'a>(
                     let Some(i) = match_type_name(&families, name) else {
                         continue;
                     };
-                    let kind = MetricKind::parse(kind_word).ok_or_else(|| syntax(
-                        line_no,
-                        format!("unknown metric type {kind_word:?} for {name:?}"),
-                    ))?;
+                    let kind = MetricKind::parse(kind_word).ok_or_else(|| {
+                        syntax(
+                            line_no,
+                            format!("unknown metric type {kind_word:?} for {name:?}"),
+                        )
+                    })?;
                     if families[i].kind.is_some() || seen_sample[i] {
                         return Err(syntax(
                             line_no,
@@ -320,7 +322,10 @@ fn parse_sample_rest(rest: &str, line: usize) -> Result<Sample<'_>, PromTextErro
             .ok_or_else(|| syntax(line, format!("invalid timestamp {ts_text:?}")))?;
         let tail = rest.trim_start_matches([' ', '\t']);
         if !tail.is_empty() && !tail.starts_with('#') {
-            return Err(syntax(line, format!("unexpected text {tail:?} after timestamp")));
+            return Err(syntax(
+                line,
+                format!("unexpected text {tail:?} after timestamp"),
+            ));
         }
         Some(ts)
     };
@@ -411,7 +416,10 @@ fn parse_label_value<'a>(
 ) -> Result<(Cow<'a, str>, &'a str), PromTextError> {
     let bytes = s.as_bytes();
     let Some(stop) = bytes.iter().position(|b| *b == b'"' || *b == b'\\') else {
-        return Err(syntax(line, format!("unterminated value of label {name:?}")));
+        return Err(syntax(
+            line,
+            format!("unterminated value of label {name:?}"),
+        ));
     };
     if bytes[stop] == b'"' {
         return Ok((Cow::Borrowed(&s[..stop]), &s[stop + 1..]));
@@ -437,7 +445,10 @@ fn parse_label_value<'a>(
             c => owned.push(c),
         }
     }
-    Err(syntax(line, format!("unterminated value of label {name:?}")))
+    Err(syntax(
+        line,
+        format!("unterminated value of label {name:?}"),
+    ))
 }
 
 #[cfg(test)]

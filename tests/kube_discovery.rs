@@ -28,7 +28,9 @@ struct Running {
 impl Running {
     async fn stop(self) {
         self.shutdown.send_replace(true);
-        let result = tokio::time::timeout(WAIT, self.task).await.expect("discovery stops on shutdown");
+        let result = tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("discovery stops on shutdown");
         result.unwrap().unwrap();
     }
 }
@@ -59,7 +61,10 @@ fn endpoints(ds: &Datastore) -> Vec<(String, String)> {
 }
 
 fn owned(expected: &[(&str, &str)]) -> Vec<(String, String)> {
-    expected.iter().map(|(n, a)| (n.to_string(), a.to_string())).collect()
+    expected
+        .iter()
+        .map(|(n, a)| (n.to_string(), a.to_string()))
+        .collect()
 }
 
 /// Waits until the datastore holds exactly `expected` (name, address), sorted by name.
@@ -71,7 +76,10 @@ async fn expect_endpoints(ds: &Datastore, expected: &[(&str, &str)]) {
         if got == want {
             return;
         }
-        assert!(start.elapsed() < WAIT, "endpoints: want {want:?}, got {got:?}");
+        assert!(
+            start.elapsed() < WAIT,
+            "endpoints: want {want:?}, got {got:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -104,13 +112,27 @@ async fn pods_ready_unready_deleted_relabelled() {
 
     // p2 becomes ready.
     fake.apply(pod("p2", "10.0.0.2", &[APP], true));
-    expect_endpoints(&run.ds, &[("p1-rank-0", "10.0.0.1:8000"), ("p2-rank-0", "10.0.0.2:8000")]).await;
+    expect_endpoints(
+        &run.ds,
+        &[
+            ("p1-rank-0", "10.0.0.1:8000"),
+            ("p2-rank-0", "10.0.0.2:8000"),
+        ],
+    )
+    .await;
     // p1 becomes unready.
     fake.apply(pod("p1", "10.0.0.1", &[APP], false));
     expect_endpoints(&run.ds, &[("p2-rank-0", "10.0.0.2:8000")]).await;
     // p3 is re-labelled into the pool, p2 out of it (the selector watch sees p2 as deleted).
     fake.apply(pod("p3", "10.0.0.3", &[APP], true));
-    expect_endpoints(&run.ds, &[("p2-rank-0", "10.0.0.2:8000"), ("p3-rank-0", "10.0.0.3:8000")]).await;
+    expect_endpoints(
+        &run.ds,
+        &[
+            ("p2-rank-0", "10.0.0.2:8000"),
+            ("p3-rank-0", "10.0.0.3:8000"),
+        ],
+    )
+    .await;
     fake.apply(pod("p2", "10.0.0.2", &[("app", "retired")], true));
     expect_endpoints(&run.ds, &[("p3-rank-0", "10.0.0.3:8000")]).await;
     // p3 starts terminating: gone at once, before the object is deleted.
@@ -118,7 +140,12 @@ async fn pods_ready_unready_deleted_relabelled() {
     expect_endpoints(&run.ds, &[]).await;
     fake.delete(POD, NS, "p3");
     // A new pod with an engine label: the endpoint carries the engine and the pod's labels.
-    fake.apply(pod("p4", "10.0.0.4", &[APP, (EngineType::LABEL, "sglang"), ("zone", "a")], true));
+    fake.apply(pod(
+        "p4",
+        "10.0.0.4",
+        &[APP, (EngineType::LABEL, "sglang"), ("zone", "a")],
+        true,
+    ));
     expect_endpoints(&run.ds, &[("p4-rank-0", "10.0.0.4:8000")]).await;
     let ep = run.ds.slot("p4-rank-0").unwrap().endpoint();
     assert_eq!(ep.engine, EngineType::Sglang);
@@ -143,7 +170,14 @@ async fn pool_selector_and_ports_change() {
 
     // A second target port: one endpoint per port, ranked by position, no re-list needed.
     fake.apply(pool_v1("pool", &[("app", "a")], &[8000, 8001]));
-    expect_endpoints(&run.ds, &[("a1-rank-0", "10.0.1.1:8000"), ("a1-rank-1", "10.0.1.1:8001")]).await;
+    expect_endpoints(
+        &run.ds,
+        &[
+            ("a1-rank-0", "10.0.1.1:8000"),
+            ("a1-rank-1", "10.0.1.1:8001"),
+        ],
+    )
+    .await;
     assert_eq!(fake.requests("list /pods"), 1);
 
     // New selector: the pods are re-listed with it.
@@ -162,7 +196,14 @@ async fn pool_selector_and_ports_change() {
 
     // Ports shrink to the second one: rank follows the new position.
     fake.apply(pool_v1("pool", &[("app", "b")], &[8001]));
-    expect_endpoints(&run.ds, &[("b1-rank-0", "10.0.2.1:8001"), ("b2-rank-0", "10.0.2.2:8001")]).await;
+    expect_endpoints(
+        &run.ds,
+        &[
+            ("b1-rank-0", "10.0.2.1:8001"),
+            ("b2-rank-0", "10.0.2.2:8001"),
+        ],
+    )
+    .await;
 
     // Pool deleted: the datastore is cleared, as in the reference.
     fake.delete(POOL_V1, NS, "pool");
@@ -201,7 +242,14 @@ async fn endpoint_selector_mode_reads_no_crd() {
         ..pool_config("inference.networking.k8s.io")
     };
     let run = start(&fake, config);
-    expect_endpoints(&run.ds, &[("m1-rank-0", "10.0.4.1:8000"), ("m1-rank-1", "10.0.4.1:8002")]).await;
+    expect_endpoints(
+        &run.ds,
+        &[
+            ("m1-rank-0", "10.0.4.1:8000"),
+            ("m1-rank-1", "10.0.4.1:8002"),
+        ],
+    )
+    .await;
     assert!(run.ds.is_synced());
     fake.apply(pod("m2", "10.0.4.2", &[APP, ("tier", "gpu")], true));
     expect_endpoints(
@@ -221,13 +269,19 @@ async fn endpoint_selector_mode_reads_no_crd() {
 
 fn policy(objectives: &[(&str, i32)], rewrites: &[(&str, &[(&str, u32)])]) -> RequestPolicy {
     RequestPolicy {
-        objectives: objectives.iter().map(|(n, p)| (n.to_string(), *p)).collect(),
+        objectives: objectives
+            .iter()
+            .map(|(n, p)| (n.to_string(), *p))
+            .collect(),
         model_rewrites: rewrites
             .iter()
             .map(|(m, ts)| {
                 let targets = ts
                     .iter()
-                    .map(|(t, w)| RewriteTarget { model: t.to_string(), weight: *w })
+                    .map(|(t, w)| RewriteTarget {
+                        model: t.to_string(),
+                        weight: *w,
+                    })
                     .collect();
                 (m.to_string(), targets)
             })
@@ -243,9 +297,27 @@ async fn objectives_and_rewrites_for_our_pool() {
     fake.apply(objective("sql-lora-sheddable", "pool", Some(0)));
     fake.apply(objective("unset", "pool", None));
     fake.apply(objective("elsewhere", "other-pool", Some(9)));
-    fake.apply(rewrite("r-old", "pool", "model-to-be-rewritten", &[("rewritten-model", 1)], "2026-01-01T00:00:00Z"));
-    fake.apply(rewrite("r-new", "pool", "model-to-be-rewritten", &[("ignored", 1)], "2026-03-01T00:00:00Z"));
-    fake.apply(rewrite("r-other", "other-pool", "m", &[("x", 1)], "2026-01-01T00:00:00Z"));
+    fake.apply(rewrite(
+        "r-old",
+        "pool",
+        "model-to-be-rewritten",
+        &[("rewritten-model", 1)],
+        "2026-01-01T00:00:00Z",
+    ));
+    fake.apply(rewrite(
+        "r-new",
+        "pool",
+        "model-to-be-rewritten",
+        &[("ignored", 1)],
+        "2026-03-01T00:00:00Z",
+    ));
+    fake.apply(rewrite(
+        "r-other",
+        "other-pool",
+        "m",
+        &[("x", 1)],
+        "2026-01-01T00:00:00Z",
+    ));
     let run = start(&fake, pool_config("inference.networking.k8s.io"));
     expect_policy(
         &run.ds,
@@ -262,7 +334,13 @@ async fn objectives_and_rewrites_for_our_pool() {
     fake.delete(OBJECTIVE, NS, "unset");
     // The older rewrite is deleted: the newer one takes over; a weighted split is added.
     fake.delete(REWRITE, NS, "r-old");
-    fake.apply(rewrite("split", "pool", "canary", &[("canary-v1", 90), ("canary-v2", 10)], "2026-02-01T00:00:00Z"));
+    fake.apply(rewrite(
+        "split",
+        "pool",
+        "canary",
+        &[("canary-v1", 90), ("canary-v2", 10)],
+        "2026-02-01T00:00:00Z",
+    ));
     expect_policy(
         &run.ds,
         &policy(
@@ -311,11 +389,21 @@ async fn watch_expired_with_410_relists_and_recovers() {
     fake.apply(objective("o", "pool", Some(3)));
     expect_endpoints(&run.ds, &[("e2-rank-0", "10.0.5.2:8000")]).await;
     expect_policy(&run.ds, &policy(&[("o", 3)], &[])).await;
-    assert!(fake.requests("list /pods") > pod_lists, "pods were re-listed after 410");
+    assert!(
+        fake.requests("list /pods") > pod_lists,
+        "pods were re-listed after 410"
+    );
     assert!(fake.requests(&format!("list {OBJECTIVE}")) > objective_lists);
 
     // And the new watch delivers live events again.
     fake.apply(pod("e3", "10.0.5.3", &[APP], true));
-    expect_endpoints(&run.ds, &[("e2-rank-0", "10.0.5.2:8000"), ("e3-rank-0", "10.0.5.3:8000")]).await;
+    expect_endpoints(
+        &run.ds,
+        &[
+            ("e2-rank-0", "10.0.5.2:8000"),
+            ("e3-rank-0", "10.0.5.3:8000"),
+        ],
+    )
+    .await;
     run.stop().await;
 }

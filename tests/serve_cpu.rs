@@ -9,8 +9,8 @@ use serde_json::Value;
 use switchyard::serve::backend::cpu::{CpuBackend, CpuOptions};
 use switchyard::serve::backend::{Backend, BackendError, SeqSlice, StepBatch, StepOutput};
 use switchyard::serve::model::testing::{
-    tiny_qwen2_tensors, write_safetensors, write_tiny_qwen2, write_tiny_qwen2_with, TinyDtype,
-    TinyQwen2,
+    tiny_qwen2_tensors, write_safetensors, write_tiny_qwen2, write_tiny_qwen2_with, NamedTensor,
+    TinyDtype, TinyQwen2,
 };
 
 const BLOCK: usize = 4;
@@ -279,10 +279,16 @@ fn max_diff(a: &[f32], b: &[f64]) -> f64 {
 
 fn assert_matches_naive(got: &[Vec<f32>], want: &[Vec<f64>], tol: f64) {
     assert_eq!(got.len(), want.len());
+    let mut worst = 0f64;
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let d = max_diff(g, w);
         assert!(d < tol, "position {i}: max |Δlogit| = {d:e}");
+        worst = worst.max(d);
     }
+    eprintln!(
+        "max |Δlogit| vs naive over {} positions: {worst:e}",
+        got.len()
+    );
     // Guard against a vacuous comparison: the logits must actually vary.
     let spread = want[0].iter().cloned().fold(f64::MIN, f64::max)
         - want[0].iter().cloned().fold(f64::MAX, f64::min);
@@ -482,6 +488,13 @@ fn kv_capacity_follows_the_memory_budget() {
     assert_eq!(be.vocab_size(), 300);
 }
 
+/// Rewrites `dir/model.safetensors` (default spec, f32) after `edit` changes the tensor list.
+fn rewrite(dir: &Path, edit: &dyn Fn(&mut Vec<NamedTensor>)) {
+    let mut t = tiny_qwen2_tensors(&TinyQwen2::default());
+    edit(&mut t);
+    write_safetensors(&dir.join("model.safetensors"), &t, TinyDtype::F32).unwrap();
+}
+
 #[test]
 fn load_errors_name_the_problem() {
     let err = |spec: &TinyQwen2, edit: &dyn Fn(&Path)| -> String {
@@ -493,40 +506,26 @@ fn load_errors_name_the_problem() {
             .to_string()
     };
     let spec = TinyQwen2::default();
-    let rewrite = |keep: &dyn Fn(&mut Vec<(String, Vec<usize>, Vec<f32>)>)| {
-        let spec = spec.clone();
-        move |dir: &Path| {
-            let mut t = tiny_qwen2_tensors(&spec);
-            keep(&mut t);
-            write_safetensors(&dir.join("model.safetensors"), &t, TinyDtype::F32).unwrap();
-        }
-    };
     assert_eq!(
-        err(
-            &spec,
-            &rewrite(&|t| t.retain(|(n, _, _)| n != "model.layers.1.mlp.up_proj.weight"))
-        ),
+        err(&spec, &|d: &Path| rewrite(d, &|t| t.retain(
+            |(n, _, _)| n != "model.layers.1.mlp.up_proj.weight"
+        ))),
         "missing tensor \"model.layers.1.mlp.up_proj.weight\""
     );
     assert_eq!(
-        err(
-            &spec,
-            &rewrite(&|t| t.retain(|(n, _, _)| n != "lm_head.weight"))
-        ),
+        err(&spec, &|d: &Path| rewrite(d, &|t| t
+            .retain(|(n, _, _)| n != "lm_head.weight"))),
         "missing tensor \"lm_head.weight\""
     );
     assert_eq!(
-        err(
-            &spec,
-            &rewrite(&|t| {
-                for (n, shape, data) in t.iter_mut() {
-                    if n == "model.layers.0.self_attn.k_proj.weight" {
-                        *shape = vec![16, 128];
-                        data.truncate(16 * 128);
-                    }
+        err(&spec, &|d: &Path| rewrite(d, &|t| {
+            for (n, shape, data) in t.iter_mut() {
+                if n == "model.layers.0.self_attn.k_proj.weight" {
+                    *shape = vec![16, 128];
+                    data.truncate(16 * 128);
                 }
-            })
-        ),
+            }
+        })),
         "tensor \"model.layers.0.self_attn.k_proj.weight\" has shape [16, 128], expected [32, 64]"
     );
     let set = |key: &'static str, value: Value| {

@@ -11,11 +11,14 @@ Run by scripts/check-charts.sh (which installs helm and this script's Python pac
      scripts/charts/crds (unknown fields rejected, as the API server's strict field validation
      does);
   3. policy assertions: hardened pods, service-account tokens only where RBAC is granted, DRA
-     claim wiring, gVisor placement of sandboxes, egress blocks for the metadata server and
-     private ranges;
+     claim wiring (and tensor parallelism = claimed GPUs), gVisor placement of sandboxes, egress
+     blocks for the metadata server and private ranges, names and ports lining up between
+     pool, EPP, model servers, routes and gateways; a self-test plants one violation of each
+     kind and requires the checks to catch it;
   4. the EPP arguments rendered by the inferencepool chart are accepted by the real binary
-     (`switchyard epp <args> --check-config`, with the rendered ConfigMap as --config-text) and
-     the decode server's flags are all known to `switchyard serve`.
+     (`switchyard epp <args> --check-config`, with the rendered ConfigMap as --config-text),
+     broken ones are refused, and the decode server's flags are all known to `switchyard serve`;
+  5. `kubectl kustomize deploy/` yields exactly the objects of the files in deploy/.
 
 Exits non-zero when anything fails; prints one line per check and a summary.
 """
@@ -23,7 +26,6 @@ Exits non-zero when anything fails; prints one line per check and a summary.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import re
 import subprocess
@@ -31,32 +33,17 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-import jsonschema
-import kubernetes_validate
 import yaml
 
-K8S_VERSION = "1.34.0"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from manifests import K8S_VERSION, CrdSchemas, Report, dig, load_docs, obj_id, validate_object  # noqa: E402
+from policies import METADATA_RANGE, check_dra, check_network, check_pod_security, check_wiring  # noqa: E402
+
+# helm renders and lints as if talking to this cluster version (Capabilities.KubeVersion).
+HELM_KUBE = ["--kube-version", "v" + K8S_VERSION]
 BASE_POOL = ["--set", "inferencePool.modelServers.matchLabels.app=switchyard-decode"]
-PRIVATE_RANGES = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
-METADATA_RANGE = "169.254.0.0/16"
-GVISOR_KEY = "sandbox.gke.io/runtime"
-GPU_CLASS = "gpu.nvidia.com"
-GPU_PRODUCT = "NVIDIA L4"
-# Pod-bearing kinds and where their pod template lives.
-POD_PATHS = {
-    "Deployment": ("spec", "template"),
-    "StatefulSet": ("spec", "template"),
-    "DaemonSet": ("spec", "template"),
-    "Job": ("spec", "template"),
-    "SandboxTemplate": ("spec", "podTemplate"),
-    "Sandbox": ("spec", "podTemplate"),
-}
-RBAC_KINDS = {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}
-DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-DNS_LABEL_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 
 @dataclass
@@ -129,6 +116,22 @@ RENDERS = [
            s("networkPolicy.allowInternetEgress=false", "networkPolicy.dnsExtraCIDRs[0]=169.254.20.10/32")),
 ]
 
+# Renders that succeed but whose EPP arguments the binary must refuse (see check_epp_rejects).
+BAD_CONFIG = ("apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
+              "plugins:\n- type: no-such-scorer\n")
+RENDERS += [
+    Render("inferencepool/bad-plugin", "inferencepool",
+           BASE_POOL + ["--set-string", "inferenceExtension.pluginsConfigFile=bad.yaml",
+                        "--set-string", "inferenceExtension.pluginsCustomConfig.bad\\.yaml=" + BAD_CONFIG],
+           epp_check=False),
+    Render("inferencepool/unknown-flag", "inferencepool",
+           BASE_POOL + s("inferenceExtension.flags.no-such-flag=1"), epp_check=False),
+]
+BINARY_NEGATIVE = [
+    ("inferencepool/bad-plugin", "no-such-scorer"),
+    ("inferencepool/unknown-flag", "--no-such-flag"),
+]
+
 NEGATIVE = [
     Negative("inferencepool/no-selector", "inferencepool", [],
              "inferencePool.modelServers.matchLabels is required"),
@@ -143,7 +146,7 @@ NEGATIVE = [
              "neither default-plugins.yaml nor a key of pluginsCustomConfig"),
     Negative("inferencepool/bad-scrape-scheme", "inferencepool",
              BASE_POOL + s("inferenceExtension.metricsDataSource.scheme=ftp"), "scheme must be http or https"),
-    Negative("decode-server/bad-backend", "decode-server", s("backend=rocm"), "backend must be cuda, cpu or sim"),
+    Negative("decode-server/bad-backend", "decode-server", s("backend=rocm"), "value must be one of 'cuda', 'cpu', 'sim'"),
     Negative("decode-server/no-weights", "decode-server", s("model.existingClaim="), "existingClaim is required"),
     Negative("decode-server/values-typo", "decode-server", s("backnd=sim"), "additional properties 'backnd' not allowed"),
     Negative("decode-server/zero-gpus", "decode-server", s("gpu.count=0"), "/gpu/count"),
@@ -154,373 +157,6 @@ NEGATIVE = [
     Negative("code-agent/no-gvisor", "code-agent", s("gvisor.runtimeClassName="), "runtimeClassName is required"),
 ]
 
-
-class Report:
-    def __init__(self, quiet: bool = False) -> None:
-        self.failures: list[str] = []
-        self.passed = 0
-        self.quiet = quiet
-
-    def ok(self, what: str) -> None:
-        self.passed += 1
-        if not self.quiet:
-            print(f"  ok    {what}")
-
-    def fail(self, what: str, why: str) -> None:
-        self.failures.append(f"{what}: {why}")
-        if not self.quiet:
-            print(f"  FAIL  {what}: {why}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-
-def load_docs(text: str, source: str) -> list[tuple[str, dict]]:
-    out = []
-    for i, doc in enumerate(yaml.safe_load_all(text)):
-        if doc is None:
-            continue
-        if not isinstance(doc, dict):
-            raise ValueError(f"{source}: document {i} is not a mapping")
-        out.append((source, doc))
-    return out
-
-
-def obj_id(obj: dict) -> str:
-    meta = obj.get("metadata") or {}
-    return f"{obj.get('kind')}/{meta.get('name')}"
-
-
-def dig(obj: Any, *path: str) -> Any:
-    for p in path:
-        if not isinstance(obj, dict):
-            return None
-        obj = obj.get(p)
-    return obj
-
-
-# ---------------------------------------------------------------------------------------------
-# Schema validation
-
-
-def strictify(schema: Any) -> Any:
-    """Reject unknown fields like the API server's strict field validation (structural schemas)."""
-    if isinstance(schema, dict):
-        out = {k: strictify(v) for k, v in schema.items()}
-        if (
-            "properties" in out
-            and "additionalProperties" not in out
-            and not out.get("x-kubernetes-preserve-unknown-fields")
-        ):
-            out["additionalProperties"] = False
-        # OpenAPI `nullable` has no JSON-schema keyword; widen the type instead.
-        if out.get("nullable") and isinstance(out.get("type"), str):
-            out["type"] = [out["type"], "null"]
-        return out
-    if isinstance(schema, list):
-        return [strictify(x) for x in schema]
-    return schema
-
-
-class CrdSchemas:
-    def __init__(self, dirs: Iterable[Path]) -> None:
-        self.schemas: dict[tuple[str, str, str], dict] = {}
-        self.sources: list[Path] = []
-        for d in dirs:
-            for f in sorted(d.glob("*.yaml")):
-                self.sources.append(f)
-                for _, crd in load_docs(f.read_text(), str(f)):
-                    if crd.get("kind") != "CustomResourceDefinition":
-                        continue
-                    group = crd["spec"]["group"]
-                    kind = crd["spec"]["names"]["kind"]
-                    for v in crd["spec"]["versions"]:
-                        if v.get("served", True):
-                            schema = strictify(v["schema"]["openAPIV3Schema"])
-                            self.schemas[(group, v["name"], kind)] = schema
-
-    def lookup(self, api_version: str, kind: str) -> dict | None:
-        group, _, version = api_version.rpartition("/")
-        return self.schemas.get((group, version, kind))
-
-
-def validate_object(obj: dict, crds: CrdSchemas) -> str | None:
-    """Returns None when valid, else the reason."""
-    api_version = obj.get("apiVersion")
-    kind = obj.get("kind")
-    if not api_version or not kind:
-        return "apiVersion and kind are required"
-    name_problem = check_metadata(obj)
-    if name_problem:
-        return name_problem
-    try:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-        return None
-    except kubernetes_validate.SchemaNotFoundError:
-        pass
-    except kubernetes_validate.ValidationError as e:
-        path = "/".join(str(p) for p in e.absolute_path)
-        return f"Kubernetes {K8S_VERSION} schema: {e.message} at /{path}"
-    schema = crds.lookup(api_version, kind)
-    if schema is None:
-        return f"no schema for {api_version} {kind} (neither built in nor a vendored CRD)"
-    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(obj), key=lambda e: list(e.absolute_path))
-    if errors:
-        e = errors[0]
-        path = "/".join(str(p) for p in e.absolute_path)
-        return f"CRD schema {api_version} {kind}: {e.message} at /{path}"
-    return None
-
-
-def check_metadata(obj: dict) -> str | None:
-    meta = obj.get("metadata") or {}
-    name = meta.get("name")
-    if not isinstance(name, str) or not name:
-        return "metadata.name is required"
-    kind = obj.get("kind")
-    if kind in RBAC_KINDS:
-        # RBAC names are path segments: anything but '/', '%', '.' and '..'.
-        if "/" in name or "%" in name or name in (".", ".."):
-            return f"invalid RBAC name {name!r}"
-    elif kind == "Service":
-        if len(name) > 63 or not DNS_LABEL_1035.match(name):
-            return f"Service name {name!r} is not a DNS-1035 label"
-    elif len(name) > 253 or not DNS_SUBDOMAIN.match(name):
-        return f"name {name!r} is not a DNS subdomain"
-    for key, value in (meta.get("labels") or {}).items():
-        if not isinstance(value, str) or len(value) > 63 or not LABEL_VALUE.match(value):
-            return f"label {key}={value!r} is not a valid label value"
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Policies
-
-
-def pod_templates(objs: list[dict]) -> list[tuple[dict, dict]]:
-    out = []
-    for obj in objs:
-        path = POD_PATHS.get(obj.get("kind"))
-        if path is None:
-            if obj.get("kind") == "Pod":
-                out.append((obj, obj))
-            continue
-        tmpl = dig(obj, *path)
-        if isinstance(tmpl, dict):
-            out.append((obj, tmpl))
-    return out
-
-
-def rbac_subjects(objs: list[dict]) -> set[tuple[str, str]]:
-    """(namespace, service account) pairs bound by some RoleBinding/ClusterRoleBinding."""
-    bound = set()
-    for obj in objs:
-        if obj.get("kind") not in ("RoleBinding", "ClusterRoleBinding"):
-            continue
-        for subj in obj.get("subjects") or []:
-            if subj.get("kind") == "ServiceAccount":
-                ns = subj.get("namespace") or dig(obj, "metadata", "namespace") or ""
-                bound.add((ns, subj.get("name")))
-    return bound
-
-
-def check_pod_security(objs: list[dict], report: Report, where: str) -> None:
-    bound = rbac_subjects(objs)
-    accounts = {
-        (dig(o, "metadata", "namespace") or "", dig(o, "metadata", "name")): o
-        for o in objs
-        if o.get("kind") == "ServiceAccount"
-    }
-    for owner, tmpl in pod_templates(objs):
-        what = f"{where} {obj_id(owner)} pod security"
-        spec = tmpl.get("spec") or {}
-        psc = spec.get("securityContext") or {}
-        problems = []
-        containers = (spec.get("initContainers") or []) + (spec.get("containers") or [])
-        if not containers:
-            problems.append("no containers")
-        for c in containers:
-            csc = c.get("securityContext") or {}
-            cname = c.get("name")
-            if not (csc.get("runAsNonRoot") is True or psc.get("runAsNonRoot") is True):
-                problems.append(f"{cname}: runAsNonRoot not set")
-            if csc.get("runAsUser") == 0 or (psc.get("runAsUser") == 0 and "runAsUser" not in csc):
-                problems.append(f"{cname}: runs as uid 0")
-            if csc.get("allowPrivilegeEscalation") is not False:
-                problems.append(f"{cname}: allowPrivilegeEscalation is not false")
-            if csc.get("privileged"):
-                problems.append(f"{cname}: privileged")
-            if "ALL" not in (dig(csc, "capabilities", "drop") or []):
-                problems.append(f"{cname}: capabilities do not drop ALL")
-            if dig(csc, "capabilities", "add"):
-                problems.append(f"{cname}: adds capabilities")
-            if csc.get("readOnlyRootFilesystem") is not True:
-                problems.append(f"{cname}: readOnlyRootFilesystem is not true")
-            seccomp = dig(csc, "seccompProfile", "type") or dig(psc, "seccompProfile", "type")
-            if seccomp != "RuntimeDefault":
-                problems.append(f"{cname}: seccompProfile is {seccomp!r}, not RuntimeDefault")
-            res = c.get("resources") or {}
-            for kind in ("requests", "limits"):
-                for r in ("cpu", "memory"):
-                    if r not in (res.get(kind) or {}):
-                        problems.append(f"{cname}: no {kind}.{r}")
-            # A read-only root needs writable scratch: some emptyDir must be mounted.
-            empty_dirs = {v.get("name") for v in spec.get("volumes") or [] if "emptyDir" in v}
-            if not any(m.get("name") in empty_dirs and not m.get("readOnly") for m in c.get("volumeMounts") or []):
-                problems.append(f"{cname}: no writable emptyDir scratch mounted")
-        # A service-account token only where the account is granted API access.
-        ns = dig(owner, "metadata", "namespace") or ""
-        sa = spec.get("serviceAccountName") or "default"
-        automount = spec.get("automountServiceAccountToken")
-        if automount is None:
-            account = accounts.get((ns, sa))
-            automount = account.get("automountServiceAccountToken") if account else None
-        if automount is not False and (ns, sa) not in bound:
-            problems.append(f"mounts a service-account token for {sa!r}, which no RoleBinding grants anything")
-        if problems:
-            report.fail(what, "; ".join(problems))
-        else:
-            report.ok(what)
-
-
-def check_dra(objs: list[dict], report: Report, where: str, expect_gpu: bool | None) -> None:
-    templates = {dig(o, "metadata", "name"): o for o in objs if o.get("kind") == "ResourceClaimTemplate"}
-    for name, t in templates.items():
-        what = f"{where} ResourceClaimTemplate/{name} requests {GPU_PRODUCT}"
-        problems = []
-        requests = dig(t, "spec", "spec", "devices", "requests") or []
-        if not requests:
-            problems.append("no device requests")
-        for r in requests:
-            ex = r.get("exactly") or {}
-            if ex.get("deviceClassName") != GPU_CLASS:
-                problems.append(f"deviceClassName {ex.get('deviceClassName')!r} != {GPU_CLASS}")
-            if not isinstance(ex.get("count"), int) or ex.get("count") < 1:
-                problems.append("count must be a positive integer")
-            exprs = [dig(sel, "cel", "expression") or "" for sel in ex.get("selectors") or []]
-            want = f'device.attributes["{GPU_CLASS}"].productName == "{GPU_PRODUCT}"'
-            if want not in exprs:
-                problems.append(f"no CEL selector {want!r} (got {exprs})")
-        report.fail(what, "; ".join(problems)) if problems else report.ok(what)
-
-    used_templates = set()
-    gpu_pods = 0
-    for owner, tmpl in pod_templates(objs):
-        spec = tmpl.get("spec") or {}
-        claims = spec.get("resourceClaims") or []
-        if not claims:
-            continue
-        gpu_pods += 1
-        what = f"{where} {obj_id(owner)} DRA claim wiring"
-        problems = []
-        pod_claims = {}
-        for c in claims:
-            tname = c.get("resourceClaimTemplateName")
-            if tname is None and c.get("resourceClaimName") is None:
-                problems.append(f"claim {c.get('name')!r} names neither a template nor a claim")
-            if tname is not None and tname not in templates:
-                problems.append(f"claim {c.get('name')!r} -> template {tname!r} not rendered")
-            used_templates.add(tname)
-            pod_claims[c.get("name")] = tname
-        used = set()
-        for ctr in spec.get("containers") or []:
-            for cc in dig(ctr, "resources", "claims") or []:
-                if cc.get("name") not in pod_claims:
-                    problems.append(f"container {ctr.get('name')!r} uses unknown claim {cc.get('name')!r}")
-                used.add(cc.get("name"))
-        for unused in set(pod_claims) - used:
-            problems.append(f"pod claim {unused!r} is used by no container")
-        tolerations = spec.get("tolerations") or []
-        if not any(t.get("key") == "nvidia.com/gpu" and t.get("operator") == "Exists" and t.get("effect") == "NoSchedule"
-                   for t in tolerations):
-            problems.append("no nvidia.com/gpu NoSchedule toleration")
-        report.fail(what, "; ".join(problems)) if problems else report.ok(what)
-    for name in set(templates) - used_templates:
-        report.fail(f"{where} ResourceClaimTemplate/{name}", "not used by any pod")
-    if expect_gpu is True and gpu_pods == 0:
-        report.fail(f"{where} GPU", "expected pods with DRA GPU claims, found none")
-    if expect_gpu is False:
-        what = f"{where} no GPU claim, template or toleration"
-        problems = []
-        if templates:
-            problems.append("ResourceClaimTemplate rendered")
-        if gpu_pods:
-            problems.append("pods claim devices")
-        for owner, tmpl in pod_templates(objs):
-            if any(t.get("key") == "nvidia.com/gpu" for t in dig(tmpl, "spec", "tolerations") or []):
-                problems.append(f"{obj_id(owner)} tolerates GPU nodes")
-        report.fail(what, "; ".join(problems)) if problems else report.ok(what)
-
-
-def egress_problems(rules: list[dict]) -> list[str]:
-    """Every egress destination that could reach the metadata server or a private range must
-    carve them out; a rule with no `to` allows everything and is rejected."""
-    problems = []
-    blocked = [ipaddress.ip_network(c) for c in PRIVATE_RANGES + [METADATA_RANGE]]
-    for i, rule in enumerate(rules or []):
-        peers = rule.get("to")
-        if not peers:
-            problems.append(f"egress rule {i} has no destination (allows all)")
-            continue
-        ports = {(p.get("protocol", "TCP"), p.get("port")) for p in rule.get("ports") or []}
-        dns_only = bool(ports) and all(port == 53 for _, port in ports)
-        for peer in peers:
-            block = peer.get("ipBlock")
-            if not block:
-                continue
-            net = ipaddress.ip_network(block["cidr"], strict=False)
-            excepts = [ipaddress.ip_network(e, strict=False) for e in block.get("except") or []]
-            for b in blocked:
-                if not net.overlaps(b):
-                    continue
-                if any(b.subnet_of(e) for e in excepts if e.version == b.version):
-                    continue
-                # A resolver address (NodeLocal DNSCache, 169.254.20.10) may be allowed on port
-                # 53 only; the metadata server itself never.
-                if dns_only and net.prefixlen == 32 and net != ipaddress.ip_network("169.254.169.254/32"):
-                    continue
-                problems.append(f"egress rule {i} to {net} does not exclude {b}")
-    return problems
-
-
-def check_network(objs: list[dict], report: Report, where: str) -> None:
-    sandbox_templates = [o for o in objs if o.get("kind") == "SandboxTemplate"]
-    policies = [o for o in objs if o.get("kind") == "NetworkPolicy"]
-    for p in policies:
-        what = f"{where} {obj_id(p)} egress blocks metadata server and private ranges"
-        problems = egress_problems(dig(p, "spec", "egress") or [])
-        report.fail(what, "; ".join(problems)) if problems else report.ok(what)
-    for t in sandbox_templates:
-        what = f"{where} {obj_id(t)} isolation"
-        problems = []
-        spec = dig(t, "spec", "podTemplate", "spec") or {}
-        if spec.get("runtimeClassName") != "gvisor":
-            problems.append(f"runtimeClassName {spec.get('runtimeClassName')!r} != gvisor")
-        if (spec.get("nodeSelector") or {}).get(GVISOR_KEY) != "gvisor":
-            problems.append(f"no nodeSelector {GVISOR_KEY}=gvisor")
-        if not any(x.get("key") == GVISOR_KEY and x.get("value") == "gvisor" and x.get("effect") == "NoSchedule"
-                   for x in spec.get("tolerations") or []):
-            problems.append(f"no {GVISOR_KEY}=gvisor:NoSchedule toleration")
-        if spec.get("automountServiceAccountToken") is not False:
-            problems.append("automountServiceAccountToken is not false")
-        for c in spec.get("containers") or []:
-            if "ephemeral-storage" not in (dig(c, "resources", "limits") or {}):
-                problems.append(f"{c.get('name')}: no ephemeral-storage limit")
-        if dig(t, "spec", "networkPolicyManagement") == "Unmanaged" and not policies:
-            problems.append("network policy unmanaged and none rendered")
-        problems += egress_problems(dig(t, "spec", "networkPolicy", "egress") or [])
-        # A default-deny policy must select the sandbox pods (both directions).
-        labels = dig(t, "spec", "podTemplate", "metadata", "labels") or {}
-        deny = [
-            p for p in policies
-            if set((dig(p, "spec", "podSelector", "matchLabels") or {}).items()) <= set(labels.items())
-            and {"Ingress", "Egress"} <= set(dig(p, "spec", "policyTypes") or [])
-            and dig(p, "spec", "podSelector", "matchLabels")
-        ]
-        if policies and not deny:
-            problems.append("no NetworkPolicy with Ingress+Egress selects the sandbox pods")
-        report.fail(what, "; ".join(problems)) if problems else report.ok(what)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,6 +193,45 @@ def epp_invocations(objs: list[dict]) -> list[tuple[str, list[str]]]:
     return out
 
 
+def run_check_config(binary: Path, args: list[str]) -> subprocess.CompletedProcess | None:
+    env = dict(os.environ, NAMESPACE="check", POD_NAME="check-0", RUST_BACKTRACE="0")
+    try:
+        return subprocess.run([str(binary), "epp", *args, "--check-config"], capture_output=True, text=True,
+                              timeout=60, env=env)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def error_summary(r: subprocess.CompletedProcess) -> str:
+    lines = [ln.strip() for ln in (r.stderr + r.stdout).splitlines() if ln.strip()]
+    if "Stack backtrace:" in lines:
+        lines = lines[: lines.index("Stack backtrace:")]
+    return " | ".join(lines[:4])
+
+
+def check_epp_rejects(rendered: dict[str, list[dict]], report: Report, binary: Path) -> None:
+    """The binary check has teeth: broken configs and unknown flags are refused."""
+    for name, expect in BINARY_NEGATIVE:
+        what = f"{name}: `switchyard epp --check-config` refuses it ({expect!r})"
+        objs = rendered.get(name)
+        if objs is None:
+            report.fail(what, "render unavailable")
+            continue
+        invocations = epp_invocations(objs)
+        if not invocations:
+            report.fail(what, "no EPP container rendered")
+            continue
+        r = run_check_config(binary, invocations[0][1])
+        if r is None:
+            report.fail(what, "did not exit within 60 s")
+        elif r.returncode == 0:
+            report.fail(what, "accepted")
+        elif expect not in r.stderr + r.stdout:
+            report.fail(what, f"refused for another reason: {error_summary(r)}")
+        else:
+            report.ok(what)
+
+
 def check_epp_args(objs: list[dict], report: Report, where: str, binary: Path) -> None:
     try:
         invocations = epp_invocations(objs)
@@ -567,17 +242,12 @@ def check_epp_args(objs: list[dict], report: Report, where: str, binary: Path) -
         report.fail(f"{where} EPP args", "no EPP container rendered")
     for ident, args in invocations:
         what = f"{where} {ident} args accepted by `switchyard epp --check-config`"
-        env = dict(os.environ, NAMESPACE="check", POD_NAME="check-0")
-        try:
-            r = subprocess.run([str(binary), "epp", *args, "--check-config"], capture_output=True, text=True,
-                               timeout=60, env=env)
-        except subprocess.TimeoutExpired:
+        r = run_check_config(binary, args)
+        if r is None:
             report.fail(what, "did not exit within 60 s (is --check-config implemented?)")
             continue
         if r.returncode != 0:
-            lines = [ln.strip() for ln in (r.stderr + r.stdout).splitlines() if ln.strip()]
-            errors = [ln for ln in lines if "error" in ln.lower()] or lines[-3:]
-            report.fail(what, f"exit {r.returncode}: {' | '.join(errors[:3])}")
+            report.fail(what, f"exit {r.returncode}: {error_summary(r)}")
         else:
             report.ok(what)
 
@@ -649,6 +319,10 @@ def _mutations() -> list[tuple[str, str, Any, str]]:
         req = _find(objs, "ResourceClaimTemplate")["spec"]["spec"]["devices"]["requests"][0]
         req["exactly"]["selectors"][0]["cel"]["expression"] = 'device.driver == "gpu.nvidia.com"'
 
+    def tp_mismatch(objs):
+        req = _find(objs, "ResourceClaimTemplate")["spec"]["spec"]["devices"]["requests"][0]
+        req["exactly"]["count"] = 4
+
     def runc_sandbox(objs):
         _find(objs, "SandboxTemplate")["spec"]["podTemplate"]["spec"]["runtimeClassName"] = "runc"
 
@@ -656,7 +330,12 @@ def _mutations() -> list[tuple[str, str, Any, str]]:
         c = _find(objs, "Deployment", "router")["spec"]["template"]["spec"]["containers"][0]
         del c["resources"]["limits"]
 
+    def wrong_pool_name(objs):
+        c = _find(objs, "Deployment", "-epp")["spec"]["template"]["spec"]["containers"][0]
+        c["args"][c["args"].index("--pool-name") + 1] = "other-pool"
+
     return [
+        ("EPP watching another pool", "inferencepool/default", wrong_pool_name, "--pool-name is 'other-pool'"),
         ("unknown field in a Deployment", "code-agent/default", unknown_field, "'bogusField' was unexpected"),
         ("bad enum in a CRD field", "code-agent/default", crd_enum, "is not one of"),
         ("unknown field deep in a CRD", "code-agent/default", crd_unknown_nested, "'bogus' was unexpected"),
@@ -666,6 +345,8 @@ def _mutations() -> list[tuple[str, str, Any, str]]:
         ("metadata server reachable", "code-agent/default", metadata_open, "does not exclude 169.254.0.0/16"),
         ("claim name mismatch", "decode-server/default", claim_mismatch, "uses unknown claim 'gpus'"),
         ("claim not for an L4", "decode-server/default", wrong_gpu, "no CEL selector"),
+        ("tensor parallelism != claimed GPUs", "decode-server/tp2-hpa", tp_mismatch,
+         "--tensor-parallel-size 2 but the pod claims 4 devices"),
         ("sandbox outside gVisor", "code-agent/default", runc_sandbox, "!= gvisor"),
         ("no resource limits", "code-agent/default", no_limits, "no limits.cpu"),
     ]
@@ -689,6 +370,7 @@ def self_test(rendered: dict[str, list[dict]], crds: CrdSchemas, report: Report)
         check_pod_security(objs, inner, render)
         check_dra(objs, inner, render, None)
         check_network(objs, inner, render)
+        check_wiring(objs, inner, render, complete=False)
         if any(expect in f for f in inner.failures):
             report.ok(what)
         else:
@@ -699,6 +381,26 @@ def self_test(rendered: dict[str, list[dict]], crds: CrdSchemas, report: Report)
 # Main
 
 
+def check_kustomization(deploy: Path, objs: list[dict], report: Report, kubectl: Path | None) -> None:
+    """`kubectl apply -k deploy/` must install exactly the objects of the files in deploy/."""
+    what = "deploy/kustomization.yaml lists every manifest"
+    if kubectl is None:
+        report.fail(what, "no kubectl given")
+        return
+    r = subprocess.run([str(kubectl), "kustomize", str(deploy)], capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        report.fail(what, r.stderr.strip()[-300:])
+        return
+    built = sorted(obj_id(d) for _, d in load_docs(r.stdout, "kustomize"))
+    files = sorted(obj_id(o) for o in objs)
+    if built != files:
+        missing = sorted(set(files) - set(built))
+        extra = sorted(set(built) - set(files))
+        report.fail(what, f"not in the kustomization: {missing}; only in it: {extra}")
+    else:
+        report.ok(f"{what} ({len(built)} objects)")
+
+
 def helm(helm_bin: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(helm_bin), *args], capture_output=True, text=True, timeout=120)
 
@@ -707,6 +409,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--helm", type=Path, required=True)
+    ap.add_argument("--kubectl", type=Path, help="kubectl for `kubectl kustomize deploy/`")
     ap.add_argument("--binary", type=Path, help="switchyard binary; without it the binary checks fail")
     ap.add_argument("--out", type=Path, help="keep rendered manifests here")
     opts = ap.parse_args()
@@ -726,13 +429,13 @@ def main() -> int:
     rendered_objs: dict[str, list[dict]] = {}
     for r in RENDERS:
         chart = str(root / "charts" / r.chart)
-        lint = helm(opts.helm, "lint", "--strict", chart, *r.sets)
+        lint = helm(opts.helm, "lint", "--strict", *HELM_KUBE, chart, *r.sets)
         if lint.returncode != 0:
             report.fail(f"{r.name} helm lint --strict", (lint.stdout + lint.stderr).strip()[-600:])
             continue
         report.ok(f"{r.name} helm lint --strict")
         tpl = helm(opts.helm, "template", "switchyard-pool" if r.chart == "inferencepool" else r.chart.replace("/", "-"),
-                   chart, "--namespace", "switchyard", *r.sets)
+                   chart, "--namespace", "switchyard", *HELM_KUBE, *r.sets)
         if tpl.returncode != 0:
             report.fail(f"{r.name} helm template", tpl.stderr.strip()[-600:])
             continue
@@ -747,6 +450,7 @@ def main() -> int:
         check_pod_security(objs, report, r.name)
         check_dra(objs, report, r.name, r.gpu)
         check_network(objs, report, r.name)
+        check_wiring(objs, report, r.name, complete=False)
         if r.chart == "inferencepool" and r.epp_check:
             if opts.binary:
                 check_epp_args(objs, report, r.name, opts.binary)
@@ -760,10 +464,12 @@ def main() -> int:
 
     print("== checker self-test")
     self_test(rendered_objs, crds, report)
+    if opts.binary:
+        check_epp_rejects(rendered_objs, report, opts.binary)
 
     print("== renders that must fail")
     for n in NEGATIVE:
-        tpl = helm(opts.helm, "template", "neg", str(root / "charts" / n.chart), *n.sets)
+        tpl = helm(opts.helm, "template", "neg", str(root / "charts" / n.chart), *HELM_KUBE, *n.sets)
         what = f"{n.name} fails with {n.expect!r}"
         if tpl.returncode == 0:
             report.fail(what, "rendered successfully")
@@ -774,7 +480,10 @@ def main() -> int:
 
     print("== deploy/ manifests")
     deploy_objs: list[dict] = []
-    files = sorted(p for p in (root / "deploy").rglob("*.yaml") if "envoy" not in p.relative_to(root / "deploy").parts)
+    files = sorted(
+        p for p in (root / "deploy").rglob("*.yaml")
+        if "envoy" not in p.relative_to(root / "deploy").parts and p.name != "kustomization.yaml"
+    )
     if not files:
         report.fail("deploy/", "no manifests found")
     for f in files:
@@ -791,6 +500,8 @@ def main() -> int:
     check_pod_security(deploy_objs, report, "deploy/")
     check_dra(deploy_objs, report, "deploy/", None)
     check_network(deploy_objs, report, "deploy/")
+    check_wiring(deploy_objs, report, "deploy/", complete=True)
+    check_kustomization(root / "deploy", deploy_objs, report, opts.kubectl)
 
     print(f"\n== summary: {report.passed} passed, {len(report.failures)} failed (rendered manifests in {out_dir})")
     for f in report.failures:
@@ -800,3 +511,4 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -167,7 +167,7 @@ pub struct EppArgs {
 pub enum ArgsError {
     #[error("both the \"configText\" and \"configFile\" flags can not be set at the same time")]
     BothConfigs,
-    #[error("only one endpoint source may be set: --endpoints, --endpoints-file, --pool-name or --endpoint-selector")]
+    #[error("only one endpoint source may be set: --endpoints, --endpoints-file or --endpoint-selector")]
     SeveralSources,
     #[error("no endpoint source: set --endpoints, --endpoints-file, --pool-name or --endpoint-selector")]
     NoSource,
@@ -199,21 +199,24 @@ impl EppArgs {
         if self.refresh_metrics_interval.is_zero() {
             return Err(ArgsError::ZeroInterval);
         }
-        let kube = !self.pool_name.is_empty() || !self.endpoint_selector.is_empty();
         if !self.endpoint_selector.is_empty()
             && (self.endpoint_target_ports.is_empty() || self.endpoint_target_ports.len() > 8)
         {
             return Err(ArgsError::TargetPorts);
         }
-        let sources = [!self.endpoints.is_empty(), self.endpoints_file.is_some(), kube];
-        match sources.iter().filter(|s| **s).count() {
-            0 => Err(ArgsError::NoSource),
-            1 if !self.endpoints.is_empty() => Ok(EndpointSource::Static(self.endpoints.clone())),
-            1 => match &self.endpoints_file {
-                Some(p) => Ok(EndpointSource::File(p.clone())),
-                None => Ok(EndpointSource::Kubernetes),
-            },
-            _ => Err(ArgsError::SeveralSources),
+        // A local source wins; --pool-name then only names the pool in metrics.
+        let local = [!self.endpoints.is_empty(), self.endpoints_file.is_some(), !self.endpoint_selector.is_empty()];
+        if local.iter().filter(|s| **s).count() > 1 {
+            return Err(ArgsError::SeveralSources);
+        }
+        if !self.endpoints.is_empty() {
+            Ok(EndpointSource::Static(self.endpoints.clone()))
+        } else if let Some(p) = &self.endpoints_file {
+            Ok(EndpointSource::File(p.clone()))
+        } else if !self.pool_name.is_empty() || !self.endpoint_selector.is_empty() {
+            Ok(EndpointSource::Kubernetes)
+        } else {
+            Err(ArgsError::NoSource)
         }
     }
 
@@ -284,7 +287,9 @@ mod tests {
         assert_eq!(both.validate(), Err(ArgsError::BothConfigs));
         let none = parse(&[]).unwrap();
         assert_eq!(none.validate(), Err(ArgsError::NoSource));
-        let two = parse(&["--endpoints", "1.2.3.4:1", "--pool-name", "p"]).unwrap();
+        let named = parse(&["--endpoints", "1.2.3.4:1", "--pool-name", "p"]).unwrap();
+        assert_eq!(named.validate(), Ok(EndpointSource::Static("1.2.3.4:1".into())));
+        let two = parse(&["--endpoints", "1.2.3.4:1", "--endpoints-file", "f.yaml"]).unwrap();
         assert_eq!(two.validate(), Err(ArgsError::SeveralSources));
         let sel = parse(&["--endpoint-selector", "app=x"]).unwrap();
         assert_eq!(sel.validate(), Err(ArgsError::TargetPorts));

@@ -126,7 +126,11 @@ impl Elector {
                 }
                 Ok(false) => {
                     if self.leading() {
-                        let holder = self.observed.as_ref().map(|(o, _)| o.holder.clone()).unwrap_or_default();
+                        let holder = self
+                            .observed
+                            .as_ref()
+                            .map(|(o, _)| o.holder.clone())
+                            .unwrap_or_default();
                         tracing::warn!(holder, "lease taken by another holder; no longer leader");
                         self.tx.send_replace(false);
                     }
@@ -218,7 +222,10 @@ impl Elector {
             return Ok(false);
         }
         let (acquire_time, transitions) = if ours {
-            (spec.acquire_time.clone().unwrap_or_else(|| now.clone()), observed.transitions)
+            (
+                spec.acquire_time.clone().unwrap_or_else(|| now.clone()),
+                observed.transitions,
+            )
         } else {
             (now.clone(), observed.transitions.saturating_add(1))
         };
@@ -231,7 +238,11 @@ impl Elector {
             ..spec
         });
         // `replace` sends our resourceVersion: a concurrent writer makes this a 409.
-        match self.api.replace(&self.config.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&self.config.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(updated) => {
                 if !ours {
                     tracing::debug!(previous = %observed.holder, "acquired the lease");
@@ -290,7 +301,11 @@ mod tests {
         assert_eq!(c.namespace, "default");
         assert_eq!(
             (c.lease_duration, c.renew_deadline, c.retry_period),
-            (Duration::from_secs(15), Duration::from_secs(10), Duration::from_secs(2))
+            (
+                Duration::from_secs(15),
+                Duration::from_secs(10),
+                Duration::from_secs(2)
+            )
         );
     }
 }

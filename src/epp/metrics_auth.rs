@@ -103,7 +103,10 @@ impl MetricsAuth {
     }
 
     /// Checks the `Authorization` header of a `/metrics` request.
-    pub async fn authorize(&self, authorization_header: Option<&str>) -> Result<(), MetricsAuthError> {
+    pub async fn authorize(
+        &self,
+        authorization_header: Option<&str>,
+    ) -> Result<(), MetricsAuthError> {
         let token = bearer_token(authorization_header).ok_or(MetricsAuthError::MissingToken)?;
         let now = Instant::now();
         if let Some(hit) = self.cache.lock().get(token).filter(|c| c.expires > now) {
@@ -111,8 +114,16 @@ impl MetricsAuth {
             return hit.decision.clone();
         }
         let decision = self.review(token).await;
-        if decision.as_ref().err().is_none_or(MetricsAuthError::is_decision) {
-            let ttl = if decision.is_ok() { self.config.allow_ttl } else { self.config.deny_ttl };
+        if decision
+            .as_ref()
+            .err()
+            .is_none_or(MetricsAuthError::is_decision)
+        {
+            let ttl = if decision.is_ok() {
+                self.config.allow_ttl
+            } else {
+                self.config.deny_ttl
+            };
             self.remember(token, decision.clone(), now + ttl);
         }
         if let Err(e) = &decision {
@@ -169,12 +180,16 @@ impl MetricsAuth {
         let status = reply.status.unwrap_or_default();
         if status.authenticated != Some(true) {
             return Err(MetricsAuthError::Unauthenticated {
-                reason: status.error.unwrap_or_else(|| "token not authenticated".to_string()),
+                reason: status
+                    .error
+                    .unwrap_or_else(|| "token not authenticated".to_string()),
             });
         }
-        status.user.ok_or_else(|| MetricsAuthError::Unauthenticated {
-            reason: "token review returned no user".to_string(),
-        })
+        status
+            .user
+            .ok_or_else(|| MetricsAuthError::Unauthenticated {
+                reason: "token review returned no user".to_string(),
+            })
     }
 
     async fn check_access(&self, user: UserInfo) -> Result<(), MetricsAuthError> {
@@ -235,9 +250,22 @@ mod tests {
     #[test]
     fn statuses() {
         assert_eq!(MetricsAuthError::MissingToken.status(), 401);
-        assert_eq!(MetricsAuthError::Unauthenticated { reason: String::new() }.status(), 401);
+        assert_eq!(
+            MetricsAuthError::Unauthenticated {
+                reason: String::new()
+            }
+            .status(),
+            401
+        );
         assert_eq!(MetricsAuthError::TokenReview(String::new()).status(), 401);
-        assert_eq!(MetricsAuthError::Forbidden { user: String::new(), reason: String::new() }.status(), 403);
+        assert_eq!(
+            MetricsAuthError::Forbidden {
+                user: String::new(),
+                reason: String::new()
+            }
+            .status(),
+            403
+        );
         assert_eq!(MetricsAuthError::AccessReview(String::new()).status(), 500);
     }
 }

@@ -2,11 +2,9 @@
 //! replica where it is cheapest (prefix-cache affinity, queue depth, KV-cache utilisation).
 
 pub mod datastore;
-#[cfg(any())] // lead WIP: enabled once scheduling exists
 pub mod director;
 pub mod discovery;
 pub mod endpoint;
-#[cfg(any())] // lead WIP: enabled once scheduling exists
 pub mod extproc;
 pub mod kube_client;
 pub mod leader;
@@ -17,19 +15,11 @@ pub mod request;
 pub mod saturation;
 pub mod scheduling;
 pub mod scrape;
-#[cfg(any())] // lead WIP: enabled once scheduling exists
 pub mod server;
 pub mod tls;
 pub mod args;
 
-/// Runs `switchyard epp`.
-#[cfg(any())]
+/// Runs `switchyard epp` until SIGTERM.
 pub async fn run(args: args::EppArgs) -> anyhow::Result<()> {
     server::run(args).await
-}
-
-/// Runs `switchyard epp`.
-#[cfg(not(any()))]
-pub async fn run(_args: args::EppArgs) -> anyhow::Result<()> {
-    anyhow::bail!("switchyard epp is being wired up")
 }

@@ -189,6 +189,10 @@ impl Shard {
 
     /// Records `hash` for `ep` as most recently used; returns the change in entry count (0 or 1).
     fn touch(&mut self, ep: u16, hash: u64, cap: u16) -> i64 {
+        if cap == 0 {
+            // This endpoint's capacity is smaller than the shard count; this shard gets none.
+            return 0;
+        }
         let Shard { table, regions } = self;
         let idx = usize::from(ep);
         if regions.len() <= idx {
@@ -207,7 +211,7 @@ impl Shard {
         }
         let region = &mut regions[idx];
         if region.cap == 0 {
-            region.cap = cap.max(1);
+            region.cap = cap;
         }
         let (local, delta) = if region.nodes.len() < usize::from(region.cap) {
             region.reserve_one();
@@ -349,7 +353,12 @@ impl PrefixIndex {
         };
         self.shards
             .iter()
-            .map(|s| s.read().regions.get(usize::from(ep)).map_or(0, |r| r.nodes.len()))
+            .map(|s| {
+                s.read()
+                    .regions
+                    .get(usize::from(ep))
+                    .map_or(0, |r| r.nodes.len())
+            })
             .sum()
     }
 
@@ -425,7 +434,10 @@ impl PrefixIndex {
             return;
         }
         let Some((interner, ep)) = self.intern(endpoint, capacity) else {
-            tracing::debug!(endpoint, "prefix index endpoint limit reached; not recording");
+            tracing::debug!(
+                endpoint,
+                "prefix index endpoint limit reached; not recording"
+            );
             return;
         };
         let Some(Some(entry)) = interner.slots.get(usize::from(ep)) else {
@@ -440,7 +452,7 @@ impl PrefixIndex {
             if used & (1 << s) == 0 {
                 continue;
             }
-            let cap = entry.shard_caps.get(s).copied().unwrap_or(1);
+            let cap = entry.shard_caps.get(s).copied().unwrap_or(0);
             let mut shard = lock.write();
             // Last block first, so the prompt's head ends up most recently used.
             for &h in hashes.iter().rev() {
@@ -486,13 +498,18 @@ impl PrefixIndex {
         let shard_caps: Box<[u16]> = (0..n)
             .map(|s| {
                 let share = total / n + usize::from(s < total % n);
-                share.clamp(1, MAX_NODES_PER_SHARD) as u16
+                share.min(MAX_NODES_PER_SHARD) as u16
             })
             .collect();
         let name: Box<str> = endpoint.into();
         interner.ids.insert(name.clone(), ep);
         interner.slots[usize::from(ep)] = Some(EndpointEntry { name, shard_caps });
-        tracing::debug!(endpoint, id = ep, capacity = total, "prefix index tracks new endpoint");
+        tracing::debug!(
+            endpoint,
+            id = ep,
+            capacity = total,
+            "prefix index tracks new endpoint"
+        );
         Some((parking_lot::RwLockWriteGuard::downgrade(interner), ep))
     }
 
@@ -544,7 +561,9 @@ impl PrefixIndex {
                 };
                 let cap = usize::from(entry.shard_caps.get(s).copied().unwrap_or(0));
                 if n > cap {
-                    return Err(format!("shard {s} endpoint {ep}: {n} entries > capacity {cap}"));
+                    return Err(format!(
+                        "shard {s} endpoint {ep}: {n} entries > capacity {cap}"
+                    ));
                 }
                 let (mut seen, mut cur, mut prev) = (0usize, region.head, NIL);
                 while cur != NIL {
@@ -560,7 +579,9 @@ impl PrefixIndex {
                     cur = node.next;
                 }
                 if seen != n || region.tail != prev {
-                    return Err(format!("shard {s} endpoint {ep}: LRU has {seen} of {n} nodes"));
+                    return Err(format!(
+                        "shard {s} endpoint {ep}: LRU has {seen} of {n} nodes"
+                    ));
                 }
                 region_total += n;
             }

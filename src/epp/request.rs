@@ -74,6 +74,12 @@ pub struct InspectedBody<'a> {
 
 /// Parses `body` once and extracts the routing fields.
 pub fn inspect(body: &[u8], api: ApiType) -> Result<InspectedBody<'_>, RequestError> {
+    // serde's derived struct visitor also accepts a JSON array; only an object is a request.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(RequestError::InvalidJson(
+            "invalid type: sequence, expected a JSON object".to_string(),
+        ));
+    }
     let fields: BodyFields<'_> =
         serde_json::from_slice(body).map_err(|e| RequestError::InvalidJson(e.to_string()))?;
     let raw_model = fields.model.ok_or(RequestError::MissingModel)?;

@@ -167,7 +167,8 @@ impl SaturationDetector {
         if self.is_stale(metrics, now) {
             return 1.0;
         }
-        let queue = f64::from(metrics.waiting_queue_size) / f64::from(self.config.queue_depth_threshold);
+        let queue =
+            f64::from(metrics.waiting_queue_size) / f64::from(self.config.queue_depth_threshold);
         let kv = metrics.kv_cache_usage / self.config.kv_cache_util_threshold;
         queue.max(kv)
     }
@@ -245,10 +246,19 @@ mod tests {
         let fresh = Some(Duration::from_millis(10));
         let d = SaturationDetector::default();
         // queue 2/5 = 0.4 vs kv 0.4/0.8 = 0.5 → 0.5
-        assert_eq!(d.endpoint_score(&snapshot(2, 0.4, fresh, now).metrics, now), 0.5);
+        assert_eq!(
+            d.endpoint_score(&snapshot(2, 0.4, fresh, now).metrics, now),
+            0.5
+        );
         // queue 10/5 = 2.0 vs kv 0.2/0.8 = 0.25 → 2.0
-        assert_eq!(d.endpoint_score(&snapshot(10, 0.2, fresh, now).metrics, now), 2.0);
-        assert_eq!(d.endpoint_score(&snapshot(0, 0.0, fresh, now).metrics, now), 0.0);
+        assert_eq!(
+            d.endpoint_score(&snapshot(10, 0.2, fresh, now).metrics, now),
+            2.0
+        );
+        assert_eq!(
+            d.endpoint_score(&snapshot(0, 0.0, fresh, now).metrics, now),
+            0.0
+        );
     }
 
     #[test]
@@ -326,7 +336,10 @@ mod tests {
 
     #[test]
     fn parameters_default_and_validate_like_the_reference() {
-        assert_eq!(SaturationConfig::from_parameters(None).unwrap(), SaturationConfig::default());
+        assert_eq!(
+            SaturationConfig::from_parameters(None).unwrap(),
+            SaturationConfig::default()
+        );
         let json = serde_json::json!({
             "queueDepthThreshold": 8, "kvCacheUtilThreshold": 0.9,
             "metricsStalenessThreshold": "150ms", "headroom": 0.1
@@ -341,13 +354,34 @@ mod tests {
             }
         );
         let bad = [
-            (serde_json::json!({"queueDepthThreshold": 0}), "queueDepthThreshold must be strictly positive, got 0"),
-            (serde_json::json!({"queueDepthThreshold": -3}), "queueDepthThreshold must be strictly positive, got -3"),
-            (serde_json::json!({"kvCacheUtilThreshold": 1.5}), "kvCacheUtilThreshold must be in (0.0, 1.0], got 1.5"),
-            (serde_json::json!({"kvCacheUtilThreshold": 0.0}), "kvCacheUtilThreshold must be in (0.0, 1.0], got 0"),
-            (serde_json::json!({"metricsStalenessThreshold": "0s"}), "metricsStalenessThreshold must be a positive duration, got \"0s\""),
-            (serde_json::json!({"metricsStalenessThreshold": "soon"}), "metricsStalenessThreshold must be a positive duration, got \"soon\""),
-            (serde_json::json!({"headroom": -0.1}), "headroom must be a non-negative number, got -0.1"),
+            (
+                serde_json::json!({"queueDepthThreshold": 0}),
+                "queueDepthThreshold must be strictly positive, got 0",
+            ),
+            (
+                serde_json::json!({"queueDepthThreshold": -3}),
+                "queueDepthThreshold must be strictly positive, got -3",
+            ),
+            (
+                serde_json::json!({"kvCacheUtilThreshold": 1.5}),
+                "kvCacheUtilThreshold must be in (0.0, 1.0], got 1.5",
+            ),
+            (
+                serde_json::json!({"kvCacheUtilThreshold": 0.0}),
+                "kvCacheUtilThreshold must be in (0.0, 1.0], got 0",
+            ),
+            (
+                serde_json::json!({"metricsStalenessThreshold": "0s"}),
+                "metricsStalenessThreshold must be a positive duration, got \"0s\"",
+            ),
+            (
+                serde_json::json!({"metricsStalenessThreshold": "soon"}),
+                "metricsStalenessThreshold must be a positive duration, got \"soon\"",
+            ),
+            (
+                serde_json::json!({"headroom": -0.1}),
+                "headroom must be a non-negative number, got -0.1",
+            ),
         ];
         for (json, message) in bad {
             let err = SaturationConfig::from_parameters(Some(&json)).unwrap_err();
@@ -355,6 +389,9 @@ mod tests {
         }
         let unknown = serde_json::json!({"queueThreshold": 3});
         let err = SaturationConfig::from_parameters(Some(&unknown)).unwrap_err();
-        assert!(err.to_string().contains("unknown field `queueThreshold`"), "{err}");
+        assert!(
+            err.to_string().contains("unknown field `queueThreshold`"),
+            "{err}"
+        );
     }
 }

@@ -209,7 +209,9 @@ pub fn extract_metrics(engine: EngineType, text: &str) -> Result<EndpointMetrics
     let waiting = required_value(&families, &spec.waiting)?;
     let running = required_value(&families, &spec.running)?;
     let kv_usage = match spec.kv_usage_fallback {
-        Some(old) if families.get(spec.kv_usage.name).is_none() && families.get(old.name).is_some() => {
+        Some(old)
+            if families.get(spec.kv_usage.name).is_none() && families.get(old.name).is_some() =>
+        {
             required_value(&families, &old)?
         }
         _ => required_value(&families, &spec.kv_usage)?,
@@ -432,7 +434,10 @@ impl Scraper {
         if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
             return Err(too_large());
         }
-        match Limited::new(response.into_body(), MAX_BODY_BYTES).collect().await {
+        match Limited::new(response.into_body(), MAX_BODY_BYTES)
+            .collect()
+            .await
+        {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
             Err(e) => Err(http_err(e.to_string())),

@@ -25,7 +25,10 @@ fn reads_wanted_gauges_and_skips_the_rest() {
     assert_eq!(b.samples[0].timestamp_ms, Some(1_700_000_000_000));
     assert!(fams.get("missing").is_none());
     assert_eq!(fams.raw("missing").unwrap().kind, None);
-    assert!(fams.raw("other").is_none(), "unwanted families are not materialised");
+    assert!(
+        fams.raw("other").is_none(),
+        "unwanted families are not materialised"
+    );
 }
 
 #[test]
@@ -41,7 +44,10 @@ fn untyped_histogram_and_summary_samples_are_ignored() {
     }
     assert_eq!(fams.raw("h").unwrap().kind, Some(MetricKind::Histogram));
     assert_eq!(fams.raw("s").unwrap().kind, Some(MetricKind::Summary));
-    assert_eq!(fams.raw("explicit_untyped").unwrap().kind, Some(MetricKind::Untyped));
+    assert_eq!(
+        fams.raw("explicit_untyped").unwrap().kind,
+        Some(MetricKind::Untyped)
+    );
 }
 
 #[test]
@@ -100,13 +106,21 @@ fn malformed_wanted_lines_fail_with_their_line_number() {
     let cases: [(&str, usize, &str); 11] = [
         ("# TYPE g gauge\ng{a=\"1\" 2\n", 2, "expected ',' or '}'"),
         ("# TYPE g gauge\ng{a=1} 2\n", 2, "expected '\"'"),
-        ("# TYPE g gauge\n\ng{a=\"x\\q\"} 2\n", 3, "invalid escape \\q"),
+        (
+            "# TYPE g gauge\n\ng{a=\"x\\q\"} 2\n",
+            3,
+            "invalid escape \\q",
+        ),
         ("# TYPE g gauge\ng{a=\"open} 2\n", 2, "unterminated value"),
         ("# TYPE g gauge\ng\n", 2, "missing sample value"),
         ("# TYPE g gauge\ng abc\n", 2, "invalid sample value \"abc\""),
         ("# TYPE g gauge\ng 1 2 3\n", 2, "unexpected text \"3\""),
         ("# TYPE g gauge\ng 1 soon\n", 2, "invalid timestamp"),
-        ("# TYPE g gauge\ng{a=\"1\",a=\"2\"} 1\n", 2, "duplicate label \"a\""),
+        (
+            "# TYPE g gauge\ng{a=\"1\",a=\"2\"} 1\n",
+            2,
+            "duplicate label \"a\"",
+        ),
         ("# TYPE g gauge\n# TYPE g counter\n", 2, "second TYPE line"),
         ("# TYPE g gauges\n", 1, "unknown metric type \"gauges\""),
     ];
@@ -121,12 +135,16 @@ fn malformed_wanted_lines_fail_with_their_line_number() {
     }
     // A sample before its TYPE line, then a TYPE line, is rejected like the Go parser does.
     let err = parse_default("g 1\n# TYPE g gauge\ng 2\n", &["g"]).unwrap_err();
-    assert_eq!(err.to_string(), "line 2: second TYPE line for \"g\", or TYPE after its samples");
+    assert_eq!(
+        err.to_string(),
+        "line 2: second TYPE line for \"g\", or TYPE after its samples"
+    );
 }
 
 #[test]
 fn malformed_lines_of_other_families_are_skipped() {
-    let text = "# TYPE g gauge\ng 1\nbroken{a=\"x\\q\" 1 2 3\n# TYPE h histogram\nh_bucket{le=} x\n";
+    let text =
+        "# TYPE g gauge\ng 1\nbroken{a=\"x\\q\" 1 2 3\n# TYPE h histogram\nh_bucket{le=} x\n";
     let fams = parse_default(text, &["g"]).unwrap();
     assert_eq!(values(fams.get("g").unwrap()), [1.0]);
 }
@@ -143,7 +161,10 @@ fn size_and_sample_caps() {
         PromTextError::TooLarge { len: 65, max: 64 }
     );
     let at_cap = "# TYPE g gauge\ng{i=\"1\"} 1\ng{i=\"2\"} 2\ng{i=\"3\"} 3\n";
-    assert_eq!(values(parse(at_cap, &["g"], &limits).unwrap().get("g").unwrap()), [1.0, 2.0, 3.0]);
+    assert_eq!(
+        values(parse(at_cap, &["g"], &limits).unwrap().get("g").unwrap()),
+        [1.0, 2.0, 3.0]
+    );
     let over = format!("{at_cap}g{{i=\"4\"}} 4\n");
     assert_eq!(
         parse(&over, &["g"], &limits).unwrap_err(),

@@ -1,5 +1,9 @@
 //! Decode server: OpenAI-compatible HTTP API and vLLM-compatible metrics over one engine
 //! (paged KV cache, prefix caching, continuous batching) and pluggable backends.
+//!
+//! [`start`] wires backend → engine thread → HTTP (and optionally the KV-event gRPC stream) and
+//! returns the bound addresses, so tests run the real server on `127.0.0.1:0`; [`run`] is the
+//! `switchyard serve` entry point.
 
 pub mod api;
 pub mod approx_codec;
@@ -10,15 +14,375 @@ pub mod kv_events;
 pub mod metrics;
 pub mod model;
 
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use self::api::AppState;
+use self::approx_codec::ApproxCodec;
+use self::backend::sim::{SimBackend, SimOptions};
+use self::backend::Backend;
+use self::codec::TextCodec;
+use self::engine::{EngineConfig, EngineError, EngineHandle};
+use self::kv_events::KvEventLog;
+use self::metrics::ServeMetrics;
+
+/// Which backend runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// Reference f32 CPU implementation (needs `--model`).
+    Cpu,
+    /// Roofline-modelled accelerator for load tests (no weights).
+    Sim,
+    /// NVIDIA GPU (not part of this build yet).
+    Cuda,
+}
+
 /// Command-line flags of `switchyard serve` (named like vLLM's where they overlap).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// HTTP port.
+    /// Model directory (Hugging Face layout: config.json, *.safetensors, tokenizer.json).
+    /// Required for `cpu`; for `sim` it only supplies the tokenizer (else 4 bytes per token).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: IpAddr,
+    /// HTTP port (0 picks a free one).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
+    /// Model names clients may ask for; the first is used in metrics. Default: the model
+    /// directory (cpu) or the sim profile's model.
+    #[arg(long, num_args = 1..)]
+    pub served_model_name: Vec<String>,
+    /// Context length (prompt + output). Default: the model's (or sim profile's) maximum.
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Sequences per step at most.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Tokens per step at most (prefills are chunked to fit).
+    #[arg(long, default_value_t = 8192)]
+    pub max_num_batched_tokens: usize,
+    /// Waiting requests beyond which new ones get 503 with Retry-After.
+    #[arg(long, default_value_t = 1024)]
+    pub max_waiting: usize,
+    /// Fraction of device memory for weights + KV cache (sim, cuda).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
+    /// KV-cache size for the cpu backend, in bytes (suffixes KiB, MiB, GiB accepted).
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    pub kv_cache_memory: u64,
+    /// Use exactly this many KV blocks.
+    #[arg(long)]
+    pub num_gpu_blocks_override: Option<usize>,
+    /// Disable prefix caching.
+    #[arg(long)]
+    pub no_enable_prefix_caching: bool,
+    /// Accepted for vLLM compatibility (prefix caching is on by default).
+    #[arg(long, hide = true)]
+    pub enable_prefix_caching: bool,
+    /// Accelerator + model the sim backend models.
+    #[arg(long, default_value = "l4-qwen2.5-7b")]
+    pub sim_profile: String,
+    /// Sim backend: real seconds per simulated second (0.01 runs 100× faster; 0 never sleeps).
+    /// Reported latencies are in simulated seconds.
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
+    /// Seed for sampling without a request seed, and for sim tokens.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Serve the KV-cache event stream (gRPC `switchyard.kvevents.v1.KvEvents`) on this port.
+    /// Off by default so several replicas can share a host.
+    #[arg(long)]
+    pub kv_events_port: Option<u16>,
+    /// Events the KV-event log retains for resuming subscribers.
+    #[arg(long, default_value_t = 100_000)]
+    pub kv_events_buffer: usize,
+    /// Largest accepted request body.
+    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    pub max_request_body_bytes: usize,
+    /// cpu backend threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
-/// Runs the decode server until shutdown.
-pub async fn run(_args: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("switchyard serve is not implemented yet")
+impl ServeArgs {
+    /// Defaults for a sim server on `127.0.0.1:0` (tests and benchmarks).
+    pub fn sim_for_tests(profile: &str, time_scale: f64) -> Self {
+        Self {
+            model: None,
+            backend: BackendKind::Sim,
+            host: IpAddr::from([127, 0, 0, 1]),
+            port: 0,
+            served_model_name: Vec::new(),
+            max_model_len: None,
+            block_size: 16,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 8192,
+            max_waiting: 1024,
+            gpu_memory_utilization: 0.9,
+            kv_cache_memory: 1 << 30,
+            num_gpu_blocks_override: None,
+            no_enable_prefix_caching: false,
+            enable_prefix_caching: false,
+            sim_profile: profile.to_owned(),
+            time_scale,
+            seed: 0,
+            kv_events_port: None,
+            kv_events_buffer: 100_000,
+            max_request_body_bytes: 32 * 1024 * 1024,
+            threads: None,
+        }
+    }
+}
+
+/// Parses a byte size: plain bytes or a number with KiB/MiB/GiB/KB/MB/GB (also K/M/G).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        other => return Err(format!("unknown size unit {other:?} in {s:?}")),
+    };
+    Ok((value * mult) as u64)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("unknown --sim-profile {name:?} (known: {known})")]
+    UnknownProfile { name: String, known: String },
+    #[error("--backend {0} needs --model DIR")]
+    MissingModel(&'static str),
+    #[error("--backend {0} is not available in this build")]
+    BackendUnavailable(&'static str),
+    #[error("invalid flag: {0}")]
+    InvalidFlag(String),
+    #[error(transparent)]
+    Model(#[from] model::ModelError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct ServerHandle {
+    pub http_addr: SocketAddr,
+    pub kv_events_addr: Option<SocketAddr>,
+    pub engine: EngineHandle,
+    pub metrics: Arc<ServeMetrics>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// Stops accepting, lets in-flight responses finish (bounded by `grace`), then returns.
+    pub async fn shutdown(self, grace: Duration) {
+        self.shutdown.send_replace(true);
+        for task in self.tasks {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(grace, task).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+}
+
+struct Built {
+    backend: Box<dyn Backend>,
+    codec: Arc<dyn TextCodec>,
+    default_name: String,
+    default_max_model_len: usize,
+    latency_scale: f64,
+}
+
+fn build_backend(args: &ServeArgs) -> Result<Built, ServeError> {
+    match args.backend {
+        BackendKind::Sim => {
+            let profile = backend::sim::profile(&args.sim_profile).ok_or_else(|| {
+                let known: Vec<_> = backend::sim::profiles().iter().map(|p| p.name).collect();
+                ServeError::UnknownProfile { name: args.sim_profile.clone(), known: known.join(", ") }
+            })?;
+            if !(args.time_scale.is_finite() && args.time_scale >= 0.0) {
+                return Err(ServeError::InvalidFlag(format!(
+                    "--time-scale must be ≥ 0, got {}",
+                    args.time_scale
+                )));
+            }
+            let codec: Arc<dyn TextCodec> = match &args.model {
+                Some(dir) => model::load_codec(dir)?,
+                None => Arc::new(ApproxCodec::new(profile.regular_vocab)),
+            };
+            let opts = SimOptions {
+                block_size: args.block_size,
+                gpu_memory_utilization: args.gpu_memory_utilization,
+                time_scale: args.time_scale,
+                seed: args.seed,
+            };
+            Ok(Built {
+                default_name: profile.model.to_owned(),
+                default_max_model_len: profile.max_model_len,
+                latency_scale: if args.time_scale > 0.0 { 1.0 / args.time_scale } else { 1.0 },
+                backend: Box::new(SimBackend::new(profile, opts)),
+                codec,
+            })
+        }
+        BackendKind::Cpu => {
+            let dir = args.model.as_ref().ok_or(ServeError::MissingModel("cpu"))?;
+            cpu_backend(args, dir)
+        }
+        BackendKind::Cuda => Err(ServeError::BackendUnavailable("cuda")),
+    }
+}
+
+fn cpu_backend(_args: &ServeArgs, _dir: &std::path::Path) -> Result<Built, ServeError> {
+    Err(ServeError::BackendUnavailable("cpu"))
+}
+
+/// Starts the engine and the listeners; returns once they are bound.
+pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
+    let built = build_backend(&args)?;
+    if args.gpu_memory_utilization <= 0.0 || args.gpu_memory_utilization > 1.0 {
+        return Err(ServeError::InvalidFlag(format!(
+            "--gpu-memory-utilization must be in (0, 1], got {}",
+            args.gpu_memory_utilization
+        )));
+    }
+    let names = if args.served_model_name.is_empty() {
+        vec![built.default_name.clone()]
+    } else {
+        args.served_model_name.clone()
+    };
+    let model_name = names[0].clone();
+    let max_model_len = args.max_model_len.unwrap_or(built.default_max_model_len);
+    let metrics = Arc::new(ServeMetrics::new(&model_name));
+    let kv_log = args
+        .kv_events_port
+        .map(|_| KvEventLog::new(args.kv_events_buffer, &model_name, args.block_size));
+    let config = EngineConfig {
+        model_name: model_name.clone(),
+        block_size: args.block_size,
+        max_num_seqs: args.max_num_seqs,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_model_len,
+        max_waiting: args.max_waiting,
+        enable_prefix_caching: !args.no_enable_prefix_caching,
+        num_blocks_override: args.num_gpu_blocks_override,
+        gpu_memory_utilization: args.gpu_memory_utilization,
+        seed: args.seed,
+        latency_scale: built.latency_scale,
+        eos_token_ids: built.codec.eos_token_ids().to_vec(),
+    };
+    let engine = engine::spawn(config, built.backend, Arc::clone(&metrics), kv_log.clone())?;
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let http = SocketAddr::new(args.host, args.port);
+    let listener = tokio::net::TcpListener::bind(http)
+        .await
+        .map_err(|source| ServeError::Bind { addr: http, source })?;
+    let http_addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: http, source })?;
+    let state = Arc::new(AppState {
+        engine: engine.clone(),
+        codec: built.codec,
+        metrics: Arc::clone(&metrics),
+        served_model_names: names,
+        max_body_bytes: args.max_request_body_bytes,
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    });
+    let app = api::router(state);
+    let mut rx = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let signal = async move {
+            let _ = rx.wait_for(|v| *v).await;
+        };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(signal).await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    }));
+
+    let mut kv_events_addr = None;
+    if let (Some(port), Some(log)) = (args.kv_events_port, kv_log) {
+        let addr = SocketAddr::new(args.host, port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })?;
+        kv_events_addr =
+            Some(listener.local_addr().map_err(|source| ServeError::Bind { addr, source })?);
+        let mut rx = shutdown_rx.clone();
+        let service = log.service();
+        tasks.push(tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let signal = async move {
+                let _ = rx.wait_for(|v| *v).await;
+            };
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, signal)
+                .await
+            {
+                tracing::error!(error = %e, "KV-event server failed");
+            }
+        }));
+    }
+    tracing::info!(
+        %http_addr,
+        kv_events = ?kv_events_addr,
+        model = %model_name,
+        backend = engine.info().backend,
+        max_model_len,
+        "switchyard serve listening"
+    );
+    Ok(ServerHandle { http_addr, kv_events_addr, engine, metrics, shutdown, tasks })
+}
+
+/// Runs the decode server until SIGTERM/SIGINT.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let handle = start(args).await?;
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    handle.shutdown(Duration::from_secs(10)).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

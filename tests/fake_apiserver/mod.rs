@@ -143,30 +143,38 @@ fn labels_of(obj: &Value) -> BTreeMap<String, String> {
 /// Equality-based label selector matching (`a=b`, `a==b`, `a!=b`, `a`, `!a`).
 fn label_selector_matches(selector: &str, obj: &Value) -> bool {
     let labels = labels_of(obj);
-    selector.split(',').map(str::trim).filter(|p| !p.is_empty()).all(|req| {
-        if let Some((k, v)) = req.split_once("!=") {
-            labels.get(k.trim()).map(String::as_str) != Some(v.trim())
-        } else if let Some((k, v)) = req.split_once("==").or_else(|| req.split_once('=')) {
-            labels.get(k.trim()).map(String::as_str) == Some(v.trim())
-        } else if let Some(k) = req.strip_prefix('!') {
-            !labels.contains_key(k.trim())
-        } else {
-            labels.contains_key(req)
-        }
-    })
+    selector
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .all(|req| {
+            if let Some((k, v)) = req.split_once("!=") {
+                labels.get(k.trim()).map(String::as_str) != Some(v.trim())
+            } else if let Some((k, v)) = req.split_once("==").or_else(|| req.split_once('=')) {
+                labels.get(k.trim()).map(String::as_str) == Some(v.trim())
+            } else if let Some(k) = req.strip_prefix('!') {
+                !labels.contains_key(k.trim())
+            } else {
+                labels.contains_key(req)
+            }
+        })
 }
 
 fn field_selector_matches(selector: &str, obj: &Value) -> bool {
-    selector.split(',').map(str::trim).filter(|p| !p.is_empty()).all(|req| {
-        let (field, want) = req.split_once('=').unwrap_or((req, ""));
-        let want = want.trim_start_matches('=');
-        let got = match field {
-            "metadata.name" => obj["metadata"]["name"].as_str(),
-            "metadata.namespace" => obj["metadata"]["namespace"].as_str(),
-            _ => return false,
-        };
-        got == Some(want)
-    })
+    selector
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .all(|req| {
+            let (field, want) = req.split_once('=').unwrap_or((req, ""));
+            let want = want.trim_start_matches('=');
+            let got = match field {
+                "metadata.name" => obj["metadata"]["name"].as_str(),
+                "metadata.namespace" => obj["metadata"]["namespace"].as_str(),
+                _ => return false,
+            };
+            got == Some(want)
+        })
 }
 
 #[derive(Clone, Default)]
@@ -184,8 +192,13 @@ impl Selectors {
     }
 
     fn matches(&self, obj: &Value) -> bool {
-        self.label.as_deref().is_none_or(|s| label_selector_matches(s, obj))
-            && self.field.as_deref().is_none_or(|s| field_selector_matches(s, obj))
+        self.label
+            .as_deref()
+            .is_none_or(|s| label_selector_matches(s, obj))
+            && self
+                .field
+                .as_deref()
+                .is_none_or(|s| field_selector_matches(s, obj))
     }
 
     /// What a watch with these selectors sees of a stored event, like the real watch cache.
@@ -200,7 +213,9 @@ impl Selectors {
                 (true, false) => Some((EventType::Deleted, ev.new.clone())),
                 (false, false) => None,
             },
-            EventType::Deleted => (new_matches || old_matches).then(|| (EventType::Deleted, ev.new.clone())),
+            EventType::Deleted => {
+                (new_matches || old_matches).then(|| (EventType::Deleted, ev.new.clone()))
+            }
         }
     }
 }
@@ -227,7 +242,11 @@ fn parse_path(path: &str) -> Option<Target> {
         [plural, name] => (None, *plural, Some(name.to_string())),
         _ => return None,
     };
-    let api_version = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
+    let api_version = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
     Some(Target {
         resource: format!("{group}/{plural}"),
         api_version,
@@ -274,18 +293,39 @@ impl Shared {
     }
 
     /// Create (`update == false`) or update, with API-server semantics.
-    fn write(&self, resource: &str, namespace: &str, mut obj: Value, update: bool) -> Result<Value, (StatusCode, &'static str, String)> {
-        let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    fn write(
+        &self,
+        resource: &str,
+        namespace: &str,
+        mut obj: Value,
+        update: bool,
+    ) -> Result<Value, (StatusCode, &'static str, String)> {
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         if name.is_empty() {
-            return Err((StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "metadata.name: Required value".into()));
+            return Err((
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                "metadata.name: Required value".into(),
+            ));
         }
         let key = (resource.to_string(), namespace.to_string(), name.clone());
         let mut inner = self.inner.lock();
         let existing = inner.objects.get(&key).cloned();
         obj["metadata"]["namespace"] = json!(namespace);
         match (existing, update) {
-            (Some(_), false) => Err((StatusCode::CONFLICT, "AlreadyExists", format!("{resource} \"{name}\" already exists"))),
-            (None, true) => Err((StatusCode::NOT_FOUND, "NotFound", format!("{resource} \"{name}\" not found"))),
+            (Some(_), false) => Err((
+                StatusCode::CONFLICT,
+                "AlreadyExists",
+                format!("{resource} \"{name}\" already exists"),
+            )),
+            (None, true) => Err((
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("{resource} \"{name}\" not found"),
+            )),
             (None, false) => {
                 inner.uid += 1;
                 obj["metadata"]["uid"] = json!(format!("uid-{}", inner.uid));
@@ -295,8 +335,12 @@ impl Shared {
                 Ok(self.commit(&mut inner, key, EventType::Added, obj))
             }
             (Some(current), true) => {
-                let sent = obj["metadata"]["resourceVersion"].as_str().unwrap_or_default();
-                let stored = current["metadata"]["resourceVersion"].as_str().unwrap_or_default();
+                let sent = obj["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or_default();
+                let stored = current["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or_default();
                 if !sent.is_empty() && sent != stored {
                     return Err((
                         StatusCode::CONFLICT,
@@ -305,7 +349,8 @@ impl Shared {
                     ));
                 }
                 obj["metadata"]["uid"] = current["metadata"]["uid"].clone();
-                obj["metadata"]["creationTimestamp"] = current["metadata"]["creationTimestamp"].clone();
+                obj["metadata"]["creationTimestamp"] =
+                    current["metadata"]["creationTimestamp"].clone();
                 if current == obj {
                     return Ok(current);
                 }
@@ -323,7 +368,9 @@ impl FakeApiServer {
             events,
             generation: watch::channel(0).0,
         });
-        let app = axum::Router::new().fallback(handle).with_state(shared.clone());
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
@@ -345,8 +392,14 @@ impl FakeApiServer {
     /// Creates or updates `obj` (its apiVersion/kind/metadata.namespace pick the collection),
     /// ignoring resourceVersion like a forced apply. Returns the stored object.
     pub fn apply(&self, obj: Value) -> Value {
-        let resource = resource_of(obj["apiVersion"].as_str().unwrap(), obj["kind"].as_str().unwrap());
-        let ns = obj["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+        let resource = resource_of(
+            obj["apiVersion"].as_str().unwrap(),
+            obj["kind"].as_str().unwrap(),
+        );
+        let ns = obj["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
         let name = obj["metadata"]["name"].as_str().unwrap().to_string();
         let exists = self.get(&resource, &ns, &name).is_some();
         let mut obj = obj;
@@ -358,14 +411,26 @@ impl FakeApiServer {
 
     /// Deletes an object (`resource` as `group/plural`, e.g. `/pods`).
     pub fn delete(&self, resource: &str, namespace: &str, name: &str) {
-        let key = (resource.to_string(), namespace.to_string(), name.to_string());
+        let key = (
+            resource.to_string(),
+            namespace.to_string(),
+            name.to_string(),
+        );
         let mut inner = self.shared.inner.lock();
-        let obj = inner.objects.get(&key).cloned().expect("object to delete exists");
+        let obj = inner
+            .objects
+            .get(&key)
+            .cloned()
+            .expect("object to delete exists");
         self.shared.commit(&mut inner, key, EventType::Deleted, obj);
     }
 
     pub fn get(&self, resource: &str, namespace: &str, name: &str) -> Option<Value> {
-        let key = (resource.to_string(), namespace.to_string(), name.to_string());
+        let key = (
+            resource.to_string(),
+            namespace.to_string(),
+            name.to_string(),
+        );
         self.shared.inner.lock().objects.get(&key).cloned()
     }
 
@@ -392,20 +457,33 @@ impl FakeApiServer {
 
     /// Requests seen, by `"<verb> <group/plural>"` (verbs: list, watch, get, create, update).
     pub fn requests(&self, what: &str) -> usize {
-        self.shared.inner.lock().requests.get(what).copied().unwrap_or(0)
+        self.shared
+            .inner
+            .lock()
+            .requests
+            .get(what)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// A bearer token that authenticates as `username` in `groups`.
     pub fn add_token(&self, token: &str, username: &str, groups: &[&str]) {
         self.shared.inner.lock().tokens.insert(
             token.to_string(),
-            (username.to_string(), groups.iter().map(|g| g.to_string()).collect()),
+            (
+                username.to_string(),
+                groups.iter().map(|g| g.to_string()).collect(),
+            ),
         );
     }
 
     /// Lets `username` `get` the non-resource URL `/metrics`.
     pub fn allow_metrics(&self, username: &str) {
-        self.shared.inner.lock().metrics_readers.insert(username.to_string());
+        self.shared
+            .inner
+            .lock()
+            .metrics_readers
+            .insert(username.to_string());
     }
 }
 
@@ -417,10 +495,18 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let Some(target) = parse_path(uri.path()) else {
-        return error(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource");
+        return error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
     };
     if shared.inner.lock().failing.contains(&target.resource) {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "injected failure");
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "injected failure",
+        );
     }
     let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     let verb = match (&method, &target.name, watching) {
@@ -429,7 +515,13 @@ async fn handle(
         (&Method::GET, Some(_), _) => "get",
         (&Method::POST, None, _) => "create",
         (&Method::PUT, Some(_), _) => "update",
-        _ => return error(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "method not allowed"),
+        _ => {
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "method not allowed",
+            )
+        }
     };
     shared.count(format!("{verb} {}", target.resource));
     let body: Value = if body.is_empty() {
@@ -447,25 +539,52 @@ async fn handle(
         ("list", _) => list(&shared, &target, &query),
         ("get", _) => {
             let ns = target.namespace.clone().unwrap_or_default();
-            let key = (target.resource.clone(), ns, target.name.clone().unwrap_or_default());
+            let key = (
+                target.resource.clone(),
+                ns,
+                target.name.clone().unwrap_or_default(),
+            );
             match shared.inner.lock().objects.get(&key) {
                 Some(obj) => reply(StatusCode::OK, obj),
-                None => error(StatusCode::NOT_FOUND, "NotFound", &format!("{} \"{}\" not found", target.resource, key.2)),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("{} \"{}\" not found", target.resource, key.2),
+                ),
             }
         }
         ("create" | "update", _) => {
             let Some(ns) = target.namespace.clone() else {
-                return error(StatusCode::NOT_FOUND, "NotFound", "cluster-scoped writes are not supported");
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    "cluster-scoped writes are not supported",
+                );
             };
             if verb == "update" && body["metadata"]["name"].as_str() != target.name.as_deref() {
-                return error(StatusCode::BAD_REQUEST, "BadRequest", "the name of the object does not match the name on the URL");
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "the name of the object does not match the name on the URL",
+                );
             }
             match shared.write(&target.resource, &ns, body, verb == "update") {
-                Ok(obj) => reply(if verb == "create" { StatusCode::CREATED } else { StatusCode::OK }, &obj),
+                Ok(obj) => reply(
+                    if verb == "create" {
+                        StatusCode::CREATED
+                    } else {
+                        StatusCode::OK
+                    },
+                    &obj,
+                ),
                 Err((code, reason, message)) => error(code, reason, &message),
             }
         }
-        _ => error(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "method not allowed"),
+        _ => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "method not allowed",
+        ),
     }
 }
 
@@ -475,7 +594,9 @@ fn list(shared: &Shared, target: &Target, query: &HashMap<String, String>) -> Re
     let items: Vec<Value> = inner
         .objects
         .iter()
-        .filter(|((res, ns, _), _)| *res == target.resource && target.namespace.as_ref().is_none_or(|t| t == ns))
+        .filter(|((res, ns, _), _)| {
+            *res == target.resource && target.namespace.as_ref().is_none_or(|t| t == ns)
+        })
         .map(|(_, obj)| obj)
         .filter(|obj| selectors.matches(obj))
         .cloned()
@@ -493,19 +614,30 @@ fn event_line(kind: &str, object: &Value) -> Bytes {
     Bytes::from(line)
 }
 
-fn watch_response(shared: &Arc<Shared>, target: &Target, query: &HashMap<String, String>) -> Response {
+fn watch_response(
+    shared: &Arc<Shared>,
+    target: &Target,
+    query: &HashMap<String, String>,
+) -> Response {
     let selectors = Selectors::from_query(query);
-    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|v| v == "true");
     let timeout = query
         .get("timeoutSeconds")
         .and_then(|s| s.parse().ok())
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(1800));
-    let since: Option<u64> = query.get("resourceVersion").and_then(|s| s.parse().ok()).filter(|rv| *rv > 0);
+    let since: Option<u64> = query
+        .get("resourceVersion")
+        .and_then(|s| s.parse().ok())
+        .filter(|rv| *rv > 0);
     let namespace = target.namespace.clone();
     let resource = target.resource.clone();
     let api_version = target.api_version.clone();
-    let relevant = move |ev: &StoredEvent| ev.resource == resource && namespace.as_ref().is_none_or(|n| *n == ev.namespace);
+    let relevant = move |ev: &StoredEvent| {
+        ev.resource == resource && namespace.as_ref().is_none_or(|n| *n == ev.namespace)
+    };
 
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(256);
     let mut initial = Vec::new();
@@ -514,7 +646,10 @@ fn watch_response(shared: &Arc<Shared>, target: &Target, query: &HashMap<String,
         let expired = since.is_some_and(|rv| rv < inner.oldest_watchable);
         match since {
             Some(rv) if expired => {
-                let message = format!("too old resource version: {rv} ({})", inner.oldest_watchable);
+                let message = format!(
+                    "too old resource version: {rv} ({})",
+                    inner.oldest_watchable
+                );
                 initial.push(event_line("ERROR", &status_body(410, "Expired", &message)));
             }
             Some(rv) => {
@@ -527,7 +662,8 @@ fn watch_response(shared: &Arc<Shared>, target: &Target, query: &HashMap<String,
             None => {
                 // No resourceVersion: synthetic ADDED for everything that exists now.
                 for ((res, ns, _), obj) in inner.objects.iter() {
-                    let in_scope = *res == target.resource && target.namespace.as_ref().is_none_or(|n| n == ns);
+                    let in_scope = *res == target.resource
+                        && target.namespace.as_ref().is_none_or(|n| n == ns);
                     if in_scope && selectors.matches(obj) {
                         initial.push(event_line("ADDED", obj));
                     }
@@ -545,7 +681,9 @@ fn watch_response(shared: &Arc<Shared>, target: &Target, query: &HashMap<String,
                 return;
             }
         }
-        let Some(events) = events.as_mut() else { return };
+        let Some(events) = events.as_mut() else {
+            return;
+        };
         let mut last_rv = start_rv;
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
@@ -553,11 +691,17 @@ fn watch_response(shared: &Arc<Shared>, target: &Target, query: &HashMap<String,
         tick.tick().await;
         loop {
             tokio::select! {
-                _ = &mut deadline => return,
+                // Biased so an expiry wins over events queued behind it: a compacted watch must
+                // not deliver anything newer (the client would resume from it and miss the 410).
+                biased;
                 _ = generation.changed() => return,
+                _ = &mut deadline => return,
                 _ = tx.closed() => return,
                 ev = events.recv() => match ev {
                     Ok(ev) => {
+                        if generation.has_changed().unwrap_or(true) {
+                            return;
+                        }
                         last_rv = last_rv.max(ev.rv);
                         if !relevant(&ev) {
                             continue;
@@ -584,7 +728,9 @@ fn watch_response(shared: &Arc<Shared>, target: &Target, query: &HashMap<String,
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/json")
-        .body(Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .body(Body::from_stream(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
         .unwrap()
 }
 

@@ -11,7 +11,12 @@ pub const REWRITE: &str = "inference.networking.x-k8s.io/inferencemodelrewrites"
 pub const LEASE: &str = "coordination.k8s.io/leases";
 
 fn labels(pairs: &[(&str, &str)]) -> Value {
-    Value::Object(pairs.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<Map<_, _>>())
+    Value::Object(
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect::<Map<_, _>>(),
+    )
 }
 
 /// A running pod with an IP; `ready` sets its Ready condition.
@@ -68,8 +73,17 @@ pub fn objective(name: &str, pool: &str, priority: Option<i32>) -> Value {
 }
 
 /// One rule: exact `model` → weighted targets.
-pub fn rewrite(name: &str, pool: &str, model: &str, targets: &[(&str, u32)], created: &str) -> Value {
-    let targets: Vec<Value> = targets.iter().map(|(m, w)| json!({"modelRewrite": m, "weight": w})).collect();
+pub fn rewrite(
+    name: &str,
+    pool: &str,
+    model: &str,
+    targets: &[(&str, u32)],
+    created: &str,
+) -> Value {
+    let targets: Vec<Value> = targets
+        .iter()
+        .map(|(m, w)| json!({"modelRewrite": m, "weight": w}))
+        .collect();
     json!({
         "apiVersion": "inference.networking.x-k8s.io/v1alpha2", "kind": "InferenceModelRewrite",
         "metadata": {"name": name, "namespace": NS, "creationTimestamp": created},
@@ -82,7 +96,8 @@ pub fn rewrite(name: &str, pool: &str, model: &str, targets: &[(&str, u32)], cre
 
 /// A Lease held by `holder`, renewed now.
 pub fn lease(name: &str, holder: &str, duration_secs: i32) -> Value {
-    let now = k8s_openapi::chrono::Utc::now().to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Micros, true);
+    let now = k8s_openapi::chrono::Utc::now()
+        .to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Micros, true);
     json!({
         "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
         "metadata": {"name": name, "namespace": NS},

@@ -34,6 +34,25 @@ impl RouteCluster {
     }
 }
 
+/// How Envoy hands request bodies to the EPP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyMode {
+    /// The reference deployments' mode: chunks stream to the EPP and back as they arrive.
+    FullDuplexStreamed,
+    /// Envoy buffers the whole body and sends it in one message (older gateways; also the only
+    /// mode in which Envoy 1.40 honours `failure_mode_allow` for requests with a body).
+    Buffered,
+}
+
+impl BodyMode {
+    fn name(self) -> &'static str {
+        match self {
+            BodyMode::FullDuplexStreamed => "FULL_DUPLEX_STREAMED",
+            BodyMode::Buffered => "BUFFERED",
+        }
+    }
+}
+
 /// What to render into the template.
 #[derive(Debug, Clone)]
 pub struct EnvoyConfig {
@@ -43,6 +62,8 @@ pub struct EnvoyConfig {
     pub epp_health_port: u16,
     /// ext_proc `failure_mode_allow`.
     pub failure_mode_allow: bool,
+    /// ext_proc `request_body_mode`.
+    pub request_body_mode: BodyMode,
     pub route: RouteCluster,
     /// The model servers of the `inference_pool` cluster.
     pub pool: Vec<SocketAddr>,
@@ -100,6 +121,7 @@ pub fn render_config(cfg: &EnvoyConfig, listen_port: u16, admin_port: u16) -> an
             ("EPP_PORT", cfg.epp_port.to_string()),
             ("EPP_HEALTH_PORT", cfg.epp_health_port.to_string()),
             ("FAILURE_MODE_ALLOW", cfg.failure_mode_allow.to_string()),
+            ("REQUEST_BODY_MODE", cfg.request_body_mode.name().to_owned()),
             ("ROUTE_CLUSTER", cfg.route.name().to_owned()),
             ("POOL_LB_ENDPOINTS", pool_lb_endpoints(&cfg.pool)),
         ],

@@ -13,6 +13,6 @@ pub mod ports;
 pub mod tools;
 
 pub use http_client::{HttpClient, HttpResponse};
-pub use envoy::{EnvoyConfig, EnvoyProcess, RouteCluster};
+pub use envoy::{BodyMode, EnvoyConfig, EnvoyProcess, RouteCluster};
 pub use epp_process::{EppOptions, EppProcess};
 pub use mock_model_server::MockModelServer;

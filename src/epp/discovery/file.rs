@@ -96,18 +96,34 @@ fn default_weight() -> u32 {
 #[derive(Debug)]
 struct WireAddr(SocketAddr);
 
+/// Parses a YAML string scalar with `FromStr`-like logic inside a visitor, so that serde_yaml
+/// reports errors at the scalar's own line and column rather than at the enclosing entry.
+struct ScalarVisitor<F>(&'static str, F);
+
+impl<'de, T, F: FnOnce(&str) -> Result<T, String>> serde::de::Visitor<'de> for ScalarVisitor<F> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+        (self.1)(v).map_err(E::custom)
+    }
+}
+
 impl<'de> Deserialize<'de> for WireAddr {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        match text.trim().parse::<SocketAddr>() {
+        d.deserialize_str(ScalarVisitor("an ip:port string", |text: &str| match text
+            .trim()
+            .parse::<SocketAddr>(
+        ) {
             Ok(addr) if addr.port() != 0 => Ok(WireAddr(addr)),
-            Ok(_) => Err(serde::de::Error::custom(format!(
-                "address {text:?}: port 0 is not routable"
-            ))),
-            Err(_) => Err(serde::de::Error::custom(format!(
+            Ok(_) => Err(format!("address {text:?}: port 0 is not routable")),
+            Err(_) => Err(format!(
                 "address {text:?}: expected ip:port (IPv6 as [addr]:port)"
-            ))),
-        }
+            )),
+        }))
     }
 }
 
@@ -116,10 +132,9 @@ struct WireEngine(EngineType);
 
 impl<'de> Deserialize<'de> for WireEngine {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        text.parse()
-            .map(WireEngine)
-            .map_err(|e: crate::epp::endpoint::UnknownEngineType| serde::de::Error::custom(e.to_string()))
+        d.deserialize_str(ScalarVisitor("an engine type", |text: &str| {
+            text.parse().map(WireEngine).map_err(|e| e.to_string())
+        }))
     }
 }
 
@@ -224,10 +239,14 @@ pub fn parse_pool_file(bytes: &[u8], path: &str) -> Result<PoolFile, DiscoveryEr
     let mut model_rewrites = HashMap::with_capacity(wire.model_rewrites.len());
     for (i, r) in wire.model_rewrites.into_iter().enumerate() {
         if r.model.is_empty() {
-            return Err(invalid(format!("modelRewrites[{i}]: model must not be empty")));
+            return Err(invalid(format!(
+                "modelRewrites[{i}]: model must not be empty"
+            )));
         }
         if r.targets.is_empty() {
-            return Err(invalid(format!("modelRewrites[{i}]: targets must not be empty")));
+            return Err(invalid(format!(
+                "modelRewrites[{i}]: targets must not be empty"
+            )));
         }
         if r.targets.iter().all(|t| t.weight == 0) {
             return Err(invalid(format!(

@@ -14,8 +14,8 @@
 //!   objective / rewrite watches ─► RequestPolicy ─► Datastore::set_policy
 //! ```
 
-pub mod pool;
 pub mod policy;
+pub mod pool;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -34,8 +34,8 @@ use tokio::sync::watch;
 use super::Discovery;
 use crate::epp::datastore::{Datastore, DiscoveryEvent, RewriteTarget};
 use crate::epp::endpoint::Endpoint;
-use pool::{PodInfo, PoolError, PoolTarget};
 use policy::{Objective, PoolRef, Rewrite};
+use pool::{PodInfo, PoolError, PoolTarget};
 
 /// Most objects of one kind kept in memory; beyond it new names are ignored (and logged), so a
 /// runaway controller creating pods cannot grow the EPP without bound.
@@ -133,7 +133,9 @@ where
 
 /// Next item of an optional stream; pending forever when there is none (a `select!` arm that
 /// never fires). `Some(None)` means the stream ended.
-async fn next_of<K>(stream: &mut Option<WatchStream<K>>) -> Option<Result<Event<K>, watcher::Error>> {
+async fn next_of<K>(
+    stream: &mut Option<WatchStream<K>>,
+) -> Option<Result<Event<K>, watcher::Error>> {
     match stream {
         Some(s) => s.next().await,
         None => std::future::pending().await,
@@ -169,7 +171,13 @@ impl<T: PartialEq> Mirror<T> {
         }
     }
 
-    fn insert_capped(kind: &str, cap: usize, map: &mut BTreeMap<String, T>, name: String, value: T) -> bool {
+    fn insert_capped(
+        kind: &str,
+        cap: usize,
+        map: &mut BTreeMap<String, T>,
+        name: String,
+        value: T,
+    ) -> bool {
         if map.len() >= cap && !map.contains_key(&name) {
             tracing::error!(kind, name, cap, "too many objects; ignoring this one");
             return false;
@@ -180,7 +188,11 @@ impl<T: PartialEq> Mirror<T> {
 
     /// Applies one watcher event; `convert` returns `None` for objects that do not count (they
     /// are treated as absent).
-    fn apply<K: kube::Resource>(&mut self, event: Event<K>, convert: impl Fn(&K) -> Option<T>) -> Change {
+    fn apply<K: kube::Resource>(
+        &mut self,
+        event: Event<K>,
+        convert: impl Fn(&K) -> Option<T>,
+    ) -> Change {
         match event {
             Event::Init => {
                 tracing::debug!(kind = self.kind, "listing");
@@ -205,7 +217,13 @@ impl<T: PartialEq> Mirror<T> {
                 match convert(&obj) {
                     Some(value) if self.items.get(&name) == Some(&value) => Change::Unchanged,
                     Some(value) => {
-                        if Self::insert_capped(self.kind, self.cap, &mut self.items, name.clone(), value) {
+                        if Self::insert_capped(
+                            self.kind,
+                            self.cap,
+                            &mut self.items,
+                            name.clone(),
+                            value,
+                        ) {
                             Change::Changed(name)
                         } else {
                             Change::Unchanged
@@ -293,13 +311,16 @@ impl Runner {
                 let pool_ar = pool::pool_api_resource(&self.config.pool_group)?;
                 tracing::info!(namespace = %ns, pool = %self.config.pool_name, group = %self.config.pool_group, "watching InferencePool");
                 let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), &ns, &pool_ar);
-                let by_name = watcher::Config::default().fields(&format!("metadata.name={}", self.config.pool_name));
+                let by_name = watcher::Config::default()
+                    .fields(&format!("metadata.name={}", self.config.pool_name));
                 pool_stream = Some(watch_stream(api, by_name));
                 let objectives = policy::objective_api_resource();
-                let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), &ns, &objectives);
+                let api =
+                    Api::<DynamicObject>::namespaced_with(self.client.clone(), &ns, &objectives);
                 objective_stream = Some(watch_stream(api, watcher::Config::default()));
                 let rewrites = policy::rewrite_api_resource();
-                let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), &ns, &rewrites);
+                let api =
+                    Api::<DynamicObject>::namespaced_with(self.client.clone(), &ns, &rewrites);
                 rewrite_stream = Some(watch_stream(api, watcher::Config::default()));
             }
         }
@@ -417,7 +438,10 @@ impl Runner {
             Change::Relisted => {
                 self.reset_endpoints();
                 if !self.datastore.is_synced() {
-                    tracing::info!(endpoints = self.datastore.len(), "first full sync of the pool done");
+                    tracing::info!(
+                        endpoints = self.datastore.len(),
+                        "first full sync of the pool done"
+                    );
                     self.datastore.mark_synced();
                 }
             }
@@ -437,7 +461,11 @@ impl Runner {
                 self.published.insert(name.clone(), endpoints);
             }
         }
-        tracing::info!(pods = self.published.len(), endpoints = all.len(), "endpoint set listed");
+        tracing::info!(
+            pods = self.published.len(),
+            endpoints = all.len(),
+            "endpoint set listed"
+        );
         self.datastore.apply(DiscoveryEvent::Reset(all));
     }
 
@@ -452,10 +480,12 @@ impl Runner {
             .unwrap_or_default();
         let old = self.published.remove(name).unwrap_or_default();
         for gone in old.iter().filter(|o| !new.iter().any(|n| n.name == o.name)) {
-            self.datastore.apply(DiscoveryEvent::Remove(gone.name.clone()));
+            self.datastore
+                .apply(DiscoveryEvent::Remove(gone.name.clone()));
         }
         for changed in new.iter().filter(|n| !old.contains(n)) {
-            self.datastore.apply(DiscoveryEvent::Upsert(changed.clone()));
+            self.datastore
+                .apply(DiscoveryEvent::Upsert(changed.clone()));
         }
         match (old.is_empty(), new.is_empty()) {
             (true, false) => tracing::info!(pod = name, endpoints = new.len(), "pod added"),
@@ -473,7 +503,11 @@ impl Runner {
         }
         let (policy, generic) = policy::build_policy(&self.objectives.items, &self.rewrites.items);
         self.warn_generic(generic.as_deref());
-        tracing::info!(objectives = policy.objectives.len(), rewrites = policy.model_rewrites.len(), "request policy updated");
+        tracing::info!(
+            objectives = policy.objectives.len(),
+            rewrites = policy.model_rewrites.len(),
+            "request policy updated"
+        );
         self.datastore.set_policy(policy);
     }
 
@@ -516,20 +550,41 @@ mod tests {
     #[test]
     fn mirror_relist_swaps_at_init_done_and_reports_changes() {
         let mut m = Mirror::new("Pod", 10);
-        assert_eq!(m.apply(Event::Apply(pod("a", true)), convert), Change::Changed("a".into()));
-        assert_eq!(m.apply(Event::Apply(pod("a", true)), convert), Change::Unchanged);
-        assert_eq!(m.apply(Event::Apply(pod("a", false)), convert), Change::Changed("a".into()));
+        assert_eq!(
+            m.apply(Event::Apply(pod("a", true)), convert),
+            Change::Changed("a".into())
+        );
+        assert_eq!(
+            m.apply(Event::Apply(pod("a", true)), convert),
+            Change::Unchanged
+        );
+        assert_eq!(
+            m.apply(Event::Apply(pod("a", false)), convert),
+            Change::Changed("a".into())
+        );
         // A re-list that no longer contains `a` drops it only when complete.
         assert_eq!(m.apply(Event::Init, convert), Change::Unchanged);
-        assert_eq!(m.apply(Event::InitApply(pod("b", true)), convert), Change::Unchanged);
+        assert_eq!(
+            m.apply(Event::InitApply(pod("b", true)), convert),
+            Change::Unchanged
+        );
         assert_eq!(m.items.keys().collect::<Vec<_>>(), ["a"]);
         assert_eq!(m.apply(Event::InitDone, convert), Change::Relisted);
         assert_eq!(m.items.keys().collect::<Vec<_>>(), ["b"]);
-        assert_eq!(m.apply(Event::Delete(pod("b", true)), convert), Change::Changed("b".into()));
-        assert_eq!(m.apply(Event::Delete(pod("b", true)), convert), Change::Unchanged);
+        assert_eq!(
+            m.apply(Event::Delete(pod("b", true)), convert),
+            Change::Changed("b".into())
+        );
+        assert_eq!(
+            m.apply(Event::Delete(pod("b", true)), convert),
+            Change::Unchanged
+        );
         // `None` from convert counts as absent.
         m.apply(Event::Apply(pod("c", true)), convert);
-        assert_eq!(m.apply(Event::Apply(pod("c", true)), |_| None), Change::Changed("c".into()));
+        assert_eq!(
+            m.apply(Event::Apply(pod("c", true)), |_| None),
+            Change::Changed("c".into())
+        );
         assert!(m.items.is_empty());
     }
 
@@ -538,9 +593,15 @@ mod tests {
         let mut m = Mirror::new("Pod", 2);
         m.apply(Event::Apply(pod("a", true)), convert);
         m.apply(Event::Apply(pod("b", true)), convert);
-        assert_eq!(m.apply(Event::Apply(pod("c", true)), convert), Change::Unchanged);
+        assert_eq!(
+            m.apply(Event::Apply(pod("c", true)), convert),
+            Change::Unchanged
+        );
         assert_eq!(m.items.len(), 2);
-        assert_eq!(m.apply(Event::Apply(pod("b", false)), convert), Change::Changed("b".into()));
+        assert_eq!(
+            m.apply(Event::Apply(pod("b", false)), convert),
+            Change::Changed("b".into())
+        );
         m.apply(Event::Init, convert);
         for n in ["x", "y", "z"] {
             m.apply(Event::InitApply(pod(n, true)), convert);
@@ -560,12 +621,21 @@ mod tests {
         };
         assert!(c.validate().is_ok());
         c.pool_group = "example.com".into();
-        assert!(matches!(c.validate(), Err(KubeDiscoveryError::Pool(PoolError::UnsupportedGroup(_)))));
+        assert!(matches!(
+            c.validate(),
+            Err(KubeDiscoveryError::Pool(PoolError::UnsupportedGroup(_)))
+        ));
         c.endpoint_selector = Some("app=x".into());
-        assert!(matches!(c.validate(), Err(KubeDiscoveryError::Pool(PoolError::PortCount(0)))));
+        assert!(matches!(
+            c.validate(),
+            Err(KubeDiscoveryError::Pool(PoolError::PortCount(0)))
+        ));
         c.endpoint_target_ports = vec![8000];
         assert!(c.validate().is_ok());
         c.pool_namespace.clear();
-        assert!(matches!(c.validate(), Err(KubeDiscoveryError::MissingFlag("--pool-namespace"))));
+        assert!(matches!(
+            c.validate(),
+            Err(KubeDiscoveryError::MissingFlag("--pool-namespace"))
+        ));
     }
 }

@@ -92,7 +92,10 @@ mod tests {
     #[test]
     fn parses_ipv4_and_ipv6_with_whitespace() {
         let list = parse_endpoint_list(" 10.0.0.1:8000, [::1]:9000 ,192.168.1.3:8000").unwrap();
-        assert_eq!(addrs(&list), ["10.0.0.1:8000", "[::1]:9000", "192.168.1.3:8000"]);
+        assert_eq!(
+            addrs(&list),
+            ["10.0.0.1:8000", "[::1]:9000", "192.168.1.3:8000"]
+        );
         assert_eq!(list[1].name, "[::1]:9000");
         assert_eq!(list[0].engine, crate::epp::endpoint::EngineType::Vllm);
         assert!(list[0].labels.is_empty());
@@ -103,15 +106,37 @@ mod tests {
         let cases = [
             ("", "endpoint list is empty"),
             ("10.0.0.1:8000,", "endpoint entry 2 (\"\"): empty entry"),
-            ("10.0.0.1", "endpoint entry 1 (\"10.0.0.1\"): expected ip:port (IPv6 as [addr]:port)"),
-            ("localhost:80", "endpoint entry 1 (\"localhost:80\"): expected ip:port (IPv6 as [addr]:port)"),
-            ("::1:8000", "endpoint entry 1 (\"::1:8000\"): expected ip:port (IPv6 as [addr]:port)"),
-            ("10.0.0.1:99999", "endpoint entry 1 (\"10.0.0.1:99999\"): expected ip:port (IPv6 as [addr]:port)"),
-            ("10.0.0.1:0", "endpoint entry 1 (\"10.0.0.1:0\"): port 0 is not routable"),
-            ("10.0.0.1:8000, 10.0.0.1:8000", "endpoint \"10.0.0.1:8000\" is listed twice"),
+            (
+                "10.0.0.1",
+                "endpoint entry 1 (\"10.0.0.1\"): expected ip:port (IPv6 as [addr]:port)",
+            ),
+            (
+                "localhost:80",
+                "endpoint entry 1 (\"localhost:80\"): expected ip:port (IPv6 as [addr]:port)",
+            ),
+            (
+                "::1:8000",
+                "endpoint entry 1 (\"::1:8000\"): expected ip:port (IPv6 as [addr]:port)",
+            ),
+            (
+                "10.0.0.1:99999",
+                "endpoint entry 1 (\"10.0.0.1:99999\"): expected ip:port (IPv6 as [addr]:port)",
+            ),
+            (
+                "10.0.0.1:0",
+                "endpoint entry 1 (\"10.0.0.1:0\"): port 0 is not routable",
+            ),
+            (
+                "10.0.0.1:8000, 10.0.0.1:8000",
+                "endpoint \"10.0.0.1:8000\" is listed twice",
+            ),
         ];
         for (input, message) in cases {
-            assert_eq!(parse_endpoint_list(input).unwrap_err().to_string(), message, "{input:?}");
+            assert_eq!(
+                parse_endpoint_list(input).unwrap_err().to_string(),
+                message,
+                "{input:?}"
+            );
         }
     }
 
@@ -119,14 +144,19 @@ mod tests {
     async fn applies_once_marks_synced_and_stops_on_shutdown() {
         let datastore = Arc::new(Datastore::new());
         let (tx, rx) = watch::channel(false);
-        let discovery = Box::new(StaticDiscovery::from_list("10.0.0.2:8000,10.0.0.1:8000").unwrap());
+        let discovery =
+            Box::new(StaticDiscovery::from_list("10.0.0.2:8000,10.0.0.1:8000").unwrap());
         let task = tokio::spawn(discovery.run(datastore.clone(), rx));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while !datastore.is_synced() {
             assert!(std::time::Instant::now() < deadline, "never synced");
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
-        let names: Vec<_> = datastore.snapshot().iter().map(|s| s.endpoint.name.clone()).collect();
+        let names: Vec<_> = datastore
+            .snapshot()
+            .iter()
+            .map(|s| s.endpoint.name.clone())
+            .collect();
         assert_eq!(names, ["10.0.0.1:8000", "10.0.0.2:8000"]);
         tx.send(true).unwrap();
         task.await.unwrap().unwrap();

@@ -103,10 +103,6 @@ pub fn request_headers_continue() -> ProcessingResponse {
     wrap(Response::RequestHeaders(HeadersResponse::default()))
 }
 
-pub fn request_body_continue() -> ProcessingResponse {
-    wrap(Response::RequestBody(BodyResponse::default()))
-}
-
 pub fn response_body_continue() -> ProcessingResponse {
     wrap(Response::ResponseBody(BodyResponse::default()))
 }

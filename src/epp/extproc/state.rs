@@ -572,5 +572,3 @@ fn new_request_id() -> String {
     format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
 }
 
-#[cfg(test)]
-mod tests;

@@ -6,7 +6,14 @@ use xxhash_rust::xxh64::xxh64;
 
 fn hashes(model: &str, prompt: &str, block_tokens: usize, max_blocks: usize) -> Vec<u64> {
     let mut out = Vec::new();
-    hash_prompt(model.as_bytes(), b"", prompt.as_bytes(), block_tokens, max_blocks, &mut out);
+    hash_prompt(
+        model.as_bytes(),
+        b"",
+        prompt.as_bytes(),
+        block_tokens,
+        max_blocks,
+        &mut out,
+    );
     out
 }
 
@@ -75,7 +82,10 @@ fn reference_test_vector() {
     idx.record(&first, "pod1", None);
     let second = hashes("test-model1", "aaaabbbb", 1, 256);
     assert_eq!(second.len(), 2);
-    assert_eq!(matched(&idx, &second, &["pod1", "pod2", "pod3"]), vec![1, 0, 0]);
+    assert_eq!(
+        matched(&idx, &second, &["pod1", "pod2", "pod3"]),
+        vec![1, 0, 0]
+    );
 }
 
 #[test]
@@ -119,7 +129,10 @@ fn match_counts_consecutive_blocks_and_stops_at_first_unknown() {
     idx.record(&[1, 2], "b", None);
     idx.record(&[5], "c", None);
     // 4 is unknown to everyone: the walk stops there even though c holds 5.
-    assert_eq!(matched(&idx, &[1, 2, 3, 4, 5], &["a", "b", "c", "d"]), vec![3, 2, 0, 0]);
+    assert_eq!(
+        matched(&idx, &[1, 2, 3, 4, 5], &["a", "b", "c", "d"]),
+        vec![3, 2, 0, 0]
+    );
     // b holds 1 but not 9: its run ends at 1 even if it held a later block.
     idx.record(&[3], "b", None);
     assert_eq!(matched(&idx, &[1, 9, 3], &["a", "b"]), vec![1, 1]);
@@ -235,4 +248,14 @@ proptest! {
             prop_assert_eq!(idx.len(), sum);
         }
     }
+}
+
+#[test]
+fn capacity_below_shard_count_is_still_a_hard_cap() {
+    let idx = index(31250);
+    let h: Vec<u64> = (0..1000u64).map(|i| xxh64(&i.to_le_bytes(), 0)).collect();
+    idx.record(&h, "tiny", Some(3));
+    assert_eq!(idx.endpoint_capacity("tiny"), 3);
+    assert_eq!(idx.endpoint_len("tiny"), 3);
+    idx.check_invariants().unwrap();
 }

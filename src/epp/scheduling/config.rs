@@ -83,7 +83,10 @@ pub enum ConfigError {
     Decode(#[from] serde_yaml::Error),
     /// Well-formed but inconsistent (e.g. a profile references an undefined plugin).
     #[error("invalid EndpointPickerConfig: {message}{}", line_suffix(*.line))]
-    Invalid { message: String, line: Option<usize> },
+    Invalid {
+        message: String,
+        line: Option<usize>,
+    },
 }
 
 fn line_suffix(line: Option<usize>) -> String {
@@ -526,9 +529,13 @@ impl WireUtilizationParams {
             .ok()
             .filter(|&q| q > 0)
             .ok_or_else(|| format!("queueDepthThreshold must be strictly positive, got {q}"))?;
-        let kv = self.kv_cache_util_threshold.unwrap_or(d.kv_cache_util_threshold);
+        let kv = self
+            .kv_cache_util_threshold
+            .unwrap_or(d.kv_cache_util_threshold);
         if !(kv > 0.0 && kv <= 1.0) {
-            return Err(format!("kvCacheUtilThreshold must be in (0.0, 1.0], got {kv}"));
+            return Err(format!(
+                "kvCacheUtilThreshold must be in (0.0, 1.0], got {kv}"
+            ));
         }
         let staleness = match self.metrics_staleness_threshold {
             Some(s) => crate::flagfmt::parse_go_duration(&s)
@@ -540,7 +547,9 @@ impl WireUtilizationParams {
         }
         let headroom = self.headroom.unwrap_or(d.headroom);
         if !(headroom >= 0.0 && headroom.is_finite()) {
-            return Err(format!("headroom must be a non-negative value, got {headroom}"));
+            return Err(format!(
+                "headroom must be a non-negative value, got {headroom}"
+            ));
         }
         Ok(UtilizationDetectorParams {
             queue_depth_threshold,
@@ -616,13 +625,19 @@ impl<'de> DeserializeSeed<'de> for ParamsSeed {
     type Value = PluginKind;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<PluginKind, D::Error> {
-        fn opt<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<T>, D::Error> {
+        fn opt<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<T>, D::Error> {
             Option::<T>::deserialize(d)
         }
         let custom = de::Error::custom;
         Ok(match self.0 {
-            TypeTag::Queue | TypeTag::Running | TypeTag::KvCache | TypeTag::Lora
-            | TypeTag::SingleProfile | TypeTag::OpenAiParser => {
+            TypeTag::Queue
+            | TypeTag::Running
+            | TypeTag::KvCache
+            | TypeTag::Lora
+            | TypeTag::SingleProfile
+            | TypeTag::OpenAiParser => {
                 opt::<NoParams, D>(d)?;
                 kind_with_defaults(self.0)
             }
@@ -647,24 +662,24 @@ impl<'de> DeserializeSeed<'de> for ParamsSeed {
                     _ => PluginKind::WeightedRandomPicker(p),
                 }
             }
-            TypeTag::Utilization => PluginKind::UtilizationDetector(
-                match opt::<WireUtilizationParams, D>(d)? {
+            TypeTag::Utilization => {
+                PluginKind::UtilizationDetector(match opt::<WireUtilizationParams, D>(d)? {
                     Some(w) => w.validate().map_err(custom)?,
                     None => UtilizationDetectorParams::default(),
-                },
-            ),
-            TypeTag::MetricsSource => PluginKind::MetricsDataSource(
-                match opt::<WireSourceParams, D>(d)? {
+                })
+            }
+            TypeTag::MetricsSource => {
+                PluginKind::MetricsDataSource(match opt::<WireSourceParams, D>(d)? {
                     Some(w) => w.validate().map_err(custom)?,
                     None => MetricsDataSourceParams::default(),
-                },
-            ),
-            TypeTag::MetricsExtractor => PluginKind::CoreMetricsExtractor(
-                match opt::<WireExtractorParams, D>(d)? {
+                })
+            }
+            TypeTag::MetricsExtractor => {
+                PluginKind::CoreMetricsExtractor(match opt::<WireExtractorParams, D>(d)? {
                     Some(w) => w.validate().map_err(custom)?,
                     None => MetricsExtractorParams::default(),
-                },
-            ),
+                })
+            }
         })
     }
 }
@@ -754,7 +769,9 @@ fn line_of(text: &str, key: &str, value: &str) -> Option<usize> {
             if !matches!(before, None | Some(' ' | '\t' | '-' | '{' | ',')) {
                 continue;
             }
-            let Some(v) = after.strip_prefix(':') else { continue };
+            let Some(v) = after.strip_prefix(':') else {
+                continue;
+            };
             let v = v.trim_start();
             let v = v.trim_start_matches(['"', '\'']);
             if let Some(tail) = v.strip_prefix(value) {
@@ -827,13 +844,19 @@ fn build(text: &str, wire: WireConfig) -> Result<SchedulerConfig, ConfigError> {
             FEATURE_GATE_FLOW_CONTROL => {
                 return Err(ConfigError::Invalid {
                     message: format!("feature gate '{gate}' is not supported by switchyard"),
-                    line: text.lines().position(|l| l.contains(gate.as_str())).map(|i| i + 1),
+                    line: text
+                        .lines()
+                        .position(|l| l.contains(gate.as_str()))
+                        .map(|i| i + 1),
                 })
             }
             _ => {
                 return Err(ConfigError::Invalid {
                     message: format!("feature gate '{gate}' is unknown or unregistered"),
-                    line: text.lines().position(|l| l.contains(gate.as_str())).map(|i| i + 1),
+                    line: text
+                        .lines()
+                        .position(|l| l.contains(gate.as_str()))
+                        .map(|i| i + 1),
                 })
             }
         }
@@ -890,7 +913,10 @@ fn build(text: &str, wire: WireConfig) -> Result<SchedulerConfig, ConfigError> {
     }
     let default_picker = match plugins.iter().find(|p| p.kind.role() == PluginRole::Picker) {
         Some(p) => p.name.clone(),
-        None => add_default(&mut plugins, PluginKind::MaxScorePicker(PickerParams::default()))?,
+        None => add_default(
+            &mut plugins,
+            PluginKind::MaxScorePicker(PickerParams::default()),
+        )?,
     };
 
     // Profiles: validate references and resolve plugins into slots.
@@ -1052,7 +1078,10 @@ fn build(text: &str, wire: WireConfig) -> Result<SchedulerConfig, ConfigError> {
             ))
         }
         None if sd_ref == "utilization-detector" => {
-            add_default(&mut plugins, PluginKind::UtilizationDetector(Default::default()))?;
+            add_default(
+                &mut plugins,
+                PluginKind::UtilizationDetector(Default::default()),
+            )?;
             (sd_ref, UtilizationDetectorParams::default())
         }
         None => {
@@ -1097,7 +1126,11 @@ fn build(text: &str, wire: WireConfig) -> Result<SchedulerConfig, ConfigError> {
     let mut metrics_extractor = None;
     if let Some(dl) = wire.data_layer {
         for src in dl.sources {
-            match plugins.iter().find(|p| p.name == src.plugin_ref).map(|p| &p.kind) {
+            match plugins
+                .iter()
+                .find(|p| p.name == src.plugin_ref)
+                .map(|p| &p.kind)
+            {
                 Some(PluginKind::MetricsDataSource(params)) => {
                     metrics_source.get_or_insert_with(|| params.clone());
                 }
@@ -1111,7 +1144,11 @@ fn build(text: &str, wire: WireConfig) -> Result<SchedulerConfig, ConfigError> {
                 }
             }
             for ex in src.extractors {
-                match plugins.iter().find(|p| p.name == ex.plugin_ref).map(|p| &p.kind) {
+                match plugins
+                    .iter()
+                    .find(|p| p.name == ex.plugin_ref)
+                    .map(|p| &p.kind)
+                {
                     Some(PluginKind::CoreMetricsExtractor(params)) => {
                         metrics_extractor.get_or_insert_with(|| params.clone());
                     }

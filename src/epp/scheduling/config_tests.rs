@@ -1,1 +1,330 @@
-//! Config tests.
+//! EndpointPickerConfig decoding, defaulting and rejection tests.
+
+use super::*;
+
+const HEAD: &str =
+    "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n";
+
+fn cfg(body: &str) -> Result<SchedulerConfig, ConfigError> {
+    parse_config(&format!("{HEAD}{body}"))
+}
+
+fn err(body: &str) -> String {
+    match cfg(body) {
+        Ok(c) => panic!("expected an error, got {c:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn names(c: &SchedulerConfig) -> Vec<(&str, &str)> {
+    c.plugins
+        .iter()
+        .map(|p| (p.name.as_str(), p.kind.type_name()))
+        .collect()
+}
+
+#[test]
+fn default_config_is_the_reference_chart() {
+    let c = parse_config(DEFAULT_CONFIG).unwrap();
+    assert_eq!(
+        names(&c),
+        vec![
+            ("queue-scorer", "queue-scorer"),
+            ("kv-cache-utilization-scorer", "kv-cache-utilization-scorer"),
+            ("prefix-cache-scorer", "prefix-cache-scorer"),
+            ("metrics-data-source", "metrics-data-source"),
+            ("core-metrics-extractor", "core-metrics-extractor"),
+            ("single-profile-handler", "single-profile-handler"),
+            ("max-score-picker", "max-score-picker"),
+            ("utilization-detector", "utilization-detector"),
+        ]
+    );
+    assert_eq!(
+        c.profiles,
+        vec![ProfileSpec {
+            name: "default".into(),
+            filters: vec![],
+            scorers: vec![
+                ("queue-scorer".into(), 2.0),
+                ("kv-cache-utilization-scorer".into(), 2.0),
+                ("prefix-cache-scorer".into(), 3.0),
+            ],
+            picker: "max-score-picker".into(),
+        }]
+    );
+    assert_eq!(c.profile_handler, "single-profile-handler");
+    assert_eq!(
+        c.prefix_cache,
+        Some(PrefixCacheParams {
+            auto_tune: true,
+            block_size_tokens: 16,
+            max_prefix_blocks_to_match: 256,
+            max_prefix_tokens_to_match: 0,
+            lru_capacity_per_server: 31250,
+        })
+    );
+    assert_eq!(c.metrics_source, MetricsDataSourceParams::default());
+    assert_eq!(
+        c.saturation_detector,
+        (
+            "utilization-detector".into(),
+            UtilizationDetectorParams::default()
+        )
+    );
+    // Empty text means the default, as in the reference.
+    assert_eq!(parse_config("  \n").unwrap(), c);
+}
+
+#[test]
+fn no_profiles_makes_a_default_profile_of_all_scheduling_plugins() {
+    let c = cfg("plugins:\n- type: queue-scorer\n- type: lora-affinity-scorer\n  name: lora\n- type: random-picker\n- type: metrics-data-source\n").unwrap();
+    assert_eq!(
+        c.profiles,
+        vec![ProfileSpec {
+            name: "default".into(),
+            filters: vec![],
+            scorers: vec![("queue-scorer".into(), 1.0), ("lora".into(), 1.0)],
+            picker: "random-picker".into(),
+        }]
+    );
+    assert_eq!(c.profile_handler, "single-profile-handler");
+    assert_eq!(c.prefix_cache, None);
+}
+
+#[test]
+fn missing_picker_and_weight_get_defaults() {
+    let c = cfg("plugins:\n- type: kv-cache-utilization-scorer\n  name: kv\nschedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: kv\n").unwrap();
+    assert_eq!(c.profiles[0].scorers, vec![("kv".into(), 1.0)]);
+    assert_eq!(c.profiles[0].picker, "max-score-picker");
+    assert!(matches!(
+        c.plugin("max-score-picker").unwrap().kind,
+        PluginKind::MaxScorePicker(PickerParams {
+            max_num_of_endpoints: 1
+        })
+    ));
+}
+
+#[test]
+fn picker_parameters() {
+    let c = cfg("plugins:\n- type: max-score-picker\n  parameters: {maxNumOfEndpoints: 3}\n- type: weighted-random-picker\n  parameters:\n    maxNumOfEndpoints: 0\nschedulingProfiles:\n- name: default\n  plugins: [{pluginRef: max-score-picker}]\n").unwrap();
+    assert_eq!(
+        c.plugin("max-score-picker").unwrap().kind,
+        PluginKind::MaxScorePicker(PickerParams {
+            max_num_of_endpoints: 3
+        })
+    );
+    // <= 0 falls back to 1 as in the reference.
+    assert_eq!(
+        c.plugin("weighted-random-picker").unwrap().kind,
+        PluginKind::WeightedRandomPicker(PickerParams {
+            max_num_of_endpoints: 1
+        })
+    );
+}
+
+#[test]
+fn two_pickers_in_one_profile_are_rejected() {
+    // As in the reference: the implicit default profile takes every picker.
+    let e = err("plugins:\n- type: max-score-picker\n- type: random-picker\n");
+    assert!(
+        e.contains("has two pickers: 'max-score-picker' and 'random-picker'"),
+        "{e}"
+    );
+}
+
+#[test]
+fn prefix_parameters_and_parameters_before_type() {
+    let c = cfg("plugins:\n- parameters: {blockSizeTokens: 32, autoTune: false, maxPrefixTokensToMatch: 1024, lruCapacityPerServer: 500}\n  type: prefix-cache-scorer\n").unwrap();
+    assert_eq!(
+        c.prefix_cache,
+        Some(PrefixCacheParams {
+            auto_tune: false,
+            block_size_tokens: 32,
+            max_prefix_blocks_to_match: 256,
+            max_prefix_tokens_to_match: 1024,
+            lru_capacity_per_server: 500,
+        })
+    );
+}
+
+#[test]
+fn optional_top_level_sections() {
+    let c = cfg(r#"featureGates: [dataLayer]
+plugins:
+- type: queue-scorer
+- name: sat
+  type: utilization-detector
+  parameters: {queueDepthThreshold: 8, kvCacheUtilThreshold: 0.9, metricsStalenessThreshold: 1s, headroom: 0.1}
+- name: src
+  type: metrics-data-source
+  parameters: {scheme: https, path: /stats, insecureSkipVerify: false}
+- name: ex
+  type: core-metrics-extractor
+  parameters: {defaultEngine: sglang}
+- type: openai-parser
+saturationDetector:
+  pluginRef: sat
+dataLayer:
+  sources:
+  - pluginRef: src
+    extractors:
+    - pluginRef: ex
+parser:
+  pluginRef: openai-parser
+flowControl:
+  maxRequests: "100"
+"#)
+    .unwrap();
+    assert_eq!(c.feature_gates, vec!["dataLayer".to_string()]);
+    assert_eq!(
+        c.saturation_detector,
+        (
+            "sat".into(),
+            UtilizationDetectorParams {
+                queue_depth_threshold: 8,
+                kv_cache_util_threshold: 0.9,
+                metrics_staleness_threshold: Duration::from_secs(1),
+                headroom: 0.1,
+            }
+        )
+    );
+    assert_eq!(
+        c.metrics_source,
+        MetricsDataSourceParams {
+            scheme: "https".into(),
+            path: "/stats".into(),
+            insecure_skip_verify: false,
+        }
+    );
+    assert_eq!(c.metrics_extractor.default_engine, EngineType::Sglang);
+    assert!(c.plugin("utilization-detector").is_none());
+}
+
+#[test]
+fn unknown_plugin_type_names_type_and_line() {
+    let e = err("plugins:\n- type: queue-scorer\n- type: fancy-scorer\n  name: x\n");
+    assert!(
+        e.contains("plugin type 'fancy-scorer' is not registered"),
+        "{e}"
+    );
+    assert!(e.contains("line 5"), "{e}");
+    let e = err("plugins:\n- type: token-load-scorer\n");
+    assert!(
+        e.contains("'token-load-scorer' is not supported by switchyard"),
+        "{e}"
+    );
+    assert!(e.contains("line 4"), "{e}");
+    let e = err("plugins:\n- name: x\n");
+    assert!(
+        e.contains("missing field `type`") && e.contains("line 4"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_parameters_are_rejected_with_their_line() {
+    let e = err("plugins:\n- type: prefix-cache-scorer\n  parameters:\n    blockSizeTokens: 16\n    lruCapacity: 5\n");
+    assert!(
+        e.contains("unknown field `lruCapacity`") && e.contains("line 7"),
+        "{e}"
+    );
+    let e = err("plugins:\n- type: prefix-cache-scorer\n  parameters: {blockSizeTokens: 0, autoTune: false}\n");
+    assert!(
+        e.contains("blockSizeTokens must be > 0 when autoTune is disabled, got 0"),
+        "{e}"
+    );
+    // Value checks run once the entry is read, so they point at the entry's first line.
+    assert!(e.contains("plugins[0]") && e.contains("line 4"), "{e}");
+    let e = err("plugins:\n- type: prefix-cache-scorer\n  parameters: {lruCapacityPerServer: 0}\n");
+    assert!(e.contains("lruCapacityPerServer must be > 0"), "{e}");
+    let e = err("plugins:\n- type: queue-scorer\n  parameters: {threshold: 1}\n");
+    assert!(e.contains("unknown field `threshold`"), "{e}");
+    let e = err("plugins:\n- type: max-score-picker\n  parameters: {maxNumOfEndpoints: many}\n");
+    assert!(
+        e.contains("maxNumOfEndpoints") && e.contains("line 5"),
+        "{e}"
+    );
+    let e =
+        err("plugins:\n- type: utilization-detector\n  parameters: {kvCacheUtilThreshold: 1.5}\n");
+    assert!(
+        e.contains("kvCacheUtilThreshold must be in (0.0, 1.0], got 1.5"),
+        "{e}"
+    );
+    let e = err("plugins:\n- type: core-metrics-extractor\n  parameters: {defaultEngine: tgi}\n");
+    assert!(e.contains("unknown engine type \"tgi\""), "{e}");
+}
+
+#[test]
+fn bad_weights_and_keys_are_rejected() {
+    let e = err("plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: queue-scorer\n    weight: -2\n");
+    assert!(
+        e.contains("weight must be a finite number >= 0, got -2"),
+        "{e}"
+    );
+    assert!(
+        e.contains("schedulingProfiles[0].plugins[0]") && e.contains("line 8"),
+        "{e}"
+    );
+    let e = err("plugins: []\nschedulingProfile: []\n");
+    assert!(
+        e.contains("unknown field `schedulingProfile`") && e.contains("line 4"),
+        "{e}"
+    );
+    let e = err("plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: queue-scorer\n    wieght: 2\n");
+    assert!(
+        e.contains("unknown field `wieght`") && e.contains("line 9"),
+        "{e}"
+    );
+}
+
+#[test]
+fn cross_reference_errors_are_located() {
+    let e = err("plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: queue-scorer\n  - pluginRef: kv-scorer\n");
+    assert_eq!(
+        e,
+        "invalid EndpointPickerConfig: schedulingProfiles[default] references undefined plugin 'kv-scorer' at line 9"
+    );
+    let e = err("plugins:\n- type: queue-scorer\n- type: queue-scorer\n");
+    assert!(e.contains("duplicate plugin name 'queue-scorer'"), "{e}");
+    let e = err("plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: a\n  plugins: [{pluginRef: queue-scorer}]\n- name: b\n  plugins: [{pluginRef: queue-scorer}]\n");
+    assert!(e.contains("no profile handler configured"), "{e}");
+    let e = err(
+        "plugins:\n- type: single-profile-handler\nschedulingProfiles:\n- name: a\n- name: b\n",
+    );
+    assert!(
+        e.contains("SingleProfileHandler cannot support multiple scheduling profiles at line 7"),
+        "{e}"
+    );
+    let e = err("plugins:\n- type: queue-scorer\nsaturationDetector: {pluginRef: queue-scorer}\n");
+    assert!(
+        e.contains("is a 'queue-scorer', not a saturation detector"),
+        "{e}"
+    );
+    let e = err("plugins:\n- type: prefix-cache-scorer\n- type: prefix-cache-scorer\n  name: p2\n  parameters: {blockSizeTokens: 8}\n");
+    assert!(e.contains("have different parameters"), "{e}");
+}
+
+#[test]
+fn header_is_checked() {
+    let e = parse_config("kind: EndpointPickerConfig\nplugins: []\n")
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e, "invalid EndpointPickerConfig: apiVersion is missing");
+    let e = parse_config("apiVersion: v1\nkind: EndpointPickerConfig\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("apiVersion must be") && e.contains("line 1"),
+        "{e}"
+    );
+    let e = err("featureGates: [warpDrive]\n");
+    assert!(
+        e.contains("feature gate 'warpDrive' is unknown or unregistered at line 3"),
+        "{e}"
+    );
+    let e = parse_config("plugins: [\n").unwrap_err().to_string();
+    assert!(
+        e.starts_with("invalid EndpointPickerConfig: ") && e.contains("line"),
+        "{e}"
+    );
+}

@@ -59,6 +59,8 @@ pub struct ScheduleResult {
     /// Prefix blocks the primary endpoint was estimated to hold, and the request's block count.
     pub prefix_matched_blocks: usize,
     pub prefix_total_blocks: usize,
+    /// Total weighted score of each entry of `endpoints`.
+    pub scores: Vec<f64>,
 }
 
 /// Why no endpoint was picked. `Display` is the text after "failed to find target endpoint: ".
@@ -86,8 +88,8 @@ const LATENCY_BUCKETS: [f64; 10] = [
 ];
 const HIT_RATIO_BUCKETS: [f64; 11] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
 const HIT_BYTES_BUCKETS: [f64; 14] = [
-    0.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
-    32768.0, 65536.0,
+    0.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0,
+    65536.0,
 ];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -184,6 +186,7 @@ struct Profile {
 /// A successful profile run.
 struct ProfileRun {
     endpoints: Vec<Arc<EndpointSnapshot>>,
+    scores: Vec<f64>,
     /// The primary's matched prefix blocks, when this profile ran the prefix scorer.
     primary_prefix_match: Option<usize>,
 }
@@ -233,8 +236,9 @@ impl Profile {
             scorer.score(cycle, endpoints, &mut buf);
             observe_since(hist, t);
             for (acc, s) in total.iter_mut().zip(&buf) {
-                // Clamp to [0, 1]; NaN counts as 0.
-                *acc += weight * s.max(0.0).min(1.0);
+                // Clamp to [0, 1]; a NaN score counts as 0.
+                let s = if s.is_nan() { 0.0 } else { s.clamp(0.0, 1.0) };
+                *acc += weight * s;
             }
         }
 
@@ -264,6 +268,7 @@ impl Profile {
                 .iter()
                 .map(|s| endpoints[s.index].clone())
                 .collect(),
+            scores: scored[..take].iter().map(|s| s.score).collect(),
             primary_prefix_match,
         })
     }
@@ -452,7 +457,8 @@ impl Scheduler {
                 let picker_hist = metrics.plugin(EP_PICKER, picker.plugin_type(), picker.name());
                 Profile {
                     name: spec.name.clone(),
-                    // No filter plugin types exist yet; `spec.filters` is always empty.
+                    // No filter plugin types are configurable yet (`spec.filters` is always
+                    // empty); code adds filters with `push_filter`.
                     filters: Vec::new(),
                     scorers,
                     picker: (picker, picker_hist),
@@ -569,7 +575,23 @@ impl Scheduler {
             profile: self.profile_names.get(primary).cloned().unwrap_or_default(),
             prefix_matched_blocks: matched,
             prefix_total_blocks: hashes.len(),
+            scores: run.scores,
         })
+    }
+
+    /// Appends a filter built in code (no filter plugin types are configurable yet) to the
+    /// named profile. Returns false when there is no such profile.
+    pub fn push_filter(&mut self, profile: &str, filter: Arc<dyn Filter>) -> bool {
+        let hist = self
+            .metrics
+            .plugin(EP_FILTER, filter.plugin_type(), filter.name());
+        match self.profiles.iter_mut().find(|p| p.name == profile) {
+            Some(p) => {
+                p.filters.push((filter, hist));
+                true
+            }
+            None => false,
+        }
     }
 
     /// Forget everything about an endpoint that left the pool.

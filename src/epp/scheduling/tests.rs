@@ -1,1 +1,287 @@
-//! Scheduler tests.
+//! Scheduler tests: the REFERENCE.md §2 worked example, prefix affinity, tie spreading,
+//! fallbacks, failures and metrics.
+
+use std::collections::HashMap;
+
+use super::plugins::Plugin;
+use super::*;
+use crate::epp::endpoint::{Endpoint, EndpointMetrics, LoraInfo};
+
+fn ep(i: u8, metrics: EndpointMetrics) -> Arc<EndpointSnapshot> {
+    let addr = format!("192.168.1.{i}:8000").parse().unwrap();
+    Arc::new(EndpointSnapshot {
+        endpoint: Arc::new(Endpoint::from_addr(addr)),
+        metrics,
+    })
+}
+
+fn m(queue: u32, kv: f64) -> EndpointMetrics {
+    EndpointMetrics {
+        waiting_queue_size: queue,
+        kv_cache_usage: kv,
+        ..Default::default()
+    }
+}
+
+fn req(prompt: &[u8]) -> SchedulingRequest<'_> {
+    SchedulingRequest {
+        request_id: "test-request-id",
+        target_model: "sql-lora-1fdg2",
+        prompt,
+        cache_salt: b"",
+        fallbacks: 0,
+    }
+}
+
+fn scheduler(yaml: &str) -> (Scheduler, Registry) {
+    let mut registry = Registry::default();
+    let s = Scheduler::new(&parse_config(yaml).unwrap(), &mut registry);
+    (s, registry)
+}
+
+fn names(r: &ScheduleResult) -> Vec<String> {
+    r.endpoints
+        .iter()
+        .map(|e| e.endpoint.name.clone())
+        .collect()
+}
+
+const QUEUE_KV_LORA: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: lora-affinity-scorer
+";
+
+/// REFERENCE.md §2: all weights 1, no prefix hits → 2.2 / 1.15 / 0.1, P0 wins.
+#[test]
+fn reference_worked_example() {
+    let (s, _) = scheduler(QUEUE_KV_LORA);
+    let mut p0 = m(6, 0.2);
+    p0.lora = Some(LoraInfo {
+        max_lora: 2,
+        running: vec!["sql-lora-1fdg2".into()],
+        waiting: vec![],
+    });
+    let pods = [ep(1, p0), ep(2, m(0, 0.85)), ep(3, m(10, 0.9))];
+    let mut r = req(b"hello");
+    r.fallbacks = 2;
+    let out = s.schedule(&r, &pods).unwrap();
+    assert_eq!(
+        names(&out),
+        ["192.168.1.1:8000", "192.168.1.2:8000", "192.168.1.3:8000"]
+    );
+    let expected = [2.2, 1.15, 0.1];
+    for (got, want) in out.scores.iter().zip(expected) {
+        assert!((got - want).abs() < 1e-9, "{:?}", out.scores);
+    }
+    assert_eq!(out.profile, "default");
+    assert_eq!(out.prefix_total_blocks, 0);
+}
+
+/// REFERENCE.md §5 "lower queue and kv wins" with the default config.
+#[test]
+fn default_config_prefers_lower_queue_and_kv() {
+    let (s, _) = scheduler(DEFAULT_CONFIG);
+    let pods = [ep(1, m(3, 0.2)), ep(2, m(0, 0.1)), ep(3, m(10, 0.2))];
+    let out = s.schedule(&req(b"test"), &pods).unwrap();
+    assert_eq!(names(&out), ["192.168.1.2:8000"]);
+}
+
+#[test]
+fn shared_prefix_sticks_to_the_first_choice() {
+    let (s, _) = scheduler(DEFAULT_CONFIG);
+    let pods = [ep(1, m(0, 0.0)), ep(2, m(0, 0.0)), ep(3, m(0, 0.0))];
+    let prompt = "You are a helpful assistant. ".repeat(40); // 1160 bytes → 18 blocks of 64
+    let first = s.schedule(&req(prompt.as_bytes()), &pods).unwrap();
+    assert_eq!(first.prefix_total_blocks, 18);
+    assert_eq!(first.prefix_matched_blocks, 0);
+    let chosen = first.endpoints[0].endpoint.name.clone();
+    let longer = format!("{prompt}And now a new question?");
+    for _ in 0..20 {
+        let out = s.schedule(&req(longer.as_bytes()), &pods).unwrap();
+        assert_eq!(out.endpoints[0].endpoint.name, chosen);
+        assert_eq!(out.prefix_matched_blocks, 18);
+    }
+    let view = s.prefix_match(&req(prompt.as_bytes()), &pods);
+    let want: Vec<usize> = pods
+        .iter()
+        .map(|p| if p.endpoint.name == chosen { 18 } else { 0 })
+        .collect();
+    assert_eq!(view, want);
+    // A different model does not share the prefix.
+    let mut other = req(prompt.as_bytes());
+    other.target_model = "other-model";
+    assert_eq!(s.prefix_match(&other, &pods), vec![0, 0, 0]);
+    // Once the endpoint leaves, its entries are gone.
+    s.remove_endpoint(&chosen);
+    assert_eq!(
+        s.prefix_match(&req(prompt.as_bytes()), &pods),
+        vec![0, 0, 0]
+    );
+    assert_eq!(s.prefix_index().unwrap().len(), 0);
+}
+
+#[test]
+fn load_outweighs_a_partial_prefix_hit() {
+    let (s, _) = scheduler(DEFAULT_CONFIG);
+    let prompt = "x".repeat(64 * 4);
+    let pods = [ep(1, m(0, 0.0)), ep(2, m(0, 0.0))];
+    let first = s.schedule(&req(prompt.as_bytes()), &pods).unwrap();
+    let hot = first.endpoints[0].endpoint.name.clone();
+    // The prefix holder becomes the busiest and fullest: 3×1 < 2×1 + 2×1.
+    let loaded: Vec<_> = (1..=2u8)
+        .map(|i| {
+            let name = format!("192.168.1.{i}:8000");
+            ep(i, if name == hot { m(10, 1.0) } else { m(0, 0.0) })
+        })
+        .collect();
+    let out = s.schedule(&req(prompt.as_bytes()), &loaded).unwrap();
+    assert_ne!(out.endpoints[0].endpoint.name, hot);
+    assert!((out.scores[0] - 4.0).abs() < 1e-9, "{:?}", out.scores);
+}
+
+#[test]
+fn equal_scores_are_spread_across_endpoints() {
+    let (s, _) = scheduler(QUEUE_KV_LORA);
+    let pods: Vec<_> = (1..=3).map(|i| ep(i, m(2, 0.5))).collect();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..3000 {
+        let out = s.schedule(&req(b""), &pods).unwrap();
+        *counts
+            .entry(out.endpoints[0].endpoint.name.clone())
+            .or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3);
+    for (name, n) in counts {
+        // Expected 1000 each; a generous bound (about 8 sigma).
+        assert!((800..=1200).contains(&n), "{name}: {n}");
+    }
+}
+
+#[test]
+fn fallbacks_are_distinct_in_descending_score_order() {
+    let (s, _) = scheduler(QUEUE_KV_LORA);
+    let pods = [
+        ep(1, m(5, 0.5)),
+        ep(2, m(0, 0.0)),
+        ep(3, m(10, 0.9)),
+        ep(4, m(1, 0.1)),
+    ];
+    let mut r = req(b"");
+    r.fallbacks = 2;
+    let out = s.schedule(&r, &pods).unwrap();
+    assert_eq!(
+        names(&out),
+        ["192.168.1.2:8000", "192.168.1.4:8000", "192.168.1.1:8000"]
+    );
+    r.fallbacks = 10;
+    let out = s.schedule(&r, &pods).unwrap();
+    assert_eq!(out.endpoints.len(), 4);
+    assert!(
+        out.scores.windows(2).all(|w| w[0] >= w[1]),
+        "{:?}",
+        out.scores
+    );
+}
+
+#[test]
+fn picker_max_endpoints_is_honoured() {
+    let (s, _) = scheduler(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: max-score-picker
+  parameters: {maxNumOfEndpoints: 2}
+",
+    );
+    let pods = [ep(1, m(5, 0.0)), ep(2, m(0, 0.0)), ep(3, m(10, 0.0))];
+    let out = s.schedule(&req(b""), &pods).unwrap();
+    assert_eq!(names(&out), ["192.168.1.2:8000", "192.168.1.1:8000"]);
+}
+
+#[derive(Debug)]
+struct DropAll;
+
+impl Plugin for DropAll {
+    fn plugin_type(&self) -> &'static str {
+        "drop-all-filter"
+    }
+    fn name(&self) -> &str {
+        "drop-all"
+    }
+}
+
+impl Filter for DropAll {
+    fn filter(&self, _: &CycleState<'_>, endpoints: &mut Vec<Arc<EndpointSnapshot>>) {
+        endpoints.clear();
+    }
+}
+
+#[test]
+fn no_endpoints_or_empty_filter_fails_the_profile() {
+    let (mut s, _) = scheduler(DEFAULT_CONFIG);
+    let e = s.schedule(&req(b"hi"), &[]).unwrap_err();
+    assert_eq!(e.to_string(), "failed to run scheduler profile 'default'");
+    assert!(s.push_filter("default", Arc::new(DropAll)));
+    assert!(!s.push_filter("nope", Arc::new(DropAll)));
+    let pods = [ep(1, m(0, 0.0))];
+    let e = s.schedule(&req(b"hi"), &pods).unwrap_err();
+    assert_eq!(
+        e,
+        ScheduleError::ProfileFailed {
+            profile: "default".into()
+        }
+    );
+    assert_eq!(s.prefix_index().unwrap().len(), 0);
+}
+
+#[test]
+fn auto_tune_uses_the_endpoint_block_size_and_capacity() {
+    // A small default capacity keeps one shard, so the endpoint's LRU order is exact.
+    let (s, _) = scheduler(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: prefix-cache-scorer
+  parameters: {lruCapacityPerServer: 100}
+",
+    );
+    let mut metrics = m(0, 0.0);
+    metrics.kv_block_size = Some(1); // 4-byte blocks
+    metrics.kv_num_blocks = Some(2); // LRU capacity 2
+    let pods = [ep(1, metrics)];
+    let out = s.schedule(&req(b"aaaabbbbcccc"), &pods).unwrap();
+    assert_eq!(out.prefix_total_blocks, 3);
+    let index = s.prefix_index().unwrap();
+    assert_eq!(index.endpoint_capacity("192.168.1.1:8000"), 2);
+    assert_eq!(index.endpoint_len("192.168.1.1:8000"), 2);
+    // The head of the prompt survives eviction (recorded last-first).
+    assert_eq!(s.prefix_match(&req(b"aaaabbbbcccc"), &pods), vec![2]);
+}
+
+#[test]
+fn metrics_are_registered_and_observed() {
+    let (s, registry) = scheduler(DEFAULT_CONFIG);
+    let pods = [ep(1, m(0, 0.0)), ep(2, m(1, 0.5))];
+    let prompt = "y".repeat(64 * 2);
+    s.schedule(&req(prompt.as_bytes()), &pods).unwrap();
+    s.schedule(&req(prompt.as_bytes()), &pods).unwrap();
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    for needle in [
+        "inference_extension_scheduler_e2e_duration_seconds_count 2",
+        "inference_extension_plugin_duration_seconds_count{extension_point=\"Scorer\",plugin_type=\"prefix-cache-scorer\",plugin_name=\"prefix-cache-scorer\"} 2",
+        "inference_extension_plugin_duration_seconds_count{extension_point=\"Picker\",plugin_type=\"max-score-picker\",plugin_name=\"max-score-picker\"} 2",
+        "inference_extension_plugin_duration_seconds_count{extension_point=\"ProfilePicker\",plugin_type=\"single-profile-handler\",plugin_name=\"single-profile-handler\"} 4",
+        "inference_extension_prefix_indexer_size 2",
+        "inference_extension_prefix_indexer_hit_ratio_sum 1.0",
+        "inference_extension_prefix_indexer_hit_ratio_count 2",
+        "inference_extension_prefix_indexer_hit_bytes_sum 128.0",
+        "inference_extension_prefix_indexer_hit_bytes_bucket{le=\"128.0\"} 2",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+}

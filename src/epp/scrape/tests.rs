@@ -69,8 +69,14 @@ fn vllm_old_kv_name_and_optional_families() {
     assert_eq!(m.lora, None, "no LoRA family → no LoRA info");
 
     // The current name wins when both are present.
-    let both = format!("{page}# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc 0.5\n");
-    assert_eq!(extract_metrics(EngineType::Vllm, &both).unwrap().kv_cache_usage, 0.5);
+    let both =
+        format!("{page}# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc 0.5\n");
+    assert_eq!(
+        extract_metrics(EngineType::Vllm, &both)
+            .unwrap()
+            .kv_cache_usage,
+        0.5
+    );
 }
 
 #[test]
@@ -82,7 +88,10 @@ fn lora_largest_timestamp_wins_and_empty_lists() {
                 vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"a,b\",waiting_lora_adapters=\"c\"} 100\n\
                 vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"} 300\n\
                 vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"z\",waiting_lora_adapters=\"\"} 200\n";
-    let lora = extract_metrics(EngineType::Vllm, page).unwrap().lora.unwrap();
+    let lora = extract_metrics(EngineType::Vllm, page)
+        .unwrap()
+        .lora
+        .unwrap();
     assert_eq!(
         lora,
         LoraInfo {
@@ -217,7 +226,9 @@ fn missing_untyped_and_histogram_families_are_errors_naming_them() {
     let untyped = format!("{base}vllm:kv_cache_usage_perc 0.5\n");
     assert!(matches!(
         extract_metrics(EngineType::Vllm, &untyped).unwrap_err(),
-        ScrapeError::MissingFamily { family: "vllm:kv_cache_usage_perc" }
+        ScrapeError::MissingFamily {
+            family: "vllm:kv_cache_usage_perc"
+        }
     ));
     let histogram = format!(
         "{base}# TYPE vllm:kv_cache_usage_perc histogram\nvllm:kv_cache_usage_perc_bucket{{le=\"1\"}} 1\n"
@@ -234,7 +245,9 @@ fn missing_untyped_and_histogram_families_are_errors_naming_them() {
     let triton = "# TYPE nv_trt_llm_request_metrics gauge\n\
                   nv_trt_llm_request_metrics{request_type=\"waiting\"} 1\n";
     assert_eq!(
-        extract_metrics(EngineType::TritonTensorrtLlm, triton).unwrap_err().to_string(),
+        extract_metrics(EngineType::TritonTensorrtLlm, triton)
+            .unwrap_err()
+            .to_string(),
         "no series of \"nv_trt_llm_request_metrics\" matches {request_type=\"scheduled\"}"
     );
 }
@@ -243,7 +256,9 @@ fn missing_untyped_and_histogram_families_are_errors_naming_them() {
 fn malformed_and_invalid_values_are_errors() {
     let page = "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{a=\"x} 1\n";
     assert_eq!(
-        extract_metrics(EngineType::Vllm, page).unwrap_err().to_string(),
+        extract_metrics(EngineType::Vllm, page)
+            .unwrap_err()
+            .to_string(),
         "invalid exposition: line 2: unterminated value of label \"a\""
     );
     for bad in ["NaN", "-1", "+Inf"] {
@@ -255,7 +270,10 @@ fn malformed_and_invalid_values_are_errors() {
         assert!(
             matches!(
                 extract_metrics(EngineType::Vllm, &page),
-                Err(ScrapeError::InvalidValue { family: "vllm:num_requests_waiting", .. })
+                Err(ScrapeError::InvalidValue {
+                    family: "vllm:num_requests_waiting",
+                    ..
+                })
             ),
             "{bad}"
         );

@@ -13,6 +13,9 @@ use super::qwen2::Qwen2Weights;
 use super::weights::{Tensor, WeightStore};
 use super::ModelConfig;
 
+/// `(name, shape, row-major values)` of one tensor.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// Storage dtype of the written safetensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TinyDtype {
@@ -177,7 +180,7 @@ pub fn config_json(spec: &TinyQwen2) -> Value {
 
 /// Every tensor of the model as `(name, shape, values)`, values already rounded to
 /// `spec.dtype` so a reader of the file sees exactly these numbers.
-pub fn tiny_qwen2_tensors(spec: &TinyQwen2) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+pub fn tiny_qwen2_tensors(spec: &TinyQwen2) -> Vec<NamedTensor> {
     let mut rng = SplitMix64(spec.seed ^ 0x5157_454e_3221_0001);
     let (h, i, v) = (spec.hidden, spec.intermediate, spec.vocab);
     let head = h / spec.heads.max(1);
@@ -189,7 +192,7 @@ pub fn tiny_qwen2_tensors(spec: &TinyQwen2) -> Vec<(String, Vec<usize>, Vec<f32>
         let a = (3.0 / inp as f64).sqrt() as f32;
         rng.uniform_vec(out * inp, a)
     };
-    let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut t: Vec<NamedTensor> = Vec::new();
     t.push((
         "model.embed_tokens.weight".into(),
         vec![v, h],
@@ -284,7 +287,7 @@ pub fn tiny_qwen2_in_memory(spec: &TinyQwen2) -> anyhow::Result<(ModelConfig, Qw
 /// Writes `tensors` as one safetensors file in `dtype`.
 pub fn write_safetensors(
     path: &Path,
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    tensors: &[NamedTensor],
     dtype: TinyDtype,
 ) -> anyhow::Result<()> {
     let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors

@@ -28,7 +28,10 @@ modelRewrites:
 ";
 
 fn names(ds: &Datastore) -> Vec<String> {
-    ds.snapshot().iter().map(|s| s.endpoint.name.clone()).collect()
+    ds.snapshot()
+        .iter()
+        .map(|s| s.endpoint.name.clone())
+        .collect()
 }
 
 #[test]
@@ -108,10 +111,16 @@ fn bad_files_are_errors_naming_the_line() {
         ),
         ("endpoints: [\n", "p: line 2, column 1: did not find expected node content"),
     ];
-    for (text, message) in cases {
-        let err = parse_pool_file(text.as_bytes(), "p").unwrap_err();
-        assert_eq!(err.to_string(), message, "{text:?}");
-    }
+    let mismatches: Vec<String> = cases
+        .iter()
+        .filter_map(|(text, message)| {
+            let got = parse_pool_file(text.as_bytes(), "p")
+                .unwrap_err()
+                .to_string();
+            (got != *message).then(|| format!("{text:?}\n  got:  {got}\n  want: {message}"))
+        })
+        .collect();
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
 }
 
 #[test]
@@ -163,10 +172,18 @@ fn size_and_count_caps() {
     for i in 0..MAX_ENDPOINTS {
         at_cap.push_str(&format!("- address: 10.{}.{}.1:8000\n", i / 256, i % 256));
     }
-    assert_eq!(parse_pool_file(at_cap.as_bytes(), "p").unwrap().endpoints.len(), MAX_ENDPOINTS);
+    assert_eq!(
+        parse_pool_file(at_cap.as_bytes(), "p")
+            .unwrap()
+            .endpoints
+            .len(),
+        MAX_ENDPOINTS
+    );
     let over = format!("{at_cap}- address: 10.255.255.1:8000\n");
     assert_eq!(
-        parse_pool_file(over.as_bytes(), "p").unwrap_err().to_string(),
+        parse_pool_file(over.as_bytes(), "p")
+            .unwrap_err()
+            .to_string(),
         "p: 10001 endpoints, over the limit of 10000"
     );
 }

@@ -53,7 +53,11 @@ struct PoolRefWire {
 
 impl PoolRef {
     fn is(&self, wire: &PoolRefWire) -> bool {
-        let group = wire.group.as_deref().filter(|g| !g.is_empty()).unwrap_or(DEFAULT_POOL_REF_GROUP);
+        let group = wire
+            .group
+            .as_deref()
+            .filter(|g| !g.is_empty())
+            .unwrap_or(DEFAULT_POOL_REF_GROUP);
         wire.name == self.name && group == self.group
     }
 }
@@ -170,7 +174,9 @@ pub fn parse_rewrite(obj: &DynamicObject, pool: &PoolRef) -> Option<Rewrite> {
                 // future type is not mistaken for an exact match.
                 match m.type_.as_deref() {
                     None | Some("Exact") => models.push(m.value),
-                    Some(other) => tracing::warn!(kind = other, "ignoring unsupported model match type"),
+                    Some(other) => {
+                        tracing::warn!(kind = other, "ignoring unsupported model match type")
+                    }
                 }
             }
             // Weights are all set or all unset; unset means an equal split.
@@ -254,18 +260,36 @@ mod tests {
 
     #[test]
     fn objectives_filter_by_pool_ref_and_default_priority() {
-        let mine = obj(json!({"metadata": {"name": "a"}, "spec": {"priority": 3, "poolRef": {"name": "pool"}}}));
-        assert_eq!(parse_objective(&mine, &pool()), Some(Objective { priority: 3 }));
-        let unset = obj(json!({"metadata": {"name": "b"}, "spec": {"poolRef": {"name": "pool", "group": DEFAULT_POOL_REF_GROUP}}}));
-        assert_eq!(parse_objective(&unset, &pool()), Some(Objective { priority: 0 }));
-        let other = obj(json!({"metadata": {"name": "c"}, "spec": {"priority": 1, "poolRef": {"name": "other"}}}));
+        let mine = obj(
+            json!({"metadata": {"name": "a"}, "spec": {"priority": 3, "poolRef": {"name": "pool"}}}),
+        );
+        assert_eq!(
+            parse_objective(&mine, &pool()),
+            Some(Objective { priority: 3 })
+        );
+        let unset = obj(
+            json!({"metadata": {"name": "b"}, "spec": {"poolRef": {"name": "pool", "group": DEFAULT_POOL_REF_GROUP}}}),
+        );
+        assert_eq!(
+            parse_objective(&unset, &pool()),
+            Some(Objective { priority: 0 })
+        );
+        let other = obj(
+            json!({"metadata": {"name": "c"}, "spec": {"priority": 1, "poolRef": {"name": "other"}}}),
+        );
         assert_eq!(parse_objective(&other, &pool()), None);
-        let other_group = obj(json!({"metadata": {"name": "c"}, "spec": {"poolRef": {"name": "pool", "group": "x.io"}}}));
+        let other_group = obj(
+            json!({"metadata": {"name": "c"}, "spec": {"poolRef": {"name": "pool", "group": "x.io"}}}),
+        );
         assert_eq!(parse_objective(&other_group, &pool()), None);
-        let deleting = obj(json!({"metadata": {"name": "d", "deletionTimestamp": "2026-01-01T00:00:00Z"},
-            "spec": {"poolRef": {"name": "pool"}}}));
+        let deleting = obj(
+            json!({"metadata": {"name": "d", "deletionTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"poolRef": {"name": "pool"}}}),
+        );
         assert_eq!(parse_objective(&deleting, &pool()), None);
-        let malformed = obj(json!({"metadata": {"name": "e"}, "spec": {"priority": "high", "poolRef": {"name": "pool"}}}));
+        let malformed = obj(
+            json!({"metadata": {"name": "e"}, "spec": {"priority": "high", "poolRef": {"name": "pool"}}}),
+        );
         assert_eq!(parse_objective(&malformed, &pool()), None);
     }
 
@@ -287,7 +311,9 @@ mod tests {
                 {"targets": [{"modelRewrite": "fallback-new"}]}
             ]}
         }));
-        let foreign = obj(json!({"metadata": {"name": "x"}, "spec": {"poolRef": {"name": "other"}, "rules": []}}));
+        let foreign = obj(
+            json!({"metadata": {"name": "x"}, "spec": {"poolRef": {"name": "other"}, "rules": []}}),
+        );
         let no_ref = obj(json!({"metadata": {"name": "y"}, "spec": {"rules": []}}));
         assert_eq!(parse_rewrite(&foreign, &pool()), None);
         assert_eq!(parse_rewrite(&no_ref, &pool()), None);
@@ -298,8 +324,14 @@ mod tests {
         let mut objectives = BTreeMap::new();
         objectives.insert("sql-lora".to_string(), Objective { priority: 2 });
         let (policy, generic) = build_policy(&objectives, &rewrites);
-        assert_eq!(policy.objectives, HashMap::from([("sql-lora".to_string(), 2)]));
-        assert_eq!(policy.model_rewrites["m"], vec![target("m-v1", 90), target("m-v2", 10)]);
+        assert_eq!(
+            policy.objectives,
+            HashMap::from([("sql-lora".to_string(), 2)])
+        );
+        assert_eq!(
+            policy.model_rewrites["m"],
+            vec![target("m-v1", 90), target("m-v2", 10)]
+        );
         assert_eq!(policy.model_rewrites["n"], vec![target("ignored", 1)]);
         assert_eq!(policy.model_rewrites.len(), 2);
         assert_eq!(generic, Some(vec![target("fallback-old", 1)]));

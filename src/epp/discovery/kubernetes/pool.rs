@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ApiResource, DynamicObject};
 use serde::Deserialize;
 
-use crate::epp::endpoint::{EngineType, Endpoint};
+use crate::epp::endpoint::{Endpoint, EngineType};
 
 /// API group of the GA InferencePool (`inference.networking.k8s.io/v1`).
 pub const GROUP_V1: &str = "inference.networking.k8s.io";
@@ -192,7 +192,11 @@ impl PoolTarget {
         let (labels, ports) = match group {
             GROUP_V1 => {
                 let spec = PoolSpecV1::deserialize(spec).map_err(invalid)?;
-                let ports = spec.target_ports.iter().map(|p| p.number).collect::<Vec<_>>();
+                let ports = spec
+                    .target_ports
+                    .iter()
+                    .map(|p| p.number)
+                    .collect::<Vec<_>>();
                 (spec.selector.match_labels, ports)
             }
             GROUP_V1ALPHA2 => {
@@ -206,7 +210,12 @@ impl PoolTarget {
         }
         let target_ports = ports
             .into_iter()
-            .map(|p| u16::try_from(p).ok().filter(|p| *p > 0).ok_or(PoolError::PortOutOfRange(p)))
+            .map(|p| {
+                u16::try_from(p)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or(PoolError::PortOutOfRange(p))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(PoolTarget {
             selector: LabelSelector::from_match_labels(&labels),
@@ -325,7 +334,10 @@ mod tests {
     use serde_json::json;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn pod(value: serde_json::Value) -> PodInfo {
@@ -342,11 +354,24 @@ mod tests {
     #[test]
     fn selector_parse_match_and_display() {
         let s = LabelSelector::parse("app = vllm, tier!=canary,gpu,!draining,env==prod").unwrap();
-        assert_eq!(s.to_string(), "app=vllm,env=prod,gpu,tier!=canary,!draining");
+        assert_eq!(
+            s.to_string(),
+            "app=vllm,env=prod,tier!=canary,gpu,!draining"
+        );
         assert!(s.matches(&labels(&[("app", "vllm"), ("env", "prod"), ("gpu", "")])));
         assert!(!s.matches(&labels(&[("app", "vllm"), ("env", "prod")])));
-        assert!(!s.matches(&labels(&[("app", "vllm"), ("env", "prod"), ("gpu", ""), ("tier", "canary")])));
-        assert!(!s.matches(&labels(&[("app", "vllm"), ("env", "prod"), ("gpu", ""), ("draining", "1")])));
+        assert!(!s.matches(&labels(&[
+            ("app", "vllm"),
+            ("env", "prod"),
+            ("gpu", ""),
+            ("tier", "canary")
+        ])));
+        assert!(!s.matches(&labels(&[
+            ("app", "vllm"),
+            ("env", "prod"),
+            ("gpu", ""),
+            ("draining", "1")
+        ])));
         assert!(LabelSelector::parse("app in (a,b)").is_err());
         assert!(LabelSelector::parse("app=a,,b=c").is_err());
         assert!(LabelSelector::parse("=a").is_err());
@@ -383,21 +408,49 @@ mod tests {
             "spec": {"selector": {"matchLabels": {}}, "targetPorts": [{"number": 70000}]}
         }))
         .unwrap();
-        assert_eq!(PoolTarget::from_pool(GROUP_V1, &bad), Err(PoolError::PortOutOfRange(70000)));
-        assert!(matches!(PoolTarget::from_pool("example.com", &bad), Err(PoolError::UnsupportedGroup(_))));
+        assert_eq!(
+            PoolTarget::from_pool(GROUP_V1, &bad),
+            Err(PoolError::PortOutOfRange(70000))
+        );
+        assert!(matches!(
+            PoolTarget::from_pool("example.com", &bad),
+            Err(PoolError::UnsupportedGroup(_))
+        ));
         assert!(pool_api_resource("example.com").is_err());
-        assert_eq!(pool_api_resource(GROUP_V1ALPHA2).unwrap().api_version, "inference.networking.x-k8s.io/v1alpha2");
-        assert_eq!(PoolTarget::from_flags("app=x", &[]), Err(PoolError::PortCount(0)));
-        assert_eq!(PoolTarget::from_flags("app=x", &[0]), Err(PoolError::PortOutOfRange(0)));
+        assert_eq!(
+            pool_api_resource(GROUP_V1ALPHA2).unwrap().api_version,
+            "inference.networking.x-k8s.io/v1alpha2"
+        );
+        assert_eq!(
+            PoolTarget::from_flags("app=x", &[]),
+            Err(PoolError::PortCount(0))
+        );
+        assert_eq!(
+            PoolTarget::from_flags("app=x", &[0]),
+            Err(PoolError::PortOutOfRange(0))
+        );
     }
 
     #[test]
     fn pod_endpoints_per_port_engine_labels_and_readiness() {
         let target = PoolTarget::from_flags("app=vllm", &[8000, 8001]).unwrap();
-        let p = pod(ready_pod("p0", "10.0.0.5", json!({"app": "vllm", EngineType::LABEL: "sglang"})));
+        let p = pod(ready_pod(
+            "p0",
+            "10.0.0.5",
+            json!({"app": "vllm", EngineType::LABEL: "sglang"}),
+        ));
         let eps = p.endpoints(&target);
-        let got: Vec<_> = eps.iter().map(|e| (e.name.as_str(), e.addr.to_string())).collect();
-        assert_eq!(got, [("p0-rank-0", "10.0.0.5:8000".to_string()), ("p0-rank-1", "10.0.0.5:8001".to_string())]);
+        let got: Vec<_> = eps
+            .iter()
+            .map(|e| (e.name.as_str(), e.addr.to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("p0-rank-0", "10.0.0.5:8000".to_string()),
+                ("p0-rank-1", "10.0.0.5:8001".to_string())
+            ]
+        );
         assert_eq!(eps[0].engine, EngineType::Sglang);
         assert_eq!(eps[0].labels.get("app").map(String::as_str), Some("vllm"));
 
@@ -411,16 +464,26 @@ mod tests {
         let mut no_ip = ready_pod("p1", "10.0.0.6", json!({"app": "vllm"}));
         no_ip["status"]["podIP"] = json!(null);
         assert!(pod(no_ip).endpoints(&target).is_empty());
-        assert!(pod(ready_pod("p1", "10.0.0.6", json!({"app": "other"}))).endpoints(&target).is_empty());
+        assert!(pod(ready_pod("p1", "10.0.0.6", json!({"app": "other"})))
+            .endpoints(&target)
+            .is_empty());
 
         // The active-ports annotation keeps the rank of the port that stays.
         let mut partial = ready_pod("p2", "10.0.0.7", json!({"app": "vllm"}));
         partial["metadata"]["annotations"] = json!({ACTIVE_PORTS_ANNOTATION: "8001, junk, 9999"});
-        let names: Vec<_> = pod(partial).endpoints(&target).into_iter().map(|e| e.name).collect();
+        let names: Vec<_> = pod(partial)
+            .endpoints(&target)
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
         assert_eq!(names, ["p2-rank-1"]);
 
         // An unknown engine label falls back to vllm rather than dropping the pod.
-        let odd = pod(ready_pod("p3", "10.0.0.8", json!({"app": "vllm", EngineType::LABEL: "tgi"})));
+        let odd = pod(ready_pod(
+            "p3",
+            "10.0.0.8",
+            json!({"app": "vllm", EngineType::LABEL: "tgi"}),
+        ));
         assert_eq!(odd.endpoints(&target)[0].engine, EngineType::Vllm);
     }
 }

@@ -86,7 +86,10 @@ impl Plugin for RandomPicker {
 
 impl Picker for RandomPicker {
     fn pick(&self, scored: &mut [Scored], rng: &mut dyn RngCore) -> usize {
-        let k = self.max_num_of_endpoints.clamp(1, scored.len().max(1)).min(scored.len());
+        let k = self
+            .max_num_of_endpoints
+            .clamp(1, scored.len().max(1))
+            .min(scored.len());
         shuffle_front(scored, k, rng);
         k
     }
@@ -203,7 +206,10 @@ mod tests {
             assert_eq!(order[2..], [2, 0]);
             first_of_tie[usize::from(order[0] == 3)] += 1;
         }
-        assert!(first_of_tie[0] > 150 && first_of_tie[1] > 150, "{first_of_tie:?}");
+        assert!(
+            first_of_tie[0] > 150 && first_of_tie[1] > 150,
+            "{first_of_tie:?}"
+        );
     }
 
     #[test]

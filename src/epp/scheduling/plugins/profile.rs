@@ -63,7 +63,11 @@ mod tests {
         next.clear();
         h.pick_profiles(&[ProfileOutcome::Picked], &mut next);
         assert!(next.is_empty());
-        assert_eq!(h.process_results(&names, &[ProfileOutcome::Picked]).unwrap(), 0);
+        assert_eq!(
+            h.process_results(&names, &[ProfileOutcome::Picked])
+                .unwrap(),
+            0
+        );
         assert_eq!(
             h.process_results(&names, &[ProfileOutcome::Failed])
                 .unwrap_err()

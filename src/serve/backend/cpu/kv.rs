@@ -60,7 +60,6 @@ pub struct LayerKv {
 /// All layers' caches.
 #[derive(Debug)]
 pub struct KvCache {
-    pub geo: KvGeometry,
     pub num_blocks: usize,
     pub layers: Vec<LayerKv>,
 }
@@ -95,7 +94,6 @@ impl KvCache {
             });
         }
         Ok(KvCache {
-            geo,
             num_blocks,
             layers,
         })
