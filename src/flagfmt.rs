@@ -61,14 +61,26 @@ mod tests {
 
     #[test]
     fn go_durations() {
-        assert_eq!(parse_go_duration("50ms").unwrap(), Duration::from_millis(50));
+        assert_eq!(
+            parse_go_duration("50ms").unwrap(),
+            Duration::from_millis(50)
+        );
         assert_eq!(parse_go_duration("2s").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_go_duration("1m30s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_go_duration("1.5h").unwrap(), Duration::from_secs(5400));
+        assert_eq!(
+            parse_go_duration("1.5h").unwrap(),
+            Duration::from_secs(5400)
+        );
         assert_eq!(parse_go_duration("0").unwrap(), Duration::ZERO);
-        assert_eq!(parse_go_duration("250us").unwrap(), Duration::from_micros(250));
+        assert_eq!(
+            parse_go_duration("250us").unwrap(),
+            Duration::from_micros(250)
+        );
         for bad in ["", "5", "ms", "5x", "-1s", "1e400s"] {
-            assert!(parse_go_duration(bad).is_err(), "{bad:?} should be rejected");
+            assert!(
+                parse_go_duration(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 

@@ -13,8 +13,9 @@ use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata}
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    body_mutation::Mutation, processing_request::Request as Msg, processing_response::Response as Reply,
-    CommonResponse, HttpBody, HttpHeaders, HttpTrailers, ProcessingRequest, ProcessingResponse, ProtocolConfiguration,
+    body_mutation::Mutation, processing_request::Request as Msg,
+    processing_response::Response as Reply, CommonResponse, HttpBody, HttpHeaders, HttpTrailers,
+    ProcessingRequest, ProcessingResponse, ProtocolConfiguration,
 };
 use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value};
 use support::MockModelServer;
@@ -52,7 +53,9 @@ struct Pods {
 
 impl Pods {
     async fn start() -> Pods {
-        let ips: Vec<IpAddr> = (1..=3).map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i))).collect();
+        let ips: Vec<IpAddr> = (1..=3)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
+            .collect();
         let servers = MockModelServer::start_group(&ips, "P").await.unwrap();
         let port = servers[0].addr.port();
         Pods { servers, port }
@@ -94,9 +97,24 @@ fn pool_file(pods: &Pods, count: usize) -> tempfile::NamedTempFile {
 async fn start_epp(file: &tempfile::NamedTempFile, extra: &[&str]) -> RunningEpp {
     let path = file.path().to_str().unwrap().to_string();
     let mut argv = vec![
-        "epp", "--endpoints-file", &path, "--grpc-port", "0", "--grpc-health-port", "0", "--metrics-port", "0",
-        "--bind-address", "127.0.0.1", "--secure-serving=false", "--config-text", TEST_CONFIG,
-        "--pool-name", "pool", "--refresh-prometheus-metrics-interval", "50ms",
+        "epp",
+        "--endpoints-file",
+        &path,
+        "--grpc-port",
+        "0",
+        "--grpc-health-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--bind-address",
+        "127.0.0.1",
+        "--secure-serving=false",
+        "--config-text",
+        TEST_CONFIG,
+        "--pool-name",
+        "pool",
+        "--refresh-prometheus-metrics-interval",
+        "50ms",
     ];
     argv.extend_from_slice(extra);
     let args = Cli::try_parse_from(argv).unwrap().args;
@@ -110,7 +128,9 @@ async fn wait_scraped(epp: &RunningEpp, want: &[(u32, f64)]) {
         let snap = epp.datastore.snapshot();
         let ok = snap.len() == want.len()
             && snap.iter().zip(want).all(|(s, (q, kv))| {
-                s.metrics.updated_at.is_some() && s.metrics.waiting_queue_size == *q && (s.metrics.kv_cache_usage - kv).abs() < 1e-9
+                s.metrics.updated_at.is_some()
+                    && s.metrics.waiting_queue_size == *q
+                    && (s.metrics.kv_cache_usage - kv).abs() < 1e-9
             });
         if ok {
             return;
@@ -121,7 +141,11 @@ async fn wait_scraped(epp: &RunningEpp, want: &[(u32, f64)]) {
 }
 
 fn header(k: &str, v: &str) -> HeaderValue {
-    HeaderValue { key: k.into(), value: String::new(), raw_value: v.as_bytes().to_vec() }
+    HeaderValue {
+        key: k.into(),
+        value: String::new(),
+        raw_value: v.as_bytes().to_vec(),
+    }
 }
 
 fn headers_msg(path: &str, extra: &[(&str, &str)], eos: bool) -> ProcessingRequest {
@@ -144,19 +168,30 @@ fn headers_msg(path: &str, extra: &[(&str, &str)], eos: bool) -> ProcessingReque
 
 fn body_msg(body: &[u8], eos: bool) -> ProcessingRequest {
     ProcessingRequest {
-        request: Some(Msg::RequestBody(HttpBody { body: body.to_vec(), end_of_stream: eos, ..Default::default() })),
+        request: Some(Msg::RequestBody(HttpBody {
+            body: body.to_vec(),
+            end_of_stream: eos,
+            ..Default::default()
+        })),
         ..Default::default()
     }
 }
 
 fn standard_body(model: &str, prompt: &str) -> Vec<u8> {
-    format!(r#"{{"max_tokens":100,"model":"{model}","prompt":"{prompt}","temperature":0}}"#).into_bytes()
+    format!(r#"{{"max_tokens":100,"model":"{model}","prompt":"{prompt}","temperature":0}}"#)
+        .into_bytes()
 }
 
 /// Sends `msgs`, half-closes, and reads every reply until the EPP ends the stream. Fails if
 /// fewer than `expect` replies arrive.
-async fn exchange(epp: &RunningEpp, msgs: Vec<ProcessingRequest>, expect: usize) -> Vec<ProcessingResponse> {
-    let mut client = ExternalProcessorClient::connect(format!("http://{}", epp.grpc_addr)).await.unwrap();
+async fn exchange(
+    epp: &RunningEpp,
+    msgs: Vec<ProcessingRequest>,
+    expect: usize,
+) -> Vec<ProcessingResponse> {
+    let mut client = ExternalProcessorClient::connect(format!("http://{}", epp.grpc_addr))
+        .await
+        .unwrap();
     let outbound = tokio_stream::iter(msgs);
     let mut stream = client.process(outbound).await.unwrap().into_inner();
     let mut out = Vec::new();
@@ -167,7 +202,10 @@ async fn exchange(epp: &RunningEpp, msgs: Vec<ProcessingRequest>, expect: usize)
             Err(_) => panic!("timed out after {} replies; got {out:?}", out.len()),
         }
     }
-    assert!(out.len() >= expect, "expected {expect} replies, got {out:?}");
+    assert!(
+        out.len() >= expect,
+        "expected {expect} replies, got {out:?}"
+    );
     out
 }
 
@@ -188,7 +226,10 @@ fn set_headers(r: &ProcessingResponse) -> Vec<(String, String)> {
                 .iter()
                 .map(|h| {
                     let h = h.header.as_ref().unwrap();
-                    (h.key.clone(), String::from_utf8(h.raw_value.clone()).unwrap())
+                    (
+                        h.key.clone(),
+                        String::from_utf8(h.raw_value.clone()).unwrap(),
+                    )
                 })
                 .collect()
         })
@@ -197,10 +238,25 @@ fn set_headers(r: &ProcessingResponse) -> Vec<(String, String)> {
 
 fn destination(r: &ProcessingResponse) -> String {
     let hs = set_headers(r);
-    let header = hs.iter().find(|(k, _)| k == "x-gateway-destination-endpoint").map(|(_, v)| v.clone()).unwrap();
-    let md = r.dynamic_metadata.as_ref().unwrap().fields.get("envoy.lb").unwrap();
-    let Some(Kind::StructValue(s)) = &md.kind else { panic!("metadata") };
-    let Some(Kind::StringValue(v)) = &s.fields.get("x-gateway-destination-endpoint").unwrap().kind else { panic!() };
+    let header = hs
+        .iter()
+        .find(|(k, _)| k == "x-gateway-destination-endpoint")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    let md = r
+        .dynamic_metadata
+        .as_ref()
+        .unwrap()
+        .fields
+        .get("envoy.lb")
+        .unwrap();
+    let Some(Kind::StructValue(s)) = &md.kind else {
+        panic!("metadata")
+    };
+    let Some(Kind::StringValue(v)) = &s.fields.get("x-gateway-destination-endpoint").unwrap().kind
+    else {
+        panic!()
+    };
     assert_eq!(&header, v, "header and metadata must carry the same value");
     header
 }
@@ -214,7 +270,10 @@ fn streamed(r: &ProcessingResponse) -> (Vec<u8>, bool) {
 
 fn immediate(r: &ProcessingResponse) -> (i32, String) {
     match r.response.as_ref().unwrap() {
-        Reply::ImmediateResponse(i) => (i.status.unwrap().code, String::from_utf8(i.body.clone()).unwrap()),
+        Reply::ImmediateResponse(i) => (
+            i.status.unwrap().code,
+            String::from_utf8(i.body.clone()).unwrap(),
+        ),
         other => panic!("expected an immediate response, got {other:?}"),
     }
 }
@@ -225,11 +284,22 @@ async fn metrics_text(epp: &RunningEpp) -> String {
 }
 
 /// Routes the standard request and returns (destination, replies).
-async fn route(epp: &RunningEpp, model: &str, objective: &str) -> (String, Vec<ProcessingResponse>) {
+async fn route(
+    epp: &RunningEpp,
+    model: &str,
+    objective: &str,
+) -> (String, Vec<ProcessingResponse>) {
     let body = standard_body(model, "test1");
     let replies = exchange(
         epp,
-        vec![headers_msg("/v1/completions", &[("x-gateway-inference-objective", objective)], false), body_msg(&body, true)],
+        vec![
+            headers_msg(
+                "/v1/completions",
+                &[("x-gateway-inference-objective", objective)],
+                false,
+            ),
+            body_msg(&body, true),
+        ],
         2,
     )
     .await;
@@ -247,7 +317,14 @@ async fn lower_queue_and_kv_wins_with_exact_reply_and_metrics() {
     let body = standard_body("my-model", "test1");
     let replies = exchange(
         &epp,
-        vec![headers_msg("/v1/completions", &[("x-gateway-inference-objective", "my-model")], false), body_msg(&body, true)],
+        vec![
+            headers_msg(
+                "/v1/completions",
+                &[("x-gateway-inference-objective", "my-model")],
+                false,
+            ),
+            body_msg(&body, true),
+        ],
         2,
     )
     .await;
@@ -270,7 +347,10 @@ async fn lower_queue_and_kv_wins_with_exact_reply_and_metrics() {
         text.contains(r#"inference_objective_request_total{model_name="my-model",target_model_name="my-model",priority="2"} 1"#),
         "{text}"
     );
-    assert!(text.contains(r#"inference_pool_ready_pods{name="pool"} 3"#), "{text}");
+    assert!(
+        text.contains(r#"inference_pool_ready_pods{name="pool"} 3"#),
+        "{text}"
+    );
     epp.shutdown().await;
 }
 
@@ -281,38 +361,70 @@ async fn lora_affinity_scenarios() {
     let epp = start_epp(&file, &[]).await;
 
     // Active LoRA, low queue.
-    pods.set(&[(0, 0.2, &["foo", "bar"]), (0, 0.1, &["foo", "sql-lora-1fdg2"]), (10, 0.2, &["foo", "bar"])]);
+    pods.set(&[
+        (0, 0.2, &["foo", "bar"]),
+        (0, 0.1, &["foo", "sql-lora-1fdg2"]),
+        (10, 0.2, &["foo", "bar"]),
+    ]);
     wait_scraped(&epp, &[(0, 0.2), (0, 0.1), (10, 0.2)]).await;
-    assert_eq!(route(&epp, "sql-lora-1fdg2", "sql-lora").await.0, pods.addr(1));
+    assert_eq!(
+        route(&epp, "sql-lora-1fdg2", "sql-lora").await.0,
+        pods.addr(1)
+    );
 
     // Active LoRA despite higher KV usage.
-    pods.set(&[(10, 0.2, &["foo", "bar"]), (10, 0.4, &["foo", "sql-lora-1fdg2"]), (10, 0.3, &["foo", "bar"])]);
+    pods.set(&[
+        (10, 0.2, &["foo", "bar"]),
+        (10, 0.4, &["foo", "sql-lora-1fdg2"]),
+        (10, 0.3, &["foo", "bar"]),
+    ]);
     wait_scraped(&epp, &[(10, 0.2), (10, 0.4), (10, 0.3)]).await;
-    assert_eq!(route(&epp, "sql-lora-1fdg2", "sql-lora").await.0, pods.addr(1));
+    assert_eq!(
+        route(&epp, "sql-lora-1fdg2", "sql-lora").await.0,
+        pods.addr(1)
+    );
     epp.shutdown().await;
 }
 
 #[tokio::test]
 async fn saturated_pool_sheds_only_negative_priority() {
     let pods = Pods::start().await;
-    pods.set(&[(6, 0.2, &["sql-lora-1fdg2"]), (0, 0.85, &[]), (10, 0.9, &[])]);
+    pods.set(&[
+        (6, 0.2, &["sql-lora-1fdg2"]),
+        (0, 0.85, &[]),
+        (10, 0.9, &[]),
+    ]);
     let file = pool_file(&pods, 3);
     let epp = start_epp(&file, &[]).await;
     wait_scraped(&epp, &[(6, 0.2), (0, 0.85), (10, 0.9)]).await;
 
     // Priority 0 is not shed even though the pool is saturated; P0 wins with 2.2 vs 1.15 vs 0.1.
-    assert_eq!(route(&epp, "sql-lora-1fdg2", "sql-lora-sheddable").await.0, pods.addr(0));
+    assert_eq!(
+        route(&epp, "sql-lora-1fdg2", "sql-lora-sheddable").await.0,
+        pods.addr(0)
+    );
 
     let body = standard_body("sql-lora-1fdg2", "test1");
     let replies = exchange(
         &epp,
-        vec![headers_msg("/v1/completions", &[("x-gateway-inference-objective", "sql-lora-shed")], false), body_msg(&body, true)],
+        vec![
+            headers_msg(
+                "/v1/completions",
+                &[("x-gateway-inference-objective", "sql-lora-shed")],
+                false,
+            ),
+            body_msg(&body, true),
+        ],
         1,
     )
     .await;
     assert_eq!(
         immediate(&replies[0]),
-        (429, "inference error: ResourceExhausted - system saturated, sheddable request dropped".to_string())
+        (
+            429,
+            "inference error: ResourceExhausted - system saturated, sheddable request dropped"
+                .to_string()
+        )
     );
     let text = metrics_text(&epp).await;
     assert!(
@@ -330,17 +442,50 @@ async fn bad_requests_get_reference_errors() {
     let epp = start_epp(&file, &["--max-body-bytes", "1000"]).await;
     wait_scraped(&epp, &[(0, 0.1), (0, 0.1), (0, 0.1)]).await;
 
-    let replies = exchange(&epp, vec![headers_msg("/v1/completions", &[], false), body_msg(b"no healthy upstream", true)], 1).await;
+    let replies = exchange(
+        &epp,
+        vec![
+            headers_msg("/v1/completions", &[], false),
+            body_msg(b"no healthy upstream", true),
+        ],
+        1,
+    )
+    .await;
     let (status, text) = immediate(&replies[0]);
     assert_eq!(status, 400);
     // serde_json's description of the first bad byte, after the reference's prefix.
-    assert_eq!(text, "inference error: BadRequest - expected ident at line 1 column 2");
+    assert_eq!(
+        text,
+        "inference error: BadRequest - expected ident at line 1 column 2"
+    );
 
-    let replies = exchange(&epp, vec![headers_msg("/v1/completions", &[], false), body_msg(br#"{"prompt":"hello world"}"#, true)], 1).await;
-    assert_eq!(immediate(&replies[0]), (400, "inference error: BadRequest - model not found in request body".to_string()));
+    let replies = exchange(
+        &epp,
+        vec![
+            headers_msg("/v1/completions", &[], false),
+            body_msg(br#"{"prompt":"hello world"}"#, true),
+        ],
+        1,
+    )
+    .await;
+    assert_eq!(
+        immediate(&replies[0]),
+        (
+            400,
+            "inference error: BadRequest - model not found in request body".to_string()
+        )
+    );
 
     let big = standard_body("m", &"x".repeat(2000));
-    let replies = exchange(&epp, vec![headers_msg("/v1/completions", &[], false), body_msg(&big, true)], 1).await;
+    let replies = exchange(
+        &epp,
+        vec![
+            headers_msg("/v1/completions", &[], false),
+            body_msg(&big, true),
+        ],
+        1,
+    )
+    .await;
     let (status, text) = immediate(&replies[0]);
     assert_eq!(status, 413);
     assert_eq!(text, "inference error: PayloadTooLarge - request body exceeds the limit of 1000 bytes (--max-body-bytes)");
@@ -353,7 +498,13 @@ async fn header_only_requests() {
     let empty = pool_file(&pods, 0);
     let epp = start_epp(&empty, &[]).await;
     let replies = exchange(&epp, vec![headers_msg("/v1/models", &[], true)], 1).await;
-    assert_eq!(immediate(&replies[0]), (500, "inference error: Internal - no pods available in datastore".to_string()));
+    assert_eq!(
+        immediate(&replies[0]),
+        (
+            500,
+            "inference error: Internal - no pods available in datastore".to_string()
+        )
+    );
     epp.shutdown().await;
 
     pods.set(&[(5, 0.5, &[]), (0, 0.1, &[]), (5, 0.5, &[])]);
@@ -362,7 +513,9 @@ async fn header_only_requests() {
     wait_scraped(&epp, &[(5, 0.5), (0, 0.1), (5, 0.5)]).await;
     let replies = exchange(&epp, vec![headers_msg("/v1/models", &[], true)], 1).await;
     assert_eq!(destination(&replies[0]), pods.addr(1));
-    assert!(!set_headers(&replies[0]).iter().any(|(k, _)| k == "Content-Length"));
+    assert!(!set_headers(&replies[0])
+        .iter()
+        .any(|(k, _)| k == "Content-Length"));
     epp.shutdown().await;
 }
 
@@ -388,7 +541,11 @@ async fn body_split_in_chunks_and_repeated_last_chunk() {
         2,
     )
     .await;
-    assert_eq!(replies.len(), 2, "a repeated chunk must not produce replies: {replies:?}");
+    assert_eq!(
+        replies.len(),
+        2,
+        "a repeated chunk must not produce replies: {replies:?}"
+    );
     assert_eq!(destination(&replies[0]), pods.addr(1));
     assert_eq!(streamed(&replies[1]), (body, true));
     epp.shutdown().await;
@@ -402,19 +559,49 @@ async fn large_body_comes_back_in_62000_byte_chunks() {
     let epp = start_epp(&file, &[]).await;
     wait_scraped(&epp, &[(0, 0.1), (0, 0.1), (0, 0.1)]).await;
     let body = standard_body("m", &"y".repeat(150_000));
-    let replies = exchange(&epp, vec![headers_msg("/v1/completions", &[], false), body_msg(&body, true)], 4).await;
+    let replies = exchange(
+        &epp,
+        vec![
+            headers_msg("/v1/completions", &[], false),
+            body_msg(&body, true),
+        ],
+        4,
+    )
+    .await;
     assert_eq!(replies.len(), 4);
-    let sizes: Vec<(usize, bool)> = replies[1..].iter().map(|r| { let (b, e) = streamed(r); (b.len(), e) }).collect();
-    assert_eq!(sizes, vec![(62_000, false), (62_000, false), (body.len() - 124_000, true)]);
+    let sizes: Vec<(usize, bool)> = replies[1..]
+        .iter()
+        .map(|r| {
+            let (b, e) = streamed(r);
+            (b.len(), e)
+        })
+        .collect();
+    assert_eq!(
+        sizes,
+        vec![
+            (62_000, false),
+            (62_000, false),
+            (body.len() - 124_000, true)
+        ]
+    );
     let joined: Vec<u8> = replies[1..].iter().flat_map(|r| streamed(r).0).collect();
     assert_eq!(joined, body);
     epp.shutdown().await;
 }
 
 fn subset_metadata(value: Kind) -> Metadata {
-    let inner = Struct { fields: [("x-gateway-destination-endpoint-subset".to_string(), Value { kind: Some(value) })].into_iter().collect() };
+    let inner = Struct {
+        fields: [(
+            "x-gateway-destination-endpoint-subset".to_string(),
+            Value { kind: Some(value) },
+        )]
+        .into_iter()
+        .collect(),
+    };
     Metadata {
-        filter_metadata: [("envoy.lb.subset_hint".to_string(), inner)].into_iter().collect(),
+        filter_metadata: [("envoy.lb.subset_hint".to_string(), inner)]
+            .into_iter()
+            .collect(),
         ..Default::default()
     }
 }
@@ -432,14 +619,33 @@ async fn subset_hints_list_string_and_no_match() {
         h.metadata_context = Some(subset_metadata(kind));
         vec![h, body_msg(&body, true)]
     };
-    let list = |items: Vec<String>| Kind::ListValue(ListValue { values: items.into_iter().map(|s| Value { kind: Some(Kind::StringValue(s)) }).collect() });
+    let list = |items: Vec<String>| {
+        Kind::ListValue(ListValue {
+            values: items
+                .into_iter()
+                .map(|s| Value {
+                    kind: Some(Kind::StringValue(s)),
+                })
+                .collect(),
+        })
+    };
 
-    let r = exchange(&epp, with_subset(list(vec![pods.addr(0), pods.addr(1), pods.addr(2)])), 2).await;
+    let r = exchange(
+        &epp,
+        with_subset(list(vec![pods.addr(0), pods.addr(1), pods.addr(2)])),
+        2,
+    )
+    .await;
     assert_eq!(destination(&r[0]), pods.addr(1));
     let r = exchange(&epp, with_subset(list(vec![pods.addr(2)])), 2).await;
     assert_eq!(destination(&r[0]), pods.addr(2));
     // Comma-separated string; a bare IP matches every port of that IP.
-    let r = exchange(&epp, with_subset(Kind::StringValue("127.0.0.1, 127.0.0.3".into())), 2).await;
+    let r = exchange(
+        &epp,
+        with_subset(Kind::StringValue("127.0.0.1, 127.0.0.3".into())),
+        2,
+    )
+    .await;
     assert_eq!(destination(&r[0]), pods.addr(0));
     let r = exchange(&epp, with_subset(list(vec!["127.0.0.99:8000".into()])), 1).await;
     assert_eq!(
@@ -457,23 +663,52 @@ async fn model_rewrite_changes_only_the_model() {
     let epp = start_epp(&file, &[]).await;
     wait_scraped(&epp, &[(0, 0.1), (0, 0.1), (0, 0.1)]).await;
     let body = standard_body("model-to-be-rewritten", "test1");
-    let r = exchange(&epp, vec![headers_msg("/v1/completions", &[], false), body_msg(&body, true)], 2).await;
+    let r = exchange(
+        &epp,
+        vec![
+            headers_msg("/v1/completions", &[], false),
+            body_msg(&body, true),
+        ],
+        2,
+    )
+    .await;
     let expected = standard_body("rewritten-model", "test1");
     assert_eq!(streamed(&r[1]), (expected.clone(), true));
-    assert!(set_headers(&r[0]).contains(&("Content-Length".to_string(), expected.len().to_string())));
+    assert!(
+        set_headers(&r[0]).contains(&("Content-Length".to_string(), expected.len().to_string()))
+    );
 
     // The rewrite header wins over the body's model.
     let body = standard_body("direct-model", "test1");
-    let r = exchange(&epp, vec![headers_msg("/v1/completions", &[("x-gateway-model-name-rewrite", "other-model")], false), body_msg(&body, true)], 2).await;
+    let r = exchange(
+        &epp,
+        vec![
+            headers_msg(
+                "/v1/completions",
+                &[("x-gateway-model-name-rewrite", "other-model")],
+                false,
+            ),
+            body_msg(&body, true),
+        ],
+        2,
+    )
+    .await;
     assert_eq!(streamed(&r[1]).0, standard_body("other-model", "test1"));
-    assert!(!set_headers(&r[0]).iter().any(|(k, _)| k == "x-gateway-model-name-rewrite"));
+    assert!(!set_headers(&r[0])
+        .iter()
+        .any(|(k, _)| k == "x-gateway-model-name-rewrite"));
     epp.shutdown().await;
 }
 
 fn response_headers(content_type: &str) -> ProcessingRequest {
     ProcessingRequest {
         request: Some(Msg::ResponseHeaders(HttpHeaders {
-            headers: Some(HeaderMap { headers: vec![header(":status", "200"), header("content-type", content_type)] }),
+            headers: Some(HeaderMap {
+                headers: vec![
+                    header(":status", "200"),
+                    header("content-type", content_type),
+                ],
+            }),
             ..Default::default()
         })),
         ..Default::default()
@@ -482,7 +717,11 @@ fn response_headers(content_type: &str) -> ProcessingRequest {
 
 fn response_body(body: &[u8], eos: bool) -> ProcessingRequest {
     ProcessingRequest {
-        request: Some(Msg::ResponseBody(HttpBody { body: body.to_vec(), end_of_stream: eos, ..Default::default() })),
+        request: Some(Msg::ResponseBody(HttpBody {
+            body: body.to_vec(),
+            end_of_stream: eos,
+            ..Default::default()
+        })),
         ..Default::default()
     }
 }
@@ -501,17 +740,31 @@ async fn response_path_json_buffering_invalid_json_and_sse_usage() {
     let (a, b) = json.split_at(10);
     let r = exchange(
         &epp,
-        vec![headers_msg("/v1/completions", &[], false), body_msg(&req, true), response_headers("application/json"), response_body(a, false), response_body(b, true)],
+        vec![
+            headers_msg("/v1/completions", &[], false),
+            body_msg(&req, true),
+            response_headers("application/json"),
+            response_body(a, false),
+            response_body(b, true),
+        ],
         4,
     )
     .await;
-    assert_eq!(set_headers(&r[2]), vec![("x-went-into-resp-headers".to_string(), "true".to_string())]);
+    assert_eq!(
+        set_headers(&r[2]),
+        vec![("x-went-into-resp-headers".to_string(), "true".to_string())]
+    );
     assert_eq!(streamed(&r[3]), (json.to_vec(), true));
 
     // Invalid JSON passes through unchanged.
     let r = exchange(
         &epp,
-        vec![headers_msg("/v1/completions", &[], false), body_msg(&req, true), response_headers("application/json"), response_body(b"not json {", true)],
+        vec![
+            headers_msg("/v1/completions", &[], false),
+            body_msg(&req, true),
+            response_headers("application/json"),
+            response_body(b"not json {", true),
+        ],
         4,
     )
     .await;
@@ -523,8 +776,17 @@ async fn response_path_json_buffering_invalid_json_and_sse_usage() {
         b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":1}}\n\n",
         b"data: [DONE]\n\n",
     ];
-    let mut msgs = vec![headers_msg("/v1/completions", &[], false), body_msg(&req, true), response_headers("text/event-stream")];
-    msgs.extend(chunks.iter().enumerate().map(|(i, c)| response_body(c, i == 2)));
+    let mut msgs = vec![
+        headers_msg("/v1/completions", &[], false),
+        body_msg(&req, true),
+        response_headers("text/event-stream"),
+    ];
+    msgs.extend(
+        chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| response_body(c, i == 2)),
+    );
     let r = exchange(&epp, msgs, 6).await;
     for (i, c) in chunks.iter().enumerate() {
         assert_eq!(streamed(&r[3 + i]), (c.to_vec(), i == 2));
@@ -546,14 +808,20 @@ async fn buffered_mode_fallbacks_trailers_and_generated_request_id() {
 
     // BUFFERED: headers answered at once; the body reply carries the routing mutations.
     let mut h = headers_msg("/v1/completions", &[], false);
-    h.protocol_config = Some(ProtocolConfiguration { request_body_mode: BodySendMode::Buffered as i32, ..Default::default() });
+    h.protocol_config = Some(ProtocolConfiguration {
+        request_body_mode: BodySendMode::Buffered as i32,
+        ..Default::default()
+    });
     let r = exchange(&epp, vec![h, body_msg(&body, true)], 2).await;
     // "Continue" with no mutation.
     assert!(matches!(&r[0].response, Some(Reply::RequestHeaders(h)) if h.response.is_none()));
     assert!(matches!(r[1].response, Some(Reply::RequestBody(_))));
     assert!(common(&r[1]).clear_route_cache);
     // Primary first, then fallbacks in score order.
-    assert_eq!(destination(&r[1]), format!("{},{},{}", pods.addr(1), pods.addr(0), pods.addr(2)));
+    assert_eq!(
+        destination(&r[1]),
+        format!("{},{},{}", pods.addr(1), pods.addr(0), pods.addr(2))
+    );
     match &common(&r[1]).body_mutation.as_ref().unwrap().mutation {
         Some(Mutation::Body(b)) => assert_eq!(b, &standard_body("rewritten-model", "test1")),
         other => panic!("expected a body mutation, got {other:?}"),
@@ -562,14 +830,25 @@ async fn buffered_mode_fallbacks_trailers_and_generated_request_id() {
     // A request that ends with trailers is routed when they arrive; no x-request-id → generated.
     let mut h = headers_msg("/v1/completions", &[], false);
     if let Some(Msg::RequestHeaders(hh)) = &mut h.request {
-        hh.headers.as_mut().unwrap().headers.retain(|x| x.key != "x-request-id");
+        hh.headers
+            .as_mut()
+            .unwrap()
+            .headers
+            .retain(|x| x.key != "x-request-id");
     }
-    let trailers = ProcessingRequest { request: Some(Msg::RequestTrailers(HttpTrailers::default())), ..Default::default() };
+    let trailers = ProcessingRequest {
+        request: Some(Msg::RequestTrailers(HttpTrailers::default())),
+        ..Default::default()
+    };
     let body = standard_body("my-model", "t");
     let r = exchange(&epp, vec![h, body_msg(&body, false), trailers], 3).await;
     assert_eq!(streamed(&r[1]), (body, false));
     assert!(matches!(r[2].response, Some(Reply::RequestTrailers(_))));
-    let id = set_headers(&r[0]).into_iter().find(|(k, _)| k == "x-request-id").unwrap().1;
+    let id = set_headers(&r[0])
+        .into_iter()
+        .find(|(k, _)| k == "x-request-id")
+        .unwrap()
+        .1;
     assert_eq!(id.len(), 36, "uuid: {id}");
     epp.shutdown().await;
 }
@@ -583,7 +862,15 @@ async fn broken_stream_releases_running_requests() {
     wait_scraped(&epp, &[(0, 0.1), (0, 0.1), (0, 0.1)]).await;
     let body = standard_body("my-model", "x");
     // Routed, then the client goes away before the response.
-    let r = exchange(&epp, vec![headers_msg("/v1/completions", &[], false), body_msg(&body, true)], 2).await;
+    let r = exchange(
+        &epp,
+        vec![
+            headers_msg("/v1/completions", &[], false),
+            body_msg(&body, true),
+        ],
+        2,
+    )
+    .await;
     assert_eq!(r.len(), 2);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -591,7 +878,10 @@ async fn broken_stream_releases_running_requests() {
         if text.contains(r#"inference_objective_running_requests{model_name="my-model"} 0"#) {
             break;
         }
-        assert!(Instant::now() < deadline, "running requests never released: {text}");
+        assert!(
+            Instant::now() < deadline,
+            "running requests never released: {text}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     epp.shutdown().await;

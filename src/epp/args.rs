@@ -167,9 +167,13 @@ pub struct EppArgs {
 pub enum ArgsError {
     #[error("both the \"configText\" and \"configFile\" flags can not be set at the same time")]
     BothConfigs,
-    #[error("only one endpoint source may be set: --endpoints, --endpoints-file or --endpoint-selector")]
+    #[error(
+        "only one endpoint source may be set: --endpoints, --endpoints-file or --endpoint-selector"
+    )]
     SeveralSources,
-    #[error("no endpoint source: set --endpoints, --endpoints-file, --pool-name or --endpoint-selector")]
+    #[error(
+        "no endpoint source: set --endpoints, --endpoints-file, --pool-name or --endpoint-selector"
+    )]
     NoSource,
     #[error("flag \"endpoint-target-ports\" should have length from 1 to 8")]
     TargetPorts,
@@ -193,7 +197,11 @@ impl EppArgs {
         if !self.config_file.is_empty() && !self.config_text.is_empty() {
             return Err(ArgsError::BothConfigs);
         }
-        if let Some(s) = self.model_server_metrics_scheme.as_deref().filter(|s| *s != "http") {
+        if let Some(s) = self
+            .model_server_metrics_scheme
+            .as_deref()
+            .filter(|s| *s != "http")
+        {
             return Err(ArgsError::Scheme(s.to_string()));
         }
         if self.refresh_metrics_interval.is_zero() {
@@ -205,7 +213,11 @@ impl EppArgs {
             return Err(ArgsError::TargetPorts);
         }
         // A local source wins; --pool-name then only names the pool in metrics.
-        let local = [!self.endpoints.is_empty(), self.endpoints_file.is_some(), !self.endpoint_selector.is_empty()];
+        let local = [
+            !self.endpoints.is_empty(),
+            self.endpoints_file.is_some(),
+            !self.endpoint_selector.is_empty(),
+        ];
         if local.iter().filter(|s| **s).count() > 1 {
             return Err(ArgsError::SeveralSources);
         }
@@ -248,11 +260,24 @@ mod tests {
     #[test]
     fn reference_chart_args_are_accepted() {
         let a = parse(&[
-            "--pool-name", "vllm-pool", "--pool-namespace", "default", "--pool-group",
-            "inference.networking.k8s.io", "--zap-encoder", "json", "--config-file",
-            "/config/default-plugins.yaml", "--v", "1", "--tracing=false",
-            "--metrics-endpoint-auth=false", "--ha-enable-leader-election",
-            "--refresh-metrics-interval=50ms", "--metrics-staleness-threshold", "2s",
+            "--pool-name",
+            "vllm-pool",
+            "--pool-namespace",
+            "default",
+            "--pool-group",
+            "inference.networking.k8s.io",
+            "--zap-encoder",
+            "json",
+            "--config-file",
+            "/config/default-plugins.yaml",
+            "--v",
+            "1",
+            "--tracing=false",
+            "--metrics-endpoint-auth=false",
+            "--ha-enable-leader-election",
+            "--refresh-metrics-interval=50ms",
+            "--metrics-staleness-threshold",
+            "2s",
         ])
         .unwrap();
         assert_eq!(a.pool_name, "vllm-pool");
@@ -269,13 +294,19 @@ mod tests {
     #[test]
     fn defaults_match_the_reference() {
         let a = parse(&["--endpoints", "10.0.0.1:8000"]).unwrap();
-        assert_eq!((a.grpc_port, a.grpc_health_port, a.metrics_port), (9002, 9003, 9090));
+        assert_eq!(
+            (a.grpc_port, a.grpc_health_port, a.metrics_port),
+            (9002, 9003, 9090)
+        );
         assert_eq!(a.refresh_metrics_interval, Duration::from_millis(50));
         assert_eq!(a.metrics_staleness_threshold, Duration::from_secs(2));
         assert!(a.secure_serving && a.metrics_endpoint_auth && a.tracing);
         assert_eq!(a.max_body_bytes, 16 << 20);
         assert_eq!(a.fallback_endpoints, 0);
-        assert_eq!(a.validate(), Ok(EndpointSource::Static("10.0.0.1:8000".into())));
+        assert_eq!(
+            a.validate(),
+            Ok(EndpointSource::Static("10.0.0.1:8000".into()))
+        );
     }
 
     #[test]
@@ -283,17 +314,34 @@ mod tests {
         assert!(parse(&["--refresh-metrics-interval", "fast"]).is_err());
         assert!(parse(&["--secure-serving=maybe"]).is_err());
         assert!(parse(&["--grpc-port", "70000"]).is_err());
-        let both = parse(&["--endpoints", "1.2.3.4:1", "--config-file", "a", "--config-text", "b"]).unwrap();
+        let both = parse(&[
+            "--endpoints",
+            "1.2.3.4:1",
+            "--config-file",
+            "a",
+            "--config-text",
+            "b",
+        ])
+        .unwrap();
         assert_eq!(both.validate(), Err(ArgsError::BothConfigs));
         let none = parse(&[]).unwrap();
         assert_eq!(none.validate(), Err(ArgsError::NoSource));
         let named = parse(&["--endpoints", "1.2.3.4:1", "--pool-name", "p"]).unwrap();
-        assert_eq!(named.validate(), Ok(EndpointSource::Static("1.2.3.4:1".into())));
+        assert_eq!(
+            named.validate(),
+            Ok(EndpointSource::Static("1.2.3.4:1".into()))
+        );
         let two = parse(&["--endpoints", "1.2.3.4:1", "--endpoints-file", "f.yaml"]).unwrap();
         assert_eq!(two.validate(), Err(ArgsError::SeveralSources));
         let sel = parse(&["--endpoint-selector", "app=x"]).unwrap();
         assert_eq!(sel.validate(), Err(ArgsError::TargetPorts));
-        let sel = parse(&["--endpoint-selector", "app=x", "--endpoint-target-ports", "8000,8001"]).unwrap();
+        let sel = parse(&[
+            "--endpoint-selector",
+            "app=x",
+            "--endpoint-target-ports",
+            "8000,8001",
+        ])
+        .unwrap();
         assert_eq!(sel.endpoint_target_ports, vec![8000, 8001]);
         assert_eq!(sel.validate(), Ok(EndpointSource::Kubernetes));
     }

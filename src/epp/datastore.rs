@@ -191,8 +191,15 @@ mod tests {
     #[test]
     fn reset_upsert_remove_keep_sorted_and_metrics() {
         let ds = Datastore::new();
-        ds.apply(DiscoveryEvent::Reset(vec![ep("10.0.0.2:8000"), ep("10.0.0.1:8000")]));
-        let names: Vec<_> = ds.snapshot().iter().map(|s| s.endpoint.name.clone()).collect();
+        ds.apply(DiscoveryEvent::Reset(vec![
+            ep("10.0.0.2:8000"),
+            ep("10.0.0.1:8000"),
+        ]));
+        let names: Vec<_> = ds
+            .snapshot()
+            .iter()
+            .map(|s| s.endpoint.name.clone())
+            .collect();
         assert_eq!(names, ["10.0.0.1:8000", "10.0.0.2:8000"]);
 
         ds.slot("10.0.0.2:8000").unwrap().publish(EndpointMetrics {
@@ -200,12 +207,26 @@ mod tests {
             ..Default::default()
         });
         // Re-listing the same endpoints keeps their metrics.
-        ds.apply(DiscoveryEvent::Reset(vec![ep("10.0.0.1:8000"), ep("10.0.0.2:8000")]));
-        assert_eq!(ds.slot("10.0.0.2:8000").unwrap().load().metrics.waiting_queue_size, 7);
+        ds.apply(DiscoveryEvent::Reset(vec![
+            ep("10.0.0.1:8000"),
+            ep("10.0.0.2:8000"),
+        ]));
+        assert_eq!(
+            ds.slot("10.0.0.2:8000")
+                .unwrap()
+                .load()
+                .metrics
+                .waiting_queue_size,
+            7
+        );
 
         ds.apply(DiscoveryEvent::Upsert(ep("10.0.0.0:8000")));
         ds.apply(DiscoveryEvent::Remove("10.0.0.2:8000".into()));
-        let names: Vec<_> = ds.snapshot().iter().map(|s| s.endpoint.name.clone()).collect();
+        let names: Vec<_> = ds
+            .snapshot()
+            .iter()
+            .map(|s| s.endpoint.name.clone())
+            .collect();
         assert_eq!(names, ["10.0.0.0:8000", "10.0.0.1:8000"]);
         assert_eq!(*ds.subscribe().borrow(), 4);
     }

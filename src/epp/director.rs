@@ -174,9 +174,10 @@ impl Director {
     pub fn route(&self, meta: &RequestMeta, body: &[u8]) -> Result<Decision, RoutingError> {
         let inspected = request::inspect(body, meta.api).map_err(|e| match e {
             RequestError::InvalidJson(msg) => RoutingError::new(ErrorCode::BadRequest, msg),
-            RequestError::MissingModel => {
-                RoutingError::new(ErrorCode::BadRequest, RequestError::MissingModel.to_string())
-            }
+            RequestError::MissingModel => RoutingError::new(
+                ErrorCode::BadRequest,
+                RequestError::MissingModel.to_string(),
+            ),
         })?;
         let policy = self.datastore.policy();
 
@@ -243,7 +244,10 @@ impl Director {
     ) -> Result<Vec<Arc<EndpointSnapshot>>, RoutingError> {
         let candidates = match (&meta.subset, self.config.disable_subset_filter) {
             (Some(subset), false) => {
-                let filters: Vec<SubsetEntry> = subset.iter().filter_map(|s| SubsetEntry::parse(s)).collect();
+                let filters: Vec<SubsetEntry> = subset
+                    .iter()
+                    .filter_map(|s| SubsetEntry::parse(s))
+                    .collect();
                 snapshot
                     .into_iter()
                     .filter(|s| filters.iter().any(|f| f.matches(s.endpoint.addr)))
@@ -286,7 +290,9 @@ fn pick_weighted<'a>(targets: &'a [RewriteTarget], rng: &mut impl Rng) -> Option
     }
     let total: u64 = targets.iter().map(|t| u64::from(t.weight)).sum();
     if total == 0 {
-        return targets.get(rng.random_range(0..targets.len())).map(|t| t.model.as_str());
+        return targets
+            .get(rng.random_range(0..targets.len()))
+            .map(|t| t.model.as_str());
     }
     let mut point = rng.random_range(0..total);
     for t in targets {
@@ -345,7 +351,9 @@ mod tests {
         assert!(SubsetEntry::parse("10.0.0.1:8000").unwrap().matches(a));
         assert!(!SubsetEntry::parse("10.0.0.1:8001").unwrap().matches(a));
         assert!(SubsetEntry::parse("10.0.0.1").unwrap().matches(a));
-        assert!(SubsetEntry::parse("[::1]").unwrap().matches("[::1]:9".parse().unwrap()));
+        assert!(SubsetEntry::parse("[::1]")
+            .unwrap()
+            .matches("[::1]:9".parse().unwrap()));
         assert_eq!(SubsetEntry::parse("not-an-ip"), None);
         assert_eq!(split_subset(" a, b ,,c"), vec!["a", "b", "c"]);
     }
@@ -353,19 +361,32 @@ mod tests {
     #[test]
     fn weighted_rewrite_respects_weights() {
         let targets = vec![
-            RewriteTarget { model: "a".into(), weight: 0 },
-            RewriteTarget { model: "b".into(), weight: 3 },
+            RewriteTarget {
+                model: "a".into(),
+                weight: 0,
+            },
+            RewriteTarget {
+                model: "b".into(),
+                weight: 3,
+            },
         ];
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for _ in 0..100 {
             assert_eq!(pick_weighted(&targets, &mut rng), Some("b"));
         }
         let zero = vec![
-            RewriteTarget { model: "a".into(), weight: 0 },
-            RewriteTarget { model: "b".into(), weight: 0 },
+            RewriteTarget {
+                model: "a".into(),
+                weight: 0,
+            },
+            RewriteTarget {
+                model: "b".into(),
+                weight: 0,
+            },
         ];
-        let picks: std::collections::HashSet<_> =
-            (0..100).filter_map(|_| pick_weighted(&zero, &mut rng)).collect();
+        let picks: std::collections::HashSet<_> = (0..100)
+            .filter_map(|_| pick_weighted(&zero, &mut rng))
+            .collect();
         assert_eq!(picks.len(), 2);
         assert_eq!(pick_weighted(&[], &mut rng), None);
     }

@@ -21,9 +21,31 @@ const GENERAL_LATENCY_BUCKETS: [f64; 35] = [
     1200.0, 1800.0, 2700.0, 3600.0,
 ];
 const REQUEST_SIZE_BUCKETS: [f64; 25] = [
-    64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0,
-    131072.0, 262144.0, 524288.0, 1048576.0, 2097152.0, 4194304.0, 8388608.0, 16777216.0,
-    33554432.0, 67108864.0, 134217728.0, 268435456.0, 536870912.0, 1073741824.0,
+    64.0,
+    128.0,
+    256.0,
+    512.0,
+    1024.0,
+    2048.0,
+    4096.0,
+    8192.0,
+    16384.0,
+    32768.0,
+    65536.0,
+    131072.0,
+    262144.0,
+    524288.0,
+    1048576.0,
+    2097152.0,
+    4194304.0,
+    8388608.0,
+    16777216.0,
+    33554432.0,
+    67108864.0,
+    134217728.0,
+    268435456.0,
+    536870912.0,
+    1073741824.0,
 ];
 // 32778 (sic) is the reference's value; kept so bucket boundaries match its dashboards.
 const RESPONSE_SIZE_BUCKETS: [f64; 15] = [
@@ -221,7 +243,9 @@ impl EppMetrics {
         );
         let info: Family<InfoLabels, Gauge> = Family::default();
         info.get_or_create(&InfoLabels {
-            commit: option_env!("SWITCHYARD_COMMIT").unwrap_or("unknown").to_string(),
+            commit: option_env!("SWITCHYARD_COMMIT")
+                .unwrap_or("unknown")
+                .to_string(),
             build_ref: env!("CARGO_PKG_VERSION").to_string(),
         })
         .set(1);

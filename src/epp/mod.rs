@@ -1,6 +1,7 @@
 //! Endpoint Picker: an Envoy ext_proc server that routes each inference request to the model
 //! replica where it is cheapest (prefix-cache affinity, queue depth, KV-cache utilisation).
 
+pub mod args;
 pub mod datastore;
 pub mod director;
 pub mod discovery;
@@ -17,7 +18,6 @@ pub mod scheduling;
 pub mod scrape;
 pub mod server;
 pub mod tls;
-pub mod args;
 
 /// Runs `switchyard epp` until SIGTERM.
 pub async fn run(args: args::EppArgs) -> anyhow::Result<()> {

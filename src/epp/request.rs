@@ -194,8 +194,14 @@ mod tests {
 
     #[test]
     fn api_type_from_path() {
-        assert_eq!(ApiType::from_path("/v1/chat/completions"), ApiType::ChatCompletions);
-        assert_eq!(ApiType::from_path("/v1/completions?x=1"), ApiType::Completions);
+        assert_eq!(
+            ApiType::from_path("/v1/chat/completions"),
+            ApiType::ChatCompletions
+        );
+        assert_eq!(
+            ApiType::from_path("/v1/completions?x=1"),
+            ApiType::Completions
+        );
         assert_eq!(ApiType::from_path("/v1/responses"), ApiType::Responses);
         assert_eq!(ApiType::from_path("/v1/embeddings/"), ApiType::Embeddings);
         assert_eq!(ApiType::from_path("/other"), ApiType::Completions);
@@ -246,8 +252,14 @@ mod tests {
             inspect(br#"{"model":7}"#, ApiType::Completions),
             Err(RequestError::MissingModel)
         );
-        assert!(matches!(inspect(b"[1,2]", ApiType::Completions), Err(RequestError::InvalidJson(_))));
-        assert!(matches!(inspect(b"", ApiType::Completions), Err(RequestError::InvalidJson(_))));
+        assert!(matches!(
+            inspect(b"[1,2]", ApiType::Completions),
+            Err(RequestError::InvalidJson(_))
+        ));
+        assert!(matches!(
+            inspect(b"", ApiType::Completions),
+            Err(RequestError::InvalidJson(_))
+        ));
     }
 
     #[test]
@@ -268,7 +280,10 @@ mod tests {
 
     #[test]
     fn compact_json_respects_strings() {
-        assert_eq!(&*compact_json(br#"[ "a b", {"c" : "\" d"} ]"#), br#"["a b",{"c":"\" d"}]"#);
+        assert_eq!(
+            &*compact_json(br#"[ "a b", {"c" : "\" d"} ]"#),
+            br#"["a b",{"c":"\" d"}]"#
+        );
         assert!(matches!(compact_json(b"[1,2]"), Cow::Borrowed(_)));
     }
 }

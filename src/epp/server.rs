@@ -59,7 +59,9 @@ pub async fn run(args: EppArgs) -> anyhow::Result<()> {
 fn init_logging(args: &EppArgs) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(args.log_filter()));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A second init (tests starting several EPPs in one process) is harmless; ignore it.
     let _ = match args.zap_encoder {
         LogEncoder::Json => builder.json().try_init(),
@@ -76,9 +78,13 @@ fn load_scheduler_config(args: &EppArgs) -> anyhow::Result<scheduling::Scheduler
             .with_context(|| format!("reading --config-file {}", args.config_file))?;
         (text, args.config_file.clone())
     } else {
-        (scheduling::DEFAULT_CONFIG.to_string(), "built-in default".to_string())
+        (
+            scheduling::DEFAULT_CONFIG.to_string(),
+            "built-in default".to_string(),
+        )
     };
-    scheduling::parse_config(&text).with_context(|| format!("invalid EndpointPickerConfig ({origin})"))
+    scheduling::parse_config(&text)
+        .with_context(|| format!("invalid EndpointPickerConfig ({origin})"))
 }
 
 /// `--check-config`: everything `start` would reject, without binding ports or calling APIs.
@@ -105,7 +111,8 @@ fn kube_config(args: &EppArgs) -> KubeDiscoveryConfig {
         pool_name: args.pool_name.clone(),
         pool_namespace: pool_namespace(args),
         pool_group: args.pool_group.clone(),
-        endpoint_selector: (!args.endpoint_selector.is_empty()).then(|| args.endpoint_selector.clone()),
+        endpoint_selector: (!args.endpoint_selector.is_empty())
+            .then(|| args.endpoint_selector.clone()),
         endpoint_target_ports: args.endpoint_target_ports.clone(),
     }
 }
@@ -114,7 +121,10 @@ fn pool_namespace(args: &EppArgs) -> String {
     if !args.pool_namespace.is_empty() {
         return args.pool_namespace.clone();
     }
-    std::env::var("NAMESPACE").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "default".to_string())
+    std::env::var("NAMESPACE")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".to_string())
 }
 
 /// A running EPP: its bound addresses and what is needed to stop it.
@@ -135,7 +145,9 @@ impl RunningEpp {
     /// Stops accepting, reports NOT_SERVING, waits for open streams up to the drain timeout.
     pub async fn shutdown(self) {
         for svc in READINESS_SERVICES {
-            self.health.set_service_status(svc, ServingStatus::NotServing).await;
+            self.health
+                .set_service_status(svc, ServingStatus::NotServing)
+                .await;
         }
         let _ = self.shutdown_tx.send(true);
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
@@ -144,7 +156,10 @@ impl RunningEpp {
         }
         let left = self.shared.open_streams();
         if left > 0 {
-            tracing::warn!(open_streams = left, "drain timeout reached; closing remaining streams");
+            tracing::warn!(
+                open_streams = left,
+                "drain timeout reached; closing remaining streams"
+            );
         }
         self.grpc_task.abort();
         for t in self.tasks {
@@ -183,8 +198,16 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
                     std::env::var("POD_NAME").unwrap_or_else(|_| "switchyard-epp".to_string()),
                     rand::random::<u32>()
                 );
-                let lease = super::leader::LeaseConfig::for_pool(&config.pool_namespace, &config.pool_name, identity);
-                leader_rx = Some(super::leader::spawn_leader_election(client.clone(), lease, shutdown_rx.clone()));
+                let lease = super::leader::LeaseConfig::for_pool(
+                    &config.pool_namespace,
+                    &config.pool_name,
+                    identity,
+                );
+                leader_rx = Some(super::leader::spawn_leader_election(
+                    client.clone(),
+                    lease,
+                    shutdown_rx.clone(),
+                ));
             }
             if args.metrics_endpoint_auth {
                 metrics_auth = Some(Arc::new(MetricsAuth::new(client.clone())));
@@ -238,9 +261,13 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
 
     // Health.
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("liveness", ServingStatus::Serving).await;
+    health
+        .set_service_status("liveness", ServingStatus::Serving)
+        .await;
     for svc in READINESS_SERVICES {
-        health.set_service_status(svc, ServingStatus::NotServing).await;
+        health
+            .set_service_status(svc, ServingStatus::NotServing)
+            .await;
     }
     let health_listener = TcpListener::bind((args.bind_address, args.grpc_health_port))
         .await
@@ -256,7 +283,11 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
             tracing::error!(error = %e, "health server stopped");
         }
     }));
-    tasks.push(spawn_readiness(datastore.clone(), health.clone(), leader_rx));
+    tasks.push(spawn_readiness(
+        datastore.clone(),
+        health.clone(),
+        leader_rx,
+    ));
 
     // Metrics HTTP.
     let metrics_listener = TcpListener::bind((args.bind_address, args.metrics_port))
@@ -357,7 +388,11 @@ fn spawn_readiness(
             let leading = leader.as_ref().is_none_or(|rx| *rx.borrow());
             let ready = datastore.is_synced() && leading;
             if last != Some(ready) {
-                let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+                let status = if ready {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
                 for svc in READINESS_SERVICES {
                     health.set_service_status(svc, status).await;
                 }
@@ -406,16 +441,24 @@ struct MetricsState {
     auth: Option<Arc<MetricsAuth>>,
 }
 
-async fn serve_metrics(State(state): State<MetricsState>, headers: HeaderMap) -> axum::response::Response {
+async fn serve_metrics(
+    State(state): State<MetricsState>,
+    headers: HeaderMap,
+) -> axum::response::Response {
     if let Some(auth) = &state.auth {
-        let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
         if let Err(e) = auth.authorize(bearer).await {
             let status = StatusCode::from_u16(e.status().as_u16()).unwrap_or(StatusCode::FORBIDDEN);
             return (status, e.to_string()).into_response();
         }
     }
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         metrics::encode(&state.registry),
     )
         .into_response()

@@ -47,7 +47,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn certified_key(certs: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>, path: &Path) -> Result<CertifiedKey, TlsError> {
+fn certified_key(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    path: &Path,
+) -> Result<CertifiedKey, TlsError> {
     let signing = provider()
         .key_provider
         .load_private_key(key)
@@ -62,7 +66,12 @@ fn certified_key(certs: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static
 pub fn load_from_dir(dir: &Path) -> Result<CertifiedKey, TlsError> {
     let crt = dir.join("tls.crt");
     let key = dir.join("tls.key");
-    let read = |p: &Path| std::fs::read(p).map_err(|source| TlsError::Read { path: p.to_path_buf(), source });
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| TlsError::Read {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
     let crt_pem = read(&crt)?;
     let key_pem = read(&key)?;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&crt_pem)
@@ -80,15 +89,22 @@ pub fn load_from_dir(dir: &Path) -> Result<CertifiedKey, TlsError> {
 
 /// A fresh self-signed certificate (the reference's default when no `--cert-path` is given).
 pub fn self_signed() -> Result<CertifiedKey, TlsError> {
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "switchyard-epp".to_string()])
-        .map_err(|e| TlsError::SelfSigned(e.to_string()))?;
+    let cert = rcgen::generate_simple_self_signed(vec![
+        "localhost".to_string(),
+        "switchyard-epp".to_string(),
+    ])
+    .map_err(|e| TlsError::SelfSigned(e.to_string()))?;
     let der = CertificateDer::from(cert.cert.der().to_vec());
-    let key = PrivateKeyDer::try_from(cert.key_pair.serialize_der()).map_err(|e| TlsError::SelfSigned(e.to_string()))?;
+    let key = PrivateKeyDer::try_from(cert.key_pair.serialize_der())
+        .map_err(|e| TlsError::SelfSigned(e.to_string()))?;
     certified_key(vec![der], key, Path::new("<self-signed>"))
 }
 
 /// Builds the acceptor. With `reload`, a background task re-reads the files when they change.
-pub fn acceptor(cert_dir: Option<&Path>, reload: bool) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+pub fn acceptor(
+    cert_dir: Option<&Path>,
+    reload: bool,
+) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
     let key = match cert_dir {
         Some(dir) => load_from_dir(dir)?,
         None => self_signed()?,
@@ -129,7 +145,9 @@ fn spawn_reloader(dir: PathBuf, store: Arc<CertStore>) {
                     store.current.store(Arc::new(key));
                     tracing::info!(dir = %dir.display(), "reloaded TLS certificate");
                 }
-                Err(e) => tracing::warn!(error = %e, "TLS certificate reload failed; keeping the previous one"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "TLS certificate reload failed; keeping the previous one")
+                }
             }
         }
     });
@@ -146,19 +164,33 @@ impl tonic::transport::server::Connected for TlsConn {
 }
 
 impl AsyncRead for TlsConn {
-    fn poll_read(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut ReadBuf<'_>) -> std::task::Poll<io::Result<()>> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
         std::pin::Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConn {
-    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<io::Result<usize>> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
         std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
     }
-    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
         std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
     }
-    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
         std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }

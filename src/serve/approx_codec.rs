@@ -10,8 +10,11 @@ use xxhash_rust::xxh64::xxh64;
 use crate::serve::codec::{ChatMessage, CodecError, TextCodec};
 
 /// Qwen2 special tokens (ids and text), kept so templates and EOS look like the real model's.
-const SPECIALS: [(u32, &str); 3] =
-    [(151_643, "<|endoftext|>"), (151_644, "<|im_start|>"), (151_645, "<|im_end|>")];
+const SPECIALS: [(u32, &str); 3] = [
+    (151_643, "<|endoftext|>"),
+    (151_644, "<|im_start|>"),
+    (151_645, "<|im_end|>"),
+];
 
 #[derive(Debug, Clone)]
 pub struct ApproxCodec {
@@ -22,7 +25,10 @@ pub struct ApproxCodec {
 impl ApproxCodec {
     /// Ids of regular tokens are `0 .. regular_vocab` (151643 for Qwen2).
     pub fn new(regular_vocab: u32) -> Self {
-        Self { regular_vocab: regular_vocab.max(1), eos: vec![151_645, 151_643] }
+        Self {
+            regular_vocab: regular_vocab.max(1),
+            eos: vec![151_645, 151_643],
+        }
     }
 }
 
@@ -87,9 +93,18 @@ mod tests {
         assert_eq!(a.len(), 3);
         assert_eq!(a[..2], b[..2]);
         assert_ne!(a[2], b[2]);
-        assert_eq!(c.decode(&[0, 1, 151_645], false).unwrap(), " aaa baa<|im_end|>");
+        assert_eq!(
+            c.decode(&[0, 1, 151_645], false).unwrap(),
+            " aaa baa<|im_end|>"
+        );
         assert_eq!(c.decode(&[151_645], true).unwrap(), "");
-        let chat = c.render_chat(&[ChatMessage { role: "user".into(), content: "hi".into() }]);
-        assert_eq!(chat.unwrap(), "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        let chat = c.render_chat(&[ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        }]);
+        assert_eq!(
+            chat.unwrap(),
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 }

@@ -81,7 +81,11 @@ impl KvEventLog {
         events.push_back(first);
         let (next_tx, _) = watch::channel(2);
         Arc::new(Self {
-            ring: Mutex::new(Ring { events, oldest: 1, capacity }),
+            ring: Mutex::new(Ring {
+                events,
+                oldest: 1,
+                capacity,
+            }),
             next_tx,
             model_name: model_name.to_owned(),
             block_size: u32::try_from(block_size).unwrap_or(u32::MAX),
@@ -109,15 +113,17 @@ impl KvEventLog {
             let before = ring.next();
             for ev in events {
                 let event = match ev {
-                    PoolEvent::Stored { block_hashes, parent_hash, token_ids } => {
-                        Event::Stored(pb::BlockStored {
-                            token_count: u32::try_from(token_ids.len()).unwrap_or(u32::MAX),
-                            block_hashes,
-                            parent_hash,
-                            token_ids,
-                            block_size: self.block_size,
-                        })
-                    }
+                    PoolEvent::Stored {
+                        block_hashes,
+                        parent_hash,
+                        token_ids,
+                    } => Event::Stored(pb::BlockStored {
+                        token_count: u32::try_from(token_ids.len()).unwrap_or(u32::MAX),
+                        block_hashes,
+                        parent_hash,
+                        token_ids,
+                        block_size: self.block_size,
+                    }),
                     PoolEvent::Removed { block_hashes } => {
                         Event::Removed(pb::BlockRemoved { block_hashes })
                     }
@@ -152,10 +158,16 @@ impl KvEventLog {
     ) -> Result<(), KvEventsError> {
         let ring = self.ring.lock();
         if from < ring.oldest {
-            return Err(KvEventsError::TooOld { requested: from, oldest: ring.oldest });
+            return Err(KvEventsError::TooOld {
+                requested: from,
+                oldest: ring.oldest,
+            });
         }
         if from > ring.next() {
-            return Err(KvEventsError::InFuture { requested: from, next: ring.next() });
+            return Err(KvEventsError::InFuture {
+                requested: from,
+                next: ring.next(),
+            });
         }
         let start = (from - ring.oldest) as usize;
         out.extend(ring.events.iter().skip(start).take(max).cloned());
@@ -177,7 +189,9 @@ impl KvEventLog {
 
     /// The tonic service serving this log.
     pub fn service(self: &Arc<Self>) -> pb::kv_events_server::KvEventsServer<KvEventsService> {
-        pb::kv_events_server::KvEventsServer::new(KvEventsService { log: Arc::clone(self) })
+        pb::kv_events_server::KvEventsServer::new(KvEventsService {
+            log: Arc::clone(self),
+        })
     }
 }
 
@@ -205,16 +219,23 @@ impl pb::kv_events_server::KvEvents for KvEventsService {
         let mut cursor = match from {
             0 => next,
             f if f < oldest => {
-                return Err(status_of(&KvEventsError::TooOld { requested: f, oldest }))
+                return Err(status_of(&KvEventsError::TooOld {
+                    requested: f,
+                    oldest,
+                }))
             }
-            f if f > next => return Err(status_of(&KvEventsError::InFuture { requested: f, next })),
+            f if f > next => {
+                return Err(status_of(&KvEventsError::InFuture { requested: f, next }))
+            }
             f => f,
         };
         tracing::debug!(from, cursor, "kv-events subscriber connected");
         let (tx, rx) = mpsc::channel(READ_BATCH);
         let log = Arc::clone(&self.log);
         tokio::spawn(async move {
-            let info = pb::SubscribeResponse { message: Some(pb::subscribe_response::Message::Info(log.info())) };
+            let info = pb::SubscribeResponse {
+                message: Some(pb::subscribe_response::Message::Info(log.info())),
+            };
             if tx.send(Ok(info)).await.is_err() {
                 return;
             }
@@ -256,19 +277,26 @@ mod tests {
     #[test]
     fn ring_is_bounded_and_resumable() {
         let log = KvEventLog::new(3, "m", 16);
-        log.publish((0..4).map(|i| PoolEvent::Removed { block_hashes: vec![i] }));
+        log.publish((0..4).map(|i| PoolEvent::Removed {
+            block_hashes: vec![i],
+        }));
         assert_eq!(log.bounds(), (3, 6));
         let mut out = Vec::new();
         assert_eq!(
             log.read_from(2, 10, &mut out),
-            Err(KvEventsError::TooOld { requested: 2, oldest: 3 })
+            Err(KvEventsError::TooOld {
+                requested: 2,
+                oldest: 3
+            })
         );
         log.read_from(4, 10, &mut out).unwrap();
         let seqs: Vec<u64> = out.iter().map(|e| e.sequence).collect();
         assert_eq!(seqs, vec![4, 5]);
         assert_eq!(
             out[1].event,
-            Some(Event::Removed(pb::BlockRemoved { block_hashes: vec![3] }))
+            Some(Event::Removed(pb::BlockRemoved {
+                block_hashes: vec![3]
+            }))
         );
         out.clear();
         log.read_from(6, 10, &mut out).unwrap();

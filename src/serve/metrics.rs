@@ -115,32 +115,43 @@ impl ServeMetrics {
     /// A registry whose every series carries `model_name` and `engine="0"`.
     pub fn new(model_name: &str) -> Self {
         let labels: [(Cow<'static, str>, Cow<'static, str>); 2] = [
-            (Cow::Borrowed("model_name"), Cow::Owned(model_name.to_owned())),
+            (
+                Cow::Borrowed("model_name"),
+                Cow::Owned(model_name.to_owned()),
+            ),
             (Cow::Borrowed("engine"), Cow::Borrowed("0")),
         ];
         let mut r = Registry::with_labels(labels.into_iter());
         let num_requests_running = Gauge::default();
         r.register(
             "vllm:num_requests_running",
-            "Number of requests in model execution batches.",
+            "Number of requests in model execution batches",
             num_requests_running.clone(),
         );
         let num_requests_waiting = Gauge::default();
         r.register(
             "vllm:num_requests_waiting",
-            "Number of requests waiting to be processed.",
+            "Number of requests waiting to be processed",
             num_requests_waiting.clone(),
         );
         let kv_cache_usage_perc = Gauge::<f64, AtomicU64>::default();
         r.register(
             "vllm:kv_cache_usage_perc",
-            "KV-cache usage. 1 means 100 percent usage.",
+            "KV-cache usage. 1 means 100 percent usage",
             kv_cache_usage_perc.clone(),
         );
         let cache_config = Family::<CacheConfigLabels, Gauge>::default();
-        r.register("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", cache_config.clone());
+        r.register(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            cache_config.clone(),
+        );
         let lora = Family::<LoraLabels, Gauge<f64, AtomicU64>>::default();
-        r.register("vllm:lora_requests_info", "Running stats on lora requests.", lora.clone());
+        r.register(
+            "vllm:lora_requests_info",
+            "Running stats on lora requests",
+            lora.clone(),
+        );
         // No LoRA support: publish the series with empty adapter lists so scrapers see max_lora 0.
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -158,24 +169,42 @@ impl ServeMetrics {
             r.register(name, help, c.clone());
             c
         };
-        let prompt_tokens = counter(&mut r, "vllm:prompt_tokens", "Number of prefill tokens processed.");
-        let generation_tokens =
-            counter(&mut r, "vllm:generation_tokens", "Number of generation tokens processed.");
+        let prompt_tokens = counter(
+            &mut r,
+            "vllm:prompt_tokens",
+            "Number of prefill tokens processed",
+        );
+        let generation_tokens = counter(
+            &mut r,
+            "vllm:generation_tokens",
+            "Number of generation tokens processed",
+        );
         let prefix_cache_queries = counter(
             &mut r,
             "vllm:prefix_cache_queries",
-            "Prefix cache queries, in terms of number of queried tokens.",
+            "Prefix cache queries, in terms of number of queried tokens",
         );
         let prefix_cache_hits = counter(
             &mut r,
             "vllm:prefix_cache_hits",
-            "Prefix cache hits, in terms of number of cached tokens.",
+            "Prefix cache hits, in terms of number of cached tokens",
         );
-        let num_preemptions =
-            counter(&mut r, "vllm:num_preemptions", "Cumulative number of preemption from the engine.");
+        let num_preemptions = counter(
+            &mut r,
+            "vllm:num_preemptions",
+            "Cumulative number of preemption from the engine",
+        );
         let success = Family::<ReasonLabels, Counter>::default();
-        r.register("vllm:request_success", "Count of successfully processed requests.", success.clone());
-        let reason = |finished_reason| success.get_or_create(&ReasonLabels { finished_reason }).clone();
+        r.register(
+            "vllm:request_success",
+            "Count of successfully processed requests",
+            success.clone(),
+        );
+        let reason = |finished_reason| {
+            success
+                .get_or_create(&ReasonLabels { finished_reason })
+                .clone()
+        };
         let (success_stop, success_length, success_abort) =
             (reason("stop"), reason("length"), reason("abort"));
 
@@ -187,57 +216,56 @@ impl ServeMetrics {
         let time_to_first_token = hist(
             &mut r,
             "vllm:time_to_first_token_seconds",
-            "Histogram of time to first token in seconds.",
+            "Histogram of time to first token in seconds",
             &TTFT_BUCKETS,
         );
         let inter_token_latency = hist(
             &mut r,
             "vllm:inter_token_latency_seconds",
-            "Histogram of inter-token latency in seconds.",
+            "Histogram of inter-token latency in seconds",
             &TOKEN_LATENCY_BUCKETS,
         );
         let time_per_output_token = hist(
             &mut r,
             "vllm:time_per_output_token_seconds",
-            "Histogram of time per output token in seconds.",
+            "Histogram of time per output token in seconds",
             &TOKEN_LATENCY_BUCKETS,
         );
         let e2e_request_latency = hist(
             &mut r,
             "vllm:e2e_request_latency_seconds",
-            "Histogram of e2e request latency in seconds.",
+            "Histogram of e2e request latency in seconds",
             &REQUEST_LATENCY_BUCKETS,
         );
         let request_queue_time = hist(
             &mut r,
             "vllm:request_queue_time_seconds",
-            "Histogram of time spent in WAITING phase for request.",
+            "Histogram of time spent in WAITING phase for request",
             &REQUEST_LATENCY_BUCKETS,
         );
         let request_prefill_time = hist(
             &mut r,
             "vllm:request_prefill_time_seconds",
-            "Histogram of time spent in PREFILL phase for request.",
+            "Histogram of time spent in PREFILL phase for request",
             &REQUEST_LATENCY_BUCKETS,
         );
         let request_decode_time = hist(
             &mut r,
             "vllm:request_decode_time_seconds",
-            "Histogram of time spent in DECODE phase for request.",
+            "Histogram of time spent in DECODE phase for request",
             &REQUEST_LATENCY_BUCKETS,
         );
-        let token_buckets: Vec<f64> =
-            (0..20).map(|i| f64::from(1u32 << i)).collect();
+        let token_buckets: Vec<f64> = (0..20).map(|i| f64::from(1u32 << i)).collect();
         let request_prompt_tokens = hist(
             &mut r,
             "vllm:request_prompt_tokens",
-            "Number of prefill tokens processed.",
+            "Number of prefill tokens processed",
             &token_buckets,
         );
         let request_generation_tokens = hist(
             &mut r,
             "vllm:request_generation_tokens",
-            "Number of generation tokens processed.",
+            "Number of generation tokens processed",
             &token_buckets,
         );
         Self {
@@ -273,7 +301,12 @@ impl ServeMetrics {
                 block_size: info.block_size.to_string(),
                 num_gpu_blocks: info.num_gpu_blocks.to_string(),
                 num_cpu_blocks: "0".into(),
-                enable_prefix_caching: if info.enable_prefix_caching { "True" } else { "False" }.into(),
+                enable_prefix_caching: if info.enable_prefix_caching {
+                    "True"
+                } else {
+                    "False"
+                }
+                .into(),
                 gpu_memory_utilization: info.gpu_memory_utilization.to_string(),
                 cache_dtype: "auto".into(),
             })

@@ -148,7 +148,9 @@ impl ServeArgs {
 /// Parses a byte size: plain bytes or a number with KiB/MiB/GiB/KB/MB/GB (also K/M/G).
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let value: f64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
@@ -223,7 +225,10 @@ fn build_backend(args: &ServeArgs) -> Result<Built, ServeError> {
         BackendKind::Sim => {
             let profile = backend::sim::profile(&args.sim_profile).ok_or_else(|| {
                 let known: Vec<_> = backend::sim::profiles().iter().map(|p| p.name).collect();
-                ServeError::UnknownProfile { name: args.sim_profile.clone(), known: known.join(", ") }
+                ServeError::UnknownProfile {
+                    name: args.sim_profile.clone(),
+                    known: known.join(", "),
+                }
             })?;
             if !(args.time_scale.is_finite() && args.time_scale >= 0.0) {
                 return Err(ServeError::InvalidFlag(format!(
@@ -244,7 +249,11 @@ fn build_backend(args: &ServeArgs) -> Result<Built, ServeError> {
             Ok(Built {
                 default_name: profile.model.to_owned(),
                 default_max_model_len: profile.max_model_len,
-                latency_scale: if args.time_scale > 0.0 { 1.0 / args.time_scale } else { 1.0 },
+                latency_scale: if args.time_scale > 0.0 {
+                    1.0 / args.time_scale
+                } else {
+                    1.0
+                },
                 backend: Box::new(SimBackend::new(profile, opts)),
                 codec,
             })
@@ -303,7 +312,9 @@ pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
     let listener = tokio::net::TcpListener::bind(http)
         .await
         .map_err(|source| ServeError::Bind { addr: http, source })?;
-    let http_addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: http, source })?;
+    let http_addr = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr: http, source })?;
     let state = Arc::new(AppState {
         engine: engine.clone(),
         codec: built.codec,
@@ -320,7 +331,10 @@ pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
         let signal = async move {
             let _ = rx.wait_for(|v| *v).await;
         };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(signal).await {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(signal)
+            .await
+        {
             tracing::error!(error = %e, "HTTP server failed");
         }
     }));
@@ -331,8 +345,11 @@ pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| ServeError::Bind { addr, source })?;
-        kv_events_addr =
-            Some(listener.local_addr().map_err(|source| ServeError::Bind { addr, source })?);
+        kv_events_addr = Some(
+            listener
+                .local_addr()
+                .map_err(|source| ServeError::Bind { addr, source })?,
+        );
         let mut rx = shutdown_rx.clone();
         let service = log.service();
         tasks.push(tokio::spawn(async move {
@@ -357,14 +374,24 @@ pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
         max_model_len,
         "switchyard serve listening"
     );
-    Ok(ServerHandle { http_addr, kv_events_addr, engine, metrics, shutdown, tasks })
+    Ok(ServerHandle {
+        http_addr,
+        kv_events_addr,
+        engine,
+        metrics,
+        shutdown,
+        tasks,
+    })
 }
 
 /// Runs the decode server until SIGTERM/SIGINT.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     let handle = start(args).await?;
     shutdown_signal().await;
     tracing::info!("shutting down");

@@ -82,7 +82,9 @@ pub fn render(template: &str, vars: &[(&str, String)]) -> anyhow::Result<String>
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after.find('}').with_context(|| format!("unterminated placeholder at {:?}", &rest[start..]))?;
+        let end = after
+            .find('}')
+            .with_context(|| format!("unterminated placeholder at {:?}", &rest[start..]))?;
         let name = &after[..end];
         let value = vars
             .iter()
@@ -103,15 +105,25 @@ pub fn pool_lb_endpoints(pool: &[SocketAddr]) -> String {
         if i > 0 {
             s.push_str(", ");
         }
-        let _ = write!(s, "{{endpoint: {{address: {{socket_address: {{address: \"{}\", port_value: {}}}}}}}}}", a.ip(), a.port());
+        let _ = write!(
+            s,
+            "{{endpoint: {{address: {{socket_address: {{address: \"{}\", port_value: {}}}}}}}}}",
+            a.ip(),
+            a.port()
+        );
     }
     s.push(']');
     s
 }
 
 /// Renders the repository's template for `cfg` with the given listener and admin ports.
-pub fn render_config(cfg: &EnvoyConfig, listen_port: u16, admin_port: u16) -> anyhow::Result<String> {
-    let template = std::fs::read_to_string(template_path()).context("reading deploy/envoy/envoy.yaml")?;
+pub fn render_config(
+    cfg: &EnvoyConfig,
+    listen_port: u16,
+    admin_port: u16,
+) -> anyhow::Result<String> {
+    let template =
+        std::fs::read_to_string(template_path()).context("reading deploy/envoy/envoy.yaml")?;
     render(
         &template,
         &[
@@ -149,12 +161,19 @@ impl EnvoyProcess {
         std::fs::write(&config_path, render_config(cfg, listen_port, admin_port)?)?;
         let log_path = dir.path().join("envoy.log");
         let log = std::fs::File::create(&log_path)?;
-        let level = std::env::var("SWITCHYARD_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "warning".to_owned());
+        let level =
+            std::env::var("SWITCHYARD_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "warning".to_owned());
         let child = Command::new(envoy)
             .arg("-c")
             .arg(&config_path)
             // Several Envoys run at once in one test binary: no shared-memory hot-restart region.
-            .args(["--disable-hot-restart", "--concurrency", "1", "--log-level", &level])
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--log-level",
+                &level,
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -177,7 +196,10 @@ impl EnvoyProcess {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(status) = self.child.try_wait()? {
-                anyhow::bail!("envoy exited with {status} before becoming ready:\n{}", self.logs());
+                anyhow::bail!(
+                    "envoy exited with {status} before becoming ready:\n{}",
+                    self.logs()
+                );
             }
             if let Ok(resp) = client.get(&url).await {
                 if resp.status == 200 && resp.text().trim() == "LIVE" {
@@ -203,8 +225,16 @@ impl EnvoyProcess {
 
     /// A counter or gauge from the admin `/stats` (None when absent).
     pub async fn stat(&self, name: &str) -> anyhow::Result<Option<u64>> {
-        let resp = HttpClient::new().get(&format!("http://{}/stats?filter=^{name}$", self.admin)).await?;
-        Ok(resp.text().lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(": ")?.trim().parse().ok()))
+        let resp = HttpClient::new()
+            .get(&format!("http://{}/stats?filter=^{name}$", self.admin))
+            .await?;
+        Ok(resp.text().lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(": ")?
+                .trim()
+                .parse()
+                .ok()
+        }))
     }
 }
 

@@ -34,7 +34,13 @@ pub struct EppOptions {
 
 impl EppOptions {
     pub fn new(endpoints: Vec<SocketAddr>) -> Self {
-        Self { endpoints, fallback_endpoints: 0, config: None, refresh_metrics_interval: "50ms".to_owned(), extra_args: Vec::new() }
+        Self {
+            endpoints,
+            fallback_endpoints: 0,
+            config: None,
+            refresh_metrics_interval: "50ms".to_owned(),
+            extra_args: Vec::new(),
+        }
     }
 }
 
@@ -70,7 +76,10 @@ impl EppProcess {
             metrics_port.to_string(),
             "--secure-serving=false".into(),
             "--metrics-endpoint-auth=false".into(),
-            format!("--refresh-metrics-interval={}", opts.refresh_metrics_interval),
+            format!(
+                "--refresh-metrics-interval={}",
+                opts.refresh_metrics_interval
+            ),
             format!("--fallback-endpoints={}", opts.fallback_endpoints),
             "--zap-encoder".into(),
             "console".into(),
@@ -93,7 +102,14 @@ impl EppProcess {
             .stderr(log)
             .spawn()
             .context("spawning switchyard epp")?;
-        let mut epp = Self { child, grpc_port, health_port, metrics_port, log_path, _dir: dir };
+        let mut epp = Self {
+            child,
+            grpc_port,
+            health_port,
+            metrics_port,
+            log_path,
+            _dir: dir,
+        };
         epp.wait_serving().await?;
         Ok(epp)
     }
@@ -104,7 +120,10 @@ impl EppProcess {
         let mut last: String;
         loop {
             if let Some(status) = self.child.try_wait()? {
-                anyhow::bail!("switchyard epp exited with {status} before serving:\n{}", self.logs());
+                anyhow::bail!(
+                    "switchyard epp exited with {status} before serving:\n{}",
+                    self.logs()
+                );
             }
             match health(&url).await {
                 Ok(ServingStatus::Serving) => return Ok(()),
@@ -112,7 +131,10 @@ impl EppProcess {
                 Err(e) => last = format!("{e:#}"),
             }
             if Instant::now() > deadline {
-                anyhow::bail!("switchyard epp not SERVING after {READY_TIMEOUT:?} (last: {last}):\n{}", self.logs());
+                anyhow::bail!(
+                    "switchyard epp not SERVING after {READY_TIMEOUT:?} (last: {last}):\n{}",
+                    self.logs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -147,7 +169,11 @@ async fn health(url: &str) -> anyhow::Result<ServingStatus> {
         .timeout(Duration::from_secs(1))
         .connect()
         .await?;
-    let resp = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await?;
+    let resp = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?;
     Ok(ServingStatus::try_from(resp.into_inner().status).unwrap_or(ServingStatus::Unknown))
 }
 

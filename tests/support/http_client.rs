@@ -32,7 +32,10 @@ impl HttpResponse {
 
     /// A response header as a string ("" when absent or not UTF-8).
     pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
     }
 }
 
@@ -50,18 +53,30 @@ impl Default for HttpClient {
 
 impl HttpClient {
     pub fn new() -> Self {
-        Self { inner: Client::builder(TokioExecutor::new()).build_http() }
+        Self {
+            inner: Client::builder(TokioExecutor::new()).build_http(),
+        }
     }
 
     /// Sends one request and reads the whole response (within [`REQUEST_TIMEOUT`]).
-    pub async fn send(&self, method: Method, url: &str, headers: &[(&str, &str)], body: Bytes) -> anyhow::Result<HttpResponse> {
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> anyhow::Result<HttpResponse> {
         let mut req = Request::builder().method(method).uri(url);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
         let req = req.body(Full::new(body))?;
         let fut = async {
-            let resp = self.inner.request(req).await.with_context(|| format!("sending to {url}"))?;
+            let resp = self
+                .inner
+                .request(req)
+                .await
+                .with_context(|| format!("sending to {url}"))?;
             let (parts, mut body) = resp.into_parts();
             let mut buf = BytesMut::new();
             let mut frames = 0;
@@ -74,13 +89,25 @@ impl HttpClient {
                     }
                 }
             }
-            anyhow::Ok(HttpResponse { status: parts.status, headers: parts.headers, body: buf.freeze(), frames })
+            anyhow::Ok(HttpResponse {
+                status: parts.status,
+                headers: parts.headers,
+                body: buf.freeze(),
+                frames,
+            })
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, fut).await.with_context(|| format!("timed out on {url}"))?
+        tokio::time::timeout(REQUEST_TIMEOUT, fut)
+            .await
+            .with_context(|| format!("timed out on {url}"))?
     }
 
     /// `POST url` with a JSON body.
-    pub async fn post_json(&self, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> anyhow::Result<HttpResponse> {
+    pub async fn post_json(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> anyhow::Result<HttpResponse> {
         let mut all = vec![("content-type", "application/json")];
         all.extend_from_slice(headers);
         self.send(Method::POST, url, &all, body.into()).await

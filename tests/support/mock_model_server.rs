@@ -84,7 +84,9 @@ impl MockModelServer {
     /// Binds `bind` (port 0 picks a free port) and serves until stopped. `name` is what the
     /// server reports as having answered.
     pub async fn start(bind: SocketAddr, name: &str) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(bind).await.with_context(|| format!("binding mock model server {name} on {bind}"))?;
+        let listener = TcpListener::bind(bind)
+            .await
+            .with_context(|| format!("binding mock model server {name} on {bind}"))?;
         let addr = listener.local_addr()?;
         let inner = Arc::new(Inner {
             name: name.to_owned(),
@@ -120,7 +122,12 @@ impl MockModelServer {
                 })
                 .await;
         });
-        Ok(Self { addr, inner, shutdown: Some(tx), task: Some(task) })
+        Ok(Self {
+            addr,
+            inner,
+            shutdown: Some(tx),
+            task: Some(task),
+        })
     }
 
     /// Starts one server per IP, all on the same port (the first IP picks a free one), named
@@ -220,7 +227,10 @@ impl MockModelServer {
             let _ = tx.send(());
         }
         if let Some(mut task) = self.task.take() {
-            if tokio::time::timeout(Duration::from_secs(2), &mut task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(2), &mut task)
+                .await
+                .is_err()
+            {
                 task.abort();
             }
         }
@@ -239,7 +249,11 @@ async fn metrics(State(inner): State<Arc<Inner>>) -> Response {
     inner.scrapes.fetch_add(1, Ordering::SeqCst);
     let raw = inner.metrics.lock().raw.clone();
     let body = raw.unwrap_or_else(|| render_metrics(&inner));
-    ([("content-type", "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        body,
+    )
+        .into_response()
 }
 
 async fn models() -> Response {
@@ -294,10 +308,20 @@ fn render_metrics(inner: &Inner) -> String {
     // Every mock request "takes" 10 ms, so all of them fall in the buckets from 0.01 up.
     for le in ["0.005", "0.01", "0.1", "1.0", "10.0", "+Inf"] {
         let n = if le == "0.005" { 0 } else { served };
-        let _ = writeln!(s, "vllm:e2e_request_latency_seconds_bucket{{{l},le=\"{le}\"}} {n}.0");
+        let _ = writeln!(
+            s,
+            "vllm:e2e_request_latency_seconds_bucket{{{l},le=\"{le}\"}} {n}.0"
+        );
     }
-    let _ = writeln!(s, "vllm:e2e_request_latency_seconds_sum{{{l}}} {:?}", served as f64 * 0.01);
-    let _ = writeln!(s, "vllm:e2e_request_latency_seconds_count{{{l}}} {served}.0");
+    let _ = writeln!(
+        s,
+        "vllm:e2e_request_latency_seconds_sum{{{l}}} {:?}",
+        served as f64 * 0.01
+    );
+    let _ = writeln!(
+        s,
+        "vllm:e2e_request_latency_seconds_count{{{l}}} {served}.0"
+    );
     s
 }
 
@@ -311,7 +335,11 @@ async fn completions(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: 
     answer(inner, Api::Completions, headers, body).await
 }
 
-async fn chat_completions(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn chat_completions(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     answer(inner, Api::Chat, headers, body).await
 }
 
@@ -326,7 +354,11 @@ fn prompt_bytes(api: Api, req: &Value) -> usize {
         Api::Chat => req
             .get("messages")
             .and_then(Value::as_array)
-            .map(|msgs| msgs.iter().map(|m| m.get("content").and_then(Value::as_str).map_or(0, str::len)).sum())
+            .map(|msgs| {
+                msgs.iter()
+                    .map(|m| m.get("content").and_then(Value::as_str).map_or(0, str::len))
+                    .sum()
+            })
             .unwrap_or(0),
     }
 }
@@ -335,7 +367,10 @@ fn error_response(inner: &Inner, status: StatusCode, message: &str) -> Response 
     let body = json!({"object": "error", "message": message, "type": "BadRequestError", "code": status.as_u16()});
     let bytes = Bytes::from(body.to_string());
     inner.last.lock().response = Some(bytes.clone());
-    with_server_header(&inner.name, (status, [("content-type", "application/json")], bytes).into_response())
+    with_server_header(
+        &inner.name,
+        (status, [("content-type", "application/json")], bytes).into_response(),
+    )
 }
 
 fn with_server_header(name: &str, mut resp: Response) -> Response {
@@ -350,11 +385,21 @@ async fn answer(inner: Arc<Inner>, api: Api, headers: HeaderMap, body: Bytes) ->
     inner.last.lock().request = Some((headers, body.clone()));
     let fail = *inner.fail.lock();
     if let Some(status) = fail {
-        return error_response(&inner, status, &format!("mock server {} told to fail", inner.name));
+        return error_response(
+            &inner,
+            status,
+            &format!("mock server {} told to fail", inner.name),
+        );
     }
     let req: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return error_response(&inner, StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")),
+        Err(e) => {
+            return error_response(
+                &inner,
+                StatusCode::BAD_REQUEST,
+                &format!("invalid JSON body: {e}"),
+            )
+        }
     };
     let Some(model) = req.get("model").and_then(Value::as_str).map(str::to_owned) else {
         return error_response(&inner, StatusCode::BAD_REQUEST, "model is required");
@@ -366,8 +411,12 @@ async fn answer(inner: Arc<Inner>, api: Api, headers: HeaderMap, body: Bytes) ->
         .and_then(Value::as_u64)
         .unwrap_or(DEFAULT_COMPLETION_TOKENS)
         .clamp(1, MAX_COMPLETION_TOKENS);
-    inner.prompt_tokens_total.fetch_add(prompt_tokens as usize, Ordering::SeqCst);
-    inner.generation_tokens_total.fetch_add(completion_tokens as usize, Ordering::SeqCst);
+    inner
+        .prompt_tokens_total
+        .fetch_add(prompt_tokens as usize, Ordering::SeqCst);
+    inner
+        .generation_tokens_total
+        .fetch_add(completion_tokens as usize, Ordering::SeqCst);
     let n = inner.served.load(Ordering::SeqCst);
     let id = format!("cmpl-{}-{n}", inner.name);
     let usage = json!({
@@ -410,7 +459,10 @@ async fn answer(inner: Arc<Inner>, api: Api, headers: HeaderMap, body: Bytes) ->
     };
     let bytes = Bytes::from(body.to_string());
     inner.last.lock().response = Some(bytes.clone());
-    with_server_header(&inner.name, ([("content-type", "application/json")], bytes).into_response())
+    with_server_header(
+        &inner.name,
+        ([("content-type", "application/json")], bytes).into_response(),
+    )
 }
 
 /// The deterministic "generated" tokens: ` tok0`, ` tok1`, ...
@@ -421,7 +473,14 @@ fn words(n: u64) -> Vec<String> {
 /// vLLM-shaped SSE: one `data:` event per token, then a usage event with empty `choices`, then
 /// `data: [DONE]`. (vLLM sends the usage event only with `stream_options.include_usage`; the
 /// mock always sends it so that usage parsing on the response path is always exercised.)
-fn sse_chunks(api: Api, name: &str, id: &str, model: &str, tokens: u64, usage: &Value) -> Vec<Bytes> {
+fn sse_chunks(
+    api: Api,
+    name: &str,
+    id: &str,
+    model: &str,
+    tokens: u64,
+    usage: &Value,
+) -> Vec<Bytes> {
     let (object, delta) = match api {
         Api::Completions => ("text_completion", false),
         Api::Chat => ("chat.completion.chunk", true),

@@ -12,7 +12,7 @@ pub mod mock_model_server;
 pub mod ports;
 pub mod tools;
 
-pub use http_client::{HttpClient, HttpResponse};
 pub use envoy::{BodyMode, EnvoyConfig, EnvoyProcess, RouteCluster};
 pub use epp_process::{EppOptions, EppProcess};
+pub use http_client::{HttpClient, HttpResponse};
 pub use mock_model_server::MockModelServer;

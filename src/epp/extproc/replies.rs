@@ -58,7 +58,10 @@ pub fn destination_metadata(destination: &str) -> Struct {
 }
 
 /// Header reply that routes the request (full-duplex mode; sent after body end_of_stream).
-pub fn request_headers_routed(set_headers: Vec<HeaderValueOption>, destination: &str) -> ProcessingResponse {
+pub fn request_headers_routed(
+    set_headers: Vec<HeaderValueOption>,
+    destination: &str,
+) -> ProcessingResponse {
     ProcessingResponse {
         response: Some(Response::RequestHeaders(HeadersResponse {
             response: Some(routing_common(set_headers)),
@@ -143,7 +146,12 @@ pub enum Direction {
 
 /// Splits `body` into StreamedBodyResponse chunks of at most [`BODY_CHUNK_LIMIT`] bytes, with
 /// `end_of_stream` on the last one when `eos`. An empty body still yields one (empty) chunk.
-pub fn streamed_body(direction: Direction, body: &[u8], eos: bool, out: &mut Vec<ProcessingResponse>) {
+pub fn streamed_body(
+    direction: Direction,
+    body: &[u8],
+    eos: bool,
+    out: &mut Vec<ProcessingResponse>,
+) {
     let mut chunks = body.chunks(BODY_CHUNK_LIMIT).peekable();
     if chunks.peek().is_none() {
         out.push(streamed_chunk(direction, Vec::new(), eos));

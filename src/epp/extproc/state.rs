@@ -128,7 +128,11 @@ impl StreamState {
     }
 
     /// Handles one message; pushes replies to `out`. Returns true when the stream should end.
-    pub fn on_message(&mut self, msg: ProcessingRequest, out: &mut Vec<ProcessingResponse>) -> bool {
+    pub fn on_message(
+        &mut self,
+        msg: ProcessingRequest,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> bool {
         if let Some(pc) = msg.protocol_config {
             self.mode = match BodySendMode::try_from(pc.request_body_mode) {
                 Ok(BodySendMode::Buffered | BodySendMode::BufferedPartial) => RequestMode::Buffered,
@@ -241,7 +245,11 @@ impl StreamState {
         };
     }
 
-    fn on_request_body(&mut self, body: HttpBody, out: &mut Vec<ProcessingResponse>) -> Result<(), RoutingError> {
+    fn on_request_body(
+        &mut self,
+        body: HttpBody,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Result<(), RoutingError> {
         let Phase::Body { buf } = &mut self.phase else {
             // Envoy can repeat the last chunk of bodies over 1 MB after end_of_stream: ignore
             // anything that is not part of the body we are gathering.
@@ -267,7 +275,10 @@ impl StreamState {
     }
 
     /// A request that ends with trailers has no body end_of_stream: route when trailers arrive.
-    fn on_request_trailers(&mut self, out: &mut Vec<ProcessingResponse>) -> Result<(), RoutingError> {
+    fn on_request_trailers(
+        &mut self,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Result<(), RoutingError> {
         if matches!(self.phase, Phase::Body { .. }) {
             self.finish_request_body(false, out)?;
         }
@@ -275,7 +286,11 @@ impl StreamState {
         Ok(())
     }
 
-    fn finish_request_body(&mut self, eos: bool, out: &mut Vec<ProcessingResponse>) -> Result<(), RoutingError> {
+    fn finish_request_body(
+        &mut self,
+        eos: bool,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Result<(), RoutingError> {
         let buf = match std::mem::replace(&mut self.phase, Phase::Routed) {
             Phase::Body { buf } => buf,
             other => {
@@ -306,7 +321,9 @@ impl StreamState {
                 priority: decision.priority.to_string(),
             })
             .inc();
-        m.request_sizes.get_or_create(&labels).observe(body.len() as f64);
+        m.request_sizes
+            .get_or_create(&labels)
+            .observe(body.len() as f64);
         self.routed(decision);
         Ok(())
     }
@@ -329,9 +346,16 @@ impl StreamState {
     }
 
     /// Destination, Content-Length (when a body is sent), then every forwarded incoming header.
-    fn routing_headers(&self, decision: &Decision, body_len: Option<usize>) -> Vec<HeaderValueOption> {
+    fn routing_headers(
+        &self,
+        decision: &Decision,
+        body_len: Option<usize>,
+    ) -> Vec<HeaderValueOption> {
         let mut set = Vec::with_capacity(self.forward_headers.len() + 2);
-        set.push(replies::set_header(replies::DESTINATION_KEY, decision.destination.as_bytes()));
+        set.push(replies::set_header(
+            replies::DESTINATION_KEY,
+            decision.destination.as_bytes(),
+        ));
         if let Some(len) = body_len.filter(|&l| l > 0) {
             set.push(replies::set_header("Content-Length", len.to_string()));
         }
@@ -341,9 +365,18 @@ impl StreamState {
         set
     }
 
-    fn on_response_headers(&mut self, headers: HttpHeaders, metadata: Option<&Metadata>, out: &mut Vec<ProcessingResponse>) {
+    fn on_response_headers(
+        &mut self,
+        headers: HttpHeaders,
+        metadata: Option<&Metadata>,
+        out: &mut Vec<ProcessingResponse>,
+    ) {
         for h in headers.headers.map(|m| m.headers).unwrap_or_default() {
-            let value = if h.raw_value.is_empty() { h.value.into_bytes() } else { h.raw_value };
+            let value = if h.raw_value.is_empty() {
+                h.value.into_bytes()
+            } else {
+                h.raw_value
+            };
             match h.key.to_ascii_lowercase().as_str() {
                 ":status" | "status" => self.response.status_error = value != b"200",
                 "content-type" => {
@@ -361,7 +394,9 @@ impl StreamState {
         }
         if self.response.status_error {
             let (model, target) = self.models();
-            self.shared.metrics.record_error(&model, &target, "ModelServerError");
+            self.shared
+                .metrics
+                .record_error(&model, &target, "ModelServerError");
         }
         let mut set = vec![replies::set_header("x-went-into-resp-headers", "true")];
         if self.echo_served {
@@ -414,7 +449,11 @@ impl StreamState {
     }
 
     fn on_response_trailers(&mut self, out: &mut Vec<ProcessingResponse>) {
-        if self.response_full_duplex && !self.response.streaming && !self.response.passthrough && !self.response.complete {
+        if self.response_full_duplex
+            && !self.response.streaming
+            && !self.response.passthrough
+            && !self.response.complete
+        {
             self.flush_buffered_response(false, out);
         } else if !self.response.complete {
             self.complete_response();
@@ -455,10 +494,16 @@ impl StreamState {
         let (model, target) = self.models();
         let labels = EppMetrics::model_labels(&model, &target);
         let m = &self.shared.metrics;
-        m.input_tokens.get_or_create(&labels).observe(u.prompt_tokens as f64);
-        m.output_tokens.get_or_create(&labels).observe(u.completion_tokens as f64);
+        m.input_tokens
+            .get_or_create(&labels)
+            .observe(u.prompt_tokens as f64);
+        m.output_tokens
+            .get_or_create(&labels)
+            .observe(u.completion_tokens as f64);
         if let Some(cached) = u.cached_tokens {
-            m.prompt_cached_tokens.get_or_create(&labels).observe(cached as f64);
+            m.prompt_cached_tokens
+                .get_or_create(&labels)
+                .observe(cached as f64);
         }
     }
 
@@ -472,7 +517,9 @@ impl StreamState {
         let m = &self.shared.metrics;
         let elapsed = self.received_at.elapsed().as_secs_f64();
         m.request_duration.get_or_create(&labels).observe(elapsed);
-        m.response_sizes.get_or_create(&labels).observe(self.response.size as f64);
+        m.response_sizes
+            .get_or_create(&labels)
+            .observe(self.response.size as f64);
         if let Some(u) = self.response.usage.filter(|u| u.completion_tokens > 0) {
             m.normalized_time_per_output_token
                 .get_or_create(&labels)
@@ -486,7 +533,11 @@ impl StreamState {
     /// The reference rewrites the target model back to the client's model name in responses.
     fn rewrite_model_back(&self, body: Vec<u8>) -> Vec<u8> {
         match &self.decision {
-            Some(d) if !d.target_model.is_empty() && !d.incoming_model.is_empty() && d.target_model != d.incoming_model => {
+            Some(d)
+                if !d.target_model.is_empty()
+                    && !d.incoming_model.is_empty()
+                    && d.target_model != d.incoming_model =>
+            {
                 rewrite_model_name(body, &d.target_model, &d.incoming_model)
             }
             _ => body,
@@ -535,7 +586,11 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 /// Subset hint from `filter_metadata["envoy.lb.subset_hint"]["x-gateway-destination-endpoint-subset"]`,
 /// given as a list of strings or a comma-separated string.
 fn subset_hint(metadata: &Metadata) -> Option<Vec<String>> {
-    let value = metadata.filter_metadata.get(SUBSET_NAMESPACE)?.fields.get(SUBSET_KEY)?;
+    let value = metadata
+        .filter_metadata
+        .get(SUBSET_NAMESPACE)?
+        .fields
+        .get(SUBSET_KEY)?;
     match value.kind.as_ref()? {
         Kind::ListValue(list) => Some(
             list.values
@@ -569,6 +624,15 @@ fn new_request_id() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
 }
 
+#[cfg(test)]
+mod tests;

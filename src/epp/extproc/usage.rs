@@ -132,12 +132,20 @@ mod tests {
         let chat = br#"{"id":"x","usage":{"prompt_tokens":11,"completion_tokens":5,"total_tokens":16,"prompt_tokens_details":{"cached_tokens":8}}}"#;
         assert_eq!(
             from_json(chat),
-            Some(Usage { prompt_tokens: 11, completion_tokens: 5, cached_tokens: Some(8) })
+            Some(Usage {
+                prompt_tokens: 11,
+                completion_tokens: 5,
+                cached_tokens: Some(8)
+            })
         );
         let responses = br#"{"usage":{"input_tokens":3,"output_tokens":4}}"#;
         assert_eq!(
             from_json(responses),
-            Some(Usage { prompt_tokens: 3, completion_tokens: 4, cached_tokens: None })
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 4,
+                cached_tokens: None
+            })
         );
         assert_eq!(from_json(b"not json"), None);
         assert_eq!(from_json(br#"{"usage":null}"#), None);
@@ -147,9 +155,19 @@ mod tests {
     fn sse_usage_split_across_chunks_first_wins() {
         let mut s = SseUsageScanner::default();
         assert_eq!(s.feed(b"data: {\"choices\":[{\"text\":\"a\"}]}\n\n"), None);
-        assert_eq!(s.feed(b"data: {\"choices\":[],\"usage\":{\"prompt_to"), None);
+        assert_eq!(
+            s.feed(b"data: {\"choices\":[],\"usage\":{\"prompt_to"),
+            None
+        );
         let got = s.feed(b"kens\":7,\"completion_tokens\":2}}\n\ndata: {\"usage\":{\"prompt_tokens\":99}}\n\ndata: [DONE]\n\n");
-        assert_eq!(got, Some(Usage { prompt_tokens: 7, completion_tokens: 2, cached_tokens: None }));
+        assert_eq!(
+            got,
+            Some(Usage {
+                prompt_tokens: 7,
+                completion_tokens: 2,
+                cached_tokens: None
+            })
+        );
         assert_eq!(s.found().map(|u| u.prompt_tokens), Some(7));
         assert_eq!(s.feed(b"data: {\"usage\":{\"prompt_tokens\":1}}\n"), None);
     }

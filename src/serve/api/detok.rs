@@ -21,7 +21,9 @@ pub struct Detokenizer {
 
 impl std::fmt::Debug for Detokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Detokenizer").field("ids", &self.ids.len()).finish_non_exhaustive()
+        f.debug_struct("Detokenizer")
+            .field("ids", &self.ids.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -29,7 +31,13 @@ impl Detokenizer {
     /// `context` holds prompt ids the first output token is decoded against.
     pub fn new(codec: Arc<dyn TextCodec>, skip_special: bool, context: &[u32]) -> Self {
         let tail = &context[context.len().saturating_sub(CONTEXT_TOKENS)..];
-        Self { codec, skip_special, ids: tail.to_vec(), prefix_offset: 0, read_offset: tail.len() }
+        Self {
+            codec,
+            skip_special,
+            ids: tail.to_vec(),
+            prefix_offset: 0,
+            read_offset: tail.len(),
+        }
     }
 
     /// Adds one token and returns the text it completes (possibly empty while a character is
@@ -37,7 +45,10 @@ impl Detokenizer {
     pub fn push(&mut self, id: u32) -> Result<String, CodecError> {
         self.ids.push(id);
         let window = &self.ids[self.prefix_offset..];
-        let prefix = self.codec.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
+        let prefix = self.codec.decode(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special,
+        )?;
         let full = self.codec.decode(window, self.skip_special)?;
         if full.len() <= prefix.len() || full.ends_with('\u{FFFD}') {
             return Ok(String::new());
@@ -76,7 +87,11 @@ pub struct StopMatcher {
 impl StopMatcher {
     pub fn new(stops: Vec<String>, include: bool) -> Self {
         let max_len = stops.iter().map(String::len).max().unwrap_or(0);
-        Self { stops, max_len, include }
+        Self {
+            stops,
+            max_len,
+            include,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -89,7 +104,9 @@ impl StopMatcher {
         if self.stops.is_empty() {
             return None;
         }
-        let mut start = prev_len.saturating_sub(self.max_len.saturating_sub(1)).min(text.len());
+        let mut start = prev_len
+            .saturating_sub(self.max_len.saturating_sub(1))
+            .min(text.len());
         while !text.is_char_boundary(start) {
             start -= 1;
         }

@@ -10,14 +10,21 @@ use crate::serve::engine::SubmitError;
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ApiError {
     #[error("{message}")]
-    BadRequest { message: String, param: Option<&'static str> },
+    BadRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
     #[error(
         "This model's maximum context length is {max_model_len} tokens. However, you requested \
          {} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). Please \
          reduce the length of the messages or completion.",
         prompt_tokens + max_tokens
     )]
-    ContextTooLong { max_model_len: usize, prompt_tokens: usize, max_tokens: usize },
+    ContextTooLong {
+        max_model_len: usize,
+        prompt_tokens: usize,
+        max_tokens: usize,
+    },
     #[error("The model `{model}` does not exist.")]
     ModelNotFound { model: String },
     #[error("Server overloaded: {waiting} requests waiting (limit {max}). Retry later.")]
@@ -32,12 +39,17 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn bad(message: impl Into<String>, param: Option<&'static str>) -> Self {
-        ApiError::BadRequest { message: message.into(), param }
+        ApiError::BadRequest {
+            message: message.into(),
+            param,
+        }
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest { .. } | ApiError::ContextTooLong { .. } => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest { .. } | ApiError::ContextTooLong { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::Overloaded { .. } | ApiError::EngineDead => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -105,7 +117,8 @@ impl IntoResponse for ApiError {
         let body = serde_json::to_vec(&self.body()).unwrap_or_default();
         let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
         if matches!(self, ApiError::Overloaded { .. } | ApiError::EngineDead) {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }

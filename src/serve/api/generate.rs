@@ -12,7 +12,7 @@ use crate::serve::engine::{
 use super::detok::{Detokenizer, StopMatcher};
 use super::error::ApiError;
 use super::types::{
-    ChatLogprobs, ChatTokenLogprob, CommonParams, CompletionLogprobs, StopSpec, StopReason,
+    ChatLogprobs, ChatTokenLogprob, CommonParams, CompletionLogprobs, StopReason, StopSpec,
     TopLogprob, Usage,
 };
 
@@ -43,11 +43,17 @@ pub fn prepare(
 ) -> Result<(SamplingParams, OutputSpec), ApiError> {
     let info = engine.info();
     if prompt.is_empty() {
-        return Err(ApiError::bad("The prompt must not be empty.", Some("prompt")));
+        return Err(ApiError::bad(
+            "The prompt must not be empty.",
+            Some("prompt"),
+        ));
     }
     if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= info.vocab_size) {
         return Err(ApiError::bad(
-            format!("Token id {bad} is out of vocabulary (vocabulary size {}).", info.vocab_size),
+            format!(
+                "Token id {bad} is out of vocabulary (vocabulary size {}).",
+                info.vocab_size
+            ),
             Some("prompt"),
         ));
     }
@@ -83,7 +89,10 @@ pub fn prepare(
     }
     let top_p = common.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad(format!("top_p must be in (0, 1], got {top_p}."), Some("top_p")));
+        return Err(ApiError::bad(
+            format!("top_p must be in (0, 1], got {top_p}."),
+            Some("top_p"),
+        ));
     }
     let top_k = match common.top_k.unwrap_or(0) {
         k if k == -1 || k == 0 => 0,
@@ -111,7 +120,10 @@ pub fn prepare(
         Some(StopSpec::Many(v)) => v.clone(),
     };
     if stops.iter().any(String::is_empty) {
-        return Err(ApiError::bad("Stop strings must not be empty.", Some("stop")));
+        return Err(ApiError::bad(
+            "Stop strings must not be empty.",
+            Some("stop"),
+        ));
     }
     let ignore_eos = common.ignore_eos.unwrap_or(false);
     let stop_token_ids = common.stop_token_ids.clone().unwrap_or_default();
@@ -168,7 +180,9 @@ pub struct Generation {
 
 impl std::fmt::Debug for Generation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Generation").field("id", &self.stream.id).finish_non_exhaustive()
+        f.debug_struct("Generation")
+            .field("id", &self.stream.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -202,7 +216,11 @@ impl Generation {
     }
 
     pub fn usage(&self) -> Usage {
-        Usage::new(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+        Usage::new(
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cached_tokens,
+        )
     }
 
     pub fn codec(&self) -> &Arc<dyn TextCodec> {
@@ -222,7 +240,10 @@ impl Generation {
                 return Err(ApiError::EngineDead);
             };
             match event {
-                SeqEvent::Started { prompt_tokens, cached_tokens } => {
+                SeqEvent::Started {
+                    prompt_tokens,
+                    cached_tokens,
+                } => {
                     self.prompt_tokens = prompt_tokens;
                     self.cached_tokens = cached_tokens;
                 }
@@ -232,8 +253,10 @@ impl Generation {
                     let terminal = self.spec.terminal_ids.contains(&id);
                     if !terminal || self.spec.include_stop {
                         let prev = self.text.len();
-                        let piece =
-                            self.detok.push(id).map_err(|e| ApiError::Internal(e.to_string()))?;
+                        let piece = self
+                            .detok
+                            .push(id)
+                            .map_err(|e| ApiError::Internal(e.to_string()))?;
                         self.text.push_str(&piece);
                         if let Some(stop) = self.spec.stops.check(&mut self.text, prev) {
                             // Ends the request in the engine with reason `stop`; our receiver
@@ -245,7 +268,8 @@ impl Generation {
                         }
                     }
                     let safe = self.spec.stops.safe_len(&self.text);
-                    if let Some(piece) = self.text.get(self.emitted..safe).filter(|p| !p.is_empty()) {
+                    if let Some(piece) = self.text.get(self.emitted..safe).filter(|p| !p.is_empty())
+                    {
                         delta.text.push_str(piece);
                         self.emitted = safe;
                         return Ok(Some(delta));
@@ -312,7 +336,11 @@ impl Generation {
                 .iter()
                 .map(|&(t, l)| {
                     let token = self.token_text(t);
-                    TopLogprob { bytes: token.as_bytes().to_vec(), token, logprob: l }
+                    TopLogprob {
+                        bytes: token.as_bytes().to_vec(),
+                        token,
+                        logprob: l,
+                    }
                 })
                 .collect();
             out.content.push(ChatTokenLogprob {

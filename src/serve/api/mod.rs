@@ -38,7 +38,9 @@ pub struct AppState {
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppState").field("models", &self.served_model_names).finish_non_exhaustive()
+        f.debug_struct("AppState")
+            .field("models", &self.served_model_names)
+            .finish_non_exhaustive()
     }
 }
 
@@ -48,7 +50,9 @@ impl AppState {
         match requested {
             None => Ok(self.served_model_names.first().map_or("", String::as_str)),
             Some(m) if self.served_model_names.iter().any(|n| n == m) => Ok(m),
-            Some(m) => Err(ApiError::ModelNotFound { model: m.to_owned() }),
+            Some(m) => Err(ApiError::ModelNotFound {
+                model: m.to_owned(),
+            }),
         }
     }
 
@@ -86,7 +90,11 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let max_model_len = state.engine.info().max_model_len;
-    let root = state.served_model_names.first().cloned().unwrap_or_default();
+    let root = state
+        .served_model_names
+        .first()
+        .cloned()
+        .unwrap_or_default();
     let data: Vec<_> = state
         .served_model_names
         .iter()
@@ -119,7 +127,10 @@ async fn version() -> Json<serde_json::Value> {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.encode(),
     )
         .into_response()
@@ -135,7 +146,10 @@ async fn tokenize(
         (Some(prompt), None) => state.encode(prompt, req.add_special_tokens.unwrap_or(true))?,
         (None, Some(messages)) => state.encode_chat(messages)?,
         _ => {
-            return Err(ApiError::bad("Send exactly one of prompt or messages.", Some("prompt")))
+            return Err(ApiError::bad(
+                "Send exactly one of prompt or messages.",
+                Some("prompt"),
+            ))
         }
     };
     Ok(Json(json!({

@@ -35,7 +35,9 @@ pub(super) fn parse_body<T: serde::de::DeserializeOwned>(
 ) -> Result<T, ApiError> {
     let body = body.map_err(|e| {
         if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge { limit: state.max_body_bytes }
+            ApiError::PayloadTooLarge {
+                limit: state.max_body_bytes,
+            }
         } else {
             ApiError::bad(format!("Could not read the request body: {e}"), None)
         }
@@ -73,7 +75,11 @@ pub async fn completions(
     let gen = Generation::start(&state.engine, &state.codec, prompt, params, spec)?;
     let stream = req.common.stream.unwrap_or(false);
     let include_usage = req.common.stream_options.is_some_and(|o| o.include_usage);
-    let ctx = Ctx { id: format!("cmpl-{:032x}", rand::random::<u128>()), model, created: now_secs() };
+    let ctx = Ctx {
+        id: format!("cmpl-{:032x}", rand::random::<u128>()),
+        model,
+        created: now_secs(),
+    };
     if stream {
         Ok(sse(gen, ctx, Kind::Completion, include_usage))
     } else {
@@ -101,7 +107,10 @@ pub async fn chat_completions(
     let req: ChatRequest = parse_body(&state, body)?;
     let model = state.check_model(req.common.model.as_deref())?.to_owned();
     if req.messages.is_empty() {
-        return Err(ApiError::bad("messages must not be empty.", Some("messages")));
+        return Err(ApiError::bad(
+            "messages must not be empty.",
+            Some("messages"),
+        ));
     }
     let prompt = state.encode_chat(&req.messages)?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
@@ -115,12 +124,22 @@ pub async fn chat_completions(
         (false, None) => None,
     };
     let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
-    let (params, spec) = prepare(&state.engine, &req.common, &prompt, max_tokens, None, logprobs)?;
+    let (params, spec) = prepare(
+        &state.engine,
+        &req.common,
+        &prompt,
+        max_tokens,
+        None,
+        logprobs,
+    )?;
     let gen = Generation::start(&state.engine, &state.codec, prompt, params, spec)?;
     let stream = req.common.stream.unwrap_or(false);
     let include_usage = req.common.stream_options.is_some_and(|o| o.include_usage);
-    let ctx =
-        Ctx { id: format!("chatcmpl-{:032x}", rand::random::<u128>()), model, created: now_secs() };
+    let ctx = Ctx {
+        id: format!("chatcmpl-{:032x}", rand::random::<u128>()),
+        model,
+        created: now_secs(),
+    };
     if stream {
         Ok(sse(gen, ctx, Kind::Chat, include_usage))
     } else {
@@ -129,7 +148,13 @@ pub async fn chat_completions(
 }
 
 pub(super) fn chat_messages(messages: &[ChatMessageIn]) -> Vec<ChatMessage> {
-    messages.iter().map(|m| ChatMessage { role: m.role.clone(), content: message_text(m) }).collect()
+    messages
+        .iter()
+        .map(|m| ChatMessage {
+            role: m.role.clone(),
+            content: message_text(m),
+        })
+        .collect()
 }
 
 fn now_secs() -> u64 {
@@ -180,7 +205,10 @@ async fn collect(mut gen: Generation, ctx: Ctx, kind: Kind) -> Result<Response, 
             let logprobs = gen.chat_logprobs(&tokens);
             let choice = ChatChoice {
                 index: 0,
-                message: ChatMessageOut { role: "assistant", content: &gen.text },
+                message: ChatMessageOut {
+                    role: "assistant",
+                    content: &gen.text,
+                },
                 logprobs: logprobs.as_ref(),
                 finish_reason: finish,
                 stop_reason: gen.stop_reason.as_ref(),
@@ -228,8 +256,16 @@ fn event<T: Serialize>(value: &T) -> Bytes {
 
 impl SseState {
     fn chunk(&mut self, delta: &Delta) -> Bytes {
-        let finish = if delta.finished { self.gen.finish_reason.map(|r| r.as_str()) } else { None };
-        let stop_reason = if delta.finished { self.gen.stop_reason.as_ref() } else { None };
+        let finish = if delta.finished {
+            self.gen.finish_reason.map(|r| r.as_str())
+        } else {
+            None
+        };
+        let stop_reason = if delta.finished {
+            self.gen.stop_reason.as_ref()
+        } else {
+            None
+        };
         let bytes = match self.kind {
             Kind::Completion => {
                 let logprobs = self.gen.completion_logprobs(&delta.tokens, self.sent);
@@ -257,7 +293,10 @@ impl SseState {
                     model: &self.ctx.model,
                     choices: &[ChatChunkChoice {
                         index: 0,
-                        delta: ChatDelta { role: None, content: Some(&delta.text) },
+                        delta: ChatDelta {
+                            role: None,
+                            content: Some(&delta.text),
+                        },
                         logprobs: logprobs.as_ref(),
                         finish_reason: finish,
                         stop_reason,
@@ -288,7 +327,10 @@ impl SseState {
                     model: &self.ctx.model,
                     choices: &[ChatChunkChoice {
                         index: 0,
-                        delta: ChatDelta { role: Some("assistant"), content: Some("") },
+                        delta: ChatDelta {
+                            role: Some("assistant"),
+                            content: Some(""),
+                        },
                         logprobs: None,
                         finish_reason: None,
                         stop_reason: None,
@@ -299,7 +341,11 @@ impl SseState {
             Phase::Body => match self.gen.next().await {
                 Ok(Some(delta)) => {
                     if delta.finished {
-                        self.phase = if self.include_usage { Phase::Usage } else { Phase::Done };
+                        self.phase = if self.include_usage {
+                            Phase::Usage
+                        } else {
+                            Phase::Done
+                        };
                     }
                     Some(self.chunk(&delta))
                 }
@@ -337,8 +383,19 @@ impl SseState {
 /// The SSE response. The body stream owns the request: when the client disconnects, hyper drops
 /// the stream, the engine's receiver goes with it, and the engine aborts the request.
 fn sse(gen: Generation, ctx: Ctx, kind: Kind, include_usage: bool) -> Response {
-    let phase = if kind == Kind::Chat { Phase::Role } else { Phase::Body };
-    let state = SseState { gen, ctx, kind, include_usage, phase, sent: 0 };
+    let phase = if kind == Kind::Chat {
+        Phase::Role
+    } else {
+        Phase::Body
+    };
+    let state = SseState {
+        gen,
+        ctx,
+        kind,
+        include_usage,
+        phase,
+        sent: 0,
+    };
     let stream = futures::stream::unfold(state, |mut st| async move {
         let bytes = st.next_bytes().await?;
         Some((Ok::<_, Infallible>(bytes), st))

@@ -143,7 +143,13 @@ pub struct SimBackend {
 
 impl SimBackend {
     pub fn new(profile: SimProfile, opts: SimOptions) -> Self {
-        Self { profile, opts, num_blocks: None, busy_until: None, simulated_s: 0.0 }
+        Self {
+            profile,
+            opts,
+            num_blocks: None,
+            busy_until: None,
+            simulated_s: 0.0,
+        }
     }
 
     pub fn profile(&self) -> &SimProfile {
@@ -202,7 +208,9 @@ impl Backend for SimBackend {
     }
 
     fn execute(&mut self, batch: &StepBatch, out: &mut StepOutput) -> Result<(), BackendError> {
-        let Some(num_blocks) = self.num_blocks else { return Err(BackendError::KvNotInitialised) };
+        let Some(num_blocks) = self.num_blocks else {
+            return Err(BackendError::KvNotInitialised);
+        };
         let n = batch.num_tokens();
         if batch.positions.len() != n || batch.slot_mapping.len() != n {
             return Err(BackendError::InvalidBatch(format!(
@@ -212,15 +220,23 @@ impl Backend for SimBackend {
             )));
         }
         let max_slot = (num_blocks * self.opts.block_size) as u64;
-        if let Some(bad) = batch.slot_mapping.iter().find(|&&s| u64::from(s) >= max_slot) {
-            return Err(BackendError::InvalidBatch(format!("slot {bad} beyond {max_slot} slots")));
+        if let Some(bad) = batch
+            .slot_mapping
+            .iter()
+            .find(|&&s| u64::from(s) >= max_slot)
+        {
+            return Err(BackendError::InvalidBatch(format!(
+                "slot {bad} beyond {max_slot} slots"
+            )));
         }
         out.vocab_size = self.profile.vocab_size;
         out.sampled.clear();
         for &row in &batch.logits_rows {
             let (Some(&pos), Some(&tok)) = (batch.positions.get(row), batch.token_ids.get(row))
             else {
-                return Err(BackendError::InvalidBatch(format!("logits row {row} out of range")));
+                return Err(BackendError::InvalidBatch(format!(
+                    "logits row {row} out of range"
+                )));
             };
             out.sampled.push(self.token_for(pos, tok));
         }
@@ -253,7 +269,11 @@ mod tests {
                 b.positions.push((ctx + i) as u32);
                 b.slot_mapping.push(0);
             }
-            b.seqs.push(SeqSlice { query_start: start, query_len: q, context_len: ctx });
+            b.seqs.push(SeqSlice {
+                query_start: start,
+                query_len: q,
+                context_len: ctx,
+            });
             b.logits_rows.push(b.token_ids.len() - 1);
         }
         b
@@ -275,10 +295,18 @@ mod tests {
 
     #[test]
     fn kv_blocks_from_memory_budget_and_tokens_are_deterministic_non_special() {
-        let opts = SimOptions { block_size: 16, gpu_memory_utilization: 0.9, time_scale: 0.0, seed: 3 };
+        let opts = SimOptions {
+            block_size: 16,
+            gpu_memory_utilization: 0.9,
+            time_scale: 0.0,
+            seed: 3,
+        };
         let mut sim = SimBackend::new(profile("h100-qwen2.5-7b").unwrap(), opts);
         let budget = H100_MEMORY * 0.9 - 15.23e9 - 4e9;
-        assert_eq!(sim.available_kv_blocks(), (budget / (57_344.0 * 16.0)) as usize);
+        assert_eq!(
+            sim.available_kv_blocks(),
+            (budget / (57_344.0 * 16.0)) as usize
+        );
         sim.init_kv(100).unwrap();
         let b = batch(&[(0, 5), (3, 1)]);
         let mut out = StepOutput::default();
@@ -288,7 +316,11 @@ mod tests {
         assert_eq!(first, out.sampled);
         assert_eq!(first.len(), 2);
         assert!(first.iter().all(|&t| t < 151_643));
-        for name in ["l4-qwen2.5-7b", "l4-qwen2.5-coder-14b-fp8", "h100-qwen2.5-7b"] {
+        for name in [
+            "l4-qwen2.5-7b",
+            "l4-qwen2.5-coder-14b-fp8",
+            "h100-qwen2.5-7b",
+        ] {
             let p = profile(name).unwrap();
             let sim = SimBackend::new(p.clone(), opts);
             // Every profile holds a full-length sequence at the default utilisation.

@@ -24,7 +24,11 @@ pub enum PoolError {
 pub enum PoolEvent {
     /// Consecutive full blocks of one sequence became cacheable. `block_hashes[0]`'s parent is
     /// `parent_hash`; each later hash's parent is the hash before it.
-    Stored { block_hashes: Vec<u64>, parent_hash: u64, token_ids: Vec<u32> },
+    Stored {
+        block_hashes: Vec<u64>,
+        parent_hash: u64,
+        token_ids: Vec<u32>,
+    },
     /// These hashes are no longer held (their blocks were reused).
     Removed { block_hashes: Vec<u64> },
     /// Every cached hash was dropped.
@@ -136,7 +140,9 @@ impl BlockPool {
                 if self.record_events {
                     match self.events.last_mut() {
                         Some(PoolEvent::Removed { block_hashes }) => block_hashes.push(hash),
-                        _ => self.events.push(PoolEvent::Removed { block_hashes: vec![hash] }),
+                        _ => self.events.push(PoolEvent::Removed {
+                            block_hashes: vec![hash],
+                        }),
                     }
                 }
             }
@@ -147,7 +153,10 @@ impl BlockPool {
     /// Adds a reference to a cached block (a prefix hit), reviving it from the free queue.
     pub fn touch(&mut self, block: u32) -> Result<(), PoolError> {
         let total = self.blocks.len();
-        let meta = self.blocks.get(block as usize).ok_or(PoolError::OutOfRange { block, total })?;
+        let meta = self
+            .blocks
+            .get(block as usize)
+            .ok_or(PoolError::OutOfRange { block, total })?;
         if meta.in_free_queue {
             self.unlink(block);
         }
@@ -158,8 +167,10 @@ impl BlockPool {
     /// Drops one reference; at zero the block joins the tail of the free queue (keeping its hash).
     pub fn free(&mut self, block: u32) -> Result<(), PoolError> {
         let total = self.blocks.len();
-        let meta =
-            self.blocks.get_mut(block as usize).ok_or(PoolError::OutOfRange { block, total })?;
+        let meta = self
+            .blocks
+            .get_mut(block as usize)
+            .ok_or(PoolError::OutOfRange { block, total })?;
         if meta.ref_cnt == 0 {
             return Err(PoolError::DoubleFree { block });
         }
@@ -180,7 +191,9 @@ impl BlockPool {
         if !self.caching {
             return false;
         }
-        let Some(meta) = self.blocks.get_mut(block as usize) else { return false };
+        let Some(meta) = self.blocks.get_mut(block as usize) else {
+            return false;
+        };
         if self.cached.contains_key(&hash) {
             return false;
         }
@@ -193,7 +206,11 @@ impl BlockPool {
     /// `token_ids`) became cached.
     pub fn record_stored(&mut self, hashes: Vec<u64>, parent_hash: u64, token_ids: Vec<u32>) {
         if self.record_events && !hashes.is_empty() {
-            self.events.push(PoolEvent::Stored { block_hashes: hashes, parent_hash, token_ids });
+            self.events.push(PoolEvent::Stored {
+                block_hashes: hashes,
+                parent_hash,
+                token_ids,
+            });
         }
     }
 
@@ -260,9 +277,15 @@ impl BlockPool {
         let mut cur = self.head;
         let mut prev = NIL;
         while cur != NIL {
-            let meta = self.blocks.get(cur as usize).ok_or("free list points out of range")?;
+            let meta = self
+                .blocks
+                .get(cur as usize)
+                .ok_or("free list points out of range")?;
             if meta.ref_cnt != 0 || !meta.in_free_queue {
-                return Err(format!("block {cur} in free list with ref_cnt {}", meta.ref_cnt));
+                return Err(format!(
+                    "block {cur} in free list with ref_cnt {}",
+                    meta.ref_cnt
+                ));
             }
             if meta.prev != prev {
                 return Err(format!("block {cur} has a broken prev link"));
@@ -279,11 +302,16 @@ impl BlockPool {
         }
         let zero = self.blocks.iter().filter(|b| b.ref_cnt == 0).count();
         if seen != self.num_free || zero != self.num_free {
-            return Err(format!("free list {seen}, counter {}, ref 0 {zero}", self.num_free));
+            return Err(format!(
+                "free list {seen}, counter {}, ref 0 {zero}",
+                self.num_free
+            ));
         }
         for (&hash, &block) in &self.cached {
             if self.blocks.get(block as usize).and_then(|b| b.hash) != Some(hash) {
-                return Err(format!("map entry {hash:x} -> {block} does not match the block"));
+                return Err(format!(
+                    "map entry {hash:x} -> {block} does not match the block"
+                ));
             }
         }
         Ok(())
@@ -312,7 +340,12 @@ mod tests {
         assert_eq!(pool.lookup(0xb), None);
         assert_eq!(pool.lookup(0xa), Some(a));
         let events: Vec<_> = pool.drain_events().collect();
-        assert_eq!(events, vec![PoolEvent::Removed { block_hashes: vec![0xb] }]);
+        assert_eq!(
+            events,
+            vec![PoolEvent::Removed {
+                block_hashes: vec![0xb]
+            }]
+        );
         pool.check_invariants().unwrap();
     }
 
@@ -330,7 +363,10 @@ mod tests {
         pool.check_invariants().unwrap();
         assert_eq!(pool.allocate(), Some(1));
         assert_eq!(pool.allocate(), None);
-        assert_eq!(pool.touch(9), Err(PoolError::OutOfRange { block: 9, total: 2 }));
+        assert_eq!(
+            pool.touch(9),
+            Err(PoolError::OutOfRange { block: 9, total: 2 })
+        );
     }
 
     #[test]

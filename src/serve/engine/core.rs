@@ -79,7 +79,9 @@ impl EngineCore {
                 spec.block_size, cfg.block_size
             )));
         }
-        let num_blocks = cfg.num_blocks_override.unwrap_or_else(|| backend.available_kv_blocks());
+        let num_blocks = cfg
+            .num_blocks_override
+            .unwrap_or_else(|| backend.available_kv_blocks());
         if num_blocks.saturating_mul(cfg.block_size) < cfg.max_model_len {
             return Err(EngineError::KvTooSmall {
                 num_blocks,
@@ -176,7 +178,11 @@ impl EngineCore {
                     let message = format!("engine failure: {e}");
                     self.sched.remove_where(
                         |_| true,
-                        |s| s.send(SeqEvent::Failed { message: message.clone() }),
+                        |s| {
+                            s.send(SeqEvent::Failed {
+                                message: message.clone(),
+                            })
+                        },
                     );
                     self.publish();
                     return;
@@ -212,7 +218,11 @@ impl EngineCore {
             });
             return;
         }
-        tracing::trace!(request_id = req.id, prompt_tokens = req.prompt.len(), "request queued");
+        tracing::trace!(
+            request_id = req.id,
+            prompt_tokens = req.prompt.len(),
+            "request queued"
+        );
         let mut tokens = Vec::with_capacity(total);
         tokens.extend_from_slice(&req.prompt);
         let rng = request_rng(&req.params, self.cfg.seed, req.id);
@@ -237,15 +247,24 @@ impl EngineCore {
             finished: None,
             num_preemptions: 0,
         });
-        self.shared.num_waiting.store(self.sched.waiting.len(), Ordering::Relaxed);
+        self.shared
+            .num_waiting
+            .store(self.sched.waiting.len(), Ordering::Relaxed);
     }
 
     /// One engine step. Returns the number of tokens the backend processed.
     pub fn step(&mut self) -> Result<usize, EngineError> {
-        if self.sched.running.iter().chain(self.sched.waiting.iter()).any(Sequence::client_gone) {
+        if self
+            .sched
+            .running
+            .iter()
+            .chain(self.sched.waiting.iter())
+            .any(Sequence::client_gone)
+        {
             let now = Instant::now();
             let mut gone = Vec::new();
-            self.sched.remove_where(Sequence::client_gone, |s| gone.push(s));
+            self.sched
+                .remove_where(Sequence::client_gone, |s| gone.push(s));
             for mut seq in gone {
                 tracing::debug!(request_id = seq.id, "client gone; request aborted");
                 self.finish(&mut seq, FinishReason::Abort, None, now);
@@ -254,7 +273,9 @@ impl EngineCore {
         let now = Instant::now();
         self.sched.schedule(&mut self.plan, now);
         self.metrics.num_preemptions.inc_by(self.plan.num_preempted);
-        self.metrics.prefix_cache_queries.inc_by(self.plan.prefix_queries);
+        self.metrics
+            .prefix_cache_queries
+            .inc_by(self.plan.prefix_queries);
         self.metrics.prefix_cache_hits.inc_by(self.plan.prefix_hits);
         if self.plan.scheduled.is_empty() {
             self.publish();
@@ -285,9 +306,14 @@ impl EngineCore {
             b.token_ids.extend_from_slice(&seq.tokens[start..end]);
             for p in start..end {
                 b.positions.push(p as u32);
-                b.slot_mapping.push(seq.block_table[p / bs] * bs as u32 + (p % bs) as u32);
+                b.slot_mapping
+                    .push(seq.block_table[p / bs] * bs as u32 + (p % bs) as u32);
             }
-            b.seqs.push(SeqSlice { query_start, query_len: s.num_new, context_len: start });
+            b.seqs.push(SeqSlice {
+                query_start,
+                query_len: s.num_new,
+                context_len: start,
+            });
             // Reuse the inner vectors of earlier steps instead of reallocating each table.
             match b.block_tables.get_mut(k) {
                 Some(table) => {
@@ -324,13 +350,20 @@ impl EngineCore {
                 let logprobs = seq.params.logprobs.map(|n| TokenLogprobs {
                     // The sim backend has no distribution: its pick is certain.
                     logprob: 0.0,
-                    top: if n > 0 { vec![(token, 0.0)] } else { Vec::new() },
+                    top: if n > 0 {
+                        vec![(token, 0.0)]
+                    } else {
+                        Vec::new()
+                    },
                 });
                 (token, logprobs)
             } else {
                 let logits = self.out.row(r).ok_or_else(|| missing_row(r))?;
                 let token = self.sampler.sample(logits, &seq.params, &mut seq.rng);
-                let logprobs = seq.params.logprobs.map(|n| self.sampler.logprobs(logits, token, n));
+                let logprobs = seq
+                    .params
+                    .logprobs
+                    .map(|n| self.sampler.logprobs(logits, token, n));
                 (token, logprobs)
             };
             seq.tokens.push(token);
@@ -346,11 +379,17 @@ impl EngineCore {
                         cached_tokens: seq.cached_tokens.unwrap_or(0),
                     });
                 }
-                Some(last) => self.metrics.inter_token_latency.observe(secs(now - last, scale)),
+                Some(last) => self
+                    .metrics
+                    .inter_token_latency
+                    .observe(secs(now - last, scale)),
             }
             seq.timing.last_token = Some(now);
             self.metrics.generation_tokens.inc();
-            seq.send(SeqEvent::Token { id: token, logprobs });
+            seq.send(SeqEvent::Token {
+                id: token,
+                logprobs,
+            });
             let p = &seq.params;
             let end = if !p.ignore_eos && self.cfg.eos_token_ids.contains(&token) {
                 Some((FinishReason::Stop, None))
@@ -376,17 +415,34 @@ impl EngineCore {
     }
 
     fn finish(&self, seq: &mut Sequence, reason: FinishReason, stop: Option<u32>, now: Instant) {
-        finish_seq(&self.metrics, self.cfg.latency_scale, seq, reason, stop, now);
+        finish_seq(
+            &self.metrics,
+            self.cfg.latency_scale,
+            seq,
+            reason,
+            stop,
+            now,
+        );
     }
 
     fn publish(&mut self) {
         let pool = self.sched.kv.pool();
-        self.metrics.num_requests_running.set(self.sched.running.len() as i64);
-        self.metrics.num_requests_waiting.set(self.sched.waiting.len() as i64);
+        self.metrics
+            .num_requests_running
+            .set(self.sched.running.len() as i64);
+        self.metrics
+            .num_requests_waiting
+            .set(self.sched.waiting.len() as i64);
         self.metrics.kv_cache_usage_perc.set(pool.usage());
-        self.shared.num_running.store(self.sched.running.len(), Ordering::Relaxed);
-        self.shared.num_waiting.store(self.sched.waiting.len(), Ordering::Relaxed);
-        self.shared.num_free_blocks.store(pool.num_free(), Ordering::Relaxed);
+        self.shared
+            .num_running
+            .store(self.sched.running.len(), Ordering::Relaxed);
+        self.shared
+            .num_waiting
+            .store(self.sched.waiting.len(), Ordering::Relaxed);
+        self.shared
+            .num_free_blocks
+            .store(pool.num_free(), Ordering::Relaxed);
         if let Some(log) = &self.kv_events {
             log.publish(self.sched.kv.pool_mut().drain_events());
         }
@@ -394,7 +450,9 @@ impl EngineCore {
 }
 
 fn missing_row(row: usize) -> EngineError {
-    EngineError::Backend(BackendError::Failed(format!("backend returned no output for row {row}")))
+    EngineError::Backend(BackendError::Failed(format!(
+        "backend returned no output for row {row}"
+    )))
 }
 
 fn secs(d: Duration, scale: f64) -> f64 {
@@ -413,7 +471,11 @@ fn finish_seq(
     seq.finished = Some(reason);
     seq.send(SeqEvent::Finished { reason, stop_token });
     m.request_finished(reason);
-    tracing::trace!(request_id = seq.id, reason = reason.as_str(), "request finished");
+    tracing::trace!(
+        request_id = seq.id,
+        reason = reason.as_str(),
+        "request finished"
+    );
     if reason == FinishReason::Abort {
         return;
     }
@@ -430,7 +492,8 @@ fn finish_seq(
         let decode = now - first;
         m.request_decode_time.observe(secs(decode, scale));
         if generated > 1 {
-            m.time_per_output_token.observe(secs(decode, scale) / (generated - 1) as f64);
+            m.time_per_output_token
+                .observe(secs(decode, scale) / (generated - 1) as f64);
         }
     }
     m.request_prompt_tokens.observe(seq.prompt_len as f64);

@@ -33,7 +33,10 @@ pub fn extend_hashes(root: u64, block_size: usize, tokens: &[u32], hashes: &mut 
     while hashes.len() < full {
         let i = hashes.len();
         let parent = hashes.last().copied().unwrap_or(root);
-        hashes.push(block_hash(parent, &tokens[i * block_size..(i + 1) * block_size]));
+        hashes.push(block_hash(
+            parent,
+            &tokens[i * block_size..(i + 1) * block_size],
+        ));
     }
 }
 
@@ -50,7 +53,10 @@ mod tests {
         assert_eq!(block_hash(root, &[1, 2]), xxh64(&bytes, 0));
         let mut hashes = Vec::new();
         extend_hashes(root, 2, &[1, 2, 3, 4, 5], &mut hashes);
-        assert_eq!(hashes, vec![block_hash(root, &[1, 2]), block_hash(hashes[0], &[3, 4])]);
+        assert_eq!(
+            hashes,
+            vec![block_hash(root, &[1, 2]), block_hash(hashes[0], &[3, 4])]
+        );
         // A different first block changes every later hash.
         let mut other = Vec::new();
         extend_hashes(root, 2, &[9, 2, 3, 4], &mut other);

@@ -18,7 +18,11 @@ pub struct KvManager {
 
 impl KvManager {
     pub fn new(pool: BlockPool, block_size: usize, model_name: &str) -> Self {
-        Self { pool, block_size: block_size.max(1), root: hashing::root_hash(model_name) }
+        Self {
+            pool,
+            block_size: block_size.max(1),
+            root: hashing::root_hash(model_name),
+        }
     }
 
     pub fn pool(&self) -> &BlockPool {
@@ -45,7 +49,12 @@ impl KvManager {
         if !self.pool.caching_enabled() || seq.num_tokens() == 0 {
             return;
         }
-        hashing::extend_hashes(self.root, self.block_size, &seq.tokens, &mut seq.block_hashes);
+        hashing::extend_hashes(
+            self.root,
+            self.block_size,
+            &seq.tokens,
+            &mut seq.block_hashes,
+        );
         let max_blocks = (seq.num_tokens() - 1) / self.block_size;
         for &hash in seq.block_hashes.iter().take(max_blocks) {
             match self.pool.lookup(hash) {
@@ -64,7 +73,10 @@ impl KvManager {
         let have = seq.block_table.len() + hits.len();
         let new_blocks = needed.saturating_sub(have);
         // Hits that sit in the free queue stop being allocatable once we take them.
-        let revived = hits.iter().filter(|&&b| self.pool.ref_count(b) == Some(0)).count();
+        let revived = hits
+            .iter()
+            .filter(|&&b| self.pool.ref_count(b) == Some(0))
+            .count();
         if new_blocks > self.pool.num_free().saturating_sub(revived) {
             return false;
         }
@@ -96,7 +108,12 @@ impl KvManager {
         if full <= seq.num_registered {
             return;
         }
-        hashing::extend_hashes(self.root, self.block_size, &seq.tokens, &mut seq.block_hashes);
+        hashing::extend_hashes(
+            self.root,
+            self.block_size,
+            &seq.tokens,
+            &mut seq.block_hashes,
+        );
         let record = self.pool.records_events();
         let mut run_start = seq.num_registered;
         let mut run: Vec<u64> = Vec::new();
@@ -129,7 +146,11 @@ impl KvManager {
         };
         let bs = self.block_size;
         let range = start * bs..(start + hashes.len()) * bs;
-        let tokens = seq.tokens.get(range).map(<[u32]>::to_vec).unwrap_or_default();
+        let tokens = seq
+            .tokens
+            .get(range)
+            .map(<[u32]>::to_vec)
+            .unwrap_or_default();
         self.pool.record_stored(hashes, parent, tokens);
     }
 

@@ -51,11 +51,22 @@ impl FinishReason {
 #[derive(Debug, Clone, PartialEq)]
 pub enum SeqEvent {
     /// First admitted: prompt length and how many prompt tokens came from the prefix cache.
-    Started { prompt_tokens: usize, cached_tokens: usize },
-    Token { id: u32, logprobs: Option<TokenLogprobs> },
+    Started {
+        prompt_tokens: usize,
+        cached_tokens: usize,
+    },
+    Token {
+        id: u32,
+        logprobs: Option<TokenLogprobs>,
+    },
     /// `stop_token` is the stop token id that ended generation, if any (not EOS).
-    Finished { reason: FinishReason, stop_token: Option<u32> },
-    Failed { message: String },
+    Finished {
+        reason: FinishReason,
+        stop_token: Option<u32>,
+    },
+    Failed {
+        message: String,
+    },
 }
 
 /// Engine settings (validated by `serve::run` from the flags).
@@ -90,7 +101,11 @@ pub enum EngineError {
          --max-model-len {max_model_len}; lower --max-model-len or give the KV cache more memory",
         num_blocks * block_size
     )]
-    KvTooSmall { num_blocks: usize, block_size: usize, max_model_len: usize },
+    KvTooSmall {
+        num_blocks: usize,
+        block_size: usize,
+        max_model_len: usize,
+    },
     #[error("invalid engine config: {0}")]
     Config(String),
     #[error("cannot start the engine thread: {0}")]
@@ -156,7 +171,9 @@ pub struct EngineRequest {
 pub enum Command {
     Submit(EngineRequest),
     /// End a request as `stop` (the API matched a stop string) and free its blocks.
-    Stop { id: u64 },
+    Stop {
+        id: u64,
+    },
 }
 
 /// Cloneable front of a running engine.
@@ -197,16 +214,26 @@ impl EngineHandle {
         let queued = self.tx.max_capacity() - self.tx.capacity();
         let waiting = self.shared.num_waiting() + queued;
         if waiting >= self.info.max_waiting {
-            return Err(SubmitError::Overloaded { waiting, max: self.info.max_waiting });
+            return Err(SubmitError::Overloaded {
+                waiting,
+                max: self.info.max_waiting,
+            });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (events, rx) = mpsc::unbounded_channel();
-        let req = EngineRequest { id, prompt, params, arrival: Instant::now(), events };
+        let req = EngineRequest {
+            id,
+            prompt,
+            params,
+            arrival: Instant::now(),
+            events,
+        };
         match self.tx.try_send(Command::Submit(req)) {
             Ok(()) => Ok(RequestStream { id, events: rx }),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                Err(SubmitError::Overloaded { waiting, max: self.info.max_waiting })
-            }
+            Err(mpsc::error::TrySendError::Full(_)) => Err(SubmitError::Overloaded {
+                waiting,
+                max: self.info.max_waiting,
+            }),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(SubmitError::EngineDead),
         }
     }
@@ -226,7 +253,13 @@ pub fn spawn(
     kv_events: Option<Arc<KvEventLog>>,
 ) -> Result<EngineHandle, EngineError> {
     let shared = Arc::new(EngineShared::default());
-    let core = EngineCore::new(config.clone(), backend, metrics, kv_events, Arc::clone(&shared))?;
+    let core = EngineCore::new(
+        config.clone(),
+        backend,
+        metrics,
+        kv_events,
+        Arc::clone(&shared),
+    )?;
     let info = Arc::new(core.info());
     // Room for the whole waiting allowance, so admission control, not the channel, refuses.
     let (tx, rx) = mpsc::channel(config.max_waiting.clamp(1, 1 << 16));
@@ -235,5 +268,10 @@ pub fn spawn(
         .name("switchyard-engine".into())
         .spawn(move || core.run(rx))
         .map_err(EngineError::Spawn)?;
-    Ok(EngineHandle { tx, shared, next_id: Arc::new(AtomicU64::new(1)), info })
+    Ok(EngineHandle {
+        tx,
+        shared,
+        next_id: Arc::new(AtomicU64::new(1)),
+        info,
+    })
 }

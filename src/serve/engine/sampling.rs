@@ -71,13 +71,23 @@ impl Sampler {
         }
         let inv_t = 1.0 / params.temperature;
         self.scratch.clear();
-        self.scratch.extend(logits.iter().enumerate().map(|(i, &l)| (l * inv_t, i as u32)));
+        self.scratch.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (l * inv_t, i as u32)),
+        );
         let by_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
         if params.top_k > 0 && params.top_k < self.scratch.len() {
-            self.scratch.select_nth_unstable_by(params.top_k - 1, by_desc);
+            self.scratch
+                .select_nth_unstable_by(params.top_k - 1, by_desc);
             self.scratch.truncate(params.top_k);
         }
-        let max = self.scratch.iter().map(|p| p.0).fold(f32::NEG_INFINITY, f32::max);
+        let max = self
+            .scratch
+            .iter()
+            .map(|p| p.0)
+            .fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0f32;
         for p in &mut self.scratch {
             p.0 = (p.0 - max).exp();
@@ -116,11 +126,14 @@ impl Sampler {
     pub fn logprobs(&mut self, logits: &[f32], token: u32, top_n: usize) -> TokenLogprobs {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let lse = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
-        let logprob = logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| l - lse);
+        let logprob = logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&l| l - lse);
         let mut top = Vec::new();
         if top_n > 0 {
             self.scratch.clear();
-            self.scratch.extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
+            self.scratch
+                .extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
             let n = top_n.min(self.scratch.len());
             let by_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
             if n < self.scratch.len() {
@@ -150,14 +163,22 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_k: usize, top_p: f32) -> SamplingParams {
-        SamplingParams { temperature, top_k, top_p, ..Default::default() }
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn greedy_takes_the_first_maximum() {
         let mut s = Sampler::default();
         let mut rng = StdRng::seed_from_u64(1);
-        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &params(0.0, 0, 1.0), &mut rng), 1);
+        assert_eq!(
+            s.sample(&[0.1, 3.0, 3.0, -1.0], &params(0.0, 0, 1.0), &mut rng),
+            1
+        );
     }
 
     #[test]
@@ -176,11 +197,16 @@ mod tests {
     #[test]
     fn same_seed_same_tokens() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let p = SamplingParams { seed: Some(42), ..params(0.8, 0, 0.9) };
+        let p = SamplingParams {
+            seed: Some(42),
+            ..params(0.8, 0, 0.9)
+        };
         let run = || {
             let mut s = Sampler::default();
             let mut rng = request_rng(&p, 0, 1);
-            (0..20).map(|_| s.sample(&logits, &p, &mut rng)).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| s.sample(&logits, &p, &mut rng))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
     }

@@ -62,7 +62,13 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig, kv: KvManager) -> Self {
-        Self { cfg, kv, waiting: VecDeque::new(), running: Vec::new(), hits: Vec::new() }
+        Self {
+            cfg,
+            kv,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            hits: Vec::new(),
+        }
     }
 
     pub fn config(&self) -> SchedulerConfig {
@@ -97,7 +103,9 @@ impl Scheduler {
                 }
                 // Out of blocks: the newest running sequence gives its blocks back. Victims come
                 // from the tail, which is never already scheduled this step (we go head first).
-                let Some(mut victim) = self.running.pop() else { break };
+                let Some(mut victim) = self.running.pop() else {
+                    break;
+                };
                 let victim_is_current = self.running.len() == i;
                 self.preempt(&mut victim);
                 self.waiting.push_front(victim);
@@ -113,7 +121,9 @@ impl Scheduler {
             return;
         }
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
-            let Some(seq) = self.waiting.front_mut() else { break };
+            let Some(seq) = self.waiting.front_mut() else {
+                break;
+            };
             self.kv.find_prefix(seq, &mut self.hits);
             let hit_tokens = self.hits.len() * self.kv.block_size();
             let num_new = (seq.num_tokens() - hit_tokens).min(budget);
@@ -125,15 +135,24 @@ impl Scheduler {
             plan.prefix_hits += hit_tokens as u64;
             seq.cached_tokens.get_or_insert(hit_tokens);
             seq.timing.first_scheduled.get_or_insert(now);
-            let Some(seq) = self.waiting.pop_front() else { break };
+            let Some(seq) = self.waiting.pop_front() else {
+                break;
+            };
             self.running.push(seq);
-            plan.scheduled.push(Scheduled { idx: self.running.len() - 1, num_new });
+            plan.scheduled.push(Scheduled {
+                idx: self.running.len() - 1,
+                num_new,
+            });
             budget -= num_new;
         }
     }
 
     fn preempt(&mut self, seq: &mut Sequence) {
-        tracing::debug!(request_id = seq.id, tokens = seq.num_tokens(), "preempting (recompute)");
+        tracing::debug!(
+            request_id = seq.id,
+            tokens = seq.num_tokens(),
+            "preempting (recompute)"
+        );
         if let Err(e) = self.kv.free(seq) {
             tracing::error!(request_id = seq.id, error = %e, "block pool inconsistency on preempt");
         }

@@ -140,7 +140,10 @@ mod tests {
         // Expected output produced by Python jinja2 with transformers' settings.
         let src = "{% for m in messages %}\n  {{ m.role.upper() }}: {{ m.content.strip() }}{% if not loop.last %}|{% endif %}\n{% endfor %}\n{% if add_generation_prompt %}>{{ eos_token }}{% endif %}";
         let t = ChatTemplate::compile(src, "", "<e>", Path::new("x")).unwrap();
-        assert_eq!(t.render(&msgs()).unwrap(), "  SYSTEM: Be brief.|  USER: Hi><e>");
+        assert_eq!(
+            t.render(&msgs()).unwrap(),
+            "  SYSTEM: Be brief.|  USER: Hi><e>"
+        );
     }
 
     #[test]

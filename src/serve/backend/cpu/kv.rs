@@ -93,10 +93,7 @@ impl KvCache {
                 value: alloc("value")?,
             });
         }
-        Ok(KvCache {
-            num_blocks,
-            layers,
-        })
+        Ok(KvCache { num_blocks, layers })
     }
 }
 
