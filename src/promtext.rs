@@ -181,11 +181,15 @@ pub fn parse<'a>(
 
     for (index, raw_line) in text.split('\n').enumerate() {
         let line_no = index + 1;
-        let line = raw_line.trim_start_matches([' ', '\t']);
+        let line = trim_blank_start(raw_line);
         let Some(&first) = line.as_bytes().first() else {
             continue;
         };
         if first == b'#' {
+            // HELP text is never needed; skip it before any further scanning.
+            if line.starts_with("# HELP ") {
+                continue;
+            }
             match parse_comment(line) {
                 Comment::Eof => break,
                 Comment::Other => {}
@@ -256,16 +260,35 @@ enum Comment<'a> {
     Other,
 }
 
+fn is_blank(b: u8) -> bool {
+    b == b' ' || b == b'\t'
+}
+
+// Byte-wise trims: the `char`-pattern versions decode UTF-8 and are measurably slower here.
+fn trim_blank_start(s: &str) -> &str {
+    let n = s.bytes().take_while(|b| is_blank(*b)).count();
+    &s[n..]
+}
+
+fn trim_blank_end(s: &str) -> &str {
+    let trailing = s
+        .bytes()
+        .rev()
+        .take_while(|b| is_blank(*b) || *b == b'\r')
+        .count();
+    &s[..s.len() - trailing]
+}
+
 fn split_blank(s: &str) -> (&str, &str) {
-    let s = s.trim_start_matches([' ', '\t']);
-    match s.find([' ', '\t']) {
+    let s = trim_blank_start(s);
+    match s.bytes().position(is_blank) {
         Some(i) => (&s[..i], &s[i..]),
         None => (s, ""),
     }
 }
 
 fn parse_comment(line: &str) -> Comment<'_> {
-    let body = line[1..].trim_end_matches([' ', '\t', '\r']);
+    let body = trim_blank_end(&line[1..]);
     let (keyword, rest) = split_blank(body);
     match keyword {
         "TYPE" => {
@@ -301,12 +324,12 @@ fn match_sample_name(families: &[Family<'_>], name: &str) -> Option<usize> {
 
 /// Parses what follows the metric name: optional labels, value, optional timestamp.
 fn parse_sample_rest(rest: &str, line: usize) -> Result<Sample<'_>, PromTextError> {
-    let mut rest = rest.trim_start_matches([' ', '\t']);
+    let mut rest = trim_blank_start(rest);
     let mut labels = Vec::new();
     if let Some(after_brace) = rest.strip_prefix('{') {
         rest = parse_labels(after_brace, line, &mut labels)?;
     }
-    let rest = rest.trim_end_matches([' ', '\t', '\r']);
+    let rest = trim_blank_end(rest);
     let (value_text, rest) = split_blank(rest);
     if value_text.is_empty() {
         return Err(syntax(line, "missing sample value".into()));
@@ -320,7 +343,7 @@ fn parse_sample_rest(rest: &str, line: usize) -> Result<Sample<'_>, PromTextErro
     } else {
         let ts = parse_timestamp(ts_text)
             .ok_or_else(|| syntax(line, format!("invalid timestamp {ts_text:?}")))?;
-        let tail = rest.trim_start_matches([' ', '\t']);
+        let tail = trim_blank_start(rest);
         if !tail.is_empty() && !tail.starts_with('#') {
             return Err(syntax(
                 line,
@@ -364,7 +387,7 @@ fn parse_labels<'a>(
     labels: &mut Vec<(&'a str, Cow<'a, str>)>,
 ) -> Result<&'a str, PromTextError> {
     loop {
-        s = s.trim_start_matches([' ', '\t']);
+        s = trim_blank_start(s);
         if let Some(after) = s.strip_prefix('}') {
             return Ok(after);
         }
@@ -376,11 +399,11 @@ fn parse_labels<'a>(
             return Err(syntax(line, "invalid or missing label name".into()));
         }
         let name = &s[..name_len];
-        s = s[name_len..].trim_start_matches([' ', '\t']);
+        s = trim_blank_start(&s[name_len..]);
         s = s
             .strip_prefix('=')
             .ok_or_else(|| syntax(line, format!("expected '=' after label {name:?}")))?;
-        s = s.trim_start_matches([' ', '\t']);
+        s = trim_blank_start(s);
         s = s
             .strip_prefix('"')
             .ok_or_else(|| syntax(line, format!("expected '\"' to open the value of {name:?}")))?;
@@ -395,7 +418,7 @@ fn parse_labels<'a>(
             ));
         }
         labels.push((name, value));
-        s = after.trim_start_matches([' ', '\t']);
+        s = trim_blank_start(after);
         if let Some(after_comma) = s.strip_prefix(',') {
             s = after_comma;
         } else if !s.starts_with('}') {

@@ -578,12 +578,12 @@ async fn metrics_have_every_vllm_name_and_pass_promtool() {
     }
     for line in [
         "# TYPE vllm:num_requests_running gauge",
-        "# TYPE vllm:prompt_tokens counter",
+        "# TYPE vllm:prompt_tokens_total counter",
         "# TYPE vllm:time_to_first_token_seconds histogram",
     ] {
         assert!(text.lines().any(|l| l == line), "missing {line:?}\n{text}");
     }
-    let labels = "engine=\"0\",model_name=\"qwen\"";
+    let labels = "model_name=\"qwen\",engine=\"0\"";
     assert!(
         text.contains(&format!("vllm:num_requests_running{{{labels}}} 0")),
         "{text}"
@@ -593,30 +593,30 @@ async fn metrics_have_every_vllm_name_and_pass_promtool() {
         "{text}"
     );
     assert!(
-        text.contains("vllm:time_to_first_token_seconds_bucket{le=\"0.001\","),
+        text.contains("vllm:time_to_first_token_seconds_bucket{model_name=\"qwen\",engine=\"0\",le=\"0.001\"}"),
         "{text}"
     );
     assert!(
-        text.contains("vllm:time_to_first_token_seconds_bucket{le=\"2560.0\","),
+        text.contains("vllm:time_to_first_token_seconds_bucket{model_name=\"qwen\",engine=\"0\",le=\"2560.0\"}"),
         "{text}"
     );
     assert!(
-        text.contains("vllm:inter_token_latency_seconds_bucket{le=\"80.0\","),
+        text.contains("vllm:inter_token_latency_seconds_bucket{model_name=\"qwen\",engine=\"0\",le=\"80.0\"}"),
         "{text}"
     );
     assert!(
-        text.contains("vllm:request_decode_time_seconds_bucket{le=\"7680.0\","),
+        text.contains("vllm:request_decode_time_seconds_bucket{model_name=\"qwen\",engine=\"0\",le=\"7680.0\"}"),
         "{text}"
     );
     let blocks = h.engine.info().num_blocks;
     assert!(
         text.contains(&format!(
-            "vllm:cache_config_info{{block_size=\"16\",num_gpu_blocks=\"{blocks}\""
+            "vllm:cache_config_info{{model_name=\"qwen\",engine=\"0\",block_size=\"16\",num_gpu_blocks=\"{blocks}\""
         )),
         "{text}"
     );
     assert!(
-        text.contains("vllm:request_success_total{finished_reason=\"length\","),
+        text.contains("vllm:request_success_total{model_name=\"qwen\",engine=\"0\",finished_reason=\"length\"}"),
         "{text}"
     );
     // Scraper view: the EPP's parser reads the numbers it needs.

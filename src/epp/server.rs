@@ -87,6 +87,18 @@ fn load_scheduler_config(args: &EppArgs) -> anyhow::Result<scheduling::Scheduler
         .with_context(|| format!("invalid EndpointPickerConfig ({origin})"))
 }
 
+/// The `utilization-detector` parameters from the EndpointPickerConfig (reference defaults when
+/// the config does not name one).
+fn saturation_config(config: &scheduling::SchedulerConfig) -> SaturationConfig {
+    let p = &config.saturation_detector.1;
+    SaturationConfig {
+        queue_depth_threshold: p.queue_depth_threshold,
+        kv_cache_util_threshold: p.kv_cache_util_threshold,
+        metrics_staleness_threshold: p.metrics_staleness_threshold,
+        headroom: p.headroom,
+    }
+}
+
 /// `--check-config`: everything `start` would reject, without binding ports or calling APIs.
 fn check_config(args: &EppArgs) -> anyhow::Result<()> {
     let source = args.validate()?;
@@ -114,6 +126,15 @@ fn kube_config(args: &EppArgs) -> KubeDiscoveryConfig {
         endpoint_selector: (!args.endpoint_selector.is_empty())
             .then(|| args.endpoint_selector.clone()),
         endpoint_target_ports: args.endpoint_target_ports.clone(),
+    }
+}
+
+/// The `name` label of the pool gauges: the InferencePool's name, or `local` without one.
+fn pool_label(args: &EppArgs) -> String {
+    if args.pool_name.is_empty() {
+        "local".to_string()
+    } else {
+        args.pool_name.clone()
     }
 }
 
@@ -236,7 +257,7 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
         datastore.clone(),
         scheduler.clone(),
         epp_metrics.clone(),
-        args.pool_name.clone(),
+        pool_label(&args),
         args.refresh_prometheus_metrics_interval,
         args.metrics_staleness_threshold,
     ));
@@ -244,7 +265,7 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
     let director = Arc::new(Director::new(
         datastore.clone(),
         scheduler,
-        SaturationDetector::new(SaturationConfig::default()),
+        SaturationDetector::new(saturation_config(&sched_config)),
         DirectorConfig {
             fallback_endpoints: args.fallback_endpoints,
             disable_subset_filter: args.disable_endpoint_subset_filter,

@@ -29,19 +29,19 @@ pub const REQUEST_LATENCY_BUCKETS: [f64; 21] = [
     480.0, 960.0, 1920.0, 7680.0,
 ];
 
-/// Every metric family name the server exposes (as in `# TYPE` lines; counters without `_total`).
+/// Every metric family name the server exposes, as in its `# TYPE` lines.
 pub const METRIC_NAMES: [&str; 20] = [
     "vllm:num_requests_running",
     "vllm:num_requests_waiting",
     "vllm:kv_cache_usage_perc",
     "vllm:cache_config_info",
     "vllm:lora_requests_info",
-    "vllm:prompt_tokens",
-    "vllm:generation_tokens",
-    "vllm:prefix_cache_queries",
-    "vllm:prefix_cache_hits",
-    "vllm:num_preemptions",
-    "vllm:request_success",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total",
+    "vllm:num_preemptions_total",
+    "vllm:request_success_total",
     "vllm:time_to_first_token_seconds",
     "vllm:inter_token_latency_seconds",
     "vllm:time_per_output_token_seconds",
@@ -321,11 +321,76 @@ impl ServeMetrics {
         };
     }
 
-    /// The Prometheus text exposition (OpenMetrics flavour, as prometheus-client writes it).
+    /// The Prometheus text exposition (format 0.0.4, as vLLM serves it).
+    ///
+    /// prometheus-client writes OpenMetrics, where a counter family `foo` has samples
+    /// `foo_total` and the page ends in `# EOF`. vLLM (Python prometheus_client, text format)
+    /// declares `# HELP/TYPE foo_total`, and promtool's text linter wants HELP on the sample
+    /// name, so counter descriptors are renamed and `# EOF` is dropped.
     pub fn encode(&self) -> String {
-        let mut out = String::with_capacity(16 * 1024);
+        let mut om = String::with_capacity(16 * 1024);
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        let _ = prometheus_client::encoding::text::encode(&mut om, &self.registry);
+        to_text_format(&om)
+    }
+}
+
+/// Rewrites prometheus-client's OpenMetrics text into the classic text format (see
+/// [`ServeMetrics::encode`]).
+fn to_text_format(om: &str) -> String {
+    let mut out = String::with_capacity(om.len() + 256);
+    let mut pending_help: Option<&str> = None;
+    for line in om.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            if let Some(help) = pending_help.replace(rest) {
+                push_line(&mut out, "# HELP ", help, "");
+            }
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let counter = rest.strip_suffix(" counter").filter(|n| !n.ends_with("_total"));
+            if let Some(name) = counter {
+                if let Some(help) = pending_help.take() {
+                    let text = help.strip_prefix(name).unwrap_or(help);
+                    out.push_str("# HELP ");
+                    out.push_str(name);
+                    push_line(&mut out, "_total", text, "");
+                }
+                push_line(&mut out, "# TYPE ", name, "_total counter");
+                continue;
+            }
+        }
+        if let Some(help) = pending_help.take() {
+            push_line(&mut out, "# HELP ", help, "");
+        }
+        push_line(&mut out, "", line, "");
+    }
+    if let Some(help) = pending_help {
+        push_line(&mut out, "# HELP ", help, "");
+    }
+    out
+}
+
+fn push_line(out: &mut String, a: &str, b: &str, c: &str) {
+    out.push_str(a);
+    out.push_str(b);
+    out.push_str(c);
+    out.push('\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_declared_by_their_sample_name() {
+        let om = "# HELP a_x Gauge help.\n# TYPE a_x gauge\na_x 1\n# HELP c Counts.\n# TYPE c counter\nc_total 2\n# EOF\n";
+        assert_eq!(
+            to_text_format(om),
+            "# HELP a_x Gauge help.\n# TYPE a_x gauge\na_x 1\n# HELP c_total Counts.\n# TYPE c_total counter\nc_total 2\n"
+        );
     }
 }

@@ -259,3 +259,35 @@ fn capacity_below_shard_count_is_still_a_hard_cap() {
     assert_eq!(idx.endpoint_len("tiny"), 3);
     idx.check_invariants().unwrap();
 }
+
+#[test]
+fn concurrent_record_match_and_remove_keep_the_index_consistent() {
+    let idx = Arc::new(index(4096)); // 2 shards
+    assert_eq!(idx.shard_count(), 2);
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let idx = idx.clone();
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                for i in 0..300u64 {
+                    let h: Vec<u64> = (0..32)
+                        .map(|b| xxh64(&(i % 40 * 64 + b).to_le_bytes(), 0))
+                        .collect();
+                    let name = format!("ep{}", (i + t) % 6);
+                    idx.record(&h, &name, Some(200));
+                    idx.match_prefix(&h, ["ep0", "ep1", "ep2", "ep3"], &mut out);
+                    if i % 50 == 49 {
+                        idx.remove_endpoint(&format!("ep{}", t % 6));
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    idx.check_invariants().unwrap();
+    for e in 0..6 {
+        assert!(idx.endpoint_len(&format!("ep{e}")) <= 200);
+    }
+}
