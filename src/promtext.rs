@@ -217,14 +217,10 @@ pub fn parse<'a>(
         if first == b'\r' && line.len() == 1 {
             continue;
         }
-        let name_end = line
-            .bytes()
-            .position(|b| matches!(b, b'{' | b' ' | b'\t' | b'\r'))
-            .unwrap_or(line.len());
-        let name = &line[..name_end];
-        let Some(i) = match_sample_name(&families, name) else {
+        let Some((i, name_end)) = match_sample_line(&families, line) else {
             continue;
         };
+        let name = &line[..name_end];
         seen_sample[i] = true;
         let family = &mut families[i];
         let counted = match family.kind {
@@ -312,13 +308,31 @@ fn match_type_name(families: &[Family<'_>], name: &str) -> Option<usize> {
     })
 }
 
-/// Index of the wanted family a sample named `name` belongs to.
-fn match_sample_name(families: &[Family<'_>], name: &str) -> Option<usize> {
-    families.iter().position(|f| {
-        f.name == name
-            || name
-                .strip_suffix("_total")
-                .is_some_and(|stem| stem == f.name)
+/// The wanted family a sample line belongs to, and where its metric name ends. Compares the
+/// line's prefix with each wanted name instead of scanning the name first: most lines are
+/// unwanted and fail the comparison within a few bytes.
+fn match_sample_line(families: &[Family<'_>], line: &str) -> Option<(usize, usize)> {
+    let bytes = line.as_bytes();
+    let ends_name = |at: usize| {
+        bytes
+            .get(at)
+            .is_none_or(|b| matches!(b, b'{' | b' ' | b'\t' | b'\r'))
+    };
+    families.iter().enumerate().find_map(|(i, f)| {
+        let n = f.name.len();
+        if !bytes.starts_with(f.name.as_bytes()) {
+            return None;
+        }
+        if ends_name(n) {
+            return Some((i, n));
+        }
+        // OpenMetrics counter samples are named `<family>_total`.
+        let total = n + "_total".len();
+        (bytes
+            .get(n..)
+            .is_some_and(|rest| rest.starts_with(b"_total"))
+            && ends_name(total))
+        .then_some((i, total))
     })
 }
 

@@ -51,6 +51,21 @@ fn served_counts(mocks: &[MockModelServer]) -> Vec<usize> {
     mocks.iter().map(MockModelServer::requests_served).collect()
 }
 
+/// The value of the first sample of `name` that carries all of `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            return None;
+        }
+        let (series, value) = rest.rsplit_once(' ')?;
+        labels
+            .iter()
+            .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
+            .then(|| value.parse().ok())?
+    })
+}
+
 /// Runs `promtool check metrics` on `text`; returns (exit code, output). Exit code 3 means
 /// "parsed, but lint problems" (printed one per line), 1 a parse error.
 fn promtool_check(promtool: &PathBuf, text: &str) -> (i32, String) {
@@ -820,6 +835,42 @@ async fn bodies_pass_through_intact() {
     assert_eq!(got.len(), body.len());
     assert!(got == body.as_bytes(), "300 KB body changed on the way");
     assert_eq!(Some(r.body.clone()), pod.last_response());
+
+    // A client cannot choose the pod: the EPP overwrites a destination header it sends.
+    let r = s
+        .client
+        .post_json(
+            &s.envoy.url("/v1/completions"),
+            &[("x-gateway-destination-endpoint", "127.0.0.9:1")],
+            completion("intact-model", "spoof", false),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let pod = &s.mocks[served_by(&r).unwrap()];
+    let (headers, _) = pod.last_request().unwrap();
+    assert_eq!(
+        headers
+            .get("x-gateway-destination-endpoint")
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        pod.addr.to_string()
+    );
+
+    // A model-server error reaches the client as sent, and is not retried (the route retries
+    // connection failures only).
+    for m in &s.mocks {
+        m.set_fail(Some(503));
+    }
+    let before: usize = served_counts(&s.mocks).iter().sum();
+    let r = s
+        .post("/v1/completions", completion("intact-model", "fail", false))
+        .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let pod = &s.mocks[served_by(&r).unwrap()];
+    assert_eq!(Some(r.body.clone()), pod.last_response());
+    assert_eq!(served_counts(&s.mocks).iter().sum::<usize>(), before + 1);
 }
 
 #[tokio::test]
@@ -987,25 +1038,31 @@ async fn epp_metrics_pass_promtool() {
     let m = s.client.get(&s.epp.metrics_url()).await.unwrap();
     assert_eq!(m.status, 200, "{}", m.text());
     let text = m.text();
-    let (code, out) = promtool_check(&promtool, &text);
-    assert_eq!(code, 0, "promtool check metrics failed:\n{out}\n{text}");
-    let total: Vec<&str> = text
-        .lines()
-        .filter(|l| l.starts_with("inference_objective_request_total{"))
-        .collect();
-    let line = total
-        .iter()
-        .find(|l| {
-            l.contains("model_name=\"metrics-model\"")
-                && l.contains("target_model_name=\"metrics-model\"")
-        })
-        .unwrap_or_else(|| {
-            panic!("no inference_objective_request_total for metrics-model in\n{text}")
-        });
-    assert!(line.contains("priority=\"0\""), "{line}");
+    // Counted on the request path, with the reference labels (no objective → priority 0).
+    let model = [
+        ("model_name", "metrics-model"),
+        ("target_model_name", "metrics-model"),
+    ];
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        sample(&text, name, labels).unwrap_or_else(|| panic!("no {name}{labels:?} in\n{text}"))
+    };
     assert_eq!(
-        line.rsplit(' ').next().unwrap().parse::<f64>().unwrap(),
-        4.0,
-        "{line}"
+        value(
+            "inference_objective_request_total",
+            &[model[0], model[1], ("priority", "0")]
+        ),
+        4.0
+    );
+    // Usage parsed on the response path, from JSON (3 × "metrics N": 3 prompt tokens each at
+    // the mock's 4 bytes per token) and SSE ("s": 1); 5 completion tokens each.
+    assert_eq!(value("inference_objective_input_tokens_sum", &model), 10.0);
+    assert_eq!(value("inference_objective_input_tokens_count", &model), 4.0);
+    assert_eq!(value("inference_objective_output_tokens_sum", &model), 20.0);
+    assert_eq!(value("inference_pool_ready_pods", &[]), 3.0);
+
+    let (code, out) = promtool_check(&promtool, &text);
+    assert_eq!(
+        code, 0,
+        "promtool check metrics failed (exit 3 = lint problems):\n{out}\n{text}"
     );
 }

@@ -564,7 +564,7 @@ async fn metrics_have_every_vllm_name_and_pass_promtool() {
         .unwrap();
     assert!(r
         .header("content-type")
-        .starts_with("application/openmetrics-text"));
+        .starts_with("text/plain; version=0.0.4"));
     let text = r.text();
     for name in switchyard::serve::metrics::METRIC_NAMES {
         assert!(

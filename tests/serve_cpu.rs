@@ -709,3 +709,70 @@ fn bad_batches_are_rejected_not_panicked_on() {
     be.execute(&StepBatch::default(), &mut again).unwrap();
     assert!(again.logits.is_empty() && again.sampled.is_empty());
 }
+
+#[test]
+fn thread_count_does_not_change_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_qwen2(dir.path(), 21).unwrap();
+    let tokens = prompt(19, 21);
+    let table: Vec<u32> = (0..5).collect();
+    let mut results = Vec::new();
+    for threads in [1, 3] {
+        let mut be = CpuBackend::load(dir.path(), CpuOptions { threads, ..opts() }).unwrap();
+        be.init_kv(5).unwrap();
+        results.push(run_chunked(&mut be, &tokens, &[12, 7], &table));
+    }
+    assert_eq!(results[0], results[1]);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config { cases: 12, ..Default::default() })]
+
+    /// Any split of a prompt into chunks, over any placement of its blocks in the cache, gives
+    /// the logits of running it whole.
+    #[test]
+    fn any_chunking_and_block_placement(
+        len in 1usize..40,
+        cuts in proptest::collection::vec(1usize..12, 1..8),
+        perm_seed in 0u64..1000,
+    ) {
+        let dir = shared_model();
+        let tokens = prompt(len, perm_seed as u32);
+        let blocks = len.div_ceil(BLOCK);
+        let mut be = backend(dir, 2 * blocks + 1);
+        let identity: Vec<u32> = (0..blocks as u32).collect();
+        let whole = run_chunked(&mut be, &tokens, &[len], &identity);
+        // A pseudo-random injective placement into twice as many physical blocks.
+        let mut free: Vec<u32> = (0..(2 * blocks + 1) as u32).collect();
+        let mut table = Vec::new();
+        let mut s = perm_seed;
+        for _ in 0..blocks {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            table.push(free.swap_remove((s >> 33) as usize % free.len()));
+        }
+        let mut chunks = Vec::new();
+        let mut left = len;
+        for c in cuts.iter().cycle() {
+            if left == 0 { break; }
+            let c = (*c).min(left);
+            chunks.push(c);
+            left -= c;
+        }
+        let got = run_chunked(&mut be, &tokens, &chunks, &table);
+        for (i, (g, w)) in got.iter().zip(&whole).enumerate() {
+            let d = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            proptest::prop_assert!(d < 1e-5, "chunks {:?} table {:?} position {}: {:e}", chunks, table, i, d);
+        }
+    }
+}
+
+/// One tiny model on disk shared by the property cases.
+fn shared_model() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_qwen2(dir.path(), 33).unwrap();
+        dir
+    })
+    .path()
+}

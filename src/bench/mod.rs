@@ -1,17 +1,33 @@
 //! Load-test benchmarks (`switchyard bench`) and the one-command local demo (`switchyard demo`).
+//!
+//! - [`arrivals`]: open-loop Poisson schedules (fixed rate, ramp, bursts).
+//! - [`workload`]: the synthetic workloads (shared-prefix, bursty chat, multi-turn, coding agent).
+//! - [`client`] + [`load`]: the streaming OpenAI client and the open-loop driver.
+//! - [`stack`] + [`envoy`] + [`procs`]: local sim replicas, the EPP and Envoy as child processes.
+//! - [`routing`]: the same workload under each routing policy; [`report`]: table, JSON, plot.
+//! - [`overhead`]: what the ext_proc hop costs in front of a zero-latency backend.
 
-/// Flags of `switchyard bench`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct BenchArgs {}
+pub mod arrivals;
+pub mod cli;
+pub mod client;
+pub mod envoy;
+pub mod load;
+pub mod overhead;
+pub mod procs;
+pub mod report;
+pub mod routing;
+pub mod stack;
+pub mod stats;
+pub mod workload;
 
-/// Flags of `switchyard demo`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct DemoArgs {}
+pub use cli::{BenchArgs, DemoArgs};
 
-pub async fn run_bench(_args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("switchyard bench is not implemented yet")
+/// `switchyard bench`.
+pub async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    cli::run_bench(args).await
 }
 
-pub async fn run_demo(_args: DemoArgs) -> anyhow::Result<()> {
-    anyhow::bail!("switchyard demo is not implemented yet")
+/// `switchyard demo`.
+pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+    cli::run_demo(args).await
 }

@@ -530,6 +530,13 @@ async fn poll_endpoint(slot: Arc<EndpointSlot>, scraper: Scraper, config: Scrape
         ticker.tick().await;
         match scraper.scrape(&endpoint).await {
             Ok(mut metrics) => {
+                tracing::trace!(
+                    endpoint = %endpoint.name,
+                    waiting = metrics.waiting_queue_size,
+                    running = metrics.running_requests,
+                    kv_cache_usage = metrics.kv_cache_usage,
+                    "metrics scraped"
+                );
                 metrics.updated_at = Some(Instant::now());
                 slot.publish(metrics);
                 if failing {

@@ -1,3 +1,5 @@
+//! Parser tests: each syntax element, the caps, error line numbers, and never-panic properties.
+
 use super::*;
 use proptest::prelude::*;
 

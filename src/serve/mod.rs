@@ -266,8 +266,23 @@ fn build_backend(args: &ServeArgs) -> Result<Built, ServeError> {
     }
 }
 
-fn cpu_backend(_args: &ServeArgs, _dir: &std::path::Path) -> Result<Built, ServeError> {
-    Err(ServeError::BackendUnavailable("cpu"))
+fn cpu_backend(args: &ServeArgs, dir: &std::path::Path) -> Result<Built, ServeError> {
+    let config = model::ModelConfig::load(dir)?;
+    let codec = model::load_codec(dir)?;
+    let opts = backend::cpu::CpuOptions {
+        block_size: args.block_size,
+        kv_cache_memory_bytes: usize::try_from(args.kv_cache_memory).unwrap_or(usize::MAX),
+        threads: args.threads.unwrap_or(0),
+    };
+    let backend = backend::cpu::CpuBackend::load(dir, opts)?;
+    Ok(Built {
+        backend: Box::new(backend),
+        codec,
+        // vLLM names the model after the path it was given.
+        default_name: dir.display().to_string(),
+        default_max_model_len: config.max_position_embeddings,
+        latency_scale: 1.0,
+    })
 }
 
 /// Starts the engine and the listeners; returns once they are bound.

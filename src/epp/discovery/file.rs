@@ -36,6 +36,8 @@ use crate::epp::endpoint::{Endpoint, EngineType};
 pub const MAX_POOL_FILE_BYTES: u64 = 4 << 20;
 /// Most endpoints one pool file may list.
 pub const MAX_ENDPOINTS: usize = 10_000;
+/// Shortest reload poll interval.
+pub const MIN_POLL: Duration = Duration::from_millis(10);
 
 /// A validated pool file.
 #[derive(Debug, Clone, PartialEq)]
@@ -291,8 +293,12 @@ pub struct FileDiscovery {
 }
 
 impl FileDiscovery {
+    /// Polls `path` every `poll` (at least [`MIN_POLL`], so a zero flag cannot spin).
     pub fn new(path: PathBuf, poll: Duration) -> Self {
-        FileDiscovery { path, poll }
+        FileDiscovery {
+            path,
+            poll: poll.max(MIN_POLL),
+        }
     }
 }
 

@@ -1,3 +1,5 @@
+//! Extraction tests: each engine's exposition text to exact `EndpointMetrics`, and the error paths.
+
 use super::*;
 
 /// A vLLM v1 page: HELP/TYPE lines, histograms interleaved with the gauges, escaped labels,
@@ -314,6 +316,25 @@ fn engine_specs_list_every_family_they_read() {
         }
         for name in names {
             assert!(spec.families.contains(&name), "{engine}: {name}");
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Arbitrary lines made of the vLLM family names, labels and values never panic, and any
+    /// accepted page yields values the spec allows.
+    #[test]
+    fn extraction_never_panics(
+        lines in proptest::collection::vec(
+            "(# TYPE )?vllm:(num_requests_waiting|num_requests_running|kv_cache_usage_perc|lora_requests_info|cache_config_info)( gauge| counter| histogram)?(\\{(max_lora|block_size|num_gpu_blocks|running_lora_adapters)=\"[0-9a-z,]{0,6}\"\\})? ?(-?[0-9.]{1,5}|NaN|\\+Inf)?",
+            0..16,
+        )
+    ) {
+        let page = lines.join("\n");
+        if let Ok(m) = extract_metrics(EngineType::Vllm, &page) {
+            proptest::prop_assert!(m.kv_cache_usage.is_finite() && m.kv_cache_usage >= 0.0);
         }
     }
 }

@@ -1,3 +1,5 @@
+//! Pool-file tests: validation with line numbers, caps, and live reload from a temp directory.
+
 use std::time::Instant;
 
 use super::*;

@@ -1,0 +1,421 @@
+//! EPP overhead benchmark (`switchyard bench overhead`): the same requests through Envoy with
+//! and without the ext_proc filter, in front of a zero-latency backend (an in-process server
+//! answering a fixed completion on 127.0.0.1-4), stepping the rate up to saturation with small
+//! and large prompts. Reports the latency the EPP adds, the highest rate it sustains, its CPU
+//! seconds per 1,000 requests and its peak RSS.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+use super::arrivals::{Arrivals, RateShape};
+use super::client::{self, HttpClient};
+use super::envoy::{self, EnvoyProc, LbPolicy, Routing};
+use super::procs::{self, ManagedChild, ScratchDir};
+use super::report::Machine;
+use super::stats::Quantiles;
+
+/// Flags of `switchyard bench overhead`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OverheadArgs {
+    /// Request rates (req/s) stepped through with small prompts.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "250,500,1000,1500,2000,3000"
+    )]
+    pub steps: Vec<f64>,
+    /// Request rates stepped through with large prompts.
+    #[arg(long, value_delimiter = ',', default_value = "100,250,500,750,1000")]
+    pub large_steps: Vec<f64>,
+    /// Seconds per step and path.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub step_duration: Duration,
+    /// Small prompt size in tokens (~4 bytes each).
+    #[arg(long, default_value_t = 200)]
+    pub small_tokens: usize,
+    /// Large prompt size in bytes.
+    #[arg(long, default_value_t = 220 * 1024)]
+    pub large_bytes: usize,
+    /// Stop a size's steps after the first unsustained one.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub stop_at_saturation: bool,
+    /// Where `overhead.md` and `overhead.json` go.
+    #[arg(long, default_value = "benches/results")]
+    pub out_dir: PathBuf,
+    #[arg(long)]
+    pub no_write: bool,
+    #[arg(long)]
+    pub envoy: Option<PathBuf>,
+    #[arg(long)]
+    pub switchyard_bin: Option<PathBuf>,
+    #[arg(long)]
+    pub keep_logs: bool,
+}
+
+/// Metrics page of the zero-latency backend: an idle vLLM, so the EPP's scorers all run.
+const METRICS: &str = "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 0.0\n# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name=\"m\"} 0.0\n# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{model_name=\"m\"} 0.0\n# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"2048\"} 1.0\n";
+const COMPLETION: &str = "{\"id\":\"cmpl-0\",\"object\":\"text_completion\",\"created\":0,\"model\":\"m\",\"choices\":[{\"index\":0,\"text\":\" ok\",\"finish_reason\":\"length\"}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1,\"total_tokens\":2}}";
+
+/// Starts the zero-latency backend on 127.0.0.{1..4} (one port); returns the addresses.
+async fn zero_latency_backend(
+) -> anyhow::Result<(Vec<SocketAddr>, Vec<tokio::task::JoinHandle<()>>)> {
+    let app = axum::Router::new()
+        .route(
+            "/v1/completions",
+            axum::routing::post(|body: Bytes| async move {
+                drop(body);
+                (
+                    [(http::header::CONTENT_TYPE, "application/json")],
+                    COMPLETION,
+                )
+            }),
+        )
+        .route("/metrics", axum::routing::get(|| async { METRICS }))
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20));
+    let first = tokio::net::TcpListener::bind((Ipv4Addr::new(127, 0, 0, 1), 0)).await?;
+    let port = first.local_addr()?.port();
+    let mut listeners = vec![first];
+    for i in 2..=4 {
+        listeners.push(tokio::net::TcpListener::bind((Ipv4Addr::new(127, 0, 0, i), port)).await?);
+    }
+    let mut addrs = Vec::new();
+    let mut tasks = Vec::new();
+    for l in listeners {
+        addrs.push(l.local_addr()?);
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(l, app).await;
+        }));
+    }
+    Ok((addrs, tasks))
+}
+
+/// One step through one path.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PathStep {
+    pub sent: usize,
+    pub ok: usize,
+    pub achieved_rps: f64,
+    pub latency_ms: Quantiles,
+}
+
+/// One rate step: both paths and the difference.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub prompt: &'static str,
+    pub target_rps: f64,
+    pub direct: PathStep,
+    pub with_epp: PathStep,
+    pub added_p50_ms: f64,
+    pub added_p99_ms: f64,
+    /// The EPP path kept up: ≥ 95 % of the target rate answered, < 1 % errors, p99 < 1 s.
+    pub sustained: bool,
+}
+
+/// Results of the whole benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct OverheadReport {
+    pub steps: Vec<Step>,
+    pub max_sustained_small_rps: f64,
+    pub max_sustained_large_rps: f64,
+    pub epp_cpu_s_per_1k: f64,
+    pub epp_peak_rss_mib: f64,
+}
+
+async fn post(client: &HttpClient, url: &str, body: Bytes) -> Result<f64, String> {
+    let start = Instant::now();
+    let req = http::Request::post(url)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .map_err(|_| "timeout".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let _ = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    if status != http::StatusCode::OK {
+        return Err(format!("HTTP {status}"));
+    }
+    Ok(start.elapsed().as_secs_f64() * 1000.0)
+}
+
+async fn run_step(
+    client: &HttpClient,
+    url: &str,
+    body: &Bytes,
+    rate: f64,
+    dur: Duration,
+) -> PathStep {
+    let Ok(arrivals) = Arrivals::new(RateShape::Constant { rate }, rate.to_bits()) else {
+        return PathStep::default();
+    };
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    let mut sent = 0;
+    for at in arrivals.take_while(|t| *t < dur) {
+        tokio::time::sleep_until((start + at).into()).await;
+        let (client, url, body) = (client.clone(), url.to_owned(), body.clone());
+        tasks.spawn(async move { post(&client, &url, body).await });
+        sent += 1;
+    }
+    let mut lat = Vec::with_capacity(sent);
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Ok(ms)) = r {
+            lat.push(ms);
+        }
+    }
+    let wall = start.elapsed().as_secs_f64().max(dur.as_secs_f64());
+    PathStep {
+        sent,
+        ok: lat.len(),
+        achieved_rps: lat.len() as f64 / wall,
+        latency_ms: Quantiles::of(&lat),
+    }
+}
+
+/// `switchyard bench overhead`.
+pub async fn run(args: OverheadArgs) -> anyhow::Result<()> {
+    let envoy_bin = envoy::ensure_envoy(args.envoy.as_deref()).await?;
+    let bin = super::stack::switchyard_bin(args.switchyard_bin.as_deref())?;
+    let scratch = ScratchDir::new("switchyard-overhead", args.keep_logs)?;
+    let dir = scratch.path();
+    let (backend, _server_tasks) = zero_latency_backend().await?;
+    let http = client::http_client();
+
+    let p = procs::free_ports(3)?;
+    let endpoints: Vec<String> = backend.iter().map(|a| a.to_string()).collect();
+    let mut cmd = Command::new(&bin);
+    cmd.arg("epp")
+        .arg("--endpoints")
+        .arg(endpoints.join(","))
+        .args(["--bind-address", "127.0.0.1"])
+        .arg("--grpc-port")
+        .arg(p[0].to_string())
+        .arg("--grpc-health-port")
+        .arg(p[1].to_string())
+        .arg("--metrics-port")
+        .arg(p[2].to_string())
+        .args([
+            "--secure-serving=false",
+            "--metrics-endpoint-auth=false",
+            "--v",
+            "1",
+        ])
+        .arg(format!("--max-body-bytes={}", 64 << 20));
+    let mut epp = ManagedChild::spawn("epp", &mut cmd, &dir.join("epp.log"))?;
+    let url = format!("http://127.0.0.1:{}/metrics", p[2]);
+    epp.wait_ready(Duration::from_secs(60), || {
+        super::stack::get_ok(&http, &url)
+    })
+    .await?;
+    let direct = EnvoyProc::start(
+        &envoy_bin,
+        &Routing::Plain {
+            lb: LbPolicy::RoundRobin,
+        },
+        &backend,
+        dir,
+        "envoy-direct",
+    )
+    .await?;
+    let with_epp = EnvoyProc::start(
+        &envoy_bin,
+        &Routing::Epp {
+            grpc_port: p[0],
+            health_port: p[1],
+        },
+        &backend,
+        dir,
+        "envoy-epp",
+    )
+    .await?;
+    let direct_url = format!("http://{}/v1/completions", direct.listen);
+    let epp_url = format!("http://{}/v1/completions", with_epp.listen);
+
+    let small = prompt_body(args.small_tokens * 4);
+    let large = prompt_body(args.large_bytes);
+    // Warm both paths (connections, the EPP's first scrape).
+    for _ in 0..50 {
+        let a = post(&http, &direct_url, small.clone()).await;
+        let b = post(&http, &epp_url, small.clone()).await;
+        if a.is_ok() && b.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let cpu_before = procs::cpu_seconds(epp.pid()).unwrap_or(0.0);
+    let mut epp_requests = 0usize;
+    let mut steps = Vec::new();
+    for (label, body, rates) in [
+        ("small", &small, &args.steps),
+        ("large", &large, &args.large_steps),
+    ] {
+        for &rate in rates {
+            let d = run_step(&http, &direct_url, body, rate, args.step_duration).await;
+            let e = run_step(&http, &epp_url, body, rate, args.step_duration).await;
+            epp.check_running()?;
+            epp_requests += e.sent;
+            let sustained = e.achieved_rps >= 0.95 * rate
+                && e.ok as f64 >= 0.99 * e.sent as f64
+                && e.latency_ms.p99 < 1000.0;
+            let step = Step {
+                prompt: label,
+                target_rps: rate,
+                direct: d,
+                with_epp: e,
+                added_p50_ms: e.latency_ms.p50 - d.latency_ms.p50,
+                added_p99_ms: e.latency_ms.p99 - d.latency_ms.p99,
+                sustained,
+            };
+            eprintln!(
+                "  {label:>5} {rate:>6.0} req/s: direct p50 {:.2} ms p99 {:.2} ms ({:.0} req/s) | with EPP p50 {:.2} ms p99 {:.2} ms ({:.0} req/s){}",
+                d.latency_ms.p50,
+                d.latency_ms.p99,
+                d.achieved_rps,
+                e.latency_ms.p50,
+                e.latency_ms.p99,
+                e.achieved_rps,
+                if sustained { "" } else { "  (not sustained)" }
+            );
+            steps.push(step);
+            if !sustained && args.stop_at_saturation {
+                break;
+            }
+        }
+    }
+    let cpu = procs::cpu_seconds(epp.pid()).unwrap_or(0.0) - cpu_before;
+    let rss = procs::peak_rss_bytes(epp.pid()).unwrap_or(0);
+    let max_sustained = |label: &str| {
+        steps
+            .iter()
+            .filter(|s| s.prompt == label && s.sustained)
+            .map(|s| s.target_rps)
+            .fold(0.0f64, f64::max)
+    };
+    let report = OverheadReport {
+        max_sustained_small_rps: max_sustained("small"),
+        max_sustained_large_rps: max_sustained("large"),
+        epp_cpu_s_per_1k: if epp_requests > 0 {
+            cpu / epp_requests as f64 * 1000.0
+        } else {
+            0.0
+        },
+        epp_peak_rss_mib: rss as f64 / (1024.0 * 1024.0),
+        steps,
+    };
+    with_epp.child.stop(Duration::from_secs(2)).await;
+    direct.child.stop(Duration::from_secs(2)).await;
+    epp.stop(Duration::from_secs(2)).await;
+
+    let md = markdown(&report, &args);
+    println!("{md}");
+    if !args.no_write {
+        std::fs::create_dir_all(&args.out_dir)?;
+        let machine = Machine::detect();
+        let header = format!(
+            "# EPP overhead\n\n- machine: {} ({} cores), {}\n- commit: {}\n- command: `{}`\n\n",
+            machine.cpu, machine.cores, machine.date_utc, machine.git_commit, machine.command
+        );
+        std::fs::write(args.out_dir.join("overhead.md"), header + &md)?;
+        let json = serde_json::json!({"machine": machine, "report": report});
+        std::fs::write(
+            args.out_dir.join("overhead.json"),
+            serde_json::to_string_pretty(&json).context("serialising")?,
+        )?;
+        println!("wrote {}", args.out_dir.join("overhead.md").display());
+    }
+    Ok(())
+}
+
+/// A non-streaming completion request whose prompt is `bytes` long.
+fn prompt_body(bytes: usize) -> Bytes {
+    let mut prompt = String::with_capacity(bytes);
+    let words = ["lorem ", "ipsum ", "dolor ", "sit ", "amet "];
+    let mut i = 0;
+    while prompt.len() < bytes {
+        prompt.push_str(words[i % words.len()]);
+        i += 1;
+    }
+    prompt.truncate(bytes);
+    Bytes::from(serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 1}).to_string())
+}
+
+fn markdown(r: &OverheadReport, args: &OverheadArgs) -> String {
+    use std::fmt::Write as _;
+    let mut s = format!(
+        "Zero-latency backend on 4 loopback addresses; Envoy (1 worker) with and without ext_proc to `switchyard epp` (default scorers); {} s per step and path; small = {} tokens, large = {} KiB prompts.\n\n",
+        args.step_duration.as_secs_f64(),
+        args.small_tokens,
+        args.large_bytes / 1024
+    );
+    s.push_str("| prompt | target req/s | direct p50 / p99 | with EPP p50 / p99 | added p50 | added p99 | achieved req/s (EPP) | sustained |\n|---|---|---|---|---|---|---|---|\n");
+    for st in &r.steps {
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:+.2} ms | {:+.2} ms | {:.0} | {} |",
+            st.prompt,
+            st.target_rps,
+            st.direct.latency_ms.p50,
+            st.direct.latency_ms.p99,
+            st.with_epp.latency_ms.p50,
+            st.with_epp.latency_ms.p99,
+            st.added_p50_ms,
+            st.added_p99_ms,
+            st.with_epp.achieved_rps,
+            if st.sustained { "yes" } else { "no" }
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nMax sustained with the EPP: {:.0} req/s (small), {:.0} req/s (large). EPP CPU: {:.3} s per 1,000 requests; peak RSS {:.1} MiB.",
+        r.max_sustained_small_rps, r.max_sustained_large_rps, r.epp_cpu_s_per_1k, r.epp_peak_rss_mib
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    #[test]
+    fn prompt_body_has_the_requested_prompt_size() {
+        let b = prompt_body(220 * 1024);
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["prompt"].as_str().unwrap().len(), 220 * 1024);
+    }
+
+    #[tokio::test]
+    async fn zero_latency_backend_answers_on_four_addresses() {
+        let (addrs, _tasks) = zero_latency_backend().await.unwrap();
+        assert_eq!(addrs.len(), 4);
+        assert_eq!(addrs[3].ip(), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4)));
+        let http = client::http_client();
+        let ms = post(
+            &http,
+            &format!("http://{}/v1/completions", addrs[2]),
+            prompt_body(100),
+        )
+        .await
+        .unwrap();
+        assert!(ms >= 0.0);
+        let text = super::super::stack::get_text(&http, &format!("http://{}/metrics", addrs[0]))
+            .await
+            .unwrap();
+        assert!(text.contains("vllm:kv_cache_usage_perc"));
+    }
+}

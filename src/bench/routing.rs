@@ -1,0 +1,327 @@
+//! The routing comparison: the same planned workload against the same replica setup (fresh
+//! processes per policy, so every policy starts with cold caches) under each routing policy,
+//! summarised per policy.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::client::RequestOutcome;
+use super::envoy::LbPolicy;
+use super::load::{self, LoadOptions, Scheduled};
+use super::stack::{Gateway, ReplicaCounters, ReplicaSpec, Stack, StackError};
+use super::stats::{self, Quantiles};
+
+/// EPP with scorers off and a random picker.
+const RANDOM_CONFIG: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: random-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: random-picker
+";
+
+/// EPP with prefix 3 : queue 5 : kv-cache 2.
+const WEIGHTS_352_CONFIG: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: prefix-cache-scorer
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+  - pluginRef: queue-scorer
+    weight: 5
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: max-score-picker
+";
+
+/// A routing policy under comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+pub enum Policy {
+    /// Envoy `ROUND_ROBIN` over the replicas.
+    #[value(name = "round-robin")]
+    RoundRobin,
+    /// Envoy `LEAST_REQUEST` over the replicas.
+    #[value(name = "least-request")]
+    LeastRequest,
+    /// EPP with `random-picker` (no scorers).
+    #[value(name = "epp-random")]
+    EppRandom,
+    /// EPP default profile (prefix 3 : queue 2 : kv-cache 2).
+    #[value(name = "epp-default")]
+    EppDefault,
+    /// EPP with prefix 3 : queue 5 : kv-cache 2.
+    #[value(name = "epp-3-5-2")]
+    Epp352,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 5] = [
+        Policy::RoundRobin,
+        Policy::LeastRequest,
+        Policy::EppRandom,
+        Policy::EppDefault,
+        Policy::Epp352,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::RoundRobin => "envoy round-robin",
+            Policy::LeastRequest => "envoy least-request",
+            Policy::EppRandom => "epp random-picker",
+            Policy::EppDefault => "epp default (3:2:2)",
+            Policy::Epp352 => "epp 3:5:2",
+        }
+    }
+
+    /// Short label for file names and progress lines.
+    pub fn slug(self) -> &'static str {
+        match self {
+            Policy::RoundRobin => "round-robin",
+            Policy::LeastRequest => "least-request",
+            Policy::EppRandom => "epp-random",
+            Policy::EppDefault => "epp-default",
+            Policy::Epp352 => "epp-3-5-2",
+        }
+    }
+
+    pub fn gateway(self) -> Gateway {
+        match self {
+            Policy::RoundRobin => Gateway::Envoy(LbPolicy::RoundRobin),
+            Policy::LeastRequest => Gateway::Envoy(LbPolicy::LeastRequest),
+            Policy::EppRandom => Gateway::Epp {
+                config_text: RANDOM_CONFIG.to_owned(),
+            },
+            Policy::EppDefault => Gateway::Epp {
+                config_text: String::new(),
+            },
+            Policy::Epp352 => Gateway::Epp {
+                config_text: WEIGHTS_352_CONFIG.to_owned(),
+            },
+        }
+    }
+}
+
+/// Everything one comparison needs.
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    pub bin: PathBuf,
+    pub envoy: PathBuf,
+    pub replicas: ReplicaSpec,
+    pub policies: Vec<Policy>,
+    pub plan: Vec<Scheduled>,
+    pub load: LoadOptions,
+    /// Logs and configs go here.
+    pub dir: PathBuf,
+    /// Print a progress line while each policy runs.
+    pub progress: bool,
+}
+
+/// One policy's numbers. Latencies are in simulated milliseconds (wall-clock ÷ time scale),
+/// i.e. what the modelled accelerator would show; throughput likewise per simulated second.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyResult {
+    pub policy: Policy,
+    pub name: &'static str,
+    pub requests: usize,
+    pub ok: usize,
+    pub errors: usize,
+    pub ttft_ms: Quantiles,
+    pub itl_p50_ms: f64,
+    pub e2e_ms: Quantiles,
+    pub output_tokens_per_s: f64,
+    /// Prefix-cache hit rate over the run: Σ hits / Σ queries of the replicas' counters.
+    pub prefix_hit_rate: f64,
+    /// Fraction of finished requests per replica.
+    pub replica_share: Vec<f64>,
+    /// Wall-clock seconds the run took.
+    pub wall_s: f64,
+    /// Up to five distinct error messages.
+    pub error_samples: Vec<String>,
+    /// Every successful request's TTFT (simulated ms), for the plot.
+    #[serde(skip)]
+    pub ttft_samples_ms: Vec<f64>,
+}
+
+/// Summarises one run. `sim_per_wall` converts wall-clock seconds to simulated ones.
+pub fn summarise(
+    policy: Policy,
+    outcomes: &[RequestOutcome],
+    wall_s: f64,
+    sim_per_wall: f64,
+    counters: &[ReplicaCounters],
+) -> PolicyResult {
+    let ok: Vec<&RequestOutcome> = outcomes.iter().filter(|o| o.ok()).collect();
+    let ms = 1000.0 * sim_per_wall;
+    let ttft: Vec<f64> = ok.iter().filter_map(|o| o.ttft_s).map(|t| t * ms).collect();
+    let e2e: Vec<f64> = ok.iter().map(|o| o.e2e_s * ms).collect();
+    let mut itl: Vec<f64> = ok
+        .iter()
+        .flat_map(|o| o.itl_s.iter().map(|t| t * ms))
+        .collect();
+    stats::sort(&mut itl);
+    let tokens: u64 = ok.iter().map(|o| o.output_tokens).sum();
+    let queries: f64 = counters.iter().map(|c| c.prefix_queries).sum();
+    let hits: f64 = counters.iter().map(|c| c.prefix_hits).sum();
+    let finished: f64 = counters.iter().map(|c| c.requests).sum();
+    let mut error_samples: Vec<String> = Vec::new();
+    for o in outcomes {
+        if let Some(e) = &o.error {
+            if error_samples.len() < 5 && !error_samples.contains(e) {
+                error_samples.push(e.clone());
+            }
+        }
+    }
+    PolicyResult {
+        policy,
+        name: policy.name(),
+        requests: outcomes.len(),
+        ok: ok.len(),
+        errors: outcomes.len() - ok.len(),
+        ttft_ms: Quantiles::of(&ttft),
+        itl_p50_ms: stats::percentile(&itl, 50.0).unwrap_or(0.0),
+        e2e_ms: Quantiles::of(&e2e),
+        output_tokens_per_s: if wall_s > 0.0 {
+            tokens as f64 / (wall_s * sim_per_wall)
+        } else {
+            0.0
+        },
+        prefix_hit_rate: if queries > 0.0 { hits / queries } else { 0.0 },
+        replica_share: counters
+            .iter()
+            .map(|c| {
+                if finished > 0.0 {
+                    c.requests / finished
+                } else {
+                    0.0
+                }
+            })
+            .collect(),
+        wall_s,
+        error_samples,
+        ttft_samples_ms: ttft,
+    }
+}
+
+/// Runs every policy of `cmp` in turn.
+pub async fn run(cmp: &Comparison) -> Result<Vec<PolicyResult>, StackError> {
+    let sim_per_wall = if cmp.replicas.time_scale > 0.0 {
+        1.0 / cmp.replicas.time_scale
+    } else {
+        1.0
+    };
+    let mut results = Vec::with_capacity(cmp.policies.len());
+    for &policy in &cmp.policies {
+        let result = run_policy(cmp, policy, sim_per_wall, &cmp.dir).await?;
+        eprintln!(
+            "{:<22} ok {}/{}  TTFT p50 {:.0} ms  p90 {:.0} ms  hit rate {:.1}%",
+            policy.name(),
+            result.ok,
+            result.requests,
+            result.ttft_ms.p50,
+            result.ttft_ms.p90,
+            100.0 * result.prefix_hit_rate
+        );
+        results.push(result);
+    }
+    Ok(results)
+}
+
+async fn run_policy(
+    cmp: &Comparison,
+    policy: Policy,
+    sim_per_wall: f64,
+    dir: &Path,
+) -> Result<PolicyResult, StackError> {
+    tracing::info!(policy = policy.slug(), "starting stack");
+    let mut stack = Stack::start(
+        &cmp.bin,
+        &cmp.envoy,
+        &cmp.replicas,
+        &policy.gateway(),
+        dir,
+        policy.slug(),
+    )
+    .await?;
+    let outcome = async {
+        let before = stack.replica_counters().await?;
+        let opts = LoadOptions {
+            progress_label: cmp.progress.then(|| policy.slug().to_owned()),
+            ..cmp.load.clone()
+        };
+        let res = load::run(&stack.completions_url(), &cmp.plan, &opts).await;
+        // A crashed replica or EPP would otherwise show up only as errors.
+        stack.check_running()?;
+        let after = stack.replica_counters().await?;
+        let deltas: Vec<ReplicaCounters> =
+            after.iter().zip(&before).map(|(a, b)| a.since(b)).collect();
+        Ok::<_, StackError>(summarise(
+            policy,
+            &res.outcomes,
+            res.wall_s,
+            sim_per_wall,
+            &deltas,
+        ))
+    }
+    .await;
+    stack.stop().await;
+    // Let sockets of the stopped stack close before the next one binds fresh ports.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_converts_to_simulated_time_and_counts() {
+        let o = |ttft: f64, e2e: f64, tokens: u64, err: Option<&str>| RequestOutcome {
+            ttft_s: Some(ttft),
+            e2e_s: e2e,
+            itl_s: vec![0.001, 0.003],
+            output_tokens: tokens,
+            error: err.map(str::to_owned),
+            ..RequestOutcome::default()
+        };
+        let outcomes = vec![
+            o(0.01, 0.1, 10, None),
+            o(0.02, 0.2, 10, None),
+            o(0.03, 0.3, 10, None),
+            o(0.0, 0.0, 0, Some("boom")),
+        ];
+        let counters = [
+            ReplicaCounters {
+                prefix_queries: 100.0,
+                prefix_hits: 50.0,
+                requests: 1.0,
+            },
+            ReplicaCounters {
+                prefix_queries: 100.0,
+                prefix_hits: 0.0,
+                requests: 2.0,
+            },
+            ReplicaCounters::default(),
+        ];
+        // time scale 0.1: 10 simulated seconds per wall second.
+        let r = summarise(Policy::EppDefault, &outcomes, 1.0, 10.0, &counters);
+        assert_eq!((r.requests, r.ok, r.errors), (4, 3, 1));
+        assert!((r.ttft_ms.p50 - 200.0).abs() < 1e-9);
+        assert!((r.e2e_ms.p50 - 2000.0).abs() < 1e-9);
+        assert!((r.itl_p50_ms - 20.0).abs() < 1e-9);
+        assert!((r.output_tokens_per_s - 3.0).abs() < 1e-9);
+        assert!((r.prefix_hit_rate - 0.25).abs() < 1e-12);
+        assert_eq!(r.replica_share.len(), 3);
+        assert!((r.replica_share[1] - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(r.error_samples, vec!["boom".to_owned()]);
+    }
+}

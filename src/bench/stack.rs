@@ -1,0 +1,363 @@
+//! One routing setup as local processes: N `switchyard serve --backend sim` replicas, optionally
+//! `switchyard epp` over them, and Envoy in front; plus the replicas' counters the comparison
+//! reads (prefix-cache queries/hits, finished requests).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+
+use super::client::{self, HttpClient};
+use super::envoy::{EnvoyError, EnvoyProc, LbPolicy, Routing};
+use super::procs::{self, ManagedChild, ProcError};
+use crate::promtext;
+
+/// How long a replica or the EPP may take to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the first request through a fresh stack may keep failing (the EPP needs one scrape
+/// of every replica before it can pick).
+const WARMUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    #[error(transparent)]
+    Envoy(#[from] EnvoyError),
+    #[error("no request succeeded through the gateway within {waited:?}: {last}")]
+    Warmup { waited: Duration, last: String },
+    #[error("scraping {url}: {reason}")]
+    Scrape { url: String, reason: String },
+}
+
+/// How the gateway picks a replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gateway {
+    /// Envoy alone with its own load balancer.
+    Envoy(LbPolicy),
+    /// Envoy + ext_proc to `switchyard epp` with this EndpointPickerConfig (empty: default).
+    Epp { config_text: String },
+}
+
+/// The replicas every policy gets (fresh processes each time, so caches start cold).
+#[derive(Debug, Clone)]
+pub struct ReplicaSpec {
+    pub count: usize,
+    pub sim_profile: String,
+    /// Real seconds per simulated second.
+    pub time_scale: f64,
+    pub model: String,
+    /// Extra `switchyard serve` flags (e.g. `--num-gpu-blocks-override=2000`).
+    pub extra_args: Vec<String>,
+}
+
+/// The processes of one setup.
+#[derive(Debug)]
+pub struct Stack {
+    replicas: Vec<ManagedChild>,
+    pub replica_addrs: Vec<SocketAddr>,
+    epp: Option<ManagedChild>,
+    envoy: Option<EnvoyProc>,
+    pub gateway: SocketAddr,
+}
+
+/// Whether GET `url` answers 200.
+pub async fn get_ok(client: &HttpClient, url: &str) -> bool {
+    let Ok(req) = http::Request::get(url).body(Full::new(Bytes::new())) else {
+        return false;
+    };
+    match tokio::time::timeout(Duration::from_secs(2), client.request(req)).await {
+        Ok(Ok(resp)) => {
+            let ok = resp.status() == http::StatusCode::OK;
+            let _ = resp.into_body().collect().await;
+            ok
+        }
+        _ => false,
+    }
+}
+
+/// GET `url` as text, bounded to 8 MiB.
+pub async fn get_text(client: &HttpClient, url: &str) -> Result<String, String> {
+    let req = http::Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    if resp.status() != http::StatusCode::OK {
+        return Err(format!("HTTP {}", resp.status()));
+    }
+    let body = http_body_util::Limited::new(resp.into_body(), 8 << 20)
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+impl Stack {
+    /// Starts the replicas, the EPP (for [`Gateway::Epp`]) and Envoy, then sends one tiny
+    /// request through the gateway until it succeeds.
+    pub async fn start(
+        bin: &Path,
+        envoy: &Path,
+        spec: &ReplicaSpec,
+        gateway: &Gateway,
+        dir: &Path,
+        label: &str,
+    ) -> Result<Self, StackError> {
+        let ports = procs::free_ports(spec.count)?;
+        let mut replicas = Vec::with_capacity(spec.count);
+        let mut replica_addrs = Vec::with_capacity(spec.count);
+        for (i, port) in ports.iter().enumerate() {
+            let name = format!("{label}-replica{i}");
+            let mut cmd = Command::new(bin);
+            cmd.args(["serve", "--backend", "sim", "--host", "127.0.0.1"])
+                .arg("--port")
+                .arg(port.to_string())
+                .arg("--sim-profile")
+                .arg(&spec.sim_profile)
+                .arg("--time-scale")
+                .arg(spec.time_scale.to_string())
+                .arg("--served-model-name")
+                .arg(&spec.model)
+                .arg("--seed")
+                .arg(i.to_string())
+                .args(&spec.extra_args)
+                .env("RUST_LOG", "warn");
+            replicas.push(ManagedChild::spawn(
+                &name,
+                &mut cmd,
+                &dir.join(format!("{name}.log")),
+            )?);
+            replica_addrs.push(SocketAddr::from(([127, 0, 0, 1], *port)));
+        }
+        let http = client::http_client();
+        for (child, addr) in replicas.iter_mut().zip(&replica_addrs) {
+            let url = format!("http://{addr}/health");
+            child
+                .wait_ready(START_TIMEOUT, || get_ok(&http, &url))
+                .await?;
+        }
+        let mut stack = Stack {
+            replicas,
+            replica_addrs,
+            epp: None,
+            envoy: None,
+            gateway: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        let routing = match gateway {
+            Gateway::Envoy(lb) => Routing::Plain { lb: *lb },
+            Gateway::Epp { config_text } => {
+                let p = procs::free_ports(3)?;
+                let endpoints: Vec<String> =
+                    stack.replica_addrs.iter().map(|a| a.to_string()).collect();
+                let name = format!("{label}-epp");
+                let mut cmd = Command::new(bin);
+                cmd.arg("epp")
+                    .arg("--endpoints")
+                    .arg(endpoints.join(","))
+                    .args(["--bind-address", "127.0.0.1"])
+                    .arg("--grpc-port")
+                    .arg(p[0].to_string())
+                    .arg("--grpc-health-port")
+                    .arg(p[1].to_string())
+                    .arg("--metrics-port")
+                    .arg(p[2].to_string())
+                    .args(["--secure-serving=false", "--metrics-endpoint-auth=false"])
+                    .args(["--v", "1"]);
+                if !config_text.is_empty() {
+                    cmd.arg("--config-text").arg(config_text);
+                }
+                let mut epp =
+                    ManagedChild::spawn(&name, &mut cmd, &dir.join(format!("{name}.log")))?;
+                let url = format!("http://127.0.0.1:{}/metrics", p[2]);
+                epp.wait_ready(START_TIMEOUT, || get_ok(&http, &url))
+                    .await?;
+                stack.epp = Some(epp);
+                Routing::Epp {
+                    grpc_port: p[0],
+                    health_port: p[1],
+                }
+            }
+        };
+        let envoy_proc = EnvoyProc::start(
+            envoy,
+            &routing,
+            &stack.replica_addrs,
+            dir,
+            &format!("{label}-envoy"),
+        )
+        .await?;
+        stack.gateway = envoy_proc.listen;
+        stack.envoy = Some(envoy_proc);
+        stack.warm_up(&http, &spec.model).await?;
+        Ok(stack)
+    }
+
+    async fn warm_up(&mut self, http: &HttpClient, model: &str) -> Result<(), StackError> {
+        let url = self.completions_url();
+        let body = super::workload::completion_body(model, "warm up", 1);
+        let start = std::time::Instant::now();
+        loop {
+            let out =
+                client::stream_completion(http, &url, body.clone(), Duration::from_secs(10)).await;
+            let Some(err) = out.error else {
+                return Ok(());
+            };
+            self.check_running()?;
+            if start.elapsed() > WARMUP_TIMEOUT {
+                return Err(StackError::Warmup {
+                    waited: WARMUP_TIMEOUT,
+                    last: err,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// `http://<gateway>/v1/completions`.
+    pub fn completions_url(&self) -> String {
+        format!("http://{}/v1/completions", self.gateway)
+    }
+
+    /// An error naming the first process that has exited.
+    pub fn check_running(&mut self) -> Result<(), ProcError> {
+        for r in &mut self.replicas {
+            r.check_running()?;
+        }
+        if let Some(e) = &mut self.epp {
+            e.check_running()?;
+        }
+        if let Some(e) = &mut self.envoy {
+            e.child.check_running()?;
+        }
+        Ok(())
+    }
+
+    /// Process ids of everything started (for the no-orphans check).
+    pub fn pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self.replicas.iter().map(ManagedChild::pid).collect();
+        pids.extend(self.epp.as_ref().map(ManagedChild::pid));
+        pids.extend(self.envoy.as_ref().map(|e| e.child.pid()));
+        pids
+    }
+
+    /// The EPP's pid, when there is one.
+    pub fn epp_pid(&self) -> Option<u32> {
+        self.epp.as_ref().map(ManagedChild::pid)
+    }
+
+    /// Counters of every replica, in replica order.
+    pub async fn replica_counters(&self) -> Result<Vec<ReplicaCounters>, StackError> {
+        let http = client::http_client();
+        let mut out = Vec::with_capacity(self.replica_addrs.len());
+        for addr in &self.replica_addrs {
+            let url = format!("http://{addr}/metrics");
+            let text = get_text(&http, &url)
+                .await
+                .map_err(|reason| StackError::Scrape {
+                    url: url.clone(),
+                    reason,
+                })?;
+            out.push(
+                ReplicaCounters::parse(&text)
+                    .map_err(|reason| StackError::Scrape { url, reason })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Stops Envoy, the EPP, then the replicas (gateway first, so nothing new reaches them).
+    pub async fn stop(mut self) {
+        let grace = Duration::from_secs(3);
+        if let Some(e) = self.envoy.take() {
+            e.child.stop(grace).await;
+        }
+        if let Some(e) = self.epp.take() {
+            e.stop(grace).await;
+        }
+        for r in self.replicas.drain(..) {
+            r.stop(grace).await;
+        }
+    }
+}
+
+/// The counters of one replica the comparison needs.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ReplicaCounters {
+    /// Prompt tokens looked up in the prefix cache.
+    pub prefix_queries: f64,
+    /// Prompt tokens found there.
+    pub prefix_hits: f64,
+    /// Finished requests (every `finished_reason`).
+    pub requests: f64,
+}
+
+impl ReplicaCounters {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let wanted = [
+            "vllm:prefix_cache_queries",
+            "vllm:prefix_cache_hits",
+            "vllm:request_success",
+        ];
+        let fams = promtext::parse(text, &wanted, &promtext::Limits::default())
+            .map_err(|e| e.to_string())?;
+        let sum = |name: &str| -> f64 {
+            fams.get(name)
+                .map_or(0.0, |f| f.samples.iter().map(|s| s.value).sum())
+        };
+        Ok(Self {
+            prefix_queries: sum("vllm:prefix_cache_queries"),
+            prefix_hits: sum("vllm:prefix_cache_hits"),
+            requests: sum("vllm:request_success"),
+        })
+    }
+
+    /// `self - before`, per counter.
+    pub fn since(&self, before: &Self) -> Self {
+        Self {
+            prefix_queries: self.prefix_queries - before.prefix_queries,
+            prefix_hits: self.prefix_hits - before.prefix_hits,
+            requests: self.requests - before.requests,
+        }
+    }
+}
+
+/// The `switchyard` binary to start children from: `explicit`, else this executable.
+pub fn switchyard_bin(explicit: Option<&Path>) -> std::io::Result<PathBuf> {
+    match explicit {
+        Some(p) => Ok(p.to_owned()),
+        None => std::env::current_exe(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_sum_over_labels_and_subtract() {
+        let text = "# TYPE vllm:prefix_cache_queries counter\nvllm:prefix_cache_queries_total{model_name=\"m\"} 100\n# TYPE vllm:prefix_cache_hits counter\nvllm:prefix_cache_hits_total{model_name=\"m\"} 40\n# TYPE vllm:request_success counter\nvllm:request_success_total{finished_reason=\"length\",model_name=\"m\"} 3\nvllm:request_success_total{finished_reason=\"stop\",model_name=\"m\"} 2\n";
+        let c = ReplicaCounters::parse(text).unwrap();
+        assert_eq!(
+            c,
+            ReplicaCounters {
+                prefix_queries: 100.0,
+                prefix_hits: 40.0,
+                requests: 5.0
+            }
+        );
+        let d = c.since(&ReplicaCounters {
+            prefix_queries: 10.0,
+            prefix_hits: 4.0,
+            requests: 1.0,
+        });
+        assert_eq!(d.prefix_hits, 36.0);
+        assert_eq!(d.requests, 4.0);
+    }
+}
