@@ -9,5 +9,6 @@
 pub mod bench;
 pub mod epp;
 pub mod flagfmt;
+pub mod promencode;
 pub mod promtext;
 pub mod serve;

@@ -680,6 +680,11 @@ fn bad_batches_are_rejected_not_panicked_on() {
     );
     check(
         &mut be,
+        &|b| b.positions[4] = 7,
+        "seq 0: positions[4] = 7 but the token is at index 4 of its sequence",
+    );
+    check(
+        &mut be,
         &|b| b.slot_mapping[5] = 3,
         "seq 0: slot_mapping[5] = 3 but the block table puts token 5 at slot 13",
     );

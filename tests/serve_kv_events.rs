@@ -76,8 +76,8 @@ async fn stored_removed_and_resume_over_grpc() {
     assert_eq!(stored.token_count, 32);
     assert_eq!(stored.token_ids, ids[..32].to_vec());
 
-    // A different 48-token prompt needs 4 blocks (48 + 1 tokens): both cached blocks are reused.
-    let text_b = "c".repeat(192);
+    // A different 63-token prompt needs all 4 blocks: both cached blocks are reused.
+    let text_b = "c".repeat(252);
     let r = HttpClient::new()
         .post_json(&format!("{base}/v1/completions"), &[], json!({"prompt": text_b, "max_tokens": 1}).to_string())
         .await

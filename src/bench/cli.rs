@@ -159,7 +159,7 @@ impl WorkloadArgs {
         let (workload, rate, time_scale) = match kind {
             WorkloadKind::SharedPrefix => {
                 let (g, p, sys, q, out, rate, ts) = match self.preset {
-                    Some(Preset::Ci) => (16, 4, 2000, 200, 16, 4.0, 0.05),
+                    Some(Preset::Ci) => (16, 5, 2000, 200, 16, 4.0, 0.25),
                     Some(Preset::Small) => (48, 5, 6000, 1200, 64, 1.5, 0.05),
                     Some(Preset::Full) | None => (150, 5, 6000, 1200, 1000, 0.5, 0.02),
                 };

@@ -195,6 +195,9 @@ impl Stack {
         .await?;
         stack.gateway = envoy_proc.listen;
         stack.envoy = Some(envoy_proc);
+        // One parseable line: what is running now and must be gone after we stop (tests read it).
+        let pids: Vec<String> = stack.pids().iter().map(u32::to_string).collect();
+        eprintln!("  [{label}] processes: {}", pids.join(" "));
         stack.warm_up(&http, &spec.model).await?;
         Ok(stack)
     }
@@ -300,10 +303,12 @@ pub struct ReplicaCounters {
 
 impl ReplicaCounters {
     pub fn parse(text: &str) -> Result<Self, String> {
+        // Asked for by sample name: matches both `# TYPE x counter` (vLLM) and
+        // `# TYPE x_total counter` (prometheus-client, our decode server).
         let wanted = [
-            "vllm:prefix_cache_queries",
-            "vllm:prefix_cache_hits",
-            "vllm:request_success",
+            "vllm:prefix_cache_queries_total",
+            "vllm:prefix_cache_hits_total",
+            "vllm:request_success_total",
         ];
         let fams = promtext::parse(text, &wanted, &promtext::Limits::default())
             .map_err(|e| e.to_string())?;
@@ -312,9 +317,9 @@ impl ReplicaCounters {
                 .map_or(0.0, |f| f.samples.iter().map(|s| s.value).sum())
         };
         Ok(Self {
-            prefix_queries: sum("vllm:prefix_cache_queries"),
-            prefix_hits: sum("vllm:prefix_cache_hits"),
-            requests: sum("vllm:request_success"),
+            prefix_queries: sum("vllm:prefix_cache_queries_total"),
+            prefix_hits: sum("vllm:prefix_cache_hits_total"),
+            requests: sum("vllm:request_success_total"),
         })
     }
 
@@ -342,7 +347,7 @@ mod tests {
 
     #[test]
     fn counters_sum_over_labels_and_subtract() {
-        let text = "# TYPE vllm:prefix_cache_queries counter\nvllm:prefix_cache_queries_total{model_name=\"m\"} 100\n# TYPE vllm:prefix_cache_hits counter\nvllm:prefix_cache_hits_total{model_name=\"m\"} 40\n# TYPE vllm:request_success counter\nvllm:request_success_total{finished_reason=\"length\",model_name=\"m\"} 3\nvllm:request_success_total{finished_reason=\"stop\",model_name=\"m\"} 2\n";
+        let text = "# TYPE vllm:prefix_cache_queries counter\nvllm:prefix_cache_queries_total{model_name=\"m\"} 100\n# TYPE vllm:prefix_cache_hits_total counter\nvllm:prefix_cache_hits_total{model_name=\"m\"} 40\n# TYPE vllm:request_success counter\nvllm:request_success_total{finished_reason=\"length\",model_name=\"m\"} 3\nvllm:request_success_total{finished_reason=\"stop\",model_name=\"m\"} 2\n";
         let c = ReplicaCounters::parse(text).unwrap();
         assert_eq!(
             c,

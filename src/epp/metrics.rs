@@ -168,77 +168,77 @@ impl EppMetrics {
         // prometheus-client appends `_total` to counters.
         registry.register(
             "inference_objective_request",
-            "Counter of inference objective requests broken out for each model and target model.",
+            "Counter of inference objective requests broken out for each model and target model",
             m.requests.clone(),
         );
         registry.register(
             "inference_objective_request_error",
-            "Counter of inference objective requests errors broken out for each model and target model.",
+            "Counter of inference objective requests errors broken out for each model and target model",
             m.request_errors.clone(),
         );
         registry.register(
             "inference_objective_request_duration_seconds",
-            "Inference objective response latency distribution in seconds for each model and target model.",
+            "Inference objective response latency distribution in seconds for each model and target model",
             m.request_duration.clone(),
         );
         registry.register(
             "inference_objective_request_sizes",
-            "Inference objective requests size distribution in bytes for each model and target model.",
+            "Inference objective requests size distribution in bytes for each model and target model",
             m.request_sizes.clone(),
         );
         registry.register(
             "inference_objective_response_sizes",
-            "Inference objective responses size distribution in bytes for each model and target model.",
+            "Inference objective responses size distribution in bytes for each model and target model",
             m.response_sizes.clone(),
         );
         registry.register(
             "inference_objective_input_tokens",
-            "Inference objective input token count distribution for requests in each model.",
+            "Inference objective input token count distribution for requests in each model",
             m.input_tokens.clone(),
         );
         registry.register(
             "inference_objective_output_tokens",
-            "Inference objective output token count distribution for requests in each model.",
+            "Inference objective output token count distribution for requests in each model",
             m.output_tokens.clone(),
         );
         registry.register(
             "inference_objective_prompt_cached_tokens",
-            "Inference objective prompt cached token count distribution for requests in each model.",
+            "Inference objective prompt cached token count distribution for requests in each model",
             m.prompt_cached_tokens.clone(),
         );
         registry.register(
             "inference_objective_normalized_time_per_output_token_seconds",
-            "Inference objective latency divided by number of output tokens in seconds for each model and target model.",
+            "Inference objective latency divided by number of output tokens in seconds for each model and target model",
             m.normalized_time_per_output_token.clone(),
         );
         registry.register(
             "inference_objective_running_requests",
-            "Inference objective number of running requests in each model.",
+            "Inference objective number of running requests in each model",
             m.running_requests.clone(),
         );
         registry.register(
             "inference_pool_average_kv_cache_utilization",
-            "The average kv cache utilization for an inference server pool.",
+            "The average kv cache utilization for an inference server pool",
             m.pool_avg_kv.clone(),
         );
         registry.register(
             "inference_pool_average_queue_size",
-            "The average number of requests pending in the model server queue.",
+            "The average number of requests pending in the model server queue",
             m.pool_avg_queue.clone(),
         );
         registry.register(
             "inference_pool_average_running_requests",
-            "The average number of running requests across model servers in the pool.",
+            "The average number of running requests across model servers in the pool",
             m.pool_avg_running.clone(),
         );
         registry.register(
             "inference_pool_ready_pods",
-            "The number of ready pods in the inference server pool.",
+            "The number of ready pods in the inference server pool",
             m.pool_ready_pods.clone(),
         );
         registry.register(
             "inference_pool_per_pod_queue_size",
-            "The total number of requests pending in the model server queue for each underlying pod.",
+            "The total number of requests pending in the model server queue for each underlying pod",
             m.pool_per_pod_queue.clone(),
         );
         let info: Family<InfoLabels, Gauge> = Family::default();
@@ -251,7 +251,7 @@ impl EppMetrics {
         .set(1);
         registry.register(
             "inference_extension_info",
-            "General information of the current build of Inference Extension.",
+            "General information of the current build of Inference Extension",
             info,
         );
         m
@@ -321,10 +321,7 @@ impl EppMetrics {
 
 /// Encodes a registry in the Prometheus text format.
 pub fn encode(registry: &Registry) -> String {
-    let mut out = String::with_capacity(16 * 1024);
-    // Encoding into a String cannot fail (fmt::Write on String is infallible).
-    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
-    out
+    crate::promencode::encode(registry)
 }
 
 /// Shared, immutable-after-startup registry.

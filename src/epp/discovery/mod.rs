@@ -2,7 +2,9 @@
 //! [`Datastore::apply`](super::datastore::Datastore::apply); the Kubernetes watch implements the
 //! same trait.
 
+pub mod file;
 pub mod kubernetes;
+pub mod static_list;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,9 +23,6 @@ pub trait Discovery: Send + 'static {
         shutdown: watch::Receiver<bool>,
     ) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 }
-
-pub mod file;
-pub mod static_list;
 
 /// Why an endpoint list or pool file was rejected.
 #[derive(Debug, thiserror::Error)]

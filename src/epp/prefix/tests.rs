@@ -262,8 +262,8 @@ fn capacity_below_shard_count_is_still_a_hard_cap() {
 
 #[test]
 fn concurrent_record_match_and_remove_keep_the_index_consistent() {
-    let idx = Arc::new(index(4096)); // 2 shards
-    assert_eq!(idx.shard_count(), 2);
+    let idx = Arc::new(index(4096)); // 4 shards of 1024
+    assert_eq!(idx.shard_count(), 4);
     let threads: Vec<_> = (0..4u64)
         .map(|t| {
             let idx = idx.clone();

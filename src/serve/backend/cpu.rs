@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-use self::kernels::{add_in_place, dot, matmul_t, rms_norm, rope_cos_sin, rope_in_place};
+use self::kernels::{add_in_place, dot, linear, rms_norm, rope_cos_sin, rope_in_place, Linear};
 use self::kv::{KvCache, KvGeometry, LayerKv, X};
 use super::{Backend, BackendError, KvSpec, StepBatch, StepOutput};
 use crate::serve::model::qwen2::Qwen2Weights;
@@ -299,6 +299,14 @@ fn validate(
                 ));
             }
             let abs = seq.context_len + j;
+            // Causal masking counts keys by index in the sequence while RoPE uses `positions`;
+            // for Qwen2 they are the same number, and a disagreement is an engine bug.
+            if b.positions[t] as usize != abs {
+                return bad(format!(
+                    "seq {i}: positions[{t}] = {} but the token is at index {abs} of its sequence",
+                    b.positions[t]
+                ));
+            }
             // The cache is read through the block table, so a slot that disagrees with it would
             // write K/V where attention never looks: a silent wrong answer, refused here.
             let want = table
@@ -356,33 +364,24 @@ impl Model<'_> {
         for (lw, layer_kv) in self.w.layers.iter().zip(kv.layers.iter_mut()) {
             // Attention block.
             rms_norm(&s.x, &lw.input_norm, eps, &mut s.h);
-            matmul_t(
+            linear(
                 &s.h,
                 n,
-                hidden,
-                &lw.q_proj,
-                q_dim,
-                Some(&lw.q_bias),
+                Linear::new(&lw.q_proj, q_dim, hidden).with_bias(&lw.q_bias),
                 &mut s.q,
                 &mut s.matmul,
             );
-            matmul_t(
+            linear(
                 &s.h,
                 n,
-                hidden,
-                &lw.k_proj,
-                kv_dim,
-                Some(&lw.k_bias),
+                Linear::new(&lw.k_proj, kv_dim, hidden).with_bias(&lw.k_bias),
                 &mut s.k,
                 &mut s.matmul,
             );
-            matmul_t(
+            linear(
                 &s.h,
                 n,
-                hidden,
-                &lw.v_proj,
-                kv_dim,
-                Some(&lw.v_bias),
+                Linear::new(&lw.v_proj, kv_dim, hidden).with_bias(&lw.v_bias),
                 &mut s.v,
                 &mut s.matmul,
             );
@@ -400,13 +399,10 @@ impl Model<'_> {
                 );
             }
             self.attention(b, &s.tok_seq, &s.tok_abs, &s.q, layer_kv, &mut s.attn);
-            matmul_t(
+            linear(
                 &s.attn,
                 n,
-                q_dim,
-                &lw.o_proj,
-                hidden,
-                None,
+                Linear::new(&lw.o_proj, hidden, q_dim),
                 &mut s.o,
                 &mut s.matmul,
             );
@@ -414,34 +410,25 @@ impl Model<'_> {
 
             // MLP block (SwiGLU).
             rms_norm(&s.x, &lw.post_norm, eps, &mut s.h);
-            matmul_t(
+            linear(
                 &s.h,
                 n,
-                hidden,
-                &lw.gate_proj,
-                inter,
-                None,
+                Linear::new(&lw.gate_proj, inter, hidden),
                 &mut s.gate,
                 &mut s.matmul,
             );
-            matmul_t(
+            linear(
                 &s.h,
                 n,
-                hidden,
-                &lw.up_proj,
-                inter,
-                None,
+                Linear::new(&lw.up_proj, inter, hidden),
                 &mut s.up,
                 &mut s.matmul,
             );
             kernels::swiglu_in_place(&mut s.gate, &s.up);
-            matmul_t(
+            linear(
                 &s.gate,
                 n,
-                inter,
-                &lw.down_proj,
-                hidden,
-                None,
+                Linear::new(&lw.down_proj, hidden, inter),
                 &mut s.o,
                 &mut s.matmul,
             );
@@ -454,13 +441,10 @@ impl Model<'_> {
             s.o.extend_from_slice(&s.x[r * hidden..(r + 1) * hidden]);
         }
         rms_norm(&s.o, &self.w.norm, eps, &mut s.h);
-        matmul_t(
+        linear(
             &s.h,
             b.logits_rows.len(),
-            hidden,
-            self.w.output_weight(),
-            cfg.vocab_size,
-            None,
+            Linear::new(self.w.output_weight(), cfg.vocab_size, hidden),
             logits,
             &mut s.matmul,
         );

@@ -43,26 +43,45 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc[0] + s
 }
 
-/// `out[n × m] = x[n × k] · w[m × k]ᵀ + bias[m]`, multi-threaded over output features.
+/// A PyTorch linear layer: `weight` is `[out_features, in_features]` row-major.
+#[derive(Debug, Clone, Copy)]
+pub struct Linear<'a> {
+    pub weight: &'a [f32],
+    pub out_features: usize,
+    pub in_features: usize,
+    pub bias: Option<&'a [f32]>,
+}
+
+impl<'a> Linear<'a> {
+    pub fn new(weight: &'a [f32], out_features: usize, in_features: usize) -> Self {
+        Linear {
+            weight,
+            out_features,
+            in_features,
+            bias: None,
+        }
+    }
+
+    pub fn with_bias(self, bias: &'a [f32]) -> Self {
+        Linear {
+            bias: Some(bias),
+            ..self
+        }
+    }
+}
+
+/// `out[n × m] = x[n × k] · Wᵀ + bias`, multi-threaded over output features
+/// (`m = out_features`, `k = in_features`).
 ///
 /// Weights are PyTorch's `[out_features, in_features]`, so every output is a dot product of two
 /// contiguous rows. Work is split over chunks of weight rows (rayon, on the backend's own pool:
 /// the pool's threads are reused across the dozens of matmuls of a step, where spawning threads
-/// per matmul would cost more than a decode matmul itself); each chunk reads its slice of `w`
+/// per matmul would cost more than a decode matmul itself); each chunk reads its slice of `W`
 /// from memory once per token tile, which is what bounds decode (memory-bound) and prefill alike.
 /// `scratch` holds the transposed `[m × n]` result when `n > 1`, since a chunk of output
 /// features is a strided column block of `out`.
-#[allow(clippy::too_many_arguments)] // a BLAS-style signature reads better than a struct here
-pub fn matmul_t(
-    x: &[f32],
-    n: usize,
-    k: usize,
-    w: &[f32],
-    m: usize,
-    bias: Option<&[f32]>,
-    out: &mut Vec<f32>,
-    scratch: &mut Vec<f32>,
-) {
+pub fn linear(x: &[f32], n: usize, l: Linear<'_>, out: &mut Vec<f32>, scratch: &mut Vec<f32>) {
+    let (w, m, k, bias) = (l.weight, l.out_features, l.in_features, l.bias);
     debug_assert!(x.len() >= n * k && w.len() >= m * k);
     out.clear();
     out.resize(n * m, 0.0);
@@ -198,7 +217,8 @@ mod tests {
         let bias: Vec<f32> = (0..m).map(|i| i as f32).collect();
         for rows in [1, n] {
             let (mut out, mut scratch) = (Vec::new(), Vec::new());
-            matmul_t(&x, rows, k, &w, m, Some(&bias), &mut out, &mut scratch);
+            let l = Linear::new(&w, m, k).with_bias(&bias);
+            linear(&x, rows, l, &mut out, &mut scratch);
             assert_eq!(out.len(), rows * m);
             for t in 0..rows {
                 for o in 0..m {
