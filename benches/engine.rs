@@ -70,17 +70,39 @@ fn engine(num_seqs: usize) -> (EngineCore, Vec<UnboundedReceiver<SeqEvent>>) {
         latency_scale: 1.0,
         eos_token_ids: vec![151_645],
     };
-    let opts = SimOptions { block_size: 16, gpu_memory_utilization: 0.9, time_scale: 0.0, seed: 0 };
+    let opts = SimOptions {
+        block_size: 16,
+        gpu_memory_utilization: 0.9,
+        time_scale: 0.0,
+        seed: 0,
+    };
     let backend = Box::new(SimBackend::new(profile("h100-qwen2.5-7b").unwrap(), opts));
     let metrics = Arc::new(ServeMetrics::new("bench"));
-    let mut core =
-        EngineCore::new(cfg, backend, metrics, None, Arc::new(EngineShared::default())).unwrap();
+    let mut core = EngineCore::new(
+        cfg,
+        backend,
+        metrics,
+        None,
+        Arc::new(EngineShared::default()),
+    )
+    .unwrap();
     let mut rxs = Vec::new();
     for i in 0..num_seqs {
         let (tx, rx) = unbounded_channel();
-        let prompt: Vec<u32> = (0..512).map(|t| (t * 31 + i * 7) as u32 % 150_000).collect();
-        let params = SamplingParams { max_tokens: 20_000, ..Default::default() };
-        core.submit(EngineRequest { id: i as u64, prompt, params, arrival: Instant::now(), events: tx });
+        let prompt: Vec<u32> = (0..512)
+            .map(|t| (t * 31 + i * 7) as u32 % 150_000)
+            .collect();
+        let params = SamplingParams {
+            max_tokens: 20_000,
+            ..Default::default()
+        };
+        core.submit(EngineRequest {
+            id: i as u64,
+            prompt,
+            params,
+            arrival: Instant::now(),
+            events: tx,
+        });
         rxs.push(rx);
     }
     // Prefill everything so the measured steps are pure decode.

@@ -34,17 +34,39 @@ fn run_workload(profile_name: &str) -> usize {
         latency_scale: 1.0,
         eos_token_ids: vec![151_645],
     };
-    let opts = SimOptions { block_size: 16, gpu_memory_utilization: 0.9, time_scale: 0.0, seed: 0 };
+    let opts = SimOptions {
+        block_size: 16,
+        gpu_memory_utilization: 0.9,
+        time_scale: 0.0,
+        seed: 0,
+    };
     let sim = SimBackend::new(profile(profile_name).unwrap(), opts);
     let metrics = Arc::new(ServeMetrics::new("bench"));
-    let mut core =
-        EngineCore::new(cfg, Box::new(sim), metrics, None, Arc::new(EngineShared::default())).unwrap();
+    let mut core = EngineCore::new(
+        cfg,
+        Box::new(sim),
+        metrics,
+        None,
+        Arc::new(EngineShared::default()),
+    )
+    .unwrap();
     let mut rxs = Vec::new();
     for i in 0..SEQS {
         let (tx, rx) = unbounded_channel();
-        let prompt: Vec<u32> = (0..PROMPT).map(|t| ((t * 31 + i * 7) % 150_000) as u32).collect();
-        let params = SamplingParams { max_tokens: OUTPUT, ..Default::default() };
-        core.submit(EngineRequest { id: i as u64, prompt, params, arrival: Instant::now(), events: tx });
+        let prompt: Vec<u32> = (0..PROMPT)
+            .map(|t| ((t * 31 + i * 7) % 150_000) as u32)
+            .collect();
+        let params = SamplingParams {
+            max_tokens: OUTPUT,
+            ..Default::default()
+        };
+        core.submit(EngineRequest {
+            id: i as u64,
+            prompt,
+            params,
+            arrival: Instant::now(),
+            events: tx,
+        });
         rxs.push(rx);
     }
     while core.has_work() {
@@ -61,7 +83,9 @@ fn sim_tokens_per_core(c: &mut Criterion) {
     g.throughput(Throughput::Elements((SEQS * OUTPUT) as u64));
     g.sample_size(10);
     for name in ["l4-qwen2.5-7b", "h100-qwen2.5-7b"] {
-        g.bench_function(format!("{name}_64x(512+256)"), |b| b.iter(|| run_workload(name)));
+        g.bench_function(format!("{name}_64x(512+256)"), |b| {
+            b.iter(|| run_workload(name))
+        });
     }
     g.finish();
 }

@@ -30,7 +30,9 @@ pub fn to_text_format(om: &str) -> String {
             continue;
         }
         if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let counter = rest.strip_suffix(" counter").filter(|n| !n.ends_with("_total"));
+            let counter = rest
+                .strip_suffix(" counter")
+                .filter(|n| !n.ends_with("_total"));
             if let Some(name) = counter {
                 if let Some(help) = pending_help.take() {
                     let text = help.strip_prefix(name).unwrap_or(help);

@@ -16,7 +16,15 @@ fn exists(pid: u32) -> bool {
 fn ctrl_c_leaves_no_process_behind() {
     // Real time (time scale 1): the workload outlasts the test, so the interrupt lands mid-run.
     let mut demo = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["demo", "--preset", "small", "--replicas", "2", "--time-scale", "1"])
+        .args([
+            "demo",
+            "--preset",
+            "small",
+            "--replicas",
+            "2",
+            "--time-scale",
+            "1",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -54,7 +62,10 @@ fn ctrl_c_leaves_no_process_behind() {
         if let Some(status) = demo.try_wait().unwrap() {
             break status;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "demo did not exit on SIGINT");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "demo did not exit on SIGINT"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(!status.success(), "an interrupted demo reports failure");

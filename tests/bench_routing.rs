@@ -42,7 +42,11 @@ async fn ci_preset_epp_default_beats_round_robin_on_shared_prefix() {
         assert_eq!(r.ok, 80);
         assert_eq!(r.replica_share.len(), 4);
         let total: f64 = r.replica_share.iter().sum();
-        assert!((total - 1.0).abs() < 1e-9, "{}: shares sum to {total}", r.name);
+        assert!(
+            (total - 1.0).abs() < 1e-9,
+            "{}: shares sum to {total}",
+            r.name
+        );
     }
     let get = |p: Policy| results.iter().find(|r| r.policy == p).unwrap();
     let rr = get(Policy::RoundRobin);

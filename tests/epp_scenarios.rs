@@ -652,6 +652,15 @@ async fn subset_hints_list_string_and_no_match() {
         immediate(&r[0]),
         (503, "inference error: ServiceUnavailable - failed to find endpoint candidates for serving the request".to_string())
     );
+    // Admission looks at the subset: an empty subset is saturated, so a sheddable request is shed.
+    let mut h = headers_msg(
+        "/v1/completions",
+        &[("x-gateway-inference-objective", "sql-lora-shed")],
+        false,
+    );
+    h.metadata_context = Some(subset_metadata(list(vec!["127.0.0.99:8000".into()])));
+    let r = exchange(&epp, vec![h, body_msg(&body, true)], 1).await;
+    assert_eq!(immediate(&r[0]).0, 429);
     epp.shutdown().await;
 }
 

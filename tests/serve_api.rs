@@ -601,7 +601,9 @@ async fn metrics_have_every_vllm_name_and_pass_promtool() {
         "{text}"
     );
     assert!(
-        text.contains("vllm:inter_token_latency_seconds_bucket{model_name=\"qwen\",engine=\"0\",le=\"80.0\"}"),
+        text.contains(
+            "vllm:inter_token_latency_seconds_bucket{model_name=\"qwen\",engine=\"0\",le=\"80.0\"}"
+        ),
         "{text}"
     );
     assert!(
@@ -669,5 +671,28 @@ async fn metrics_have_every_vllm_name_and_pass_promtool() {
         code == 0 || colons_only,
         "promtool exit {code}: {report}\n{text}"
     );
+    h.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn chunked_request_bodies_are_accepted() {
+    use http_body_util::StreamBody;
+    let (h, base) = start(|_| {}).await;
+    let parts = [r#"{"prompt": "chunked bo"#, r#"dy", "max_"#, r#"tokens": 2}"#];
+    let frames = futures::stream::iter(
+        parts.map(|p| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(p)))),
+    );
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<StreamBody<_>>();
+    let req = http::Request::post(format!("{base}/v1/completions"))
+        .header("content-type", "application/json")
+        .body(StreamBody::new(frames))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["usage"]["prompt_tokens"], 4);
+    assert_eq!(v["usage"]["completion_tokens"], 2);
     h.shutdown(Duration::from_secs(2)).await;
 }

@@ -33,7 +33,12 @@ fn config(num_blocks: usize, max_model_len: usize) -> EngineConfig {
 }
 
 fn sim() -> Box<dyn Backend> {
-    let opts = SimOptions { block_size: 4, gpu_memory_utilization: 0.9, time_scale: 0.0, seed: 1 };
+    let opts = SimOptions {
+        block_size: 4,
+        gpu_memory_utilization: 0.9,
+        time_scale: 0.0,
+        seed: 1,
+    };
     Box::new(SimBackend::new(profile("h100-qwen2.5-7b").unwrap(), opts))
 }
 
@@ -48,14 +53,24 @@ impl Harness {
         let metrics = Arc::new(ServeMetrics::new(&cfg.model_name));
         let shared = Arc::new(EngineShared::default());
         let core = EngineCore::new(cfg, backend, Arc::clone(&metrics), None, shared).unwrap();
-        Self { core, metrics, next_id: 1 }
+        Self {
+            core,
+            metrics,
+            next_id: 1,
+        }
     }
 
     fn submit(&mut self, prompt: Vec<u32>, params: SamplingParams) -> UnboundedReceiver<SeqEvent> {
         let (tx, rx) = unbounded_channel();
         let id = self.next_id;
         self.next_id += 1;
-        self.core.submit(EngineRequest { id, prompt, params, arrival: Instant::now(), events: tx });
+        self.core.submit(EngineRequest {
+            id,
+            prompt,
+            params,
+            arrival: Instant::now(),
+            events: tx,
+        });
         rx
     }
 
@@ -92,7 +107,11 @@ fn check_blocks(core: &EngineCore) {
         }
     }
     for seq in &sched.waiting {
-        assert!(seq.block_table.is_empty(), "waiting sequence {} holds blocks", seq.id);
+        assert!(
+            seq.block_table.is_empty(),
+            "waiting sequence {} holds blocks",
+            seq.id
+        );
     }
     for (b, &n) in holders.iter().enumerate() {
         assert_eq!(pool.ref_count(b as u32), Some(n), "block {b}");
@@ -124,7 +143,11 @@ fn drain(rx: &mut UnboundedReceiver<SeqEvent>) -> Outcome {
 }
 
 fn greedy(max_tokens: usize) -> SamplingParams {
-    SamplingParams { temperature: 0.0, max_tokens, ..Default::default() }
+    SamplingParams {
+        temperature: 0.0,
+        max_tokens,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -173,20 +196,35 @@ fn stop_tokens_eos_and_length() {
     let stop = free_run.tokens[2];
     let mut rx = h.submit(
         vec![5, 6, 7],
-        SamplingParams { stop_token_ids: vec![stop], ..greedy(6) },
+        SamplingParams {
+            stop_token_ids: vec![stop],
+            ..greedy(6)
+        },
     );
     h.run();
     let o = drain(&mut rx);
     assert_eq!(o.tokens, free_run.tokens[..3]);
-    assert_eq!((o.finish, o.stop_token), (Some(FinishReason::Stop), Some(stop)));
+    assert_eq!(
+        (o.finish, o.stop_token),
+        (Some(FinishReason::Stop), Some(stop))
+    );
     // As EOS it stops too, unless ignore_eos.
     cfg.eos_token_ids = vec![stop];
     let mut h = Harness::new(cfg, sim());
     let mut rx = h.submit(vec![5, 6, 7], greedy(6));
-    let mut rx2 = h.submit(vec![5, 6, 7], SamplingParams { ignore_eos: true, ..greedy(6) });
+    let mut rx2 = h.submit(
+        vec![5, 6, 7],
+        SamplingParams {
+            ignore_eos: true,
+            ..greedy(6)
+        },
+    );
     h.run();
     let o = drain(&mut rx);
-    assert_eq!((o.tokens.len(), o.finish, o.stop_token), (3, Some(FinishReason::Stop), None));
+    assert_eq!(
+        (o.tokens.len(), o.finish, o.stop_token),
+        (3, Some(FinishReason::Stop), None)
+    );
     assert_eq!(drain(&mut rx2).tokens, free_run.tokens);
     let text = h.metrics.encode();
     assert!(text.contains("finished_reason=\"stop\"} 1\n"), "{text}");
@@ -202,13 +240,31 @@ struct Job {
 }
 
 fn job() -> impl Strategy<Value = Job> {
-    (0..3usize, 1..40usize, 1..12usize, prop::option::weighted(0.25, 0..30usize))
-        .prop_map(|(prefix, len, max_tokens, abort_at)| Job { prefix, len, max_tokens, abort_at })
+    (
+        0..3usize,
+        1..40usize,
+        1..12usize,
+        prop::option::weighted(0.25, 0..30usize),
+    )
+        .prop_map(|(prefix, len, max_tokens, abort_at)| Job {
+            prefix,
+            len,
+            max_tokens,
+            abort_at,
+        })
 }
 
 fn prompt_of(j: &Job) -> Vec<u32> {
     // Three shared prefixes so prefix hits happen; the tail differs per length.
-    (0..j.len).map(|i| if i < 16 { (j.prefix * 1000 + i) as u32 } else { (i * 7 + j.len) as u32 }).collect()
+    (0..j.len)
+        .map(|i| {
+            if i < 16 {
+                (j.prefix * 1000 + i) as u32
+            } else {
+                (i * 7 + j.len) as u32
+            }
+        })
+        .collect()
 }
 
 /// Runs `jobs` (submitted `per_step` at a time) and returns each job's outcome.
@@ -278,7 +334,11 @@ proptest! {
 }
 
 fn cpu(dir: &std::path::Path, blocks_bytes: usize) -> Box<dyn Backend> {
-    let opts = CpuOptions { block_size: 4, kv_cache_memory_bytes: blocks_bytes, threads: 2 };
+    let opts = CpuOptions {
+        block_size: 4,
+        kv_cache_memory_bytes: blocks_bytes,
+        threads: 2,
+    };
     Box::new(CpuBackend::load(dir, opts).unwrap())
 }
 
@@ -298,7 +358,10 @@ fn cpu_greedy_output_is_independent_of_prefix_hits_chunking_and_preemption() {
         let mut h = Harness::new(cfg, cpu(dir.path(), per_block * blocks));
         let mut outs = Vec::new();
         if together {
-            let mut rxs: Vec<_> = prompts.iter().map(|p| h.submit(p.clone(), greedy(10))).collect();
+            let mut rxs: Vec<_> = prompts
+                .iter()
+                .map(|p| h.submit(p.clone(), greedy(10)))
+                .collect();
             h.run();
             outs.extend(rxs.iter_mut().map(|r| drain(r).tokens));
         } else {
@@ -308,7 +371,11 @@ fn cpu_greedy_output_is_independent_of_prefix_hits_chunking_and_preemption() {
                 outs.push(drain(&mut rx).tokens);
             }
         }
-        (outs, h.counter("vllm:prefix_cache_hits_total"), h.counter("vllm:num_preemptions_total"))
+        (
+            outs,
+            h.counter("vllm:prefix_cache_hits_total"),
+            h.counter("vllm:num_preemptions_total"),
+        )
     };
     let mut base = config(200, 48);
     base.enable_prefix_caching = false;
@@ -333,4 +400,93 @@ fn cpu_greedy_output_is_independent_of_prefix_hits_chunking_and_preemption() {
     let (outs, _, preemptions) = run(tight, true);
     assert!(preemptions > 0.0, "expected preemption with 13 blocks");
     assert_eq!(outs, reference, "preemption changed greedy output");
+}
+
+/// A backend whose every step fails, to exercise the engine-death path.
+struct Broken;
+
+impl Backend for Broken {
+    fn name(&self) -> &'static str {
+        "broken"
+    }
+    fn kv_spec(&self) -> switchyard::serve::backend::KvSpec {
+        switchyard::serve::backend::KvSpec {
+            num_layers: 1,
+            num_kv_heads: 1,
+            head_size: 1,
+            block_size: 4,
+            bytes_per_block: 8,
+        }
+    }
+    fn vocab_size(&self) -> usize {
+        10
+    }
+    fn available_kv_blocks(&self) -> usize {
+        100
+    }
+    fn init_kv(&mut self, _: usize) -> Result<(), switchyard::serve::backend::BackendError> {
+        Ok(())
+    }
+    fn execute(
+        &mut self,
+        _: &switchyard::serve::backend::StepBatch,
+        _: &mut switchyard::serve::backend::StepOutput,
+    ) -> Result<(), switchyard::serve::backend::BackendError> {
+        Err(switchyard::serve::backend::BackendError::Failed(
+            "device lost".into(),
+        ))
+    }
+}
+
+#[tokio::test]
+async fn backend_failure_fails_requests_and_marks_the_engine_dead() {
+    use axum::body::Body;
+    use tower::ServiceExt as _;
+
+    let metrics = Arc::new(ServeMetrics::new("m"));
+    let mut cfg = config(100, 32);
+    cfg.num_blocks_override = None;
+    let engine =
+        switchyard::serve::engine::spawn(cfg, Box::new(Broken), Arc::clone(&metrics), None)
+            .unwrap();
+    assert!(engine.shared().alive());
+    let state = Arc::new(switchyard::serve::api::AppState {
+        engine: engine.clone(),
+        codec: Arc::new(switchyard::serve::approx_codec::ApproxCodec::new(10)),
+        metrics,
+        served_model_names: vec!["m".into()],
+        max_body_bytes: 1 << 20,
+        created: 0,
+    });
+    let app = switchyard::serve::api::router(state);
+    let health = || http::Request::get("/health").body(Body::empty()).unwrap();
+    assert_eq!(app.clone().oneshot(health()).await.unwrap().status(), 200);
+
+    let req = http::Request::post("/v1/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(r#"{"prompt": [1, 2, 3], "max_tokens": 2}"#))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 500);
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["type"], "InternalServerError");
+    assert_eq!(
+        v["error"]["message"],
+        "engine failure: backend failure: device lost"
+    );
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    while engine.shared().alive() {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(app.clone().oneshot(health()).await.unwrap().status(), 503);
+    let req = http::Request::post("/v1/completions")
+        .body(Body::from(r#"{"prompt": [1], "max_tokens": 1}"#))
+        .unwrap();
+    let resp = app.oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
 }

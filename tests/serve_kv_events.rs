@@ -28,11 +28,20 @@ async fn next(stream: &mut Streaming<SubscribeResponse>) -> Message {
 
 async fn tokens(base: &str, text: &str) -> Vec<u32> {
     let r = HttpClient::new()
-        .post_json(&format!("{base}/tokenize"), &[], json!({"prompt": text}).to_string())
+        .post_json(
+            &format!("{base}/tokenize"),
+            &[],
+            json!({"prompt": text}).to_string(),
+        )
         .await
         .unwrap();
     let v: Value = serde_json::from_slice(&r.body).unwrap();
-    v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
+    v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[tokio::test]
@@ -46,31 +55,54 @@ async fn stored_removed_and_resume_over_grpc() {
     args.max_model_len = Some(64);
     let h = serve::start(args).await.unwrap();
     let base = format!("http://{}", h.http_addr);
-    let mut client = KvEventsClient::connect(format!("http://{}", h.kv_events_addr.unwrap())).await.unwrap();
-    let mut stream =
-        client.subscribe(SubscribeRequest { from_sequence: 1 }).await.unwrap().into_inner();
-    let Message::Info(info) = next(&mut stream).await else { panic!("info must come first") };
-    assert_eq!((info.model_name.as_str(), info.block_size, info.num_blocks), ("kv-model", 16, 4));
+    let mut client = KvEventsClient::connect(format!("http://{}", h.kv_events_addr.unwrap()))
+        .await
+        .unwrap();
+    let mut stream = client
+        .subscribe(SubscribeRequest { from_sequence: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    let Message::Info(info) = next(&mut stream).await else {
+        panic!("info must come first")
+    };
+    assert_eq!(
+        (info.model_name.as_str(), info.block_size, info.num_blocks),
+        ("kv-model", 16, 4)
+    );
     assert_eq!(info.root_hash, root_hash("kv-model"));
     assert_eq!((info.oldest_sequence, info.next_sequence), (1, 2));
-    let Message::Event(e) = next(&mut stream).await else { panic!() };
-    assert_eq!((e.sequence, e.event), (1, Some(Event::Cleared(Default::default()))));
+    let Message::Event(e) = next(&mut stream).await else {
+        panic!()
+    };
+    assert_eq!(
+        (e.sequence, e.event),
+        (1, Some(Event::Cleared(Default::default())))
+    );
 
     // 40 tokens of prompt + 1 generated: 2 full blocks are computed and stored together.
     let text_a = "a".repeat(100) + &"b".repeat(60);
     let ids = tokens(&base, &text_a).await;
     assert_eq!(ids.len(), 40);
     let r = HttpClient::new()
-        .post_json(&format!("{base}/v1/completions"), &[], json!({"prompt": text_a, "max_tokens": 1}).to_string())
+        .post_json(
+            &format!("{base}/v1/completions"),
+            &[],
+            json!({"prompt": text_a, "max_tokens": 1}).to_string(),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     let root = root_hash("kv-model");
     let h0 = block_hash(root, &ids[..16]);
     let h1 = block_hash(h0, &ids[16..32]);
-    let Message::Event(e) = next(&mut stream).await else { panic!() };
+    let Message::Event(e) = next(&mut stream).await else {
+        panic!()
+    };
     assert_eq!(e.sequence, 2);
-    let Some(Event::Stored(stored)) = e.event else { panic!("{e:?}") };
+    let Some(Event::Stored(stored)) = e.event else {
+        panic!("{e:?}")
+    };
     assert_eq!(stored.block_hashes, vec![h0, h1]);
     assert_eq!(stored.parent_hash, root);
     assert_eq!(stored.token_count, 32);
@@ -79,14 +111,20 @@ async fn stored_removed_and_resume_over_grpc() {
     // A different 63-token prompt needs all 4 blocks: both cached blocks are reused.
     let text_b = "c".repeat(252);
     let r = HttpClient::new()
-        .post_json(&format!("{base}/v1/completions"), &[], json!({"prompt": text_b, "max_tokens": 1}).to_string())
+        .post_json(
+            &format!("{base}/v1/completions"),
+            &[],
+            json!({"prompt": text_b, "max_tokens": 1}).to_string(),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 200);
     let mut removed = Vec::new();
     let mut stored_b = Vec::new();
     while removed.len() < 2 || stored_b.len() < 3 {
-        let Message::Event(e) = next(&mut stream).await else { panic!() };
+        let Message::Event(e) = next(&mut stream).await else {
+            panic!()
+        };
         match e.event {
             Some(Event::Removed(r)) => removed.extend(r.block_hashes),
             Some(Event::Stored(s)) => stored_b.extend(s.block_hashes),
@@ -101,33 +139,62 @@ async fn stored_removed_and_resume_over_grpc() {
     assert_eq!(stored_b[0], block_hash(root, &ids_b[..16]));
 
     // Resume from sequence 3 replays the same events.
-    let mut replay = client.subscribe(SubscribeRequest { from_sequence: 3 }).await.unwrap().into_inner();
-    let Message::Info(_) = next(&mut replay).await else { panic!() };
-    let Message::Event(e) = next(&mut replay).await else { panic!() };
+    let mut replay = client
+        .subscribe(SubscribeRequest { from_sequence: 3 })
+        .await
+        .unwrap()
+        .into_inner();
+    let Message::Info(_) = next(&mut replay).await else {
+        panic!()
+    };
+    let Message::Event(e) = next(&mut replay).await else {
+        panic!()
+    };
     assert_eq!(e.sequence, 3);
     drop(replay);
 
     // More traffic pushes event 1 out of the 8-event window.
     for c in ['d', 'e', 'f', 'g', 'h', 'i'] {
         let body = json!({"prompt": c.to_string().repeat(80), "max_tokens": 1}).to_string();
-        let r = HttpClient::new().post_json(&format!("{base}/v1/completions"), &[], body).await.unwrap();
+        let r = HttpClient::new()
+            .post_json(&format!("{base}/v1/completions"), &[], body)
+            .await
+            .unwrap();
         assert_eq!(r.status, 200);
     }
-    let mut live = client.subscribe(SubscribeRequest { from_sequence: 0 }).await.unwrap().into_inner();
-    let Message::Info(now) = next(&mut live).await else { panic!() };
+    let mut live = client
+        .subscribe(SubscribeRequest { from_sequence: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let Message::Info(now) = next(&mut live).await else {
+        panic!()
+    };
     assert!(now.next_sequence > 9, "{now:?}");
     assert_eq!(now.oldest_sequence, now.next_sequence - 8);
-    let err = client.subscribe(SubscribeRequest { from_sequence: 1 }).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::OutOfRange);
-    assert_eq!(
-        err.message(),
-        format!("sequence 1 is no longer retained; oldest retained is {}", now.oldest_sequence)
-    );
     let err = client
-        .subscribe(SubscribeRequest { from_sequence: now.next_sequence + 5 })
+        .subscribe(SubscribeRequest { from_sequence: 1 })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::OutOfRange);
-    assert!(err.message().contains("beyond the next sequence"), "{}", err.message());
+    assert_eq!(
+        err.message(),
+        format!(
+            "sequence 1 is no longer retained; oldest retained is {}",
+            now.oldest_sequence
+        )
+    );
+    let err = client
+        .subscribe(SubscribeRequest {
+            from_sequence: now.next_sequence + 5,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange);
+    assert!(
+        err.message().contains("beyond the next sequence"),
+        "{}",
+        err.message()
+    );
     h.shutdown(Duration::from_secs(2)).await;
 }

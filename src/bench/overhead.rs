@@ -64,9 +64,10 @@ pub struct OverheadArgs {
 const METRICS: &str = "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 0.0\n# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name=\"m\"} 0.0\n# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{model_name=\"m\"} 0.0\n# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"2048\"} 1.0\n";
 const COMPLETION: &str = "{\"id\":\"cmpl-0\",\"object\":\"text_completion\",\"created\":0,\"model\":\"m\",\"choices\":[{\"index\":0,\"text\":\" ok\",\"finish_reason\":\"length\"}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1,\"total_tokens\":2}}";
 
-/// Starts the zero-latency backend on 127.0.0.{1..4} (one port); returns the addresses.
-async fn zero_latency_backend(
-) -> anyhow::Result<(Vec<SocketAddr>, Vec<tokio::task::JoinHandle<()>>)> {
+/// Starts the zero-latency backend on 127.0.0.{1..4} (one port): `/v1/completions` answers a
+/// fixed completion, `/metrics` an idle vLLM. Returns the addresses and the server tasks.
+pub async fn zero_latency_backend(
+) -> std::io::Result<(Vec<SocketAddr>, Vec<tokio::task::JoinHandle<()>>)> {
     let app = axum::Router::new()
         .route(
             "/v1/completions",

@@ -147,7 +147,7 @@ impl Director {
                 "no pods available in datastore",
             ));
         }
-        let candidates = self.candidates(snapshot, meta)?;
+        let candidates = non_empty(self.subset(snapshot, meta))?;
         let req = SchedulingRequest {
             request_id: &meta.request_id,
             target_model: "",
@@ -202,15 +202,16 @@ impl Director {
             .unwrap_or(0);
 
         let label_err = |e: RoutingError| e.with_models(&incoming_model, &target_model);
-        let snapshot = self.datastore.snapshot();
-        if priority < 0 && self.saturation.is_saturated(&snapshot, Instant::now()) {
+        // Admission looks at the subset-filtered candidates, as the reference's admission
+        // controller does; an empty subset therefore counts as saturated for sheddable requests.
+        let candidates = self.subset(self.datastore.snapshot(), meta);
+        if priority < 0 && self.saturation.is_saturated(&candidates, Instant::now()) {
             return Err(label_err(RoutingError::new(
                 ErrorCode::ResourceExhausted,
                 "system saturated, sheddable request dropped",
             )));
         }
-
-        let candidates = self.candidates(snapshot, meta).map_err(label_err)?;
+        let candidates = non_empty(candidates).map_err(label_err)?;
         let req = SchedulingRequest {
             request_id: &meta.request_id,
             target_model: &target_model,
@@ -236,13 +237,13 @@ impl Director {
         })
     }
 
-    /// Applies the subset hint. No candidate left is the reference's 503.
-    fn candidates(
+    /// Applies the subset hint (unless disabled).
+    fn subset(
         &self,
         snapshot: Vec<Arc<EndpointSnapshot>>,
         meta: &RequestMeta,
-    ) -> Result<Vec<Arc<EndpointSnapshot>>, RoutingError> {
-        let candidates = match (&meta.subset, self.config.disable_subset_filter) {
+    ) -> Vec<Arc<EndpointSnapshot>> {
+        match (&meta.subset, self.config.disable_subset_filter) {
             (Some(subset), false) => {
                 let filters: Vec<SubsetEntry> = subset
                     .iter()
@@ -254,15 +255,21 @@ impl Director {
                     .collect()
             }
             _ => snapshot,
-        };
-        if candidates.is_empty() {
-            return Err(RoutingError::new(
-                ErrorCode::ServiceUnavailable,
-                "failed to find endpoint candidates for serving the request",
-            ));
         }
-        Ok(candidates)
     }
+}
+
+/// No candidate left is the reference's 503.
+fn non_empty(
+    candidates: Vec<Arc<EndpointSnapshot>>,
+) -> Result<Vec<Arc<EndpointSnapshot>>, RoutingError> {
+    if candidates.is_empty() {
+        return Err(RoutingError::new(
+            ErrorCode::ServiceUnavailable,
+            "failed to find endpoint candidates for serving the request",
+        ));
+    }
+    Ok(candidates)
 }
 
 fn schedule_error(e: &impl std::fmt::Display) -> RoutingError {
