@@ -82,6 +82,14 @@ fn chat_template_from_tokenizer_config_and_chatml_fallback() {
         codec.render_chat(&[msg("user", "Hi")]).unwrap(),
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     );
+    // A separate chat_template.jinja (newer transformers) wins over tokenizer_config.json.
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{% for m in messages %}<{{ m.role }}>{% endfor %}",
+    )
+    .unwrap();
+    let codec = load_codec(dir.path()).unwrap();
+    assert_eq!(codec.render_chat(&[msg("user", "Hi")]).unwrap(), "<user>");
 }
 
 #[test]

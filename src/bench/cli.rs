@@ -35,9 +35,10 @@ pub enum BenchCommand {
 /// Scaled presets of the shared-prefix comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Preset {
-    /// Seconds on a laptop: the test suite's ordering check.
+    /// Seconds per policy: the test suite's ordering check and the demo's default.
     Ci,
-    /// The demo and the documented run (about 10 minutes for five policies on 2 cores).
+    /// The documented run: the reference prompt shape (6000/1200 tokens) with 48 groups and
+    /// 64 output tokens, about a minute per policy.
     Small,
     /// The reference shape: 150 groups × 5 prompts, 6000/1200/1000 tokens.
     Full,
@@ -160,7 +161,7 @@ impl WorkloadArgs {
             WorkloadKind::SharedPrefix => {
                 let (g, p, sys, q, out, rate, ts) = match self.preset {
                     Some(Preset::Ci) => (16, 5, 2000, 200, 16, 4.0, 0.25),
-                    Some(Preset::Small) => (48, 5, 6000, 1200, 64, 1.5, 0.05),
+                    Some(Preset::Small) => (48, 5, 6000, 1200, 64, 2.0, 0.5),
                     Some(Preset::Full) | None => (150, 5, 6000, 1200, 1000, 0.5, 0.02),
                 };
                 (
@@ -501,7 +502,7 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         &args.workload,
         &args.setup,
         &[Policy::RoundRobin, Policy::EppDefault],
-        Preset::Small,
+        Preset::Ci,
     ))
     .await?;
     println!("{}", report::markdown_table(&results));

@@ -46,7 +46,7 @@ pub enum Workload {
     },
     /// `conversations` chats of `turns` turns; turn t's prompt is turn t-1's prompt plus a
     /// stand-in for the previous answer (`output_tokens`) plus a new user message. Turns are
-    /// sent round-robin over the conversations (all first turns, then all second turns, ...).
+    /// sent in rounds (all first turns, then all second turns, ...), each round shuffled.
     MultiTurn {
         conversations: u32,
         turns: u32,
@@ -250,8 +250,16 @@ impl Workload {
                 let mut convs: Vec<String> = (0..conversations)
                     .map(|c| tagged('C', c, 2, &mut rng))
                     .collect();
+                let mut order: Vec<usize> = (0..convs.len()).collect();
                 for t in 0..turns {
-                    for (c, conv) in convs.iter_mut().enumerate() {
+                    // Each round in a fresh random order: a fixed order would let Envoy's round
+                    // robin land every turn of a conversation on the same replica whenever the
+                    // conversation count is a multiple of the replica count.
+                    order.shuffle(&mut rng);
+                    for &c in &order {
+                        let Some(conv) = convs.get_mut(c) else {
+                            continue;
+                        };
                         if t > 0 {
                             // Stand-in for the previous answer, which the client would append.
                             conv.push_str(&tagged('A', t, output_tokens, &mut rng));
@@ -405,11 +413,11 @@ mod tests {
                 assert_eq!(pair[1].prompt.len(), expect);
             }
         }
-        // Round-robin order: the first three requests are the three first turns.
-        assert_eq!(
-            plan.iter().take(3).map(|r| r.group).collect::<Vec<_>>(),
-            [0, 1, 2]
-        );
+        // Rounds: the first three requests are the three first turns, in some order.
+        let mut first: Vec<u32> = plan.iter().take(3).map(|r| r.group).collect();
+        first.sort_unstable();
+        assert_eq!(first, [0, 1, 2]);
+        assert!(plan.iter().take(3).all(|r| r.prompt.len() == 4 * 12));
     }
 
     #[test]

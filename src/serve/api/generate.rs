@@ -259,9 +259,7 @@ impl Generation {
                             .map_err(|e| ApiError::Internal(e.to_string()))?;
                         self.text.push_str(&piece);
                         if let Some(stop) = self.spec.stops.check(&mut self.text, prev) {
-                            // Ends the request in the engine with reason `stop`; our receiver
-                            // is dropped with `self`, which would abort it anyway.
-                            self.engine.stop(self.stream.id);
+                            self.end_in_engine();
                             self.finish_reason = Some(FinishReason::Stop);
                             self.stop_reason = Some(StopReason::Text(stop));
                             return Ok(Some(self.finish(delta)));
@@ -286,6 +284,24 @@ impl Generation {
                 }
             }
         }
+    }
+
+    /// Ends the request in the engine with reason `stop`. The receiver is kept (drained in a
+    /// task) until the engine confirms, so the engine never mistakes the end of this response
+    /// for a client disconnect and counts it as `abort`.
+    fn end_in_engine(&mut self) {
+        if !self.engine.stop(self.stream.id) {
+            return; // dropping the receiver with `self` aborts the request instead
+        }
+        let (_, closed) = tokio::sync::mpsc::unbounded_channel();
+        let mut events = std::mem::replace(&mut self.stream.events, closed);
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                if matches!(ev, SeqEvent::Finished { .. } | SeqEvent::Failed { .. }) {
+                    break;
+                }
+            }
+        });
     }
 
     fn finish(&mut self, mut delta: Delta) -> Delta {

@@ -240,8 +240,9 @@ impl EngineHandle {
 
     /// Ends request `id` with reason `stop`. Best effort: if the command queue is full the
     /// caller's dropped receiver still aborts the request.
-    pub fn stop(&self, id: u64) {
-        let _ = self.tx.try_send(Command::Stop { id });
+    /// Returns false when the command could not be queued.
+    pub fn stop(&self, id: u64) -> bool {
+        self.tx.try_send(Command::Stop { id }).is_ok()
     }
 }
 

@@ -67,6 +67,14 @@ impl ModelConfig {
             }
         }
 
+        // Sliding-window layers attend to a suffix only; full attention would differ silently.
+        if opt_bool(v, "use_sliding_window")? == Some(true) {
+            return Err(ModelError::InvalidField {
+                field: "use_sliding_window",
+                reason: "sliding-window attention is not supported".into(),
+            });
+        }
+
         let num_attention_heads = req_usize(v, "num_attention_heads")?;
         let cfg = ModelConfig {
             model_type,
@@ -278,6 +286,12 @@ mod tests {
         assert_eq!(
             ModelConfig::from_json(&v).unwrap_err().to_string(),
             "config.json: field \"vocab_size\": expected a non-negative integer, found \"big\""
+        );
+        let mut v = base();
+        v["use_sliding_window"] = json!(true);
+        assert_eq!(
+            ModelConfig::from_json(&v).unwrap_err().to_string(),
+            "config.json: field \"use_sliding_window\": sliding-window attention is not supported"
         );
         let mut v = base();
         v["rope_scaling"] = json!({"type": "yarn", "factor": 4.0});

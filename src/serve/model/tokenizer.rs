@@ -30,8 +30,8 @@ impl std::fmt::Debug for HfCodec {
 }
 
 impl HfCodec {
-    /// Loads `dir/tokenizer.json`, plus `tokenizer_config.json` and `generation_config.json`
-    /// when present.
+    /// Loads `dir/tokenizer.json`, plus `tokenizer_config.json`, `chat_template.jinja` and
+    /// `generation_config.json` when present.
     pub fn load(dir: &Path) -> Result<HfCodec, ModelError> {
         let tok_path = dir.join("tokenizer.json");
         let bytes = super::read_file(&tok_path)?;
@@ -46,15 +46,27 @@ impl HfCodec {
 
         let bos_token = token_string(tc.get("bos_token")).unwrap_or_default();
         let eos_token = token_string(tc.get("eos_token"));
-        let template = match chat_template_source(&tc) {
-            Some(src) => ChatTemplate::compile(
-                src,
-                &bos_token,
-                eos_token.as_deref().unwrap_or(""),
-                &tc_path,
-            )?,
+        // Newer `transformers` save the template as its own file, which then takes precedence.
+        let jinja_path = dir.join("chat_template.jinja");
+        let jinja_file = if jinja_path.is_file() {
+            let bytes = super::read_file(&jinja_path)?;
+            Some(String::from_utf8(bytes).map_err(|e| ModelError::Template {
+                path: jinja_path.clone(),
+                reason: e.to_string(),
+            })?)
+        } else {
+            None
+        };
+        let source = match &jinja_file {
+            Some(src) => Some((src.as_str(), jinja_path.as_path())),
+            None => chat_template_source(&tc).map(|src| (src, tc_path.as_path())),
+        };
+        let template = match source {
+            Some((src, origin)) => {
+                ChatTemplate::compile(src, &bos_token, eos_token.as_deref().unwrap_or(""), origin)?
+            }
             None => {
-                tracing::info!(dir = %dir.display(), "no chat_template in tokenizer_config.json; using ChatML");
+                tracing::info!(dir = %dir.display(), "no chat template in the model directory; using ChatML");
                 ChatTemplate::chatml()
             }
         };

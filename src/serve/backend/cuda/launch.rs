@@ -1,0 +1,291 @@
+//! Host-side launch geometry of the CUDA kernels: grid/block shapes, flash-decoding partition
+//! counts and dynamic shared-memory sizes. Pure arithmetic, so it is unit-tested on machines
+//! without a GPU; the kernels in `kernels/*.cu` index exactly the way these numbers assume.
+
+use super::CudaError;
+
+/// Keys per flash-decoding partition (REFERENCE.md §6: 512-token partitions).
+pub const PARTITION_SIZE: usize = 512;
+/// Threads per attention thread block (4 warps).
+pub const ATTN_THREADS: usize = 128;
+pub const WARP_SIZE: usize = 32;
+/// Threads per row of the row-wise kernels (RMSNorm, embedding, SiLU-and-mul, residual add).
+pub const ROW_THREADS: usize = 256;
+/// Head sizes the kernels are compiled for (Qwen2.5 0.5B–72B all use 64 or 128).
+pub const SUPPORTED_HEAD_SIZES: [usize; 2] = [64, 128];
+/// Shared memory every CUDA device since sm_70 grants a block without opting in.
+pub const DEFAULT_SHARED_MEM_LIMIT: usize = 48 * 1024;
+
+/// A kernel launch shape (mirrors `cudarc::driver::LaunchConfig`, kept separate so this
+/// module does not depend on a loaded driver).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Launch {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_mem_bytes: u32,
+}
+
+/// Shape of one attention launch over a ragged batch of query rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_size: usize,
+    /// Query rows (decode: one per sequence; prefill: one per new token).
+    pub num_rows: usize,
+    /// Most keys any row attends to (context + position in the chunk + 1).
+    pub max_keys: usize,
+}
+
+/// How an attention launch is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionPlan {
+    /// Partitions per row; 1 means the single-pass kernel writes the output directly.
+    pub num_partitions: usize,
+    /// Heads sharing one KV head.
+    pub group_size: usize,
+    /// Thread groups that split the keys when accumulating V (threads / head_size).
+    pub v_groups: usize,
+    pub main: Launch,
+    /// The reduction launch, present only when `num_partitions > 1`.
+    pub reduce: Option<Launch>,
+}
+
+impl AttentionPlan {
+    /// Elements of the f32 partial-output buffer `[rows, heads, partitions, head_size]`.
+    pub fn partial_out_len(&self, shape: &AttentionShape) -> usize {
+        shape.num_rows * shape.num_heads * self.num_partitions * shape.head_size
+    }
+
+    /// Elements of each of the max-logit and exp-sum buffers `[rows, heads, partitions]`.
+    pub fn partial_stats_len(&self, shape: &AttentionShape) -> usize {
+        shape.num_rows * shape.num_heads * self.num_partitions
+    }
+}
+
+/// Dynamic shared memory of the attention kernel: the partition's logits, one max and one sum
+/// slot per warp, and `v_groups × head_size` f32 partial outputs reduced across thread groups.
+pub fn attention_shared_bytes(partition: usize, head_size: usize) -> usize {
+    let warps = ATTN_THREADS / WARP_SIZE;
+    let v_groups = ATTN_THREADS / head_size;
+    4 * (partition + 2 * warps + v_groups * head_size)
+}
+
+/// Shared memory of the reduction kernel: each partition's max logit and rescaled exp-sum.
+pub fn reduce_shared_bytes(num_partitions: usize) -> usize {
+    4 * 2 * num_partitions
+}
+
+/// Plans an attention launch. Single pass when every row fits one partition; otherwise the
+/// flash-decoding split with one reduction block per (row, head).
+pub fn plan_attention(shape: &AttentionShape) -> Result<AttentionPlan, CudaError> {
+    if !SUPPORTED_HEAD_SIZES.contains(&shape.head_size) {
+        return Err(CudaError::Unsupported(format!(
+            "head size {} (kernels support {:?})",
+            shape.head_size, SUPPORTED_HEAD_SIZES
+        )));
+    }
+    if shape.num_kv_heads == 0 || shape.num_heads % shape.num_kv_heads != 0 {
+        return Err(CudaError::Unsupported(format!(
+            "{} attention heads over {} KV heads (must divide evenly)",
+            shape.num_heads, shape.num_kv_heads
+        )));
+    }
+    if shape.num_rows == 0 || shape.max_keys == 0 {
+        return Err(CudaError::Launch(
+            "attention launch with no rows or no keys".into(),
+        ));
+    }
+    let num_partitions = shape.max_keys.div_ceil(PARTITION_SIZE);
+    let grid_y = u32::try_from(shape.num_rows)
+        .ok()
+        .filter(|&y| y <= 65_535)
+        .ok_or_else(|| {
+            CudaError::Launch(format!("{} query rows exceed grid.y 65535", shape.num_rows))
+        })?;
+    // Single pass only needs room for the keys actually present, so short contexts use less
+    // shared memory (and fit more blocks per SM) than a full partition.
+    let logits_len = shape.max_keys.min(PARTITION_SIZE);
+    let main = Launch {
+        grid: (shape.num_heads as u32, grid_y, num_partitions as u32),
+        block: (ATTN_THREADS as u32, 1, 1),
+        shared_mem_bytes: attention_shared_bytes(logits_len, shape.head_size) as u32,
+    };
+    let reduce = (num_partitions > 1).then(|| Launch {
+        grid: (shape.num_heads as u32, grid_y, 1),
+        block: (shape.head_size as u32, 1, 1),
+        shared_mem_bytes: reduce_shared_bytes(num_partitions) as u32,
+    });
+    if reduce.map_or(0, |r| r.shared_mem_bytes as usize) > DEFAULT_SHARED_MEM_LIMIT {
+        return Err(CudaError::Launch(format!(
+            "{} keys need {num_partitions} partitions, beyond the reduction kernel's shared memory",
+            shape.max_keys
+        )));
+    }
+    Ok(AttentionPlan {
+        num_partitions,
+        group_size: shape.num_heads / shape.num_kv_heads,
+        v_groups: ATTN_THREADS / shape.head_size,
+        main,
+        reduce,
+    })
+}
+
+/// One block per row, `ROW_THREADS` threads striding over the row.
+pub fn row_launch(rows: usize) -> Result<Launch, CudaError> {
+    let grid = u32::try_from(rows)
+        .ok()
+        .filter(|&g| (1..=i32::MAX as u32).contains(&g))
+        .ok_or_else(|| CudaError::Launch(format!("row kernel over {rows} rows")))?;
+    Ok(Launch {
+        grid: (grid, 1, 1),
+        block: (ROW_THREADS as u32, 1, 1),
+        // One f32 per warp for the block reduction of RMSNorm.
+        shared_mem_bytes: (4 * ROW_THREADS / WARP_SIZE) as u32,
+    })
+}
+
+/// Enough 256-thread blocks to cover `n` elements, one element per thread.
+pub fn elementwise_launch(n: usize) -> Result<Launch, CudaError> {
+    let blocks = n.div_ceil(ROW_THREADS);
+    let grid = u32::try_from(blocks)
+        .ok()
+        .filter(|&g| g >= 1)
+        .ok_or_else(|| CudaError::Launch(format!("elementwise kernel over {n} elements")))?;
+    Ok(Launch {
+        grid: (grid, 1, 1),
+        block: (ROW_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// Reshape-and-cache: one block per new token, one thread per (kv head, dim) pair.
+pub fn cache_write_launch(
+    num_tokens: usize,
+    num_kv_heads: usize,
+    head_size: usize,
+) -> Result<Launch, CudaError> {
+    let threads = (num_kv_heads * head_size).min(1024);
+    let grid = u32::try_from(num_tokens)
+        .ok()
+        .filter(|&g| g >= 1)
+        .ok_or_else(|| CudaError::Launch(format!("cache write over {num_tokens} tokens")))?;
+    Ok(Launch {
+        grid: (grid, 1, 1),
+        block: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Qwen2.5 attention shapes: (name, heads, kv heads, head size).
+    const QWEN: [(&str, usize, usize, usize); 3] = [
+        ("0.5B", 14, 2, 64),
+        ("7B", 28, 4, 128),
+        ("14B", 40, 8, 128),
+    ];
+
+    fn shape(h: usize, kv: usize, d: usize, rows: usize, keys: usize) -> AttentionShape {
+        AttentionShape {
+            num_heads: h,
+            num_kv_heads: kv,
+            head_size: d,
+            num_rows: rows,
+            max_keys: keys,
+        }
+    }
+
+    #[test]
+    fn qwen_gqa_ratios() {
+        let groups: Vec<usize> = QWEN
+            .iter()
+            .map(|&(_, h, kv, d)| plan_attention(&shape(h, kv, d, 1, 10)).unwrap().group_size)
+            .collect();
+        assert_eq!(groups, vec![7, 7, 5]);
+    }
+
+    #[test]
+    fn short_context_is_single_pass() {
+        let p = plan_attention(&shape(28, 4, 128, 8, 512)).unwrap();
+        assert_eq!(p.num_partitions, 1);
+        assert_eq!(p.reduce, None);
+        assert_eq!(p.main.grid, (28, 8, 1));
+        assert_eq!(p.main.block, (128, 1, 1));
+        // 512 logits + 2×4 warp slots + 1 group × 128 dims.
+        assert_eq!(p.main.shared_mem_bytes, 4 * (512 + 8 + 128));
+        assert_eq!(p.v_groups, 1);
+    }
+
+    #[test]
+    fn shared_memory_for_head_sizes_64_and_128() {
+        assert_eq!(attention_shared_bytes(512, 64), 4 * (512 + 8 + 2 * 64));
+        assert_eq!(attention_shared_bytes(512, 128), 4 * (512 + 8 + 128));
+        assert_eq!(attention_shared_bytes(100, 64), 4 * (100 + 8 + 128));
+        let p = plan_attention(&shape(14, 2, 64, 3, 37)).unwrap();
+        assert_eq!(p.main.shared_mem_bytes, 4 * (37 + 8 + 128));
+        assert_eq!(p.v_groups, 2);
+        for d in SUPPORTED_HEAD_SIZES {
+            assert!(attention_shared_bytes(PARTITION_SIZE, d) <= DEFAULT_SHARED_MEM_LIMIT);
+        }
+    }
+
+    #[test]
+    fn partitions_across_the_boundary() {
+        let counts: Vec<usize> = [1, 511, 512, 513, 1024, 1025, 32768]
+            .iter()
+            .map(|&k| plan_attention(&shape(40, 8, 128, 2, k)).unwrap().num_partitions)
+            .collect();
+        assert_eq!(counts, vec![1, 1, 1, 2, 2, 3, 64]);
+        let s = shape(40, 8, 128, 2, 1025);
+        let p = plan_attention(&s).unwrap();
+        assert_eq!(p.main.grid, (40, 2, 3));
+        assert_eq!(p.main.shared_mem_bytes, 4 * (512 + 8 + 128));
+        assert_eq!(
+            p.reduce,
+            Some(Launch {
+                grid: (40, 2, 1),
+                block: (128, 1, 1),
+                shared_mem_bytes: 24
+            })
+        );
+        assert_eq!(p.partial_out_len(&s), 2 * 40 * 3 * 128);
+        assert_eq!(p.partial_stats_len(&s), 2 * 40 * 3);
+    }
+
+    #[test]
+    fn rejects_unsupported_shapes() {
+        assert!(matches!(
+            plan_attention(&shape(28, 4, 96, 1, 1)),
+            Err(CudaError::Unsupported(_))
+        ));
+        assert!(matches!(
+            plan_attention(&shape(28, 5, 128, 1, 1)),
+            Err(CudaError::Unsupported(_))
+        ));
+        assert!(matches!(
+            plan_attention(&shape(28, 4, 128, 0, 1)),
+            Err(CudaError::Launch(_))
+        ));
+        assert!(matches!(
+            plan_attention(&shape(28, 4, 128, 70_000, 1)),
+            Err(CudaError::Launch(_))
+        ));
+    }
+
+    #[test]
+    fn row_and_elementwise_launches() {
+        assert_eq!(row_launch(7).unwrap().grid, (7, 1, 1));
+        assert_eq!(row_launch(7).unwrap().shared_mem_bytes, 32);
+        assert!(row_launch(0).is_err());
+        assert_eq!(elementwise_launch(257).unwrap().grid, (2, 1, 1));
+        assert_eq!(elementwise_launch(256).unwrap().grid, (1, 1, 1));
+        assert!(elementwise_launch(0).is_err());
+        let c = cache_write_launch(5, 4, 128).unwrap();
+        assert_eq!((c.grid, c.block), ((5, 1, 1), (512, 1, 1)));
+        let c = cache_write_launch(5, 8, 128).unwrap();
+        assert_eq!(c.block, (1024, 1, 1));
+    }
+}

@@ -1,0 +1,1 @@
+//! Device side of the CUDA backend (placeholder while the runtime is written).

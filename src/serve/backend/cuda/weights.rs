@@ -1,0 +1,282 @@
+//! Host side of weight loading for the CUDA backend: reads the safetensors checkpoint into raw
+//! bf16 bits (converting F16/F32, keeping BF16 as is), and builds the fused layouts the
+//! forward uses — QKV `[q; k; v]` and gate/up `[gate; up]` stacked along the output dimension —
+//! so each is one GEMM. The runtime uploads a layer at a time and drops the host copy.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+
+use crate::serve::model::{ModelConfig, ModelError};
+
+/// A tensor as bf16 bits, row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<u16>,
+}
+
+/// Converts one safetensors payload to bf16 bits (round to nearest even).
+pub fn to_bf16(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<u16>, ModelError> {
+    let pairs = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+    Ok(match dtype {
+        Dtype::BF16 => pairs.collect(),
+        Dtype::F16 => pairs
+            .map(|b| half::bf16::from_f32(half::f16::from_bits(b).to_f32()).to_bits())
+            .collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| half::bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_bits())
+            .collect(),
+        other => {
+            return Err(ModelError::UnsupportedDtype {
+                name: name.to_owned(),
+                dtype: format!("{other:?}"),
+            })
+        }
+    })
+}
+
+/// The checkpoint's files: those named by `model.safetensors.index.json`, else
+/// `model.safetensors`, else every `*.safetensors` (sorted).
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+            path: index.clone(),
+            source,
+        })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| ModelError::Json {
+                path: index.clone(),
+                source,
+            })?;
+        let mut files: Vec<PathBuf> = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .map(|m| {
+                m.values()
+                    .filter_map(|f| f.as_str())
+                    .map(|f| dir.join(f))
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files.dedup();
+        if !files.is_empty() {
+            return Ok(files);
+        }
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| ModelError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ModelError::NoWeights(dir.to_path_buf()));
+    }
+    Ok(files)
+}
+
+/// Every tensor of a checkpoint as bf16, moved out by [`Bf16Store::take`].
+#[derive(Debug, Default)]
+pub struct Bf16Store {
+    tensors: HashMap<String, HostTensor>,
+}
+
+impl Bf16Store {
+    pub fn load(dir: &Path) -> Result<Bf16Store, ModelError> {
+        let mut store = Bf16Store::default();
+        for path in weight_files(dir)? {
+            let bytes = std::fs::read(&path).map_err(|source| ModelError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Safetensors {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            for (name, view) in st.iter() {
+                let t = HostTensor {
+                    shape: view.shape().to_vec(),
+                    data: to_bf16(name, view.dtype(), view.data())?,
+                };
+                if store.tensors.insert(name.to_owned(), t).is_some() {
+                    return Err(ModelError::DuplicateTensor {
+                        name: name.to_owned(),
+                    });
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    pub fn from_tensors(tensors: HashMap<String, HostTensor>) -> Self {
+        Self { tensors }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Removes `name`, checking its shape.
+    pub fn take(&mut self, name: &str, expected: &[usize]) -> Result<Vec<u16>, ModelError> {
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_owned()))?;
+        if t.shape != expected {
+            return Err(ModelError::ShapeMismatch {
+                name: name.to_owned(),
+                expected: expected.to_vec(),
+                found: t.shape,
+            });
+        }
+        Ok(t.data)
+    }
+}
+
+/// One decoder layer, fused and ready to upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostLayer {
+    pub input_norm: Vec<u16>,
+    /// `[(heads + 2 kv_heads) · head_size, hidden]`.
+    pub qkv: Vec<u16>,
+    pub qkv_bias: Vec<u16>,
+    pub o_proj: Vec<u16>,
+    pub post_norm: Vec<u16>,
+    /// `[2 · intermediate, hidden]`: gate rows then up rows.
+    pub gate_up: Vec<u16>,
+    pub down: Vec<u16>,
+}
+
+/// Takes layer `i` out of the store in the fused layout.
+pub fn take_layer(
+    store: &mut Bf16Store,
+    cfg: &ModelConfig,
+    i: usize,
+) -> Result<HostLayer, ModelError> {
+    let h = cfg.hidden_size;
+    let d = cfg.head_dim();
+    let q_out = cfg.num_attention_heads * d;
+    let kv_out = cfg.num_key_value_heads * d;
+    let inter = cfg.intermediate_size;
+    let p = |s: &str| format!("model.layers.{i}.{s}");
+    let mut qkv = store.take(&p("self_attn.q_proj.weight"), &[q_out, h])?;
+    qkv.extend(store.take(&p("self_attn.k_proj.weight"), &[kv_out, h])?);
+    qkv.extend(store.take(&p("self_attn.v_proj.weight"), &[kv_out, h])?);
+    let mut qkv_bias = store.take(&p("self_attn.q_proj.bias"), &[q_out])?;
+    qkv_bias.extend(store.take(&p("self_attn.k_proj.bias"), &[kv_out])?);
+    qkv_bias.extend(store.take(&p("self_attn.v_proj.bias"), &[kv_out])?);
+    let mut gate_up = store.take(&p("mlp.gate_proj.weight"), &[inter, h])?;
+    gate_up.extend(store.take(&p("mlp.up_proj.weight"), &[inter, h])?);
+    Ok(HostLayer {
+        input_norm: store.take(&p("input_layernorm.weight"), &[h])?,
+        qkv,
+        qkv_bias,
+        o_proj: store.take(&p("self_attn.o_proj.weight"), &[h, q_out])?,
+        post_norm: store.take(&p("post_attention_layernorm.weight"), &[h])?,
+        gate_up,
+        down: store.take(&p("mlp.down_proj.weight"), &[h, inter])?,
+    })
+}
+
+/// RoPE table `[max_position, head_size / 2, 2]` of (cos, sin), computed in f64 like the CPU
+/// backend so long positions keep their accuracy.
+pub fn rope_table(head_size: usize, theta: f64, max_position: usize) -> Vec<f32> {
+    let half = head_size / 2;
+    let inv: Vec<f64> = (0..half)
+        .map(|i| theta.powf(-((2 * i) as f64) / head_size as f64))
+        .collect();
+    let mut out = Vec::with_capacity(max_position * head_size);
+    for p in 0..max_position {
+        for f in &inv {
+            let (s, c) = (p as f64 * f).sin_cos();
+            out.push(c as f32);
+            out.push(s as f32);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn converts_to_bf16_bits() {
+        let f32s: Vec<u8> = [1.0f32, -2.5, 1.0 + 1.0 / 256.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        // 1 + 2^-8 is a tie between 1.0 and 1 + 2^-7: rounds to even (1.0).
+        assert_eq!(
+            to_bf16("w", Dtype::F32, &f32s).unwrap(),
+            vec![0x3f80, 0xc020, 0x3f80]
+        );
+        let f16s: Vec<u8> = [half::f16::from_f32(0.5), half::f16::from_f32(-3.0)]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(to_bf16("w", Dtype::F16, &f16s).unwrap(), vec![0x3f00, 0xc040]);
+        assert_eq!(
+            to_bf16("w", Dtype::BF16, &[0x80, 0x3f]).unwrap(),
+            vec![0x3f80]
+        );
+        assert!(matches!(
+            to_bf16("w", Dtype::I64, &[0; 8]),
+            Err(ModelError::UnsupportedDtype { .. })
+        ));
+    }
+
+    #[test]
+    fn rope_table_matches_definition() {
+        let t = rope_table(4, 10_000.0, 3);
+        assert_eq!(t.len(), 3 * 4);
+        assert_eq!(&t[0..4], &[1.0, 0.0, 1.0, 0.0]);
+        // position 2, frequency 0 (θ^0 = 1): angle 2; frequency 1: 2 / 100.
+        assert_eq!(t[8], 2f64.cos() as f32);
+        assert_eq!(t[9], 2f64.sin() as f32);
+        assert_eq!(t[11], 0.02f64.sin() as f32);
+    }
+
+    #[test]
+    fn fuses_a_tiny_layer() {
+        use crate::serve::model::testing::{config_json, tiny_qwen2_tensors, TinyQwen2};
+        let spec = TinyQwen2::default();
+        let cfg = ModelConfig::from_json(&config_json(&spec)).unwrap();
+        let tensors: HashMap<String, HostTensor> = tiny_qwen2_tensors(&spec)
+            .into_iter()
+            .map(|(name, shape, values)| {
+                let data = values.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+                (name, HostTensor { shape, data })
+            })
+            .collect();
+        let mut store = Bf16Store::from_tensors(tensors.clone());
+        let layer = take_layer(&mut store, &cfg, 0).unwrap();
+        let d = cfg.head_dim();
+        let width = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d;
+        assert_eq!(layer.qkv.len(), width * cfg.hidden_size);
+        assert_eq!(layer.qkv_bias.len(), width);
+        let q = &tensors["model.layers.0.self_attn.q_proj.weight"].data;
+        let v = &tensors["model.layers.0.self_attn.v_proj.weight"].data;
+        assert_eq!(&layer.qkv[..q.len()], &q[..]);
+        assert_eq!(&layer.qkv[layer.qkv.len() - v.len()..], &v[..]);
+        let up = &tensors["model.layers.0.mlp.up_proj.weight"].data;
+        assert_eq!(&layer.gate_up[layer.gate_up.len() - up.len()..], &up[..]);
+        assert!(!store.contains("model.layers.0.mlp.down_proj.weight"));
+        assert!(matches!(
+            take_layer(&mut store, &cfg, 0),
+            Err(ModelError::MissingTensor(_))
+        ));
+    }
+}
