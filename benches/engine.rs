@@ -115,7 +115,8 @@ fn engine(num_seqs: usize) -> (EngineCore, Vec<UnboundedReceiver<SeqEvent>>) {
 fn scheduler_step(c: &mut Criterion) {
     let mut g = c.benchmark_group("engine_step");
     for n in [64usize, 256] {
-        g.throughput(Throughput::Elements(n as u64));
+        // Each iteration runs 16 decode steps of `n` tokens.
+        g.throughput(Throughput::Elements(16 * n as u64));
         g.bench_function(format!("decode_batch_{n}"), |b| {
             b.iter_batched_ref(
                 || engine(n),

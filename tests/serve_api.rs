@@ -470,6 +470,13 @@ async fn waiting_queue_over_limit_gets_503_with_retry_after() {
     .await;
     let body = json!({"prompt": "q".repeat(64), "max_tokens": 4000, "stream": true});
     let first = open_stream(&base, body.clone()).await;
+    // The engine publishes its queue sizes after a step; wait until the first one is counted
+    // as running so the second is judged against a settled queue.
+    wait_metrics(&base, "first running", |m| {
+        metric(m, "vllm:num_requests_running", "") == 1.0
+            && metric(m, "vllm:num_requests_waiting", "") == 0.0
+    })
+    .await;
     // The second one waits (one sequence at a time); its stream has no frame yet, so send it in
     // the background.
     let b2 = base.clone();
@@ -692,7 +699,7 @@ async fn chunked_request_bodies_are_accepted() {
     assert_eq!(resp.status(), 200);
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     let v: Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(v["usage"]["prompt_tokens"], 4);
+    assert_eq!(v["usage"]["prompt_tokens"], 3);
     assert_eq!(v["usage"]["completion_tokens"], 2);
     h.shutdown(Duration::from_secs(2)).await;
 }

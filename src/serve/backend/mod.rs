@@ -5,6 +5,7 @@
 //! not compute a real distribution, sampled tokens).
 
 pub mod cpu;
+pub mod cuda;
 pub mod sim;
 
 /// Shape of the paged KV cache a backend needs, so the engine can size the block pool.

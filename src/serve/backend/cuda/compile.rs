@@ -8,6 +8,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use super::launch::{ATTN_THREADS, PARTITION_SIZE};
 use super::CudaError;
@@ -45,10 +46,7 @@ pub struct ComputeCapability {
 
 impl ComputeCapability {
     /// Oldest architecture the kernels are written for (Volta: `__shfl_xor_sync`, 48 KiB shared).
-    pub const MIN: ComputeCapability = ComputeCapability {
-        major: 7,
-        minor: 0,
-    };
+    pub const MIN: ComputeCapability = ComputeCapability { major: 7, minor: 0 };
 
     /// The virtual architecture NVRTC targets, e.g. `compute_89` for an L4.
     pub fn virtual_arch(&self) -> String {
@@ -180,18 +178,66 @@ fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
     Ok((path, file))
 }
 
+/// NVRTC version, part of the kernel cache key.
+#[allow(unsafe_code)]
+fn nvrtc_version() -> Result<(i32, i32), CudaError> {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: probe() confirmed libnvrtc loads; nvrtcVersion only writes the two ints.
+    let rc = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    if rc != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(CudaError::Compile {
+            arch: "-".into(),
+            log: format!("nvrtcVersion failed: {rc:?}"),
+        });
+    }
+    Ok((major, minor))
+}
+
+/// Compiles the kernel module for `cc` with NVRTC, or loads it from `cache`. Needs only
+/// libnvrtc (no driver, no GPU): call [`super::probe::probe_nvrtc`] first.
+pub fn compile_ptx(cc: ComputeCapability, cache: Option<&PtxCache>) -> Result<String, CudaError> {
+    let source = module_source();
+    let options = compile_options(cc);
+    let key = cache_key(&source, &options, nvrtc_version()?);
+    if let Some(ptx) = cache.and_then(|c| c.get(&key)) {
+        tracing::info!(%key, "CUDA kernels loaded from cache");
+        return Ok(ptx);
+    }
+    let started = Instant::now();
+    let opts = cudarc::nvrtc::CompileOptions {
+        options: options.clone(),
+        name: Some("switchyard.cu".into()),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(&source, opts).map_err(|e| {
+        let log = match &e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                log.to_string_lossy().into_owned()
+            }
+            other => format!("{other:?}"),
+        };
+        CudaError::Compile {
+            arch: cc.virtual_arch(),
+            log,
+        }
+    })?;
+    let text = ptx.to_src();
+    tracing::info!(%key, elapsed_ms = started.elapsed().as_millis() as u64, "CUDA kernels compiled");
+    if let Some(c) = cache {
+        // A read-only cache directory only costs a recompile next start.
+        if let Err(e) = c.put(&key, &text) {
+            tracing::warn!(error = %e, "cannot write kernel cache");
+        }
+    }
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const L4: ComputeCapability = ComputeCapability {
-        major: 8,
-        minor: 9,
-    };
-    const H100: ComputeCapability = ComputeCapability {
-        major: 9,
-        minor: 0,
-    };
+    const L4: ComputeCapability = ComputeCapability { major: 8, minor: 9 };
+    const H100: ComputeCapability = ComputeCapability { major: 9, minor: 0 };
 
     #[test]
     fn options_target_the_device_arch() {
@@ -226,7 +272,10 @@ mod tests {
         assert_eq!(k, cache_key(&src, &compile_options(L4), (12, 4)));
         assert_ne!(k, cache_key(&src, &compile_options(H100), (12, 4)));
         assert_ne!(k, cache_key(&src, &compile_options(L4), (12, 8)));
-        assert_ne!(k, cache_key(&format!("{src} "), &compile_options(L4), (12, 4)));
+        assert_ne!(
+            k,
+            cache_key(&format!("{src} "), &compile_options(L4), (12, 4))
+        );
     }
 
     #[test]

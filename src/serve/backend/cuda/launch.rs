@@ -182,11 +182,8 @@ mod tests {
     use super::*;
 
     /// Qwen2.5 attention shapes: (name, heads, kv heads, head size).
-    const QWEN: [(&str, usize, usize, usize); 3] = [
-        ("0.5B", 14, 2, 64),
-        ("7B", 28, 4, 128),
-        ("14B", 40, 8, 128),
-    ];
+    const QWEN: [(&str, usize, usize, usize); 3] =
+        [("0.5B", 14, 2, 64), ("7B", 28, 4, 128), ("14B", 40, 8, 128)];
 
     fn shape(h: usize, kv: usize, d: usize, rows: usize, keys: usize) -> AttentionShape {
         AttentionShape {
@@ -236,7 +233,11 @@ mod tests {
     fn partitions_across_the_boundary() {
         let counts: Vec<usize> = [1, 511, 512, 513, 1024, 1025, 32768]
             .iter()
-            .map(|&k| plan_attention(&shape(40, 8, 128, 2, k)).unwrap().num_partitions)
+            .map(|&k| {
+                plan_attention(&shape(40, 8, 128, 2, k))
+                    .unwrap()
+                    .num_partitions
+            })
             .collect();
         assert_eq!(counts, vec![1, 1, 1, 2, 2, 3, 64]);
         let s = shape(40, 8, 128, 2, 1025);

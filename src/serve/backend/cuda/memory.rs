@@ -198,7 +198,10 @@ mod tests {
     #[test]
     fn budget_errors_are_clear() {
         let e = kv_blocks_for_budget(100, 95, 0.9, 1).unwrap_err();
-        assert!(e.to_string().contains("raise --gpu-memory-utilization"), "{e}");
+        assert!(
+            e.to_string().contains("raise --gpu-memory-utilization"),
+            "{e}"
+        );
         assert!(kv_blocks_for_budget(100, 10, 1.5, 1).is_err());
         assert!(kv_blocks_for_budget(100, 10, 0.9, 1000).is_err());
         assert_eq!(kv_blocks_for_budget(1000, 100, 1.0, 100).unwrap(), 9);

@@ -147,6 +147,17 @@ pub fn check_model(cfg: &ModelConfig) -> Result<(), CudaError> {
     Ok(())
 }
 
+/// Whether a GPU can be used here: the libraries load and the driver reports a device.
+/// `Err` carries the reason, for tests and benchmarks that print `SKIPPED: <why>`.
+pub fn gpu_available() -> Result<(), String> {
+    probe::probe().map_err(|e| e.to_string())?;
+    match cudarc::driver::CudaContext::device_count() {
+        Ok(n) if n > 0 => Ok(()),
+        Ok(_) => Err("no CUDA device (driver reports 0 devices)".into()),
+        Err(e) => Err(format!("no usable CUDA device ({e})")),
+    }
+}
+
 /// The CUDA backend.
 pub struct CudaBackend {
     gpu: runtime::Gpu,
@@ -170,6 +181,20 @@ impl CudaBackend {
         check_model(&cfg)?;
         probe::probe()?;
         let gpu = runtime::Gpu::new(dir, cfg, &opts)?;
+        Ok(CudaBackend { gpu })
+    }
+
+    /// Like [`CudaBackend::load`] with weights already in host memory (tests and benchmarks
+    /// with random weights of a real model's shapes).
+    pub fn from_store(
+        cfg: ModelConfig,
+        store: weights::Bf16Store,
+        opts: CudaOptions,
+    ) -> Result<CudaBackend, BackendError> {
+        opts.validate()?;
+        check_model(&cfg)?;
+        probe::probe()?;
+        let gpu = runtime::Gpu::with_store(cfg, store, &opts)?;
         Ok(CudaBackend { gpu })
     }
 }
@@ -213,7 +238,10 @@ mod tests {
         let err = CudaBackend::load(Path::new("/nonexistent"), opts).unwrap_err();
         match err {
             BackendError::Unavailable(msg) => {
-                assert!(msg.contains("--tensor-parallel-size 2 is not supported"), "{msg}");
+                assert!(
+                    msg.contains("--tensor-parallel-size 2 is not supported"),
+                    "{msg}"
+                );
                 assert!(msg.contains("docs/multi-gpu.md"), "{msg}");
             }
             other => panic!("{other:?}"),
@@ -237,7 +265,10 @@ mod tests {
                 ..CudaOptions::default()
             },
         ] {
-            assert!(matches!(bad.validate(), Err(CudaError::Config(_))), "{bad:?}");
+            assert!(
+                matches!(bad.validate(), Err(CudaError::Config(_))),
+                "{bad:?}"
+            );
         }
     }
 
@@ -248,6 +279,8 @@ mod tests {
             tried: "libcuda.so.1".into(),
         }
         .into();
-        assert!(matches!(e, BackendError::Unavailable(m) if m.starts_with("CUDA driver not found")));
+        assert!(
+            matches!(e, BackendError::Unavailable(m) if m.starts_with("CUDA driver not found"))
+        );
     }
 }

@@ -171,7 +171,10 @@ impl PackedBatch {
     }
 
     pub fn num_seqs(&self) -> usize {
-        self.block_tables.len().checked_div(self.max_blocks).unwrap_or(0)
+        self.block_tables
+            .len()
+            .checked_div(self.max_blocks)
+            .unwrap_or(0)
     }
 }
 
@@ -250,15 +253,24 @@ mod tests {
             ("block", Box::new(|b| b.block_tables[1][0] = 10)),
             ("vocab", Box::new(|b| b.token_ids[0] = 100)),
             ("position", Box::new(|b| b.positions[0] = 64)),
-            ("short table", Box::new(|b| b.block_tables[0].pop().map(drop).unwrap_or(()))),
+            (
+                "short table",
+                Box::new(|b| b.block_tables[0].pop().map(drop).unwrap_or(())),
+            ),
             ("orphan token", Box::new(|b| b.seqs[1].query_len = 0)),
             ("overlap", Box::new(|b| b.seqs[1].query_start = 2)),
             ("logits order", Box::new(|b| b.logits_rows = vec![3, 2])),
             ("logits range", Box::new(|b| b.logits_rows = vec![4])),
-            ("lengths", Box::new(|b| b.positions.pop().map(drop).unwrap_or(()))),
-            ("too many", Box::new(|b| {
-                b.token_ids = vec![1; 17];
-            })),
+            (
+                "lengths",
+                Box::new(|b| b.positions.pop().map(drop).unwrap_or(())),
+            ),
+            (
+                "too many",
+                Box::new(|b| {
+                    b.token_ids = vec![1; 17];
+                }),
+            ),
         ];
         for (what, edit) in cases {
             let mut b = batch();

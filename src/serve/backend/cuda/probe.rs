@@ -65,11 +65,16 @@ pub fn probe_with(libs: &[Library]) -> Result<(), CudaError> {
         if !(lib.present)() {
             let tried = lib.candidates();
             // Keep the message readable: the Linux names, not the Windows-only variants.
-            let shown: Vec<&str> = tried
+            let mut shown: Vec<&str> = Vec::with_capacity(tried.len());
+            for n in tried
                 .iter()
                 .map(String::as_str)
                 .filter(|n| n.contains(".so"))
-                .collect();
+            {
+                if !shown.contains(&n) {
+                    shown.push(n);
+                }
+            }
             return Err(CudaError::MissingLibrary {
                 role: lib.role,
                 tried: if shown.is_empty() {

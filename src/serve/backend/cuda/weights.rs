@@ -19,7 +19,9 @@ pub struct HostTensor {
 
 /// Converts one safetensors payload to bf16 bits (round to nearest even).
 pub fn to_bf16(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<u16>, ModelError> {
-    let pairs = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+    let pairs = bytes
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]));
     Ok(match dtype {
         Dtype::BF16 => pairs.collect(),
         Dtype::F16 => pairs
@@ -145,6 +147,62 @@ impl Bf16Store {
     }
 }
 
+/// Random bf16 weights for a model shape (uniform, `1/sqrt(fan_in)` scale, norms at 1), for
+/// benchmarks of real model shapes without a checkpoint. Deterministic in `seed`.
+pub fn random_store(cfg: &ModelConfig, seed: u64) -> Bf16Store {
+    let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        // SplitMix64: fast enough to fill 7.6 B weights in seconds.
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut uniform = |shape: &[usize], scale: f32| HostTensor {
+        shape: shape.to_vec(),
+        data: (0..shape.iter().product::<usize>())
+            .map(|_| {
+                let u = (next() >> 40) as f32 / (1u64 << 24) as f32;
+                half::bf16::from_f32((2.0 * u - 1.0) * scale).to_bits()
+            })
+            .collect(),
+    };
+    let ones = |n: usize| HostTensor {
+        shape: vec![n],
+        data: vec![half::bf16::ONE.to_bits(); n],
+    };
+    let (h, inter, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let d = cfg.head_dim();
+    let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
+    let s = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
+    let mut t = HashMap::new();
+    t.insert(
+        "model.embed_tokens.weight".to_owned(),
+        uniform(&[v, h], 1.0),
+    );
+    for i in 0..cfg.num_hidden_layers {
+        let p = |n: &str| format!("model.layers.{i}.{n}");
+        t.insert(p("input_layernorm.weight"), ones(h));
+        t.insert(p("post_attention_layernorm.weight"), ones(h));
+        t.insert(p("self_attn.q_proj.weight"), uniform(&[q, h], s(h)));
+        t.insert(p("self_attn.k_proj.weight"), uniform(&[kv, h], s(h)));
+        t.insert(p("self_attn.v_proj.weight"), uniform(&[kv, h], s(h)));
+        t.insert(p("self_attn.q_proj.bias"), uniform(&[q], 0.1));
+        t.insert(p("self_attn.k_proj.bias"), uniform(&[kv], 0.1));
+        t.insert(p("self_attn.v_proj.bias"), uniform(&[kv], 0.1));
+        t.insert(p("self_attn.o_proj.weight"), uniform(&[h, q], s(q)));
+        t.insert(p("mlp.gate_proj.weight"), uniform(&[inter, h], s(h)));
+        t.insert(p("mlp.up_proj.weight"), uniform(&[inter, h], s(h)));
+        t.insert(p("mlp.down_proj.weight"), uniform(&[h, inter], s(inter)));
+    }
+    t.insert("model.norm.weight".to_owned(), ones(h));
+    if !cfg.tie_word_embeddings {
+        t.insert("lm_head.weight".to_owned(), uniform(&[v, h], s(h)));
+    }
+    Bf16Store::from_tensors(t)
+}
+
 /// One decoder layer, fused and ready to upload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostLayer {
@@ -227,7 +285,10 @@ mod tests {
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect();
-        assert_eq!(to_bf16("w", Dtype::F16, &f16s).unwrap(), vec![0x3f00, 0xc040]);
+        assert_eq!(
+            to_bf16("w", Dtype::F16, &f16s).unwrap(),
+            vec![0x3f00, 0xc040]
+        );
         assert_eq!(
             to_bf16("w", Dtype::BF16, &[0x80, 0x3f]).unwrap(),
             vec![0x3f80]
@@ -250,6 +311,35 @@ mod tests {
     }
 
     #[test]
+    fn random_store_has_every_tensor_of_the_shape() {
+        use crate::serve::model::testing::{config_json, TinyQwen2};
+        let spec = TinyQwen2 {
+            hidden: 128,
+            heads: 2,
+            kv_heads: 1,
+            ..TinyQwen2::default()
+        };
+        let cfg = ModelConfig::from_json(&config_json(&spec)).unwrap();
+        let mut store = random_store(&cfg, 7);
+        for i in 0..cfg.num_hidden_layers {
+            let l = take_layer(&mut store, &cfg, i).unwrap();
+            assert_eq!(l.qkv.len(), (2 + 2) * 64 * 128);
+            assert_eq!(l.input_norm, vec![0x3f80; 128]);
+        }
+        let emb = store
+            .take("model.embed_tokens.weight", &[300, 128])
+            .unwrap();
+        assert_eq!(
+            emb,
+            random_store(&cfg, 7)
+                .take("model.embed_tokens.weight", &[300, 128])
+                .unwrap()
+        );
+        assert!(store.take("lm_head.weight", &[300, 128]).is_ok());
+        assert!(store.take("model.norm.weight", &[128]).is_ok());
+    }
+
+    #[test]
     fn fuses_a_tiny_layer() {
         use crate::serve::model::testing::{config_json, tiny_qwen2_tensors, TinyQwen2};
         let spec = TinyQwen2::default();
@@ -257,7 +347,10 @@ mod tests {
         let tensors: HashMap<String, HostTensor> = tiny_qwen2_tensors(&spec)
             .into_iter()
             .map(|(name, shape, values)| {
-                let data = values.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+                let data = values
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect();
                 (name, HostTensor { shape, data })
             })
             .collect();

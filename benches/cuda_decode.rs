@@ -1,0 +1,206 @@
+//! CUDA backend benchmarks (issue 6), on a GPU machine:
+//!
+//! 1. device copy bandwidth (device-to-device memcpy, read + write bytes / time);
+//! 2. attention-bound decode: one Qwen2.5-7B-shaped attention layer (28 heads / 4 KV heads,
+//!    head 128) with a tiny MLP and vocab, batch × context sweep; KV bytes read per step / step
+//!    time as a fraction of the copy bandwidth (target ≥ 80%). Whole steps are timed, so the
+//!    small GEMMs and element-wise kernels count against the attention kernel;
+//! 3. single-stream decode tok/s for Qwen2.5-7B shapes (random bf16 weights) against the
+//!    bandwidth roofline (weights + KV bytes per token / copy bandwidth; target ≥ 85%);
+//! 4. batched decode throughput at 1–64 concurrent sequences.
+//!
+//! Without a GPU it prints `SKIPPED: <why>` and exits 0. Run:
+//! `cargo bench --bench cuda_decode` (`-- --quick` for fewer steps).
+
+use std::time::Instant;
+
+use switchyard::serve::backend::cuda::{self, weights, CudaBackend, CudaOptions};
+use switchyard::serve::backend::{Backend, SeqSlice, StepBatch, StepOutput};
+use switchyard::serve::model::ModelConfig;
+
+const BLOCK: usize = 16;
+
+fn qwen7b(layers: usize, intermediate: usize, vocab: usize) -> ModelConfig {
+    ModelConfig::from_json(&serde_json::json!({
+        "model_type": "qwen2",
+        "hidden_size": 3584,
+        "intermediate_size": intermediate,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "num_hidden_layers": layers,
+        "rope_theta": 1_000_000.0,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": vocab,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": false
+    }))
+    .expect("valid config")
+}
+
+fn copy_bandwidth() -> anyhow::Result<f64> {
+    let ctx = cudarc::driver::CudaContext::new(0)?;
+    let s = ctx.default_stream();
+    let n = 256usize << 20; // 1 GiB of f32
+    let src = s.alloc_zeros::<f32>(n)?;
+    let mut dst = s.alloc_zeros::<f32>(n)?;
+    s.memcpy_dtod(&src, &mut dst)?;
+    s.synchronize()?;
+    let reps = 20;
+    let t = Instant::now();
+    for _ in 0..reps {
+        s.memcpy_dtod(&src, &mut dst)?;
+    }
+    s.synchronize()?;
+    Ok(2.0 * (n * 4 * reps) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Sequences with their block tables, advanced through one backend.
+struct Runner {
+    be: CudaBackend,
+    next_block: u32,
+    out: StepOutput,
+}
+
+impl Runner {
+    fn new(cfg: ModelConfig, max_tokens: usize, max_seqs: usize) -> anyhow::Result<Runner> {
+        let store = weights::random_store(&cfg, 1);
+        let mut be = CudaBackend::from_store(
+            cfg,
+            store,
+            CudaOptions {
+                block_size: BLOCK,
+                max_num_batched_tokens: max_tokens,
+                max_num_seqs: max_seqs,
+                max_model_len: Some(32768),
+                ..CudaOptions::default()
+            },
+        )?;
+        let blocks = be.available_kv_blocks();
+        be.init_kv(blocks)?;
+        Ok(Runner {
+            be,
+            next_block: 0,
+            out: StepOutput::default(),
+        })
+    }
+
+    /// One step: sequence `i` at `lens[i]` cached tokens adds `take[i]` tokens.
+    fn step(
+        &mut self,
+        tables: &mut [Vec<u32>],
+        lens: &mut [usize],
+        take: &[usize],
+    ) -> anyhow::Result<()> {
+        let mut b = StepBatch::default();
+        for ((t, len), &n) in tables.iter_mut().zip(lens.iter_mut()).zip(take) {
+            let start = b.token_ids.len();
+            while t.len() * BLOCK < *len + n {
+                t.push(self.next_block);
+                self.next_block += 1;
+            }
+            for p in *len..*len + n {
+                b.token_ids.push((p % 1000) as u32);
+                b.positions.push(p as u32);
+                b.slot_mapping
+                    .push(t[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32);
+            }
+            b.seqs.push(SeqSlice {
+                query_start: start,
+                query_len: n,
+                context_len: *len,
+            });
+            b.block_tables.push(t.clone());
+            b.logits_rows.push(start + n - 1);
+            *len += n;
+        }
+        self.be.execute(&b, &mut self.out)?;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.next_block = 0;
+    }
+
+    /// Prefills `batch` sequences to `ctx` tokens, then times `steps` decode steps.
+    fn decode_time(&mut self, batch: usize, ctx: usize, steps: usize) -> anyhow::Result<f64> {
+        self.reset();
+        let mut tables = vec![Vec::new(); batch];
+        let mut lens = vec![0usize; batch];
+        for i in 0..batch {
+            while lens[i] < ctx {
+                let n = (ctx - lens[i]).min(4096);
+                // Prefill one sequence at a time (sequences with 0 new tokens are skipped).
+                let (mut t1, mut l1) = (vec![tables[i].clone()], vec![lens[i]]);
+                self.step(&mut t1, &mut l1, &[n])?;
+                tables[i] = t1.remove(0);
+                lens[i] = l1[0];
+            }
+        }
+        let ones = vec![1; batch];
+        self.step(&mut tables, &mut lens, &ones)?; // warm-up
+        let t = Instant::now();
+        for _ in 0..steps {
+            self.step(&mut tables, &mut lens, &ones)?;
+        }
+        Ok(t.elapsed().as_secs_f64() / steps as f64)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    if let Err(why) = cuda::gpu_available() {
+        println!("SKIPPED: no GPU ({why})");
+        return Ok(());
+    }
+    let quick = std::env::args().any(|a| a == "--quick");
+    let steps = if quick { 8 } else { 32 };
+    let bw = copy_bandwidth()?;
+    println!("device copy bandwidth: {:.1} GB/s", bw / 1e9);
+
+    // 2. Attention-bound sweep.
+    let mut r = Runner::new(qwen7b(1, 256, 1024), 4096, 64)?;
+    let kv_token_bytes = (2 * 4 * 128 * 2) as f64; // K + V, 4 KV heads, bf16, one layer
+    println!("attention-bound decode (1 layer, Qwen2.5-7B attention shape)");
+    println!("batch  context  step_ms  kv_GB/s  fraction_of_copy");
+    for &batch in &[1usize, 8, 32, 64] {
+        for &ctx in &[512usize, 2048, 8192] {
+            let t = r.decode_time(batch, ctx, steps)?;
+            let gbs = batch as f64 * ctx as f64 * kv_token_bytes / t;
+            println!(
+                "{batch:5}  {ctx:7}  {:7.3}  {:7.1}  {:5.1}%",
+                t * 1e3,
+                gbs / 1e9,
+                100.0 * gbs / bw
+            );
+        }
+    }
+    drop(r);
+
+    // 3 + 4. Full Qwen2.5-7B shapes.
+    let cfg = qwen7b(28, 18944, 152_064);
+    let weight_bytes = (cfg.num_hidden_layers
+        * (3584 * 4608 + 4608 + 3584 * 3584 + 3 * 3584 * 18944 + 2 * 3584)
+        + 2 * 152_064 * 3584
+        + 3584) as f64
+        * 2.0;
+    let mut r = Runner::new(cfg, 4096, 64)?;
+    let ctx = 512;
+    let t = r.decode_time(1, ctx, steps)?;
+    let kv_bytes = ctx as f64 * kv_token_bytes * 28.0;
+    let roofline = bw / (weight_bytes + kv_bytes);
+    println!(
+        "single-stream decode, Qwen2.5-7B shapes, context {ctx}: {:.1} tok/s, roofline {:.1} tok/s ({:.1}%)",
+        1.0 / t,
+        roofline,
+        100.0 / t / roofline
+    );
+    println!("batched decode, Qwen2.5-7B shapes, context {ctx}");
+    println!("batch  step_ms  tok/s");
+    for &batch in &[1usize, 2, 4, 8, 16, 32, 64] {
+        let t = r.decode_time(batch, ctx, steps)?;
+        println!("{batch:5}  {:7.2}  {:7.1}", t * 1e3, batch as f64 / t);
+    }
+    println!(
+        "PyTorch + transformers comparison: not run by this benchmark (see docs/cuda-backend.md)"
+    );
+    Ok(())
+}
