@@ -286,6 +286,7 @@ fn policy(objectives: &[(&str, i32)], rewrites: &[(&str, &[(&str, u32)])]) -> Re
                 (m.to_string(), targets)
             })
             .collect::<HashMap<_, _>>(),
+        default_rewrite: None,
     }
 }
 

@@ -685,10 +685,14 @@ async fn metrics_have_every_vllm_name_and_pass_promtool() {
 async fn chunked_request_bodies_are_accepted() {
     use http_body_util::StreamBody;
     let (h, base) = start(|_| {}).await;
-    let parts = [r#"{"prompt": "chunked bo"#, r#"dy", "max_"#, r#"tokens": 2}"#];
-    let frames = futures::stream::iter(
-        parts.map(|p| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(p)))),
-    );
+    let parts = [
+        r#"{"prompt": "chunked bo"#,
+        r#"dy", "max_"#,
+        r#"tokens": 2}"#,
+    ];
+    let frames = futures::stream::iter(parts.map(|p| {
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(p)))
+    }));
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<StreamBody<_>>();
     let req = http::Request::post(format!("{base}/v1/completions"))

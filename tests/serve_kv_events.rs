@@ -196,5 +196,6 @@ async fn stored_removed_and_resume_over_grpc() {
         "{}",
         err.message()
     );
+    drop((stream, live, client));
     h.shutdown(Duration::from_secs(2)).await;
 }

@@ -58,6 +58,8 @@ pub struct RequestPolicy {
     pub objectives: HashMap<String, i32>,
     /// Source model → weighted targets.
     pub model_rewrites: HashMap<String, Vec<RewriteTarget>>,
+    /// Targets of a rewrite rule without matches: applies to every model with no exact rule.
+    pub default_rewrite: Option<Vec<RewriteTarget>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -134,6 +136,11 @@ impl Datastore {
     /// Marks the first full sync done (readiness depends on it).
     pub fn mark_synced(&self) {
         self.synced.store(true, Ordering::Release);
+    }
+
+    /// Readiness drops again, e.g. when the InferencePool is deleted.
+    pub fn mark_unsynced(&self) {
+        self.synced.store(false, Ordering::Release);
     }
 
     pub fn is_synced(&self) -> bool {

@@ -189,7 +189,11 @@ impl Director {
             .clone()
             .filter(|m| !m.is_empty())
             .unwrap_or_else(|| incoming_model.clone());
-        if let Some(targets) = policy.model_rewrites.get(&incoming_model) {
+        let rule = policy
+            .model_rewrites
+            .get(&incoming_model)
+            .or(policy.default_rewrite.as_ref());
+        if let Some(targets) = rule {
             if let Some(t) = pick_weighted(targets, &mut rand::rng()) {
                 target_model = t.to_string();
             }

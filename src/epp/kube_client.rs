@@ -1,11 +1,15 @@
 //! Builds the Kubernetes API client the EPP uses for discovery, leader election and metrics
-//! auth: the in-cluster service account when running in a pod, otherwise `KUBECONFIG` /
-//! `~/.kube/config`.
+//! auth: a kubeconfig (`KUBECONFIG` or `~/.kube/config`) when one exists, otherwise the
+//! in-cluster service account (the normal case in a pod).
 
 use anyhow::Context;
 
-/// A client for the cluster this process runs in (or the current kubeconfig context).
+/// A client for the current kubeconfig context, or for the cluster this pod runs in.
 pub async fn client_from_env() -> anyhow::Result<kube::Client> {
+    // kube builds its TLS config with rustls' process-wide provider; pin ring (the crate's only
+    // provider) so a second provider enabled elsewhere in the graph cannot make that ambiguous.
+    // An error only means a provider was installed already, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let config = kube::Config::infer()
         .await
         .context("no Kubernetes configuration found (not in a pod and no usable kubeconfig)")?;

@@ -313,6 +313,7 @@ impl ServeMetrics {
             .set(1);
     }
 
+    /// Counts a finished request (called by the API, which knows the reason the client saw).
     pub fn request_finished(&self, reason: FinishReason) {
         match reason {
             FinishReason::Stop => self.success_stop.inc(),

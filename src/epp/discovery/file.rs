@@ -281,6 +281,7 @@ pub fn parse_pool_file(bytes: &[u8], path: &str) -> Result<PoolFile, DiscoveryEr
         policy: RequestPolicy {
             objectives,
             model_rewrites,
+            default_rewrite: None,
         },
     })
 }

@@ -32,7 +32,7 @@ use kube::ResourceExt;
 use tokio::sync::watch;
 
 use super::Discovery;
-use crate::epp::datastore::{Datastore, DiscoveryEvent, RewriteTarget};
+use crate::epp::datastore::{Datastore, DiscoveryEvent};
 use crate::epp::endpoint::Endpoint;
 use policy::{Objective, PoolRef, Rewrite};
 use pool::{PodInfo, PoolError, PoolTarget};
@@ -266,8 +266,6 @@ struct Runner {
     objectives: Mirror<Objective>,
     rewrites: Mirror<Rewrite>,
     pool_ref: PoolRef,
-    /// Whether the unsupported-generic-rewrite warning was logged.
-    warned_generic: bool,
 }
 
 impl Runner {
@@ -289,7 +287,6 @@ impl Runner {
             objectives: Mirror::new("InferenceObjective", cap),
             rewrites: Mirror::new("InferenceModelRewrite", cap),
             pool_ref,
-            warned_generic: false,
         }
     }
 
@@ -403,6 +400,8 @@ impl Runner {
                 self.pods.clear();
                 self.published.clear();
                 self.datastore.apply(DiscoveryEvent::Reset(Vec::new()));
+                // No pool, no readiness (the reference reports not ready until it is back).
+                self.datastore.mark_unsynced();
             } else {
                 tracing::info!(pool = %self.config.pool_name, "InferencePool not found; waiting for it");
             }
@@ -501,22 +500,13 @@ impl Runner {
         if change == Change::Unchanged {
             return;
         }
-        let (policy, generic) = policy::build_policy(&self.objectives.items, &self.rewrites.items);
-        self.warn_generic(generic.as_deref());
+        let (policy, _) = policy::build_policy(&self.objectives.items, &self.rewrites.items);
         tracing::info!(
             objectives = policy.objectives.len(),
             rewrites = policy.model_rewrites.len(),
             "request policy updated"
         );
         self.datastore.set_policy(policy);
-    }
-
-    fn warn_generic(&mut self, generic: Option<&[RewriteTarget]>) {
-        // The datastore's policy has no slot for a catch-all rewrite yet.
-        if generic.is_some() && !self.warned_generic {
-            tracing::warn!("InferenceModelRewrite rules without matches are not applied");
-            self.warned_generic = true;
-        }
     }
 }
 

@@ -8,6 +8,7 @@ use crate::serve::codec::TextCodec;
 use crate::serve::engine::{
     EngineHandle, FinishReason, RequestStream, SamplingParams, SeqEvent, TokenLogprobs,
 };
+use crate::serve::metrics::ServeMetrics;
 
 use super::detok::{Detokenizer, StopMatcher};
 use super::error::ApiError;
@@ -163,6 +164,7 @@ pub struct Delta {
 /// One running request's output side.
 pub struct Generation {
     engine: EngineHandle,
+    metrics: Arc<ServeMetrics>,
     codec: Arc<dyn TextCodec>,
     stream: RequestStream,
     detok: Detokenizer,
@@ -190,6 +192,7 @@ impl Generation {
     /// Submits the request to the engine.
     pub fn start(
         engine: &EngineHandle,
+        metrics: &Arc<ServeMetrics>,
         codec: &Arc<dyn TextCodec>,
         prompt: Vec<u32>,
         params: SamplingParams,
@@ -200,6 +203,7 @@ impl Generation {
         let stream = engine.submit(prompt, params)?;
         Ok(Self {
             engine: engine.clone(),
+            metrics: Arc::clone(metrics),
             codec: Arc::clone(codec),
             stream,
             detok,
@@ -305,6 +309,9 @@ impl Generation {
     }
 
     fn finish(&mut self, mut delta: Delta) -> Delta {
+        if let Some(reason) = self.finish_reason {
+            self.metrics.request_finished(reason);
+        }
         if let Some(rest) = self.text.get(self.emitted..) {
             delta.text.push_str(rest);
         }
@@ -367,5 +374,16 @@ impl Generation {
             });
         }
         Some(out)
+    }
+}
+
+/// `vllm:request_success_total` is counted here, where the reason the client sees is known (a
+/// stop string may end a request the engine was about to finish by length); a response dropped
+/// before its end is an abort.
+impl Drop for Generation {
+    fn drop(&mut self) {
+        if !self.done {
+            self.metrics.request_finished(FinishReason::Abort);
+        }
     }
 }

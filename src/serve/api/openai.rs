@@ -72,7 +72,14 @@ pub async fn completions(
         Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
         req.logprobs,
     )?;
-    let gen = Generation::start(&state.engine, &state.codec, prompt, params, spec)?;
+    let gen = Generation::start(
+        &state.engine,
+        &state.metrics,
+        &state.codec,
+        prompt,
+        params,
+        spec,
+    )?;
     let stream = req.common.stream.unwrap_or(false);
     let include_usage = req.common.stream_options.is_some_and(|o| o.include_usage);
     let ctx = Ctx {
@@ -132,7 +139,14 @@ pub async fn chat_completions(
         None,
         logprobs,
     )?;
-    let gen = Generation::start(&state.engine, &state.codec, prompt, params, spec)?;
+    let gen = Generation::start(
+        &state.engine,
+        &state.metrics,
+        &state.codec,
+        prompt,
+        params,
+        spec,
+    )?;
     let stream = req.common.stream.unwrap_or(false);
     let include_usage = req.common.stream_options.is_some_and(|o| o.include_usage);
     let ctx = Ctx {

@@ -272,6 +272,9 @@ impl EngineCore {
         }
         let now = Instant::now();
         self.sched.schedule(&mut self.plan, now);
+        // Publish the new queue sizes before this step's tokens reach clients, so a client that
+        // reacts to a token never sees its own request still counted as waiting.
+        self.publish_queue_sizes();
         self.metrics.num_preemptions.inc_by(self.plan.num_preempted);
         self.metrics
             .prefix_cache_queries
@@ -425,21 +428,18 @@ impl EngineCore {
         );
     }
 
+    fn publish_queue_sizes(&self) {
+        let (running, waiting) = (self.sched.running.len(), self.sched.waiting.len());
+        self.metrics.num_requests_running.set(running as i64);
+        self.metrics.num_requests_waiting.set(waiting as i64);
+        self.shared.num_running.store(running, Ordering::Relaxed);
+        self.shared.num_waiting.store(waiting, Ordering::Relaxed);
+    }
+
     fn publish(&mut self) {
+        self.publish_queue_sizes();
         let pool = self.sched.kv.pool();
-        self.metrics
-            .num_requests_running
-            .set(self.sched.running.len() as i64);
-        self.metrics
-            .num_requests_waiting
-            .set(self.sched.waiting.len() as i64);
         self.metrics.kv_cache_usage_perc.set(pool.usage());
-        self.shared
-            .num_running
-            .store(self.sched.running.len(), Ordering::Relaxed);
-        self.shared
-            .num_waiting
-            .store(self.sched.waiting.len(), Ordering::Relaxed);
         self.shared
             .num_free_blocks
             .store(pool.num_free(), Ordering::Relaxed);
@@ -470,7 +470,6 @@ fn finish_seq(
 ) {
     seq.finished = Some(reason);
     seq.send(SeqEvent::Finished { reason, stop_token });
-    m.request_finished(reason);
     tracing::trace!(
         request_id = seq.id,
         reason = reason.as_str(),

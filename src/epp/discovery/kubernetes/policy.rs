@@ -230,6 +230,7 @@ pub fn build_policy(
         RequestPolicy {
             objectives,
             model_rewrites,
+            default_rewrite: generic.clone(),
         },
         generic,
     )

@@ -67,6 +67,8 @@ pub struct Workspace {
     /// f32 logits `[max_logits, vocab]` and bf16 final-normed rows `[max_logits, hidden]`.
     pub logits: usize,
     pub final_normed: usize,
+    /// (row × partition) units the partial buffers hold; see [`partial_capacity`].
+    pub partial_capacity: usize,
     /// f32 partial outputs and (max, sum) stats of one chunked attention launch.
     pub partial_out: usize,
     pub partial_stats: usize,
@@ -84,8 +86,7 @@ impl Workspace {
                 "workspace needs max tokens, logits rows and model length > 0".into(),
             ));
         }
-        let partitions = max_model_len.div_ceil(super::launch::PARTITION_SIZE);
-        let rows = rows_per_attention_launch(d, max_model_len).min(max_tokens);
+        let capacity = partial_capacity(d, max_model_len);
         Ok(Workspace {
             max_tokens,
             max_logits,
@@ -97,8 +98,9 @@ impl Workspace {
             act: max_tokens * d.intermediate,
             logits: max_logits * d.vocab,
             final_normed: max_logits * d.hidden,
-            partial_out: rows * d.num_heads * partitions * d.head_size,
-            partial_stats: rows * d.num_heads * partitions,
+            partial_capacity: capacity,
+            partial_out: capacity * d.num_heads * d.head_size,
+            partial_stats: capacity * d.num_heads,
         })
     }
 
@@ -114,16 +116,24 @@ impl Workspace {
     }
 }
 
-/// Query rows per attention launch so the partial buffers stay within
-/// [`PARTIALS_BUDGET_BYTES`] at the longest context (at least one row).
-pub fn rows_per_attention_launch(d: &Dims, max_keys: usize) -> usize {
+/// Capacity of the partial buffers in (row × partition) units: what fits the budget, but at
+/// least one row at the longest context (`max_model_len`).
+pub fn partial_capacity(d: &Dims, max_model_len: usize) -> usize {
+    let longest = max_model_len.div_ceil(super::launch::PARTITION_SIZE).max(1);
+    let per_row_partition = F32 * d.num_heads * (d.head_size + 2);
+    (PARTIALS_BUDGET_BYTES / per_row_partition).max(longest)
+}
+
+/// Query rows per attention launch at `max_keys` keys so `rows × partitions` stays within
+/// `capacity` (from [`partial_capacity`]); unbounded for single-pass launches, which write
+/// straight to the output. Callers guarantee `max_keys ≤ max_model_len`, so at least one row
+/// always fits.
+pub fn rows_per_attention_launch(max_keys: usize, capacity: usize) -> usize {
     let partitions = max_keys.div_ceil(super::launch::PARTITION_SIZE).max(1);
     if partitions == 1 {
-        // Single pass writes straight to the output: no partials, no limit.
         return usize::MAX;
     }
-    let per_row = F32 * d.num_heads * partitions * (d.head_size + 2);
-    (PARTIALS_BUDGET_BYTES / per_row).max(1)
+    (capacity / partitions).max(1)
 }
 
 /// KV blocks that fit: `total × utilization − used`, where `used` is what the process holds
@@ -209,14 +219,23 @@ mod tests {
 
     #[test]
     fn attention_row_chunks_bound_the_partials() {
-        assert_eq!(rows_per_attention_launch(&Q7B, 512), usize::MAX);
-        // 32k context: 64 partitions × 28 heads × 130 floats × 4 B = 931 840 B per row.
-        assert_eq!(rows_per_attention_launch(&Q7B, 32_768), 72);
+        // 28 heads × 130 floats × 4 B = 14 560 B per (row, partition) → 4609 fit in 64 MiB.
+        let cap = partial_capacity(&Q7B, 32_768);
+        assert_eq!(cap, 4609);
+        assert_eq!(rows_per_attention_launch(512, cap), usize::MAX);
+        assert_eq!(rows_per_attention_launch(32_768, cap), 72);
+        assert_eq!(rows_per_attention_launch(1025, cap), 1536);
+        // Every context up to the model length fits the buffer the workspace allocates.
         let ws = Workspace::new(&Q7B, 8192, 256, 32_768).unwrap();
-        assert_eq!(ws.partial_out, 72 * 28 * 64 * 128);
+        assert_eq!(ws.partial_out, 4609 * 28 * 128);
         assert!(ws.partial_out * 4 + ws.partial_stats * 8 <= PARTIALS_BUDGET_BYTES);
-        let short = Workspace::new(&Q7B, 8192, 256, 512).unwrap();
-        assert_eq!(short.partial_out, 8192 * 28 * 128);
+        for keys in (513usize..=32_768).step_by(97) {
+            let parts = keys.div_ceil(512);
+            let rows = rows_per_attention_launch(keys, cap);
+            assert!(rows * parts * 28 * 128 <= ws.partial_out, "{keys} keys");
+        }
+        // A tiny budget still holds one row at the longest context.
+        assert_eq!(partial_capacity(&Q7B, 10_000_000), 19_532);
         assert!(Workspace::new(&Q7B, 0, 1, 1).is_err());
     }
 }

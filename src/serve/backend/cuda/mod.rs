@@ -10,6 +10,8 @@
 //! on any machine. See docs/cuda-backend.md.
 
 pub mod compile;
+#[cfg(test)]
+mod emulate;
 pub mod launch;
 pub mod memory;
 pub mod pack;

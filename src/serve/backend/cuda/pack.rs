@@ -138,6 +138,13 @@ impl PackedBatch {
                 }
                 self.row_seq[r] = to_i32(i, "sequence index")?;
                 let keys = seq.context_len + j + 1;
+                // The attention workspace is sized for `max_position` keys per row.
+                if keys > lim.max_position {
+                    return Err(invalid(format!(
+                        "sequence {i} reaches {keys} tokens, beyond {}",
+                        lim.max_position
+                    )));
+                }
                 self.row_keys[r] = to_i32(keys, "context length")?;
                 self.max_keys = self.max_keys.max(keys);
             }
@@ -248,7 +255,8 @@ mod tests {
 
     #[test]
     fn rejects_bad_batches() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut StepBatch)>)> = vec![
+        type Edit = Box<dyn Fn(&mut StepBatch)>;
+        let cases: Vec<(&str, Edit)> = vec![
             ("slot", Box::new(|b| b.slot_mapping[0] = 40)),
             ("block", Box::new(|b| b.block_tables[1][0] = 10)),
             ("vocab", Box::new(|b| b.token_ids[0] = 100)),

@@ -114,6 +114,7 @@ impl Gpu {
         Self::with_store(mc, store, opts)
     }
 
+    #[allow(unsafe_code)]
     pub fn with_store(
         mc: ModelConfig,
         mut store: Bf16Store,
@@ -131,6 +132,9 @@ impl Gpu {
                 "compute capability {major}.{minor} (need ≥ 7.0)"
             )));
         }
+        // SAFETY: the backend uses this one stream for every allocation, copy and launch, so
+        // cudarc's cross-stream event tracking (two event records per launch) is pure overhead.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let cache = opts.kernel_cache_dir.clone().map(PtxCache::new);
         let ptx = compile_ptx(cc, cache.as_ref())?;
@@ -504,7 +508,10 @@ impl Gpu {
                     .map_err(drv)?;
             }
             // Attention in row chunks so the flash-decoding partials fit the workspace.
-            let chunk = memory::rows_per_attention_launch(&d, p.max_keys).min(t);
+            let chunk = memory::rows_per_attention_launch(p.max_keys, self.ws.partial_capacity)
+                .min(t)
+                // grid.y limit of the attention launch.
+                .min(65_535);
             let mut r0 = 0;
             while r0 < t {
                 let rows = chunk.min(t - r0);
@@ -637,6 +644,8 @@ impl Gpu {
         out.clear();
         out.vocab_size = d.vocab;
         if l == 0 {
+            // Nothing to copy out, but the next step rewrites the host arrays uploaded above.
+            s.synchronize().map_err(drv)?;
             return Ok(());
         }
         unsafe {
