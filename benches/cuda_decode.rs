@@ -1,10 +1,9 @@
 //! CUDA backend benchmarks (issue 6), on a GPU machine:
 //!
 //! 1. device copy bandwidth (device-to-device memcpy, read + write bytes / time);
-//! 2. attention-bound decode: one Qwen2.5-7B-shaped attention layer (28 heads / 4 KV heads,
-//!    head 128) with a tiny MLP and vocab, batch × context sweep; KV bytes read per step / step
-//!    time as a fraction of the copy bandwidth (target ≥ 80%). Whole steps are timed, so the
-//!    small GEMMs and element-wise kernels count against the attention kernel;
+//! 2. the paged-attention decode kernel alone (Qwen2.5-7B attention: 28 heads / 4 KV heads,
+//!    head 128), batch × context sweep: KV bytes read per launch / launch time as a fraction of
+//!    the copy bandwidth (target ≥ 80%);
 //! 3. single-stream decode tok/s for Qwen2.5-7B shapes (random bf16 weights) against the
 //!    bandwidth roofline (weights + KV bytes per token / copy bandwidth; target ≥ 85%);
 //! 4. batched decode throughput at 1–64 concurrent sequences.
@@ -14,6 +13,7 @@
 
 use std::time::Instant;
 
+use switchyard::serve::backend::cuda::harness::{AttentionHarness, HarnessShape, Rows};
 use switchyard::serve::backend::cuda::{self, weights, CudaBackend, CudaOptions};
 use switchyard::serve::backend::{Backend, SeqSlice, StepBatch, StepOutput};
 use switchyard::serve::model::ModelConfig;
@@ -156,24 +156,40 @@ fn main() -> anyhow::Result<()> {
     let bw = copy_bandwidth()?;
     println!("device copy bandwidth: {:.1} GB/s", bw / 1e9);
 
-    // 2. Attention-bound sweep.
-    let mut r = Runner::new(qwen7b(1, 256, 1024), 4096, 64)?;
+    // 2. Paged-attention decode kernel alone (Qwen2.5-7B attention: 28 / 4 heads, head 128).
     let kv_token_bytes = (2 * 4 * 128 * 2) as f64; // K + V, 4 KV heads, bf16, one layer
-    println!("attention-bound decode (1 layer, Qwen2.5-7B attention shape)");
-    println!("batch  context  step_ms  kv_GB/s  fraction_of_copy");
+    let (max_batch, max_ctx) = (64usize, 8192usize);
+    let mut h = AttentionHarness::new(HarnessShape {
+        num_heads: 28,
+        num_kv_heads: 4,
+        head_size: 128,
+        block_size: BLOCK,
+        num_blocks: max_batch * max_ctx / BLOCK,
+    })?;
+    println!("paged-attention decode kernel (Qwen2.5-7B attention shape, one layer)");
+    println!("batch  context  us/launch  kv_GB/s  fraction_of_copy");
     for &batch in &[1usize, 8, 32, 64] {
         for &ctx in &[512usize, 2048, 8192] {
-            let t = r.decode_time(batch, ctx, steps)?;
+            let per_seq = ctx / BLOCK;
+            let rows = Rows {
+                q: vec![0x3f80; batch * 28 * 128],
+                row_seq: (0..batch as i32).collect(),
+                row_keys: vec![ctx as i32; batch],
+                block_tables: (0..(batch * per_seq) as i32).collect(),
+                max_blocks: per_seq,
+            };
+            let (_, t) = h.attention(&rows, if quick { 5 } else { 50 })?;
             let gbs = batch as f64 * ctx as f64 * kv_token_bytes / t;
             println!(
-                "{batch:5}  {ctx:7}  {:7.3}  {:7.1}  {:5.1}%",
-                t * 1e3,
+                "{batch:5}  {ctx:7}  {:9.1}  {:7.1}  {:5.1}%",
+                t * 1e6,
                 gbs / 1e9,
                 100.0 * gbs / bw
             );
         }
     }
-    drop(r);
+    drop(h);
+    let kv_token_bytes_per_layer = kv_token_bytes;
 
     // 3 + 4. Full Qwen2.5-7B shapes.
     let cfg = qwen7b(28, 18944, 152_064);
@@ -185,7 +201,7 @@ fn main() -> anyhow::Result<()> {
     let mut r = Runner::new(cfg, 4096, 64)?;
     let ctx = 512;
     let t = r.decode_time(1, ctx, steps)?;
-    let kv_bytes = ctx as f64 * kv_token_bytes * 28.0;
+    let kv_bytes = ctx as f64 * kv_token_bytes_per_layer * 28.0;
     let roofline = bw / (weight_bytes + kv_bytes);
     println!(
         "single-stream decode, Qwen2.5-7B shapes, context {ctx}: {:.1} tok/s, roofline {:.1} tok/s ({:.1}%)",

@@ -1,78 +1,16 @@
-//! `switchyard serve` HTTP API over the sim backend, on loopback: completions and chat,
-//! streaming and not, usage and cached tokens, stop strings, every error path, client disconnect,
-//! and the `/metrics` exposition (checked with promtool when available).
+//! `switchyard serve` generation endpoints over the sim backend, on loopback: completions and
+//! chat, streaming and not, usage and cached tokens, stop strings, logprobs, chunked bodies,
+//! models and tokenizer endpoints.
 
+mod serve_support;
 mod support;
 
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt as _;
 use serde_json::{json, Value};
-use support::tools;
-use support::{HttpClient, HttpResponse};
-use switchyard::serve::{self, ServeArgs, ServerHandle};
-
-/// Fast sim: one L4 decode step (~65 ms simulated) takes ~65 µs.
-const FAST: f64 = 0.001;
-
-async fn start(f: impl FnOnce(&mut ServeArgs)) -> (ServerHandle, String) {
-    let mut args = ServeArgs::sim_for_tests("l4-qwen2.5-7b", FAST);
-    args.served_model_name = vec!["qwen".into(), "qwen-alias".into()];
-    f(&mut args);
-    let h = serve::start(args).await.unwrap();
-    let base = format!("http://{}", h.http_addr);
-    (h, base)
-}
-
-async fn post(base: &str, path: &str, body: Value) -> HttpResponse {
-    HttpClient::new()
-        .post_json(&format!("{base}{path}"), &[], body.to_string())
-        .await
-        .unwrap()
-}
-
-fn json_of(r: &HttpResponse) -> Value {
-    serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.text()))
-}
-
-/// The `data:` payloads of an SSE body, in order.
-fn sse_data(r: &HttpResponse) -> Vec<String> {
-    let text = r.text();
-    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
-    text.split("\n\n")
-        .filter(|e| !e.is_empty())
-        .map(|e| {
-            e.strip_prefix("data: ")
-                .unwrap_or_else(|| panic!("bad event {e:?}"))
-                .to_owned()
-        })
-        .collect()
-}
-
-/// Sum of the samples of `name` (exact series name, any labels) matching `filter`.
-fn metric(text: &str, name: &str, filter: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter(|l| l.contains(filter))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
-}
-
-async fn metrics_text(base: &str) -> String {
-    let r = HttpClient::new()
-        .get(&format!("{base}/metrics"))
-        .await
-        .unwrap();
-    assert_eq!(r.status, 200);
-    r.text()
-}
-
-fn error_of(r: &HttpResponse) -> Value {
-    assert_eq!(r.header("content-type"), "application/json");
-    json_of(r)["error"].clone()
-}
-
+use serve_support::*;
+use support::HttpClient;
 #[tokio::test]
 async fn completion_non_streaming_and_streaming_agree_with_usage_and_cache_hits() {
     let (h, base) = start(|_| {}).await;
@@ -276,240 +214,6 @@ async fn stop_strings_end_generation_and_are_cut_from_the_text() {
 }
 
 #[tokio::test]
-async fn errors_are_openai_json_with_exact_status() {
-    let (h, base) = start(|a| {
-        a.max_model_len = Some(64);
-        a.max_request_body_bytes = 2048;
-    })
-    .await;
-    let client = HttpClient::new();
-
-    let r = client
-        .post_json(&format!("{base}/v1/completions"), &[], "{not json")
-        .await
-        .unwrap();
-    assert_eq!(r.status, 400);
-    let e = error_of(&r);
-    assert_eq!(e["type"], "BadRequestError");
-    assert_eq!(e["code"], 400);
-    assert!(
-        e["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("Invalid request body: "),
-        "{e}"
-    );
-
-    // 40 tokens of prompt + 30 > 64.
-    let r = post(
-        &base,
-        "/v1/completions",
-        json!({"prompt": "a".repeat(160), "max_tokens": 30}),
-    )
-    .await;
-    assert_eq!(r.status, 400);
-    assert_eq!(
-        error_of(&r),
-        json!({"message": "This model's maximum context length is 64 tokens. However, you \
-               requested 70 tokens (40 in the messages, 30 in the completion). Please reduce the \
-               length of the messages or completion.",
-               "type": "BadRequestError", "param": "max_tokens", "code": 400})
-    );
-
-    let r = post(
-        &base,
-        "/v1/chat/completions",
-        json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}),
-    )
-    .await;
-    assert_eq!(r.status, 404);
-    assert_eq!(
-        error_of(&r),
-        json!({"message": "The model `nope` does not exist.", "type": "NotFoundError",
-               "param": "model", "code": 404})
-    );
-
-    for (body, message, param) in [
-        (
-            json!({"prompt": "hi", "max_tokens": 0}),
-            "max_tokens must be at least 1, got 0.",
-            "max_tokens",
-        ),
-        (json!({"prompt": "hi", "n": 2}), "n must be 1, got 2.", "n"),
-        (
-            json!({"prompt": ""}),
-            "The prompt must not be empty.",
-            "prompt",
-        ),
-        (
-            json!({"prompt": [1, 2, 999999]}),
-            "Token id 999999 is out of vocabulary (vocabulary size 152064).",
-            "prompt",
-        ),
-        (
-            json!({"prompt": "hi", "temperature": -1}),
-            "temperature must be a non-negative number, got -1.",
-            "temperature",
-        ),
-        (
-            json!({"prompt": "hi", "top_p": 0}),
-            "top_p must be in (0, 1], got 0.",
-            "top_p",
-        ),
-        (
-            json!({"prompt": ["a", "b"]}),
-            "Batched prompts are not supported; send one prompt per request.",
-            "prompt",
-        ),
-        (
-            json!({"prompt": "hi", "stop": [""]}),
-            "Stop strings must not be empty.",
-            "stop",
-        ),
-    ] {
-        let r = post(&base, "/v1/completions", body.clone()).await;
-        assert_eq!(r.status, 400, "{body}");
-        assert_eq!(
-            error_of(&r),
-            json!({"message": message, "type": "BadRequestError", "param": param, "code": 400}),
-            "{body}"
-        );
-    }
-
-    let r = client
-        .post_json(
-            &format!("{base}/v1/completions"),
-            &[],
-            json!({"prompt": "a".repeat(4096)}).to_string(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 413);
-    assert_eq!(
-        error_of(&r)["message"],
-        "Request body too large (limit 2048 bytes)."
-    );
-    h.shutdown(Duration::from_secs(2)).await;
-}
-
-/// Opens a streaming request and returns the response once its first body frame arrived.
-async fn open_stream(base: &str, body: Value) -> hyper::Response<hyper::body::Incoming> {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Full<bytes::Bytes>>();
-    let req = http::Request::post(format!("{base}/v1/completions"))
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            body.to_string(),
-        )))
-        .unwrap();
-    let mut resp = client.request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let frame = resp.body_mut().frame().await.unwrap().unwrap();
-    assert!(frame.data_ref().is_some_and(|d| d.starts_with(b"data: ")));
-    resp
-}
-
-async fn wait_metrics(base: &str, what: &str, ok: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = metrics_text(base).await;
-        if ok(&m) {
-            return m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}:\n{m}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-#[tokio::test]
-async fn disconnect_mid_stream_aborts_and_frees_blocks() {
-    // ~3 ms per decode step: 4000 tokens would take ~13 s.
-    let (h, base) = start(|a| a.time_scale = 0.05).await;
-    let resp = open_stream(
-        &base,
-        json!({"prompt": "z".repeat(400), "max_tokens": 4000, "stream": true}),
-    )
-    .await;
-    wait_metrics(&base, "request running", |m| {
-        metric(m, "vllm:num_requests_running", "") == 1.0
-            && metric(m, "vllm:kv_cache_usage_perc", "") > 0.0
-    })
-    .await;
-    drop(resp);
-    let m = wait_metrics(&base, "blocks freed", |m| {
-        metric(m, "vllm:kv_cache_usage_perc", "") == 0.0
-            && metric(m, "vllm:num_requests_running", "") == 0.0
-    })
-    .await;
-    assert_eq!(
-        metric(
-            &m,
-            "vllm:request_success_total",
-            "finished_reason=\"abort\""
-        ),
-        1.0
-    );
-    assert!(metric(&m, "vllm:generation_tokens_total", "") < 4000.0);
-    assert_eq!(
-        h.engine.shared().num_free_blocks(),
-        h.engine.info().num_blocks
-    );
-    h.shutdown(Duration::from_secs(2)).await;
-}
-
-#[tokio::test]
-async fn waiting_queue_over_limit_gets_503_with_retry_after() {
-    let (h, base) = start(|a| {
-        a.time_scale = 0.05;
-        a.max_num_seqs = 1;
-        a.max_waiting = 1;
-    })
-    .await;
-    let body = json!({"prompt": "q".repeat(64), "max_tokens": 4000, "stream": true});
-    let first = open_stream(&base, body.clone()).await;
-    // The engine publishes its queue sizes after a step; wait until the first one is counted
-    // as running so the second is judged against a settled queue.
-    wait_metrics(&base, "first running", |m| {
-        metric(m, "vllm:num_requests_running", "") == 1.0
-            && metric(m, "vllm:num_requests_waiting", "") == 0.0
-    })
-    .await;
-    // The second one waits (one sequence at a time); its stream has no frame yet, so send it in
-    // the background.
-    let b2 = base.clone();
-    let b = body.clone();
-    let second = tokio::spawn(async move {
-        HttpClient::new()
-            .post_json(&format!("{b2}/v1/completions"), &[], b.to_string())
-            .await
-    });
-    wait_metrics(&base, "one waiting", |m| {
-        metric(m, "vllm:num_requests_waiting", "") == 1.0
-    })
-    .await;
-    let r = post(&base, "/v1/completions", body).await;
-    assert_eq!(r.status, 503);
-    assert_eq!(r.header("retry-after"), "1");
-    assert_eq!(
-        error_of(&r),
-        json!({"message": "Server overloaded: 1 requests waiting (limit 1). Retry later.",
-               "type": "ServiceUnavailableError", "param": null, "code": 503})
-    );
-    drop(first);
-    second.abort();
-    wait_metrics(&base, "all aborted", |m| {
-        metric(m, "vllm:num_requests_running", "") + metric(m, "vllm:num_requests_waiting", "")
-            == 0.0
-            && metric(m, "vllm:kv_cache_usage_perc", "") == 0.0
-    })
-    .await;
-    h.shutdown(Duration::from_secs(2)).await;
-}
-
-#[tokio::test]
 async fn models_health_version_tokenize_detokenize() {
     let (h, base) = start(|a| a.max_model_len = Some(4096)).await;
     let client = HttpClient::new();
@@ -556,132 +260,6 @@ async fn models_health_version_tokenize_detokenize() {
 }
 
 #[tokio::test]
-async fn metrics_have_every_vllm_name_and_pass_promtool() {
-    let (h, base) = start(|_| {}).await;
-    let r = post(
-        &base,
-        "/v1/completions",
-        json!({"prompt": "metrics please", "max_tokens": 3}),
-    )
-    .await;
-    assert_eq!(r.status, 200);
-    let r = HttpClient::new()
-        .get(&format!("{base}/metrics"))
-        .await
-        .unwrap();
-    assert!(r
-        .header("content-type")
-        .starts_with("text/plain; version=0.0.4"));
-    let text = r.text();
-    for name in switchyard::serve::metrics::METRIC_NAMES {
-        assert!(
-            text.contains(&format!("# HELP {name} ")),
-            "no HELP for {name}\n{text}"
-        );
-        assert!(
-            text.contains(&format!("# TYPE {name} ")),
-            "no TYPE for {name}\n{text}"
-        );
-    }
-    for line in [
-        "# TYPE vllm:num_requests_running gauge",
-        "# TYPE vllm:prompt_tokens_total counter",
-        "# TYPE vllm:time_to_first_token_seconds histogram",
-    ] {
-        assert!(text.lines().any(|l| l == line), "missing {line:?}\n{text}");
-    }
-    let labels = "model_name=\"qwen\",engine=\"0\"";
-    assert!(
-        text.contains(&format!("vllm:num_requests_running{{{labels}}} 0")),
-        "{text}"
-    );
-    assert!(
-        text.contains(&format!("vllm:generation_tokens_total{{{labels}}} 3")),
-        "{text}"
-    );
-    assert!(
-        text.contains("vllm:time_to_first_token_seconds_bucket{model_name=\"qwen\",engine=\"0\",le=\"0.001\"}"),
-        "{text}"
-    );
-    assert!(
-        text.contains("vllm:time_to_first_token_seconds_bucket{model_name=\"qwen\",engine=\"0\",le=\"2560.0\"}"),
-        "{text}"
-    );
-    assert!(
-        text.contains(
-            "vllm:inter_token_latency_seconds_bucket{model_name=\"qwen\",engine=\"0\",le=\"80.0\"}"
-        ),
-        "{text}"
-    );
-    assert!(
-        text.contains("vllm:request_decode_time_seconds_bucket{model_name=\"qwen\",engine=\"0\",le=\"7680.0\"}"),
-        "{text}"
-    );
-    let blocks = h.engine.info().num_blocks;
-    assert!(
-        text.contains(&format!(
-            "vllm:cache_config_info{{model_name=\"qwen\",engine=\"0\",block_size=\"16\",num_gpu_blocks=\"{blocks}\""
-        )),
-        "{text}"
-    );
-    assert!(
-        text.contains("vllm:request_success_total{model_name=\"qwen\",engine=\"0\",finished_reason=\"length\"}"),
-        "{text}"
-    );
-    // Scraper view: the EPP's parser reads the numbers it needs.
-    let wanted = [
-        "vllm:kv_cache_usage_perc",
-        "vllm:num_requests_waiting",
-        "vllm:generation_tokens_total",
-    ];
-    let page = switchyard::promtext::parse(&text, &wanted, &Default::default()).unwrap();
-    for name in wanted {
-        assert_eq!(page.get(name).map(|f| f.samples.len()), Some(1), "{name}");
-    }
-    assert_eq!(
-        page.get("vllm:generation_tokens_total").unwrap().samples[0].value,
-        3.0
-    );
-
-    let Some(promtool) = tools::promtool() else {
-        println!("SKIPPED: promtool not found (run scripts/install-test-deps.sh)");
-        h.shutdown(Duration::from_secs(2)).await;
-        return;
-    };
-    use std::io::Write as _;
-    let mut child = std::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let code = out.status.code().unwrap_or(-1);
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // vLLM's names contain ':', which promtool's linter flags (exit 3); nothing else may be.
-    let colons_only = code == 3
-        && report
-            .lines()
-            .all(|l| l.trim().is_empty() || l.ends_with("metric names should not contain ':'"));
-    assert!(
-        code == 0 || colons_only,
-        "promtool exit {code}: {report}\n{text}"
-    );
-    h.shutdown(Duration::from_secs(2)).await;
-}
-
-#[tokio::test]
 async fn chunked_request_bodies_are_accepted() {
     use http_body_util::StreamBody;
     let (h, base) = start(|_| {}).await;
@@ -705,5 +283,67 @@ async fn chunked_request_bodies_are_accepted() {
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["usage"]["prompt_tokens"], 3);
     assert_eq!(v["usage"]["completion_tokens"], 2);
+    h.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn logprobs_only_when_asked() {
+    let (h, base) = start(|_| {}).await;
+    let r = post(
+        &base,
+        "/v1/completions",
+        json!({"prompt": "logprob test", "max_tokens": 3, "stream": true}),
+    )
+    .await;
+    let events = sse_data(&r);
+    for e in &events[..events.len() - 1] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        assert!(c["choices"][0]["logprobs"].is_null(), "{e}");
+    }
+    let v = json_of(
+        &post(
+            &base,
+            "/v1/completions",
+            json!({"prompt": "logprob test", "max_tokens": 3, "logprobs": 2}),
+        )
+        .await,
+    );
+    let lp = &v["choices"][0]["logprobs"];
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.concat(), text);
+    // The sim backend picks tokens with certainty.
+    assert_eq!(lp["token_logprobs"], json!([0.0, 0.0, 0.0]));
+    assert_eq!(lp["text_offset"], json!([0, 4, 8]));
+    assert_eq!(lp["top_logprobs"][1], json!({tokens[1]: 0.0}));
+    let v = json_of(
+        &post(
+            &base,
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 2, "logprobs": true, "top_logprobs": 1}),
+        )
+        .await,
+    );
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 2);
+    assert_eq!(content[0]["logprob"], 0.0);
+    assert_eq!(content[0]["top_logprobs"][0]["token"], content[0]["token"]);
+    let r = post(
+        &base,
+        "/v1/completions",
+        json!({"prompt": "x", "logprobs": 21}),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        error_of(&r)["message"],
+        "logprobs must be between 0 and 20, got 21."
+    );
     h.shutdown(Duration::from_secs(2)).await;
 }

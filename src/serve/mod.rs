@@ -113,6 +113,10 @@ pub struct ServeArgs {
     /// cpu backend threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// GPUs per replica (vLLM's flag). Only 1 is supported until tensor parallelism lands
+    /// (design: docs/multi-gpu.md).
+    #[arg(long, default_value_t = 1)]
+    pub tensor_parallel_size: usize,
 }
 
 impl ServeArgs {
@@ -138,6 +142,7 @@ impl ServeArgs {
             time_scale,
             seed: 0,
             kv_events_port: None,
+            tensor_parallel_size: 1,
             kv_events_buffer: 100_000,
             max_request_body_bytes: 32 * 1024 * 1024,
             threads: None,
@@ -287,6 +292,13 @@ fn cpu_backend(args: &ServeArgs, dir: &std::path::Path) -> Result<Built, ServeEr
 
 /// Starts the engine and the listeners; returns once they are bound.
 pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
+    if args.tensor_parallel_size != 1 {
+        return Err(ServeError::InvalidFlag(format!(
+            "--tensor-parallel-size {} is not supported yet: one replica serves on one GPU \
+             (multi-GPU design: docs/multi-gpu.md); run more replicas instead",
+            args.tensor_parallel_size
+        )));
+    }
     let built = build_backend(&args)?;
     if args.gpu_memory_utilization <= 0.0 || args.gpu_memory_utilization > 1.0 {
         return Err(ServeError::InvalidFlag(format!(

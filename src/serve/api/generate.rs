@@ -169,6 +169,7 @@ pub struct Generation {
     stream: RequestStream,
     detok: Detokenizer,
     spec: OutputSpec,
+    want_logprobs: bool,
     /// All output text so far (after stop-string truncation).
     pub text: String,
     emitted: usize,
@@ -200,6 +201,7 @@ impl Generation {
     ) -> Result<Self, ApiError> {
         let detok = Detokenizer::new(Arc::clone(codec), spec.skip_special, &prompt);
         let prompt_tokens = prompt.len();
+        let want_logprobs = params.logprobs.is_some();
         let stream = engine.submit(prompt, params)?;
         Ok(Self {
             engine: engine.clone(),
@@ -208,6 +210,7 @@ impl Generation {
             stream,
             detok,
             spec,
+            want_logprobs,
             text: String::new(),
             emitted: 0,
             prompt_tokens,
@@ -331,6 +334,9 @@ impl Generation {
         tokens: &[(u32, Option<TokenLogprobs>)],
         mut offset: usize,
     ) -> Option<CompletionLogprobs> {
+        if !self.want_logprobs {
+            return None;
+        }
         let mut out = CompletionLogprobs::default();
         for (id, lp) in tokens {
             let lp = lp.as_ref()?;
@@ -350,6 +356,9 @@ impl Generation {
 
     /// Chat-style logprobs for `tokens`.
     pub fn chat_logprobs(&self, tokens: &[(u32, Option<TokenLogprobs>)]) -> Option<ChatLogprobs> {
+        if !self.want_logprobs {
+            return None;
+        }
         let mut out = ChatLogprobs::default();
         for (id, lp) in tokens {
             let lp = lp.as_ref()?;

@@ -1,10 +1,13 @@
 //! NVRTC compilation of the kernel sources in `kernels/*.cu`: builds the translation unit
 //! (constants + helpers + kernels), the compiler options for the device's compute capability,
-//! and an on-disk PTX cache keyed by source hash, architecture and NVRTC version.
+//! and an on-disk cache of the compiled module keyed by source hash, architecture and NVRTC
+//! version.
 //!
-//! PTX is generated for the *virtual* architecture `compute_XY` of the device itself, never a
-//! newer one, and the driver JIT-compiles it at module load, so no nvcc is needed at build
-//! time and the PTX cannot outrun the node's GPU.
+//! NVRTC compiles for the device's *own* real architecture (`sm_89` on an L4, `sm_90` on an
+//! H100) and we load the CUBIN (SASS), never PTX: the PTX ISA NVRTC 12.9 emits (8.8) cannot be
+//! JIT-compiled by an older 12.x driver, while a CUBIN runs under CUDA's minor-version
+//! compatibility. So no nvcc is needed at build time and the code never outruns the node's GPU
+//! or driver.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,6 +22,9 @@ const SOURCES: [(&str, &str); 3] = [
     ("cache.cu", include_str!("kernels/cache.cu")),
     ("attention.cu", include_str!("kernels/attention.cu")),
 ];
+
+/// First bytes of every CUBIN (ELF).
+pub const ELF_MAGIC: &[u8] = b"\x7fELF";
 
 /// bf16 elements per 16-byte key group (REFERENCE.md §6: x = 16 bytes / element size).
 pub const KEY_X: usize = 8;
@@ -48,9 +54,9 @@ impl ComputeCapability {
     /// Oldest architecture the kernels are written for (Volta: `__shfl_xor_sync`, 48 KiB shared).
     pub const MIN: ComputeCapability = ComputeCapability { major: 7, minor: 0 };
 
-    /// The virtual architecture NVRTC targets, e.g. `compute_89` for an L4.
-    pub fn virtual_arch(&self) -> String {
-        format!("compute_{}{}", self.major, self.minor)
+    /// The real architecture NVRTC targets, e.g. `sm_89` for an L4.
+    pub fn arch(&self) -> String {
+        format!("sm_{}{}", self.major, self.minor)
     }
 }
 
@@ -76,7 +82,7 @@ pub fn module_source() -> String {
 /// contraction stays on as in nvcc's default.
 pub fn compile_options(cc: ComputeCapability) -> Vec<String> {
     vec![
-        format!("--gpu-architecture={}", cc.virtual_arch()),
+        format!("--gpu-architecture={}", cc.arch()),
         "--std=c++17".to_owned(),
         "--fmad=true".to_owned(),
         "--device-as-default-execution-space".to_owned(),
@@ -105,13 +111,13 @@ pub fn cache_key(source: &str, options: &[String], nvrtc_version: (i32, i32)) ->
     )
 }
 
-/// PTX files on disk, one per cache key.
+/// Compiled kernel modules (CUBIN) on disk, one per cache key.
 #[derive(Debug, Clone)]
-pub struct PtxCache {
+pub struct KernelCache {
     dir: PathBuf,
 }
 
-impl PtxCache {
+impl KernelCache {
     pub fn new(dir: PathBuf) -> Self {
         Self { dir }
     }
@@ -134,26 +140,26 @@ impl PtxCache {
     }
 
     pub fn path(&self, key: &str) -> PathBuf {
-        self.dir.join(format!("{key}.ptx"))
+        self.dir.join(format!("{key}.cubin"))
     }
 
-    /// The cached PTX, if present and readable. A corrupt or unreadable entry is a miss (it is
-    /// rewritten after the next compile).
-    pub fn get(&self, key: &str) -> Option<String> {
-        let text = std::fs::read_to_string(self.path(key)).ok()?;
-        // A PTX module always declares its version; anything else is a torn or foreign file.
-        text.contains(".version").then_some(text)
+    /// The cached module, if present and readable. A corrupt or unreadable entry is a miss (it
+    /// is rewritten after the next compile).
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let bytes = std::fs::read(self.path(key)).ok()?;
+        // A CUBIN is an ELF file; anything else is a torn or foreign file.
+        bytes.starts_with(ELF_MAGIC).then_some(bytes)
     }
 
     /// Writes atomically (temp file + rename) so concurrent replicas never read half a file.
-    pub fn put(&self, key: &str, ptx: &str) -> Result<(), CudaError> {
+    pub fn put(&self, key: &str, module: &[u8]) -> Result<(), CudaError> {
         let io = |e: std::io::Error| CudaError::KernelCache {
             path: self.dir.clone(),
             reason: e.to_string(),
         };
         std::fs::create_dir_all(&self.dir).map_err(io)?;
         let mut tmp = tempfile_in(&self.dir).map_err(io)?;
-        tmp.1.write_all(ptx.as_bytes()).map_err(io)?;
+        tmp.1.write_all(module).map_err(io)?;
         tmp.1.sync_all().map_err(io)?;
         drop(tmp.1);
         std::fs::rename(&tmp.0, self.path(key)).map_err(|e| {
@@ -166,7 +172,7 @@ impl PtxCache {
 /// A uniquely named temp file in `dir` (no tempfile crate outside dev-dependencies).
 fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
     let unique = format!(
-        ".tmp-{}-{:x}.ptx",
+        ".tmp-{}-{:x}.cubin",
         std::process::id(),
         rand::random::<u64>()
     );
@@ -193,43 +199,77 @@ fn nvrtc_version() -> Result<(i32, i32), CudaError> {
     Ok((major, minor))
 }
 
-/// Compiles the kernel module for `cc` with NVRTC, or loads it from `cache`. Needs only
-/// libnvrtc (no driver, no GPU): call [`super::probe::probe_nvrtc`] first.
-pub fn compile_ptx(cc: ComputeCapability, cache: Option<&PtxCache>) -> Result<String, CudaError> {
+/// Compiles the kernel module for `cc` with NVRTC into a CUBIN, or loads it from `cache`.
+/// Needs only libnvrtc (no driver, no GPU): call [`super::probe::probe_nvrtc`] first.
+pub fn compile_cubin(
+    cc: ComputeCapability,
+    cache: Option<&KernelCache>,
+) -> Result<Vec<u8>, CudaError> {
     let source = module_source();
     let options = compile_options(cc);
     let key = cache_key(&source, &options, nvrtc_version()?);
-    if let Some(ptx) = cache.and_then(|c| c.get(&key)) {
+    if let Some(cubin) = cache.and_then(|c| c.get(&key)) {
         tracing::info!(%key, "CUDA kernels loaded from cache");
-        return Ok(ptx);
+        return Ok(cubin);
     }
     let started = Instant::now();
-    let opts = cudarc::nvrtc::CompileOptions {
-        options: options.clone(),
-        name: Some("switchyard.cu".into()),
-        ..Default::default()
-    };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(&source, opts).map_err(|e| {
-        let log = match &e {
-            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-                log.to_string_lossy().into_owned()
-            }
-            other => format!("{other:?}"),
-        };
-        CudaError::Compile {
-            arch: cc.virtual_arch(),
-            log,
-        }
+    let cubin = nvrtc_cubin(&source, &options).map_err(|log| CudaError::Compile {
+        arch: cc.arch(),
+        log,
     })?;
-    let text = ptx.to_src();
-    tracing::info!(%key, elapsed_ms = started.elapsed().as_millis() as u64, "CUDA kernels compiled");
+    tracing::info!(%key, bytes = cubin.len(), elapsed_ms = started.elapsed().as_millis() as u64, "CUDA kernels compiled");
     if let Some(c) = cache {
         // A read-only cache directory only costs a recompile next start.
-        if let Err(e) = c.put(&key, &text) {
+        if let Err(e) = c.put(&key, &cubin) {
             tracing::warn!(error = %e, "cannot write kernel cache");
         }
     }
-    Ok(text)
+    Ok(cubin)
+}
+
+/// One NVRTC program → CUBIN bytes, or the compiler log. cudarc's safe wrapper only returns
+/// PTX, so this drives the C API (create, compile, log, CUBIN, destroy) directly.
+#[allow(unsafe_code)]
+fn nvrtc_cubin(source: &str, options: &[String]) -> Result<Vec<u8>, String> {
+    use cudarc::nvrtc::{result, sys};
+    let src = std::ffi::CString::new(source).map_err(|_| "source contains NUL".to_owned())?;
+    let name = c"switchyard.cu";
+    let prog = result::create_program(&src, Some(name)).map_err(|e| format!("{e:?}"))?;
+    // SAFETY: `prog` is a live program created above and destroyed exactly once at the end;
+    // the buffers handed to NVRTC are sized by the matching *Size call.
+    let out = unsafe {
+        let compiled = result::compile_program(prog, options);
+        let log = result::get_program_log(prog)
+            .map(|l| {
+                std::ffi::CStr::from_ptr(l.as_ptr())
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .unwrap_or_default();
+        match compiled {
+            Err(e) => Err(format!("{e:?}: {log}")),
+            Ok(()) => {
+                let mut size = 0usize;
+                let rc = sys::nvrtcGetCUBINSize(prog, &mut size);
+                if rc != sys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
+                    Err(format!("nvrtcGetCUBINSize: {rc:?}"))
+                } else {
+                    let mut buf = vec![0u8; size];
+                    let rc = sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast());
+                    if rc == sys::nvrtcResult::NVRTC_SUCCESS {
+                        Ok(buf)
+                    } else {
+                        Err(format!("nvrtcGetCUBIN: {rc:?}"))
+                    }
+                }
+            }
+        }
+    };
+    // SAFETY: destroyed once; nothing uses `prog` afterwards.
+    if let Err(e) = unsafe { result::destroy_program(prog) } {
+        tracing::warn!(error = ?e, "nvrtcDestroyProgram failed");
+    }
+    out
 }
 
 #[cfg(test)]
@@ -241,8 +281,8 @@ mod tests {
 
     #[test]
     fn options_target_the_device_arch() {
-        assert_eq!(compile_options(L4)[0], "--gpu-architecture=compute_89");
-        assert_eq!(compile_options(H100)[0], "--gpu-architecture=compute_90");
+        assert_eq!(compile_options(L4)[0], "--gpu-architecture=sm_89");
+        assert_eq!(compile_options(H100)[0], "--gpu-architecture=sm_90");
         assert!(!compile_options(L4).iter().any(|o| o.contains("fast")));
     }
 
@@ -267,8 +307,8 @@ mod tests {
     fn cache_key_changes_with_each_input() {
         let src = module_source();
         let k = cache_key(&src, &compile_options(L4), (12, 4));
-        assert!(k.starts_with("compute_89-nvrtc12.4-"), "{k}");
-        assert_eq!(k.len(), "compute_89-nvrtc12.4-".len() + 16);
+        assert!(k.starts_with("sm_89-nvrtc12.4-"), "{k}");
+        assert_eq!(k.len(), "sm_89-nvrtc12.4-".len() + 16);
         assert_eq!(k, cache_key(&src, &compile_options(L4), (12, 4)));
         assert_ne!(k, cache_key(&src, &compile_options(H100), (12, 4)));
         assert_ne!(k, cache_key(&src, &compile_options(L4), (12, 8)));
@@ -281,17 +321,17 @@ mod tests {
     #[test]
     fn disk_cache_round_trip_and_corrupt_entry_is_a_miss() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = PtxCache::new(dir.path().join("nested/ptx"));
+        let cache = KernelCache::new(dir.path().join("nested/ptx"));
         assert_eq!(cache.get("k"), None);
-        let ptx = "//\n.version 8.4\n.target sm_89\n";
-        cache.put("k", ptx).unwrap();
-        assert_eq!(cache.get("k").as_deref(), Some(ptx));
+        let module = b"\x7fELF\x02\x01\x01some cubin";
+        cache.put("k", module).unwrap();
+        assert_eq!(cache.get("k").as_deref(), Some(&module[..]));
         std::fs::write(cache.path("k"), "garbage").unwrap();
         assert_eq!(cache.get("k"), None);
         let leftovers: Vec<_> = std::fs::read_dir(cache.dir())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert_eq!(leftovers, vec!["k.ptx".to_owned()]);
+        assert_eq!(leftovers, vec!["k.cubin".to_owned()]);
     }
 }

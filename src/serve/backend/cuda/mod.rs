@@ -12,6 +12,7 @@
 pub mod compile;
 #[cfg(test)]
 mod emulate;
+pub mod harness;
 pub mod launch;
 pub mod memory;
 pub mod pack;
@@ -84,7 +85,7 @@ pub struct CudaOptions {
     pub max_model_len: Option<usize>,
     /// CUDA device ordinal.
     pub device: usize,
-    /// Where compiled PTX is cached; `None` compiles every start.
+    /// Where compiled kernels are cached; `None` compiles every start.
     pub kernel_cache_dir: Option<PathBuf>,
 }
 

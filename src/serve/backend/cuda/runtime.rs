@@ -16,7 +16,7 @@ use cudarc::driver::{
     DriverError, LaunchConfig, PushKernelArg,
 };
 
-use super::compile::{compile_ptx, ComputeCapability, PtxCache};
+use super::compile::{compile_cubin, ComputeCapability, KernelCache};
 use super::launch::{self, AttentionShape, Launch};
 use super::memory::{self, Dims, Workspace};
 use super::pack::{PackLimits, PackedBatch};
@@ -136,15 +136,14 @@ impl Gpu {
         // cudarc's cross-stream event tracking (two event records per launch) is pure overhead.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
-        let cache = opts.kernel_cache_dir.clone().map(PtxCache::new);
-        let ptx = compile_ptx(cc, cache.as_ref())?;
+        let cache = opts.kernel_cache_dir.clone().map(KernelCache::new);
+        let cubin = compile_cubin(cc, cache.as_ref())?;
         let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
             .map_err(|e| {
                 CudaError::Driver(format!(
-                    "loading the kernel PTX failed ({e}); if this says the PTX version is \
-                     unsupported, the driver is older than NVRTC: upgrade the driver or use an \
-                     older libnvrtc"
+                    "loading the compiled kernels failed ({e}); a CUBIN from a newer CUDA \
+                     major version than the driver cannot load: match libnvrtc to the driver"
                 ))
             })?;
         let head = mc.head_dim();
@@ -241,7 +240,7 @@ impl Gpu {
         };
         tracing::info!(
             device = opts.device,
-            arch = %cc.virtual_arch(),
+            arch = %cc.arch(),
             weights_gib = dims.weight_bytes(lm_head.is_none()) as f64 / (1u64 << 30) as f64,
             workspace_mib = ws.bytes() >> 20,
             kv_blocks = budget_blocks,
