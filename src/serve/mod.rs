@@ -38,7 +38,8 @@ pub enum BackendKind {
     Cpu,
     /// Roofline-modelled accelerator for load tests (no weights).
     Sim,
-    /// NVIDIA GPU (not part of this build yet).
+    /// NVIDIA GPU through cudarc + NVRTC-compiled kernels (needs `--model`, a driver, CUDA 12
+    /// NVRTC and cuBLAS at run time; see docs/cuda-backend.md).
     Cuda,
 }
 
@@ -185,6 +186,8 @@ pub enum ServeError {
     Model(#[from] model::ModelError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Backend(#[from] backend::BackendError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -267,8 +270,35 @@ fn build_backend(args: &ServeArgs) -> Result<Built, ServeError> {
             let dir = args.model.as_ref().ok_or(ServeError::MissingModel("cpu"))?;
             cpu_backend(args, dir)
         }
-        BackendKind::Cuda => Err(ServeError::BackendUnavailable("cuda")),
+        BackendKind::Cuda => {
+            let dir = args.model.as_ref().ok_or(ServeError::MissingModel("cuda"))?;
+            cuda_backend(args, dir)
+        }
     }
+}
+
+fn cuda_backend(args: &ServeArgs, dir: &std::path::Path) -> Result<Built, ServeError> {
+    let config = model::ModelConfig::load(dir)?;
+    let codec = model::load_codec(dir)?;
+    let opts = backend::cuda::CudaOptions {
+        block_size: args.block_size,
+        gpu_memory_utilization: args.gpu_memory_utilization,
+        tensor_parallel_size: args.tensor_parallel_size,
+        num_gpu_blocks_override: args.num_gpu_blocks_override,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_num_seqs: args.max_num_seqs,
+        max_model_len: args.max_model_len,
+        device: 0,
+        kernel_cache_dir: backend::cuda::compile::KernelCache::default_dir(),
+    };
+    let backend = backend::cuda::CudaBackend::load(dir, opts)?;
+    Ok(Built {
+        backend: Box::new(backend),
+        codec,
+        default_name: dir.display().to_string(),
+        default_max_model_len: config.max_position_embeddings,
+        latency_scale: 1.0,
+    })
 }
 
 fn cpu_backend(args: &ServeArgs, dir: &std::path::Path) -> Result<Built, ServeError> {

@@ -90,7 +90,8 @@ pub fn compile_options(cc: ComputeCapability) -> Vec<String> {
 }
 
 /// Cache key: source, options (which carry the architecture) and the NVRTC version, since a
-/// newer NVRTC may emit a PTX ISA the installed driver cannot JIT.
+/// different NVRTC generates different code (and a CUBIN from a newer CUDA major version does
+/// not load on an older driver).
 pub fn cache_key(source: &str, options: &[String], nvrtc_version: (i32, i32)) -> String {
     let mut h = xxhash_rust::xxh64::Xxh64::new(0);
     h.update(source.as_bytes());

@@ -1,4 +1,4 @@
-//! Device side of the CUDA backend: context and stream, kernel module (NVRTC + PTX cache),
+//! Device side of the CUDA backend: context and stream, kernel module (NVRTC + CUBIN cache),
 //! weights and KV cache in device memory, and the per-step forward over a packed batch.
 //!
 //! Per layer: `rms_norm → GEMM qkv → qkv_bias_rope → reshape_and_cache → paged_attention
