@@ -271,7 +271,10 @@ fn build_backend(args: &ServeArgs) -> Result<Built, ServeError> {
             cpu_backend(args, dir)
         }
         BackendKind::Cuda => {
-            let dir = args.model.as_ref().ok_or(ServeError::MissingModel("cuda"))?;
+            let dir = args
+                .model
+                .as_ref()
+                .ok_or(ServeError::MissingModel("cuda"))?;
             cuda_backend(args, dir)
         }
     }
