@@ -58,6 +58,10 @@ fn exercise(codec: &HfCodec, messages: &[ChatMessage]) {
             let _ = codec.decode(&ids, true);
         }
     }
+    // Completions encode the raw prompt with special tokens (the post-processor runs).
+    if let Ok(ids) = codec.encode("Hello world", true) {
+        assert!(ids.iter().all(|&id| id < vocab), "id out of vocabulary");
+    }
     assert!(codec.eos_token_ids().iter().all(|&id| id < vocab));
 }
 

@@ -162,7 +162,7 @@ impl WorkloadArgs {
                 let (g, p, sys, q, out, rate, ts) = match self.preset {
                     Some(Preset::Ci) => (16, 5, 2000, 200, 16, 4.0, 0.25),
                     Some(Preset::Small) => (48, 5, 6000, 1200, 64, 2.0, 0.5),
-                    Some(Preset::Full) | None => (150, 5, 6000, 1200, 1000, 0.5, 0.02),
+                    Some(Preset::Full) | None => (150, 5, 6000, 1200, 1000, 0.5, 0.1),
                 };
                 (
                     Workload::SharedPrefix {

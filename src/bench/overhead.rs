@@ -92,6 +92,10 @@ pub async fn zero_latency_backend(
     for l in listeners {
         addrs.push(l.local_addr()?);
         let app = app.clone();
+        // Small responses must not wait on Nagle (axum::serve leaves TCP_NODELAY off).
+        let l = axum::serve::ListenerExt::tap_io(l, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tasks.push(tokio::spawn(async move {
             let _ = axum::serve(l, app).await;
         }));

@@ -295,7 +295,8 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
         .with_context(|| format!("binding health port {}", args.grpc_health_port))?;
     let health_addr = health_listener.local_addr()?;
     tasks.push(tokio::spawn(async move {
-        let incoming = TcpListenerStream::new(health_listener);
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(health_listener).with_nodelay(Some(true));
         if let Err(e) = tonic::transport::Server::builder()
             .add_service(health_service)
             .serve_with_incoming(incoming)
@@ -367,7 +368,10 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
             }
         })
     } else {
-        let incoming = TcpListenerStream::new(grpc_listener);
+        // tonic ignores `Server::tcp_nodelay` with a custom incoming stream: set it on the
+        // accepted sockets, or Nagle + delayed ACK stall every small ext_proc reply (~40 ms).
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         tokio::spawn(async move {
             if let Err(e) = tonic::transport::Server::builder()
                 .tcp_nodelay(true)

@@ -391,6 +391,10 @@ pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
         let signal = async move {
             let _ = rx.wait_for(|v| *v).await;
         };
+        // Nagle would hold back small SSE token chunks behind delayed ACKs.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(signal)
             .await
