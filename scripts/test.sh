@@ -22,7 +22,7 @@ fi
 
 step "cargo test (unit, integration, real Envoy)"
 cargo build --bins
-cargo test
+cargo test --no-fail-fast
 
 step "Helm charts and manifests"
 scripts/check-charts.sh

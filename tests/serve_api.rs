@@ -67,7 +67,14 @@ async fn completion_non_streaming_and_streaming_agree_with_usage_and_cache_hits(
         .iter()
         .all(|c| c["choices"][0]["finish_reason"].is_null()));
 
-    let m = metrics_text(&base).await;
+    metrics_when(&base, "vllm:e2e_request_latency_seconds_count", "", 2.0).await;
+    let m = metrics_when(
+        &base,
+        "vllm:request_success_total",
+        "finished_reason=\"length\"",
+        2.0,
+    )
+    .await;
     assert_eq!(metric(&m, "vllm:prefix_cache_queries_total", ""), 50.0);
     assert_eq!(metric(&m, "vllm:prefix_cache_hits_total", ""), 16.0);
     assert_eq!(metric(&m, "vllm:prompt_tokens_total", ""), 50.0);

@@ -357,31 +357,13 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
                 }
             })
             .filter_map(|c| c);
-        tokio::spawn(async move {
-            if let Err(e) = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming, stopped)
-                .await
-            {
-                tracing::error!(error = %e, "ext_proc server stopped");
-            }
-        })
+        tokio::spawn(serve_ext_proc(service, incoming, stopped))
     } else {
         // tonic ignores `Server::tcp_nodelay` with a custom incoming stream: set it on the
         // accepted sockets, or Nagle + delayed ACK stall every small ext_proc reply (~40 ms).
         let incoming =
             tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-        tokio::spawn(async move {
-            if let Err(e) = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming, stopped)
-                .await
-            {
-                tracing::error!(error = %e, "ext_proc server stopped");
-            }
-        })
+        tokio::spawn(serve_ext_proc(service, incoming, stopped))
     };
     tracing::info!(%grpc_addr, %health_addr, %metrics_addr, tls = args.secure_serving, "switchyard epp started");
 
@@ -397,6 +379,30 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
         tasks,
         grpc_task,
     })
+}
+
+/// Serves ext_proc on an accepted-connection stream (plain TCP or TLS) until `stopped`.
+async fn serve_ext_proc<S, IO, E>(
+    service: super::extproc::ExtProcServer,
+    incoming: S,
+    stopped: impl std::future::Future<Output = ()>,
+) where
+    S: futures::Stream<Item = Result<IO, E>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if let Err(e) = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, stopped)
+        .await
+    {
+        tracing::error!(error = %e, "ext_proc server stopped");
+    }
 }
 
 /// Readiness: SERVING once discovery has synced and, with leader election, only on the leader.

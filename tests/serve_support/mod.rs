@@ -57,6 +57,19 @@ pub fn metric(text: &str, name: &str, filter: &str) -> f64 {
         .sum()
 }
 
+/// Metrics once `name{filter}` reads `want`: the API layer records a request's end after the
+/// client has read its last byte, so a scrape right after a response can be one request behind.
+pub async fn metrics_when(base: &str, name: &str, filter: &str, want: f64) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let text = metrics_text(base).await;
+        if metric(&text, name, filter) == want || std::time::Instant::now() > deadline {
+            return text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 pub async fn metrics_text(base: &str) -> String {
     let r = HttpClient::new()
         .get(&format!("{base}/metrics"))

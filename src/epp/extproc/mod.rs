@@ -97,7 +97,7 @@ impl ExtProcService {
         ExtProcService { shared }
     }
 
-    pub fn into_server(self) -> ExternalProcessorServer<Self> {
+    pub fn into_server(self) -> ExtProcServer {
         // Full-duplex bodies arrive as chunks; a chunk is bounded by Envoy's buffer, but keep
         // room above the body limit for the protobuf framing.
         let limit = self.shared.config.max_body_bytes.saturating_add(1 << 20);
@@ -106,6 +106,9 @@ impl ExtProcService {
             .max_encoding_message_size(limit)
     }
 }
+
+/// The tonic server wrapping [`ExtProcService`].
+pub type ExtProcServer = ExternalProcessorServer<ExtProcService>;
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
 
