@@ -12,7 +12,10 @@ use switchyard::bench::cli::WorkloadArgs;
 fn path() -> &'static PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        std::env::temp_dir().join(format!("switchyard-fuzz-{}-workload.yaml", std::process::id()))
+        std::env::temp_dir().join(format!(
+            "switchyard-fuzz-{}-workload.yaml",
+            std::process::id()
+        ))
     })
 }
 

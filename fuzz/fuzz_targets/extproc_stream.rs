@@ -15,8 +15,8 @@ use arbitrary::{Arbitrary, Unstructured};
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     body_mutation::Mutation, processing_request::Request as Msg,
-    processing_response::Response as Reply, HttpBody, HttpHeaders, HttpTrailers,
-    ProcessingRequest, ProtocolConfiguration,
+    processing_response::Response as Reply, HttpBody, HttpHeaders, HttpTrailers, ProcessingRequest,
+    ProtocolConfiguration,
 };
 use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value as PbValue};
 use libfuzzer_sys::fuzz_target;
@@ -75,11 +75,29 @@ enum HeaderVal {
 
 #[derive(Arbitrary, Debug)]
 enum BodyTemplate {
-    Completion { model: u8, prompt: String, stream: bool },
-    Chat { model: u8, turns: Vec<String>, stream: bool },
-    Responses { model: u8, input: String },
-    SseUsage { prompt: u32, completion: u32, done: bool },
-    JsonUsage { prompt: u32, completion: u32 },
+    Completion {
+        model: u8,
+        prompt: String,
+        stream: bool,
+    },
+    Chat {
+        model: u8,
+        turns: Vec<String>,
+        stream: bool,
+    },
+    Responses {
+        model: u8,
+        input: String,
+    },
+    SseUsage {
+        prompt: u32,
+        completion: u32,
+        done: bool,
+    },
+    JsonUsage {
+        prompt: u32,
+        completion: u32,
+    },
     Raw(Vec<u8>),
 }
 
@@ -125,9 +143,10 @@ fn headers(list: Vec<(u8, HeaderVal)>, end_of_stream: bool) -> HttpHeaders {
             let (value, raw_value) = match v {
                 HeaderVal::Path(p) => (String::new(), PATHS[p as usize % PATHS.len()].into()),
                 HeaderVal::Model(m) => (String::new(), MODELS[m as usize % MODELS.len()].into()),
-                HeaderVal::Endpoints(a, b) => {
-                    (String::new(), format!("{}, {}", addr(a), addr(b)).into_bytes())
-                }
+                HeaderVal::Endpoints(a, b) => (
+                    String::new(),
+                    format!("{}, {}", addr(a), addr(b)).into_bytes(),
+                ),
                 HeaderVal::Raw(raw) => (String::new(), raw),
                 HeaderVal::Text(t) => (t, Vec::new()),
             };

@@ -20,7 +20,8 @@ use switchyard::serve::model::testing::tiny_tokenizer_json;
 use switchyard::serve::model::weights::WeightStore;
 use switchyard::serve::model::{HfCodec, ModelConfig};
 
-const QWEN_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] \
+const QWEN_TEMPLATE: &str =
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] \
 != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}\
 {{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}\
 {% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
@@ -73,7 +74,10 @@ fn config_json(body: &[u8]) {
         assert!(cfg.hidden_size > 0 && cfg.num_attention_heads > 0);
         assert_eq!(cfg.head_dim() * cfg.num_attention_heads, cfg.hidden_size);
         assert!(cfg.group_size() >= 1);
-        assert_eq!(cfg.group_size() * cfg.num_key_value_heads, cfg.num_attention_heads);
+        assert_eq!(
+            cfg.group_size() * cfg.num_key_value_heads,
+            cfg.num_attention_heads
+        );
     }
 }
 

@@ -16,14 +16,25 @@ fuzz_target!(|data: &[u8]| {
     assert!(pool.endpoints.len() <= MAX_ENDPOINTS);
     let names: HashSet<&str> = pool.endpoints.iter().map(|e| e.name.as_str()).collect();
     let addrs: HashSet<_> = pool.endpoints.iter().map(|e| e.addr).collect();
-    assert_eq!(names.len(), pool.endpoints.len(), "duplicate names accepted");
-    assert_eq!(addrs.len(), pool.endpoints.len(), "duplicate addresses accepted");
+    assert_eq!(
+        names.len(),
+        pool.endpoints.len(),
+        "duplicate names accepted"
+    );
+    assert_eq!(
+        addrs.len(),
+        pool.endpoints.len(),
+        "duplicate addresses accepted"
+    );
     assert!(!names.contains(""), "empty name accepted");
     assert!(!pool.policy.objectives.contains_key(""));
     for (model, targets) in &pool.policy.model_rewrites {
         assert!(!model.is_empty());
         assert!(!targets.is_empty());
-        assert!(targets.iter().any(|t| t.weight > 0), "{model}: all weights 0");
+        assert!(
+            targets.iter().any(|t| t.weight > 0),
+            "{model}: all weights 0"
+        );
         assert!(targets.iter().all(|t| !t.model.is_empty()));
     }
     let n = pool.endpoints.len();

@@ -11,7 +11,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let _ = parse(text, &["g", "c_total", "vllm:num_requests_waiting"], &Limits::default());
+    let _ = parse(
+        text,
+        &["g", "c_total", "vllm:num_requests_waiting"],
+        &Limits::default(),
+    );
     for engine in [
         EngineType::Vllm,
         EngineType::Sglang,

@@ -48,7 +48,10 @@ fuzz_target!(|data: &[u8]| {
 
         // When the body is representable as a Value, everything but the model is unchanged.
         if let Some(Value::Object(before)) = &original {
-            assert_eq!(before.get("model").and_then(Value::as_str), Some(model.as_str()));
+            assert_eq!(
+                before.get("model").and_then(Value::as_str),
+                Some(model.as_str())
+            );
             let after: Value = serde_json::from_slice(&rewritten).expect("reparse");
             let Value::Object(after) = after else {
                 panic!("rewritten body is not an object");

@@ -83,7 +83,10 @@ fn server() -> &'static Server {
 
 fn check_error(status: u16, body: &[u8]) {
     let v: Value = serde_json::from_slice(body).unwrap_or_else(|e| {
-        panic!("{status} body is not JSON ({e}): {:?}", String::from_utf8_lossy(body))
+        panic!(
+            "{status} body is not JSON ({e}): {:?}",
+            String::from_utf8_lossy(body)
+        )
     });
     let err = &v["error"];
     assert!(err["message"].is_string(), "{v}");
@@ -110,7 +113,9 @@ fuzz_target!(|data: &[u8]| {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
-        let bytes = axum::body::to_bytes(resp.into_body(), 16 << 20).await.unwrap();
+        let bytes = axum::body::to_bytes(resp.into_body(), 16 << 20)
+            .await
+            .unwrap();
         (status, ct, bytes)
     });
     match status {
@@ -125,18 +130,26 @@ fuzz_target!(|data: &[u8]| {
                     let v: Value = serde_json::from_str(data)
                         .unwrap_or_else(|e| panic!("bad event JSON ({e}): {data:?}"));
                     // An error mid-stream is an error object; otherwise a chunk.
-                    assert!(v.get("error").is_some() || v.get("choices").is_some(), "{v}");
+                    assert!(
+                        v.get("error").is_some() || v.get("choices").is_some(),
+                        "{v}"
+                    );
                 }
             }
         }
         200 => {
             let v: Value = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                panic!("200 body is not JSON ({e}): {:?}", String::from_utf8_lossy(&bytes))
+                panic!(
+                    "200 body is not JSON ({e}): {:?}",
+                    String::from_utf8_lossy(&bytes)
+                )
             });
             if path.starts_with("/v1/") {
                 let usage = &v["usage"];
                 let p = usage["prompt_tokens"].as_u64().expect("prompt_tokens");
-                let c = usage["completion_tokens"].as_u64().expect("completion_tokens");
+                let c = usage["completion_tokens"]
+                    .as_u64()
+                    .expect("completion_tokens");
                 assert_eq!(usage["total_tokens"].as_u64(), Some(p + c), "{v}");
                 assert!(p + c <= MAX_MODEL_LEN as u64, "{v}");
             }

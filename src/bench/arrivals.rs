@@ -151,7 +151,8 @@ impl Iterator for Arrivals {
             }
             let keep: f64 = self.rng.random();
             if keep * self.envelope < self.shape.rate_at(self.t) {
-                return Some(Duration::from_secs_f64(self.t));
+                // Finite but beyond `Duration`'s range: the schedule is over.
+                return Duration::try_from_secs_f64(self.t).ok();
             }
         }
     }

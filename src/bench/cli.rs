@@ -149,7 +149,8 @@ impl WorkloadArgs {
             return Ok(Resolved {
                 workload: f.workload,
                 rate: f.rate,
-                duration: Duration::from_secs_f64(f.duration_s.unwrap_or(3600.0).max(0.0)),
+                duration: Duration::try_from_secs_f64(f.duration_s.unwrap_or(3600.0).max(0.0))
+                    .map_err(|_| anyhow::anyhow!("duration_s out of range"))?,
                 max_requests: f.max_requests.unwrap_or(usize::MAX),
                 seed: f.seed.unwrap_or(self.seed),
                 time_scale: None,

@@ -193,6 +193,10 @@ pub fn parse_pool_file(bytes: &[u8], path: &str) -> Result<PoolFile, DiscoveryEr
         )));
     }
     let mut endpoints: Vec<Endpoint> = Vec::with_capacity(wire.endpoints.len());
+    // Index of each name and address seen, so duplicate checks stay linear at the 10k cap.
+    let mut names: HashMap<String, usize> = HashMap::with_capacity(wire.endpoints.len());
+    let mut addrs: HashMap<std::net::SocketAddr, usize> =
+        HashMap::with_capacity(wire.endpoints.len());
     for (i, e) in wire.endpoints.into_iter().enumerate() {
         let addr = e.address.0;
         let name = e.name.unwrap_or_else(|| addr.to_string());
@@ -207,16 +211,18 @@ pub fn parse_pool_file(bytes: &[u8], path: &str) -> Result<PoolFile, DiscoveryEr
                 .map_err(|err| invalid(format!("endpoints[{i}].labels: {err}")))?,
             (None, None) => EngineType::default(),
         };
-        if let Some(j) = endpoints.iter().position(|p| p.name == name) {
+        if let Some(&j) = names.get(&name) {
             return Err(invalid(format!(
                 "endpoints[{i}]: duplicate name {name:?} (also endpoints[{j}])"
             )));
         }
-        if let Some(j) = endpoints.iter().position(|p| p.addr == addr) {
+        if let Some(&j) = addrs.get(&addr) {
             return Err(invalid(format!(
                 "endpoints[{i}]: duplicate address {addr} (also endpoints[{j}])"
             )));
         }
+        names.insert(name.clone(), i);
+        addrs.insert(addr, i);
         endpoints.push(Endpoint {
             name,
             addr,

@@ -35,10 +35,32 @@ impl HfCodec {
     pub fn load(dir: &Path) -> Result<HfCodec, ModelError> {
         let tok_path = dir.join("tokenizer.json");
         let bytes = super::read_file(&tok_path)?;
-        let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| ModelError::Tokenizer {
+        let bad = |reason: String| ModelError::Tokenizer {
             path: tok_path.clone(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        // tokenizers panics (instead of erring) on some malformed files, e.g. a truncated
+        // `"decoder":[`; plain JSON validation first turns those into an error.
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).map_err(|e| bad(e.to_string()))?;
+        // ... and others (e.g. `"decoder":1e400`) only inside the tokenizers crate: contain them.
+        let tokenizer = std::panic::catch_unwind(|| Tokenizer::from_bytes(&bytes))
+            .map_err(|_| bad("tokenizers panicked while parsing the file".to_string()))?
+            .map_err(|e| bad(e.to_string()))?;
+        // A TemplateProcessing that names a special token it does not define loads fine and then
+        // panics on every encode (huggingface/tokenizers#2152): probe once here.
+        let probe = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tokenizer.encode("probe", true).map(|_| ())
+        }));
+        match probe {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(bad(format!("encoding a test string failed: {e}"))),
+            Err(_) => {
+                return Err(bad(
+                    "encoding a test string panicked (post-processor template names an undefined special token?)"
+                        .to_string(),
+                ))
+            }
+        }
 
         let tc_path = dir.join("tokenizer_config.json");
         let tc = read_json_opt(&tc_path)?.unwrap_or(Value::Null);
@@ -180,4 +202,46 @@ fn eos_ids(tok: &Tokenizer, gc: &Value, eos_token: Option<&str>) -> Vec<u32> {
         }
     }
     ids
+}
+
+#[cfg(test)]
+mod malformed_tests {
+    //! Regression inputs found by `fuzz/fuzz_targets/model_config.rs` (files in
+    //! `fuzz/regressions/model_config/`; their first byte selects the fuzz mode).
+    use super::*;
+
+    fn load_tokenizer_json(bytes: &[u8]) -> Result<HfCodec, ModelError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), bytes).unwrap();
+        HfCodec::load(dir.path())
+    }
+
+    fn regression(name: &str) -> Vec<u8> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fuzz/regressions/model_config/"
+        );
+        std::fs::read(format!("{path}{name}")).unwrap()[1..].to_vec()
+    }
+
+    #[test]
+    fn truncated_or_out_of_range_json_is_an_error_not_a_panic() {
+        for input in [&br#"{"decoder":["#[..], br#"{"decoder":1e400}"#] {
+            let err = load_tokenizer_json(input).err().expect("must fail");
+            assert!(matches!(err, ModelError::Tokenizer { .. }), "{err}");
+        }
+        let err = load_tokenizer_json(&regression("tokenizer_decoder_truncated.bin")).err();
+        assert!(matches!(err, Some(ModelError::Tokenizer { .. })));
+    }
+
+    #[test]
+    fn template_naming_an_undefined_special_token_is_rejected_at_load() {
+        let err = load_tokenizer_json(&regression("tokenizer_template_missing_special.bin"))
+            .err()
+            .expect("must fail at load, not on the first request");
+        assert!(
+            err.to_string().contains("encoding a test string panicked"),
+            "{err}"
+        );
+    }
 }
