@@ -227,7 +227,9 @@ mod malformed_tests {
     #[test]
     fn truncated_or_out_of_range_json_is_an_error_not_a_panic() {
         for input in [&br#"{"decoder":["#[..], br#"{"decoder":1e400}"#] {
-            let err = load_tokenizer_json(input).err().expect("must fail");
+            let Err(err) = load_tokenizer_json(input) else {
+                panic!("must fail")
+            };
             assert!(matches!(err, ModelError::Tokenizer { .. }), "{err}");
         }
         let err = load_tokenizer_json(&regression("tokenizer_decoder_truncated.bin")).err();
@@ -236,9 +238,10 @@ mod malformed_tests {
 
     #[test]
     fn template_naming_an_undefined_special_token_is_rejected_at_load() {
-        let err = load_tokenizer_json(&regression("tokenizer_template_missing_special.bin"))
-            .err()
-            .expect("must fail at load, not on the first request");
+        let Err(err) = load_tokenizer_json(&regression("tokenizer_template_missing_special.bin"))
+        else {
+            panic!("must fail at load, not on the first request")
+        };
         assert!(
             err.to_string().contains("encoding a test string panicked"),
             "{err}"
