@@ -35,7 +35,7 @@ const DEFAULT_COMPLETION_TOKENS: u64 = 5;
 /// Upper bound on completion tokens (and hence SSE chunks) per request.
 const MAX_COMPLETION_TOKENS: u64 = 32;
 /// Pause between SSE chunks so that they cross proxies as separate chunks.
-const SSE_CHUNK_GAP: Duration = Duration::from_millis(2);
+const SSE_CHUNK_GAP: Duration = Duration::from_millis(20);
 /// The `created` timestamp in every response (fixed so responses are deterministic).
 const CREATED: u64 = 1_700_000_000;
 
