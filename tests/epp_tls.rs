@@ -112,6 +112,24 @@ async fn start_epp(extra: &[&str]) -> RunningEpp {
         .unwrap()
 }
 
+/// `GET /v1/models` without a body: routed on the headers alone.
+fn header_only_request() -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(Msg::RequestHeaders(HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![HeaderValue {
+                    key: ":path".into(),
+                    value: String::new(),
+                    raw_value: b"/v1/models".to_vec(),
+                }],
+            }),
+            end_of_stream: true,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
 /// A header-only ext_proc request over TLS (real gRPC on a rustls stream).
 async fn grpc_over_tls(epp: &RunningEpp) -> Reply {
     let addr = epp.grpc_addr;
@@ -126,20 +144,7 @@ async fn grpc_over_tls(epp: &RunningEpp) -> Reply {
         .await
         .unwrap();
     let mut client = ExternalProcessorClient::new(channel);
-    let msg = ProcessingRequest {
-        request: Some(Msg::RequestHeaders(HttpHeaders {
-            headers: Some(HeaderMap {
-                headers: vec![HeaderValue {
-                    key: ":path".into(),
-                    value: String::new(),
-                    raw_value: b"/v1/models".to_vec(),
-                }],
-            }),
-            end_of_stream: true,
-            ..Default::default()
-        })),
-        ..Default::default()
-    };
+    let msg = header_only_request();
     let mut stream = client
         .process(tokio_stream::iter(vec![msg]))
         .await
@@ -247,20 +252,7 @@ async fn shutdown_waits_for_open_streams_then_stops() {
         .await
         .unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let headers = ProcessingRequest {
-        request: Some(Msg::RequestHeaders(HttpHeaders {
-            headers: Some(HeaderMap {
-                headers: vec![HeaderValue {
-                    key: ":path".into(),
-                    value: String::new(),
-                    raw_value: b"/v1/models".to_vec(),
-                }],
-            }),
-            end_of_stream: true,
-            ..Default::default()
-        })),
-        ..Default::default()
-    };
+    let headers = header_only_request();
     tx.send(headers).await.unwrap();
     let mut stream = client
         .process(tokio_stream::wrappers::ReceiverStream::new(rx))
