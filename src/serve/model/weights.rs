@@ -97,7 +97,7 @@ impl WeightStore {
 }
 
 /// The safetensors files making up the checkpoint in `dir`, in load order.
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+pub(crate) fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let v = read_json(&index)?;

@@ -4,7 +4,7 @@
 //! so each is one GEMM. The runtime uploads a layer at a time and drops the host copy.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
 
@@ -40,55 +40,6 @@ pub fn to_bf16(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<u16>, Model
     })
 }
 
-/// The checkpoint's files: those named by `model.safetensors.index.json`, else
-/// `model.safetensors`, else every `*.safetensors` (sorted).
-pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
-            path: index.clone(),
-            source,
-        })?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| ModelError::Json {
-                path: index.clone(),
-                source,
-            })?;
-        let mut files: Vec<PathBuf> = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .map(|m| {
-                m.values()
-                    .filter_map(|f| f.as_str())
-                    .map(|f| dir.join(f))
-                    .collect()
-            })
-            .unwrap_or_default();
-        files.sort();
-        files.dedup();
-        if !files.is_empty() {
-            return Ok(files);
-        }
-    }
-    let single = dir.join("model.safetensors");
-    if single.exists() {
-        return Ok(vec![single]);
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|source| ModelError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(ModelError::NoWeights(dir.to_path_buf()));
-    }
-    Ok(files)
-}
-
 /// Every tensor of a checkpoint as bf16, moved out by [`Bf16Store::take`].
 #[derive(Debug, Default)]
 pub struct Bf16Store {
@@ -98,7 +49,7 @@ pub struct Bf16Store {
 impl Bf16Store {
     pub fn load(dir: &Path) -> Result<Bf16Store, ModelError> {
         let mut store = Bf16Store::default();
-        for path in weight_files(dir)? {
+        for path in crate::serve::model::weights::weight_files(dir)? {
             let bytes = std::fs::read(&path).map_err(|source| ModelError::Io {
                 path: path.clone(),
                 source,
