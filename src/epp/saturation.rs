@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::endpoint::{EndpointMetrics, EndpointSnapshot};
-use crate::flagfmt::parse_go_duration;
 
 /// Reference default for `queueDepthThreshold`.
 pub const DEFAULT_QUEUE_DEPTH_THRESHOLD: u32 = 5;
@@ -30,8 +29,6 @@ pub enum SaturationConfigError {
     MetricsStalenessThreshold(String),
     #[error("headroom must be a non-negative number, got {0}")]
     Headroom(f64),
-    #[error("utilization-detector parameters: {0}")]
-    Parameters(String),
 }
 
 /// Validated detector settings.
@@ -58,55 +55,7 @@ impl Default for SaturationConfig {
     }
 }
 
-/// The reference plugin's `parameters` block, as written in an EndpointPickerConfig.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct WireParameters {
-    queue_depth_threshold: Option<i64>,
-    kv_cache_util_threshold: Option<f64>,
-    metrics_staleness_threshold: Option<String>,
-    headroom: Option<f64>,
-}
-
 impl SaturationConfig {
-    /// Builds a config from the `utilization-detector` plugin's `parameters` (keys
-    /// `queueDepthThreshold`, `kvCacheUtilThreshold`, `metricsStalenessThreshold` as a Go
-    /// duration string, `headroom`), applying the reference defaults and validation.
-    pub fn from_parameters(
-        parameters: Option<&serde_json::Value>,
-    ) -> Result<Self, SaturationConfigError> {
-        let wire: WireParameters = match parameters {
-            None | Some(serde_json::Value::Null) => WireParameters::default(),
-            Some(value) => serde_json::from_value(value.clone())
-                .map_err(|e| SaturationConfigError::Parameters(e.to_string()))?,
-        };
-        let defaults = SaturationConfig::default();
-        let queue = wire
-            .queue_depth_threshold
-            .unwrap_or(i64::from(defaults.queue_depth_threshold));
-        let queue_depth_threshold = u32::try_from(queue)
-            .ok()
-            .filter(|q| *q > 0)
-            .ok_or(SaturationConfigError::QueueDepthThreshold(queue))?;
-        let staleness = match wire.metrics_staleness_threshold {
-            None => defaults.metrics_staleness_threshold,
-            Some(text) => parse_go_duration(&text)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or(SaturationConfigError::MetricsStalenessThreshold(text))?,
-        };
-        let config = SaturationConfig {
-            queue_depth_threshold,
-            kv_cache_util_threshold: wire
-                .kv_cache_util_threshold
-                .unwrap_or(defaults.kv_cache_util_threshold),
-            metrics_staleness_threshold: staleness,
-            headroom: wire.headroom.unwrap_or(defaults.headroom),
-        };
-        config.validate()?;
-        Ok(config)
-    }
-
     /// Checks the ranges the reference enforces.
     pub fn validate(&self) -> Result<(), SaturationConfigError> {
         if self.queue_depth_threshold == 0 {
@@ -332,66 +281,5 @@ mod tests {
         assert!(Arc::ptr_eq(&kept[0], &pool[0]));
         let none_fit = [pool[1].clone(), pool[3].clone()];
         assert_eq!(d.filter(&none_fit, now).len(), 2);
-    }
-
-    #[test]
-    fn parameters_default_and_validate_like_the_reference() {
-        assert_eq!(
-            SaturationConfig::from_parameters(None).unwrap(),
-            SaturationConfig::default()
-        );
-        let json = serde_json::json!({
-            "queueDepthThreshold": 8, "kvCacheUtilThreshold": 0.9,
-            "metricsStalenessThreshold": "150ms", "headroom": 0.1
-        });
-        assert_eq!(
-            SaturationConfig::from_parameters(Some(&json)).unwrap(),
-            SaturationConfig {
-                queue_depth_threshold: 8,
-                kv_cache_util_threshold: 0.9,
-                metrics_staleness_threshold: Duration::from_millis(150),
-                headroom: 0.1,
-            }
-        );
-        let bad = [
-            (
-                serde_json::json!({"queueDepthThreshold": 0}),
-                "queueDepthThreshold must be strictly positive, got 0",
-            ),
-            (
-                serde_json::json!({"queueDepthThreshold": -3}),
-                "queueDepthThreshold must be strictly positive, got -3",
-            ),
-            (
-                serde_json::json!({"kvCacheUtilThreshold": 1.5}),
-                "kvCacheUtilThreshold must be in (0.0, 1.0], got 1.5",
-            ),
-            (
-                serde_json::json!({"kvCacheUtilThreshold": 0.0}),
-                "kvCacheUtilThreshold must be in (0.0, 1.0], got 0",
-            ),
-            (
-                serde_json::json!({"metricsStalenessThreshold": "0s"}),
-                "metricsStalenessThreshold must be a positive duration, got \"0s\"",
-            ),
-            (
-                serde_json::json!({"metricsStalenessThreshold": "soon"}),
-                "metricsStalenessThreshold must be a positive duration, got \"soon\"",
-            ),
-            (
-                serde_json::json!({"headroom": -0.1}),
-                "headroom must be a non-negative number, got -0.1",
-            ),
-        ];
-        for (json, message) in bad {
-            let err = SaturationConfig::from_parameters(Some(&json)).unwrap_err();
-            assert_eq!(err.to_string(), message);
-        }
-        let unknown = serde_json::json!({"queueThreshold": 3});
-        let err = SaturationConfig::from_parameters(Some(&unknown)).unwrap_err();
-        assert!(
-            err.to_string().contains("unknown field `queueThreshold`"),
-            "{err}"
-        );
     }
 }

@@ -250,6 +250,38 @@ fn bad_parameters_are_rejected_with_their_line() {
         e.contains("kvCacheUtilThreshold must be in (0.0, 1.0], got 1.5"),
         "{e}"
     );
+    // The other utilization-detector ranges (the only place they are validated).
+    for (params, message) in [
+        (
+            "{queueDepthThreshold: 0}",
+            "queueDepthThreshold must be strictly positive, got 0",
+        ),
+        (
+            "{queueDepthThreshold: -3}",
+            "queueDepthThreshold must be strictly positive, got -3",
+        ),
+        (
+            "{kvCacheUtilThreshold: 0.0}",
+            "kvCacheUtilThreshold must be in (0.0, 1.0], got 0",
+        ),
+        (
+            "{metricsStalenessThreshold: 0s}",
+            "metricsStalenessThreshold must be strictly positive, got 0s",
+        ),
+        (
+            "{metricsStalenessThreshold: soon}",
+            "metricsStalenessThreshold: ",
+        ),
+        (
+            "{headroom: -0.1}",
+            "headroom must be a non-negative value, got -0.1",
+        ),
+    ] {
+        let e = err(&format!(
+            "plugins:\n- type: utilization-detector\n  parameters: {params}\n"
+        ));
+        assert!(e.contains(message), "{params}: {e}");
+    }
     let e = err("plugins:\n- type: core-metrics-extractor\n  parameters: {defaultEngine: tgi}\n");
     assert!(e.contains("unknown engine type \"tgi\""), "{e}");
 }
