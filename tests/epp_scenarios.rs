@@ -121,6 +121,21 @@ async fn start_epp(file: &tempfile::NamedTempFile, extra: &[&str]) -> RunningEpp
     start(args).await.unwrap()
 }
 
+/// Three pods with these (queue, kv, LoRA) metrics, an EPP in front of them (extra flags), and
+/// the pods' metrics already scraped. The pool file must outlive the EPP.
+async fn stack(
+    metrics: &[(u32, f64, &[&str])],
+    extra: &[&str],
+) -> (Pods, tempfile::NamedTempFile, RunningEpp) {
+    let pods = Pods::start().await;
+    pods.set(metrics);
+    let file = pool_file(&pods, 3);
+    let epp = start_epp(&file, extra).await;
+    let want: Vec<(u32, f64)> = metrics.iter().map(|(q, kv, _)| (*q, *kv)).collect();
+    wait_scraped(&epp, &want).await;
+    (pods, file, epp)
+}
+
 /// Waits until every endpoint's scraped metrics match what the pods serve.
 async fn wait_scraped(epp: &RunningEpp, want: &[(u32, f64)]) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -308,11 +323,7 @@ async fn route(
 
 #[tokio::test]
 async fn lower_queue_and_kv_wins_with_exact_reply_and_metrics() {
-    let pods = Pods::start().await;
-    pods.set(&[(3, 0.2, &[]), (0, 0.1, &[]), (10, 0.2, &[])]);
-    let file = pool_file(&pods, 3);
-    let epp = start_epp(&file, &[]).await;
-    wait_scraped(&epp, &[(3, 0.2), (0, 0.1), (10, 0.2)]).await;
+    let (pods, _file, epp) = stack(&[(3, 0.2, &[]), (0, 0.1, &[]), (10, 0.2, &[])], &[]).await;
 
     let body = standard_body("my-model", "test1");
     let replies = exchange(
@@ -388,15 +399,15 @@ async fn lora_affinity_scenarios() {
 
 #[tokio::test]
 async fn saturated_pool_sheds_only_negative_priority() {
-    let pods = Pods::start().await;
-    pods.set(&[
-        (6, 0.2, &["sql-lora-1fdg2"]),
-        (0, 0.85, &[]),
-        (10, 0.9, &[]),
-    ]);
-    let file = pool_file(&pods, 3);
-    let epp = start_epp(&file, &[]).await;
-    wait_scraped(&epp, &[(6, 0.2), (0, 0.85), (10, 0.9)]).await;
+    let (pods, _file, epp) = stack(
+        &[
+            (6, 0.2, &["sql-lora-1fdg2"]),
+            (0, 0.85, &[]),
+            (10, 0.9, &[]),
+        ],
+        &[],
+    )
+    .await;
 
     // Priority 0 is not shed even though the pool is saturated; P0 wins with 2.2 vs 1.15 vs 0.1.
     assert_eq!(
@@ -436,11 +447,11 @@ async fn saturated_pool_sheds_only_negative_priority() {
 
 #[tokio::test]
 async fn bad_requests_get_reference_errors() {
-    let pods = Pods::start().await;
-    pods.set(&[(0, 0.1, &[]), (0, 0.1, &[]), (0, 0.1, &[])]);
-    let file = pool_file(&pods, 3);
-    let epp = start_epp(&file, &["--max-body-bytes", "1000"]).await;
-    wait_scraped(&epp, &[(0, 0.1), (0, 0.1), (0, 0.1)]).await;
+    let (_pods, _file, epp) = stack(
+        &[(0, 0.1, &[]), (0, 0.1, &[]), (0, 0.1, &[])],
+        &["--max-body-bytes", "1000"],
+    )
+    .await;
 
     let replies = exchange(
         &epp,
@@ -521,11 +532,7 @@ async fn header_only_requests() {
 
 #[tokio::test]
 async fn body_split_in_chunks_and_repeated_last_chunk() {
-    let pods = Pods::start().await;
-    pods.set(&[(3, 0.2, &[]), (0, 0.1, &[]), (10, 0.2, &[])]);
-    let file = pool_file(&pods, 3);
-    let epp = start_epp(&file, &[]).await;
-    wait_scraped(&epp, &[(3, 0.2), (0, 0.1), (10, 0.2)]).await;
+    let (pods, _file, epp) = stack(&[(3, 0.2, &[]), (0, 0.1, &[]), (10, 0.2, &[])], &[]).await;
 
     let body = standard_body("my-model", "test2");
     let (a, b) = body.split_at(20);
@@ -553,11 +560,7 @@ async fn body_split_in_chunks_and_repeated_last_chunk() {
 
 #[tokio::test]
 async fn large_body_comes_back_in_62000_byte_chunks() {
-    let pods = Pods::start().await;
-    pods.set(&[(0, 0.1, &[]), (0, 0.1, &[]), (0, 0.1, &[])]);
-    let file = pool_file(&pods, 3);
-    let epp = start_epp(&file, &[]).await;
-    wait_scraped(&epp, &[(0, 0.1), (0, 0.1), (0, 0.1)]).await;
+    let (_pods, _file, epp) = stack(&[(0, 0.1, &[]), (0, 0.1, &[]), (0, 0.1, &[])], &[]).await;
     let body = standard_body("m", &"y".repeat(150_000));
     let replies = exchange(
         &epp,
@@ -608,11 +611,7 @@ fn subset_metadata(value: Kind) -> Metadata {
 
 #[tokio::test]
 async fn subset_hints_list_string_and_no_match() {
-    let pods = Pods::start().await;
-    pods.set(&[(3, 0.2, &[]), (0, 0.1, &[]), (10, 0.2, &[])]);
-    let file = pool_file(&pods, 3);
-    let epp = start_epp(&file, &[]).await;
-    wait_scraped(&epp, &[(3, 0.2), (0, 0.1), (10, 0.2)]).await;
+    let (pods, _file, epp) = stack(&[(3, 0.2, &[]), (0, 0.1, &[]), (10, 0.2, &[])], &[]).await;
     let body = standard_body("my-model", "test1");
     let with_subset = |kind: Kind| {
         let mut h = headers_msg("/v1/completions", &[], false);
@@ -666,11 +665,7 @@ async fn subset_hints_list_string_and_no_match() {
 
 #[tokio::test]
 async fn model_rewrite_changes_only_the_model() {
-    let pods = Pods::start().await;
-    pods.set(&[(0, 0.1, &[]), (0, 0.1, &[]), (0, 0.1, &[])]);
-    let file = pool_file(&pods, 3);
-    let epp = start_epp(&file, &[]).await;
-    wait_scraped(&epp, &[(0, 0.1), (0, 0.1), (0, 0.1)]).await;
+    let (_pods, _file, epp) = stack(&[(0, 0.1, &[]), (0, 0.1, &[]), (0, 0.1, &[])], &[]).await;
     let body = standard_body("model-to-be-rewritten", "test1");
     let r = exchange(
         &epp,
@@ -737,11 +732,7 @@ fn response_body(body: &[u8], eos: bool) -> ProcessingRequest {
 
 #[tokio::test]
 async fn response_path_json_buffering_invalid_json_and_sse_usage() {
-    let pods = Pods::start().await;
-    pods.set(&[(0, 0.1, &[]), (0, 0.1, &[]), (0, 0.1, &[])]);
-    let file = pool_file(&pods, 3);
-    let epp = start_epp(&file, &[]).await;
-    wait_scraped(&epp, &[(0, 0.1), (0, 0.1), (0, 0.1)]).await;
+    let (_pods, _file, epp) = stack(&[(0, 0.1, &[]), (0, 0.1, &[]), (0, 0.1, &[])], &[]).await;
     let req = standard_body("my-model", "test1");
 
     // Buffered JSON response in two chunks → one joined chunk with end_of_stream.
@@ -808,11 +799,11 @@ async fn response_path_json_buffering_invalid_json_and_sse_usage() {
 
 #[tokio::test]
 async fn buffered_mode_fallbacks_trailers_and_generated_request_id() {
-    let pods = Pods::start().await;
-    pods.set(&[(3, 0.2, &[]), (0, 0.1, &[]), (10, 0.2, &[])]);
-    let file = pool_file(&pods, 3);
-    let epp = start_epp(&file, &["--fallback-endpoints", "2"]).await;
-    wait_scraped(&epp, &[(3, 0.2), (0, 0.1), (10, 0.2)]).await;
+    let (pods, _file, epp) = stack(
+        &[(3, 0.2, &[]), (0, 0.1, &[]), (10, 0.2, &[])],
+        &["--fallback-endpoints", "2"],
+    )
+    .await;
     let body = standard_body("model-to-be-rewritten", "test1");
 
     // BUFFERED: headers answered at once; the body reply carries the routing mutations.
@@ -864,11 +855,7 @@ async fn buffered_mode_fallbacks_trailers_and_generated_request_id() {
 
 #[tokio::test]
 async fn broken_stream_releases_running_requests() {
-    let pods = Pods::start().await;
-    pods.set(&[(0, 0.1, &[]), (0, 0.1, &[]), (0, 0.1, &[])]);
-    let file = pool_file(&pods, 3);
-    let epp = start_epp(&file, &[]).await;
-    wait_scraped(&epp, &[(0, 0.1), (0, 0.1), (0, 0.1)]).await;
+    let (_pods, _file, epp) = stack(&[(0, 0.1, &[]), (0, 0.1, &[]), (0, 0.1, &[])], &[]).await;
     let body = standard_body("my-model", "x");
     // Routed, then the client goes away before the response.
     let r = exchange(
