@@ -216,7 +216,7 @@ fn main() -> anyhow::Result<()> {
         println!("{batch:5}  {:7.2}  {:7.1}", t * 1e3, batch as f64 / t);
     }
     println!(
-        "PyTorch + transformers comparison: not run by this benchmark (see docs/cuda-backend.md)"
+        "PyTorch + transformers baseline on the same shapes: python3 benches/torch_decode.py (docs/cuda-backend.md)"
     );
     Ok(())
 }

@@ -7,6 +7,9 @@ cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
 
 step() { printf '\n=== %s\n' "$*"; }
 
+# A fresh checkout gains nothing from incremental state, and it doubles the target dir's size.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 step "test tools (Envoy, promtool, Qwen tokenizer) into .cache"
 scripts/install-test-deps.sh
 scripts/fetch-tokenizer.sh || echo "tokenizer fetch failed; tests that need it will say SKIPPED"

@@ -83,7 +83,17 @@ impl Pair {
         .unwrap();
         cpu.init_kv(256).unwrap();
         gpu.init_kv(256).unwrap();
-        assert_eq!(cpu.kv_spec(), gpu.kv_spec());
+        // Same geometry; the CPU keeps f32 K/V, the GPU bf16, so a GPU block is half the bytes.
+        let (c, g) = (cpu.kv_spec(), gpu.kv_spec());
+        assert_eq!(
+            (c.num_layers, c.num_kv_heads, c.head_size, c.block_size),
+            (g.num_layers, g.num_kv_heads, g.head_size, g.block_size)
+        );
+        assert_eq!(
+            g.bytes_per_block,
+            2 * g.num_layers * g.num_kv_heads * g.head_size * g.block_size * 2
+        );
+        assert_eq!(c.bytes_per_block, 2 * g.bytes_per_block);
         let vocab = cpu.vocab_size();
         Pair {
             cpu,

@@ -1,6 +1,6 @@
 //! `switchyard serve --backend cuda` end to end on a GPU: a tiny random Qwen2 model answers the
-//! same greedy completion with the same text as `--backend cpu`, and `/metrics` reports the KV
-//! block count the backend measured. Prints `SKIPPED: <why>` without a GPU.
+//! same greedy chat completion as `--backend cpu` (tokens and log-probabilities, see
+//! `LOGPROB_TOL`), and `/metrics` reports the configured KV block count. Prints `SKIPPED: <why>` without a GPU.
 
 mod support;
 
@@ -10,24 +10,84 @@ use switchyard::serve::backend::cuda;
 use switchyard::serve::model::testing::{write_tiny_qwen2_with, TinyDtype, TinyQwen2};
 use switchyard::serve::{self, BackendKind, ServeArgs};
 
-async fn complete(base: &str, prompt: &str) -> Value {
+/// Greedy decoding of a random tiny model is full of near-ties (its logits are close to
+/// uniform over the vocabulary), and the GPU rounds activations to bf16, so the two backends may
+/// legitimately part ways at a near-tie. The check is therefore on numbers, not text: the same
+/// tokens with the same log-probabilities (within `LOGPROB_TOL`) up to the first divergence, and
+/// that divergence only where the CPU's top two candidates are within `2 × LOGPROB_TOL`.
+const LOGPROB_TOL: f64 = 0.1;
+const MAX_TOKENS: usize = 24;
+
+/// One generated position: the chosen token's bytes and log-probability, and the top-5
+/// log-probabilities (descending).
+struct Position {
+    bytes: Vec<u8>,
+    logprob: f64,
+    top: Vec<f64>,
+}
+
+async fn chat(base: &str) -> (Vec<Position>, Value) {
     let body = json!({
         "model": "tiny",
-        "prompt": prompt,
-        "max_tokens": 24,
+        "messages": [{"role": "user", "content": "Hello the world, hello again"}],
+        "max_tokens": MAX_TOKENS,
         "temperature": 0,
-        "ignore_eos": true
+        "ignore_eos": true,
+        "logprobs": true,
+        "top_logprobs": 5
     });
     let r = HttpClient::new()
-        .post_json(&format!("{base}/v1/completions"), &[], body.to_string())
+        .post_json(
+            &format!("{base}/v1/chat/completions"),
+            &[],
+            body.to_string(),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
-    serde_json::from_slice(&r.body).unwrap()
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    let bytes = |x: &Value| -> Vec<u8> {
+        x["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect()
+    };
+    let positions = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let mut top: Vec<f64> = p["top_logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["logprob"].as_f64().unwrap())
+                .collect();
+            top.sort_by(|a, b| b.total_cmp(a));
+            Position {
+                bytes: bytes(p),
+                logprob: p["logprob"].as_f64().unwrap(),
+                top,
+            }
+        })
+        .collect();
+    (positions, v)
+}
+
+/// A numeric label of a Prometheus sample line.
+fn label(line: &str, name: &str) -> usize {
+    let key = format!("{name}=\"");
+    let at = line
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+        + key.len();
+    line[at..].split('"').next().unwrap().parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn greedy_completion_matches_cpu_over_http() {
+async fn greedy_chat_matches_cpu_over_http() {
     if let Err(why) = cuda::gpu_available() {
         println!("SKIPPED: {why}");
         return;
@@ -42,7 +102,7 @@ async fn greedy_completion_matches_cpu_over_http() {
         ..TinyQwen2::default()
     };
     write_tiny_qwen2_with(dir.path(), &spec).unwrap();
-    let mut texts = Vec::new();
+    let mut runs = Vec::new();
     for kind in [BackendKind::Cpu, BackendKind::Cuda] {
         let mut args = ServeArgs::sim_for_tests("l4-qwen2.5-7b", 0.0);
         args.backend = kind;
@@ -51,19 +111,65 @@ async fn greedy_completion_matches_cpu_over_http() {
         args.gpu_memory_utilization = 0.5;
         let h = serve::start(args).await.unwrap();
         let base = format!("http://{}", h.http_addr);
-        let v = complete(&base, "Hello the world, hello again").await;
-        texts.push(v["choices"][0]["text"].as_str().unwrap().to_owned());
+        let (positions, v) = chat(&base).await;
+        assert_eq!(positions.len(), MAX_TOKENS, "{kind:?}: {v}");
+        assert_eq!(v["usage"]["completion_tokens"], MAX_TOKENS, "{kind:?}");
         let metrics = HttpClient::new()
             .get(&format!("{base}/metrics"))
             .await
             .unwrap()
             .text();
-        assert!(
-            metrics.contains("vllm:cache_config_info{"),
-            "no cache_config_info"
-        );
+        let info = metrics
+            .lines()
+            .find(|l| l.starts_with("vllm:cache_config_info{"))
+            .unwrap_or_else(|| panic!("{kind:?}: no cache_config_info in\n{metrics}"));
+        if kind == BackendKind::Cuda {
+            // The block count is measured: what `--gpu-memory-utilization 0.5` leaves after the
+            // (tiny) weights, the workspace and the context's own memory.
+            let blocks = label(info, "num_gpu_blocks");
+            let block_size = label(info, "block_size");
+            let block_bytes =
+                2 * spec.layers * spec.kv_heads * (spec.hidden / spec.heads) * block_size * 2;
+            let total = cudarc::driver::CudaContext::new(0)
+                .unwrap()
+                .total_mem()
+                .unwrap();
+            let kv = (blocks * block_bytes) as f64 / total as f64;
+            assert!(
+                (0.40..=0.50).contains(&kv),
+                "{blocks} blocks = {kv:.3} of device memory: {info}"
+            );
+        }
         h.shutdown(std::time::Duration::from_secs(5)).await;
+        runs.push(positions);
     }
-    assert_eq!(texts[0], texts[1], "cpu vs cuda greedy text");
-    assert!(!texts[0].is_empty());
+    let (cpu, gpu) = (&runs[0], &runs[1]);
+    for (a, b) in cpu[0].top.iter().zip(&gpu[0].top) {
+        assert!(
+            (a - b).abs() <= LOGPROB_TOL,
+            "first position top-5 logprobs: cpu {:?} vs cuda {:?}",
+            cpu[0].top,
+            gpu[0].top
+        );
+    }
+    let mut same = 0;
+    for (i, (c, g)) in cpu.iter().zip(gpu).enumerate() {
+        if c.bytes != g.bytes {
+            let gap = c.top[0] - c.top.get(1).copied().unwrap_or(f64::NEG_INFINITY);
+            assert!(
+                gap <= 2.0 * LOGPROB_TOL,
+                "position {i}: cuda chose a different token although the cpu's margin is {gap}"
+            );
+            println!("diverged at position {i} on a near-tie (cpu top-2 gap {gap:.4})");
+            break;
+        }
+        assert!(
+            (c.logprob - g.logprob).abs() <= LOGPROB_TOL,
+            "position {i}: logprob cpu {} vs cuda {}",
+            c.logprob,
+            g.logprob
+        );
+        same += 1;
+    }
+    println!("cpu and cuda agree on {same} of {MAX_TOKENS} greedy tokens");
 }

@@ -193,6 +193,7 @@ impl AttentionHarness {
         let scale = 1.0f32 / (s.head_size as f32).sqrt();
         let logits_len = i32_of(max_keys.min(launch::PARTITION_SIZE))?;
         let parts = i32_of(plan.num_partitions)?;
+        let group = i32_of(plan.group_size)?;
         let mut run = |out: &mut CudaSlice<u16>| -> Result<(), CudaError> {
             // SAFETY: arguments match `paged_attention_d*` / `paged_attention_reduce_d*`;
             // buffers are sized by the plan for these rows.
@@ -209,6 +210,7 @@ impl AttentionHarness {
                     .arg(&seq_d)
                     .arg(&keys_d)
                     .arg(&kvh)
+                    .arg(&group)
                     .arg(&bs)
                     .arg(&mb)
                     .arg(&scale)

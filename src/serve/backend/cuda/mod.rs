@@ -147,6 +147,13 @@ pub fn check_model(cfg: &ModelConfig) -> Result<(), CudaError> {
             cfg.num_attention_heads, cfg.num_key_value_heads
         )));
     }
+    let group = cfg.num_attention_heads / cfg.num_key_value_heads;
+    if group > launch::MAX_GROUP {
+        return Err(CudaError::Unsupported(format!(
+            "{group} attention heads per KV head (kernels support up to {})",
+            launch::MAX_GROUP
+        )));
+    }
     Ok(())
 }
 
@@ -285,5 +292,27 @@ mod tests {
         assert!(
             matches!(e, BackendError::Unavailable(m) if m.starts_with("CUDA driver not found"))
         );
+    }
+
+    #[test]
+    fn model_shapes_outside_the_kernels_are_rejected() {
+        let cfg = |heads: usize, kv: usize, head: usize| {
+            ModelConfig::from_json(&serde_json::json!({
+                "model_type": "qwen2",
+                "hidden_size": heads * head,
+                "intermediate_size": 64,
+                "num_attention_heads": heads,
+                "num_key_value_heads": kv,
+                "num_hidden_layers": 1,
+                "vocab_size": 32
+            }))
+            .unwrap()
+        };
+        // Qwen2.5-72B: 64 / 8 heads, head 128.
+        assert!(check_model(&cfg(64, 8, 128)).is_ok());
+        let msg = |c| check_model(&c).unwrap_err().to_string();
+        assert!(msg(cfg(32, 2, 128))
+            .contains("16 attention heads per KV head (kernels support up to 8)"));
+        assert!(msg(cfg(4, 2, 96)).contains("head size 96"));
     }
 }

@@ -530,6 +530,7 @@ impl Gpu {
                 let plan = launch::plan_attention(&shape)?;
                 let logits_len = i32_of(max_keys.min(launch::PARTITION_SIZE), "logits")?;
                 let parts_i = i32_of(plan.num_partitions, "partitions")?;
+                let group = i32_of(plan.group_size, "group")?;
                 let width = d.qkv_width();
                 let mut out_view = b.attn.slice_mut(r0 * hq * hd..(r0 + rows) * hq * hd);
                 let qkv_view = b.qkv.slice(r0 * width..(r0 + rows) * width);
@@ -548,6 +549,7 @@ impl Gpu {
                         .arg(&seq_view)
                         .arg(&keys_view)
                         .arg(&hkv_i)
+                        .arg(&group)
                         .arg(&bs_i)
                         .arg(&max_blocks_i)
                         .arg(&scale)

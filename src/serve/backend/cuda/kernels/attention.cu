@@ -1,15 +1,42 @@
 // Paged attention over query rows (decode: one row per sequence; prefill and chunked prefill:
 // one row per new token, causal because row j of a chunk sees keys 0 ..= context_len + j).
 //
-// grid (num_heads, rows, partitions), SY_ATTN_THREADS threads. Keys are split into SY_PARTITION
-// -key partitions (flash-decoding): with one partition the kernel normalises and writes bf16
-// output directly; with more, each block writes its normalised partial output plus its max
-// logit and exp-sum, and `paged_attention_reduce` rescales and combines them.
+// grid (num_kv_heads, rows, partitions), SY_ATTN_THREADS threads. One block serves every query
+// head of its KV head's group (GQA), so each K/V tile is read from memory once rather than once
+// per query head: at Qwen2.5-7B's 7 heads per KV head, a block per query head was bound by L2
+// traffic at ~30% of the copy bandwidth.
+//
+// Keys are split into SY_PARTITION_SIZE-key partitions (flash-decoding): with one partition the
+// kernel normalises and writes bf16 output directly; with more, each block writes its normalised
+// partial output plus its max logit and exp-sum, and `paged_attention_reduce` combines them.
 //
 // Shared memory (sized by launch.rs::attention_shared_bytes):
-//   logits[logits_len] | warp_max[warps] | warp_sum[warps] | vacc[v_groups * D]
+//   logits[group][logits_len rounded up to 4] | scratch[warps] | stats[2][SY_MAX_GROUP] |
+//   vacc[group][threads]   (Q, pre-scaled, is staged in vacc while the logits are computed)
+// plus a static table of the partition's block ids.
 
 #define SY_WARPS (SY_ATTN_THREADS / 32)
+#if SY_X != 8
+#error "dot8 loads assume 8 bf16 per key-layout group (SY_X)"
+#endif
+
+// 8 packed bf16 (one 16-byte load, little-endian pairs) to floats.
+__device__ __forceinline__ void unpack8(uint4 w, float* f) {
+    const unsigned int u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(u[i] << 16);
+        f[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+    }
+}
+
+// dot of 8 floats in registers with 8 floats in shared memory (two 16-byte loads).
+__device__ __forceinline__ float dot8_smem(const float* f, const float* s) {
+    const float4 a = *reinterpret_cast<const float4*>(s);
+    const float4 b = *reinterpret_cast<const float4*>(s + 4);
+    return f[0] * a.x + f[1] * a.y + f[2] * a.z + f[3] * a.w + f[4] * b.x + f[5] * b.y +
+           f[6] * b.z + f[7] * b.w;
+}
 
 template <int D>
 __device__ __forceinline__ void paged_attention_impl(
@@ -17,18 +44,15 @@ __device__ __forceinline__ void paged_attention_impl(
     float* __restrict__ exp_sums, const bf16* __restrict__ qkv,
     const bf16* __restrict__ key_cache, const bf16* __restrict__ value_cache,
     const int* __restrict__ block_tables, const int* __restrict__ row_seq,
-    const int* __restrict__ row_keys, int num_kv_heads, int block_size, int max_blocks,
-    float scale, int logits_len) {
-    constexpr int DPL = D / 32;                  // dims per lane in Q·K
-    constexpr int V_GROUPS = SY_ATTN_THREADS / D;  // threads groups splitting keys for V
-    const int head = blockIdx.x;
+    const int* __restrict__ row_keys, int num_kv_heads, int group, int block_size,
+    int max_blocks, float scale, int logits_len) {
+    constexpr int V_GROUPS = SY_ATTN_THREADS / D;  // thread groups splitting keys for V
+    const int kv_head = blockIdx.x;
     const int row = blockIdx.y;
     const int part = blockIdx.z;
-    const int num_heads = gridDim.x;
+    const int num_heads = num_kv_heads * group;
     const int num_parts = gridDim.z;
     const int tid = threadIdx.x;
-    const int lane = tid & 31;
-    const int warp = tid >> 5;
 
     const int n_keys = row_keys[row];
     const int start = part * SY_PARTITION_SIZE;
@@ -36,103 +60,163 @@ __device__ __forceinline__ void paged_attention_impl(
         return;  // this row needs fewer partitions than the longest one
     }
     const int n = min(start + SY_PARTITION_SIZE, n_keys) - start;
-    const int kv_head = head / (num_heads / num_kv_heads);
-    const int* table = block_tables + (size_t)row_seq[row] * max_blocks;
     const size_t tile_len = (size_t)D * block_size;
 
+    // Each head's logits row is padded to a multiple of 4 floats so every area below starts
+    // 16-byte aligned for float4 reads.
+    const int lstride = (logits_len + 3) & ~3;
     extern __shared__ float smem[];
     float* logits = smem;
-    float* red_max = logits + logits_len;
-    float* red_sum = red_max + SY_WARPS;
-    float* vacc = red_sum + SY_WARPS;
+    float* scratch = logits + group * lstride;
+    float* stats = scratch + SY_WARPS;
+    float* vacc = stats + 2 * SY_MAX_GROUP;
+    // The partition's block ids, read once: both passes look one up per key or 8-key chunk.
+    __shared__ int btab[SY_PARTITION_SIZE + 1];
+    const int first_block = start / block_size;
+    const int n_blocks = (start + n - 1) / block_size - first_block + 1;
+    const int* table = block_tables + (size_t)row_seq[row] * max_blocks + first_block;
+    for (int i = tid; i < n_blocks; i += SY_ATTN_THREADS) {
+        btab[i] = table[i];
+    }
 
-    // Q slice of this lane, pre-scaled.
+    // The group's Q rows are adjacent in the fused QKV row: stage them pre-scaled.
     const int qkv_stride = (num_heads + 2 * num_kv_heads) * D;
-    const bf16* q = qkv + (size_t)row * qkv_stride + head * D;
-    float qr[DPL];
-#pragma unroll
-    for (int i = 0; i < DPL; ++i) {
-        qr[i] = bf2f(q[lane * DPL + i]) * scale;
+    const bf16* q = qkv + (size_t)row * qkv_stride + (size_t)kv_head * group * D;
+    float* qs = vacc;
+    for (int i = tid; i < group * D; i += SY_ATTN_THREADS) {
+        qs[i] = bf2f(q[i]) * scale;
     }
+    __syncthreads();
 
-    // Q·K: one warp per key, lanes over dims.
-    for (int t = warp; t < n; t += SY_WARPS) {
+    // Q·K: one thread per key, every head of the group. In the [D/X][block][X] key layout the
+    // X = 8 dims of one key are 16 contiguous bytes and consecutive keys of a block are adjacent,
+    // so a warp's loads of one dim group cover whole 256-byte runs (fully coalesced).
+    for (int t = tid; t < n; t += SY_ATTN_THREADS) {
         const int k = start + t;
-        const int b = table[k / block_size];
-        const int off = k - (k / block_size) * block_size;
-        const bf16* kp = key_cache + ((size_t)b * num_kv_heads + kv_head) * tile_len;
-        float dot = 0.f;
+        const int bi = k / block_size;
+        const int off = k - bi * block_size;
+        const uint4* kp = reinterpret_cast<const uint4*>(
+            key_cache + ((size_t)btab[bi - first_block] * num_kv_heads + kv_head) * tile_len +
+            (size_t)off * SY_X);
+        uint4 kw[D / SY_X];
 #pragma unroll
-        for (int i = 0; i < DPL; ++i) {
-            const int d = lane * DPL + i;
-            dot += qr[i] * bf2f(kp[(d / SY_X) * block_size * SY_X + off * SY_X + d % SY_X]);
+        for (int c = 0; c < D / SY_X; ++c) {
+            kw[c] = kp[(size_t)c * block_size];  // all loads in flight before any math
         }
-        dot = warp_sum(dot);
-        if (lane == 0) {
-            logits[t] = dot;
+        float dots[SY_MAX_GROUP];
+#pragma unroll
+        for (int h = 0; h < SY_MAX_GROUP; ++h) {
+            dots[h] = 0.f;
+        }
+#pragma unroll
+        for (int c = 0; c < D / SY_X; ++c) {
+            float kf[8];
+            unpack8(kw[c], kf);
+#pragma unroll
+            for (int h = 0; h < SY_MAX_GROUP; ++h) {
+                if (h < group) {
+                    dots[h] += dot8_smem(kf, qs + h * D + c * SY_X);
+                }
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < SY_MAX_GROUP; ++h) {
+            if (h < group) {
+                logits[h * lstride + t] = dots[h];
+            }
         }
     }
     __syncthreads();
 
-    // Softmax over the partition.
-    float m = __int_as_float(0xff800000);
-    for (int t = tid; t < n; t += SY_ATTN_THREADS) {
-        m = fmaxf(m, logits[t]);
-    }
-    m = warp_max(m);
-    if (lane == 0) {
-        red_max[warp] = m;
-    }
-    __syncthreads();
-    m = red_max[0];
-#pragma unroll
-    for (int w = 1; w < SY_WARPS; ++w) {
-        m = fmaxf(m, red_max[w]);
-    }
-    float s = 0.f;
-    for (int t = tid; t < n; t += SY_ATTN_THREADS) {
-        const float e = __expf(logits[t] - m);
-        logits[t] = e;
-        s += e;
-    }
-    s = warp_sum(s);
-    if (lane == 0) {
-        red_sum[warp] = s;
-    }
-    __syncthreads();
-    s = 0.f;
-#pragma unroll
-    for (int w = 0; w < SY_WARPS; ++w) {
-        s += red_sum[w];
+    // Softmax over the partition, per head.
+    for (int h = 0; h < group; ++h) {
+        float* lg = logits + h * lstride;
+        float m = __int_as_float(0xff800000);
+        for (int t = tid; t < n; t += SY_ATTN_THREADS) {
+            m = fmaxf(m, lg[t]);
+        }
+        m = block_max(m, scratch);
+        float s = 0.f;
+        for (int t = tid; t < n; t += SY_ATTN_THREADS) {
+            const float e = __expf(lg[t] - m);
+            lg[t] = e;
+            s += e;
+        }
+        s = block_sum(s, scratch);
+        if (tid == 0) {
+            stats[h] = m;
+            stats[SY_MAX_GROUP + h] = s;
+        }
     }
 
-    // P·V: thread (g, d) sums keys g, g + V_GROUPS, ...; value rows are contiguous per dim.
+    // P·V: thread (g, d) owns dim d over 8-key chunks g, g + V_GROUPS, ... of the partition. A
+    // value tile stores each dim's block_size tokens contiguously, so one 16-byte load brings a
+    // chunk and a warp's 32 dims read one contiguous run of the tile.
     const int g = tid / D;
     const int d = tid - g * D;
-    float acc = 0.f;
-    for (int t = g; t < n; t += V_GROUPS) {
-        const int k = start + t;
-        const int b = table[k / block_size];
-        const int off = k - (k / block_size) * block_size;
-        const bf16* vp = value_cache + ((size_t)b * num_kv_heads + kv_head) * tile_len;
-        acc += logits[t] * bf2f(vp[(size_t)d * block_size + off]);
+    float acc[SY_MAX_GROUP];
+#pragma unroll
+    for (int h = 0; h < SY_MAX_GROUP; ++h) {
+        acc[h] = 0.f;
     }
-    vacc[g * D + d] = acc;
+    // 8-key chunks never straddle a block when block_size is a multiple of 8 (partition starts
+    // are multiples of 512).
+    const int full_chunks = (block_size & 7) == 0 ? n / 8 : 0;
+#pragma unroll 8
+    for (int c = g; c < full_chunks; c += V_GROUPS) {
+        const int k = start + c * 8;
+        const int bi = k / block_size;
+        const int off = k - bi * block_size;
+        const bf16* vp = value_cache +
+                         ((size_t)btab[bi - first_block] * num_kv_heads + kv_head) * tile_len +
+                         (size_t)d * block_size + off;
+        float vf[8];
+        unpack8(*reinterpret_cast<const uint4*>(vp), vf);
+#pragma unroll
+        for (int h = 0; h < SY_MAX_GROUP; ++h) {
+            if (h < group) {
+                acc[h] += dot8_smem(vf, logits + h * lstride + c * 8);
+            }
+        }
+    }
+    for (int t = full_chunks * 8 + g; t < n; t += V_GROUPS) {
+        const int k = start + t;
+        const int bi = k / block_size;
+        const int off = k - bi * block_size;
+        const float v = bf2f(value_cache[((size_t)btab[bi - first_block] * num_kv_heads + kv_head) *
+                                             tile_len +
+                                         (size_t)d * block_size + off]);
+#pragma unroll
+        for (int h = 0; h < SY_MAX_GROUP; ++h) {
+            if (h < group) {
+                acc[h] += logits[h * lstride + t] * v;
+            }
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < SY_MAX_GROUP; ++h) {
+        if (h < group) {
+            vacc[(g * group + h) * D + d] = acc[h];
+        }
+    }
     __syncthreads();
-    if (tid < D) {
+    for (int i = tid; i < group * D; i += SY_ATTN_THREADS) {
+        const int h = i / D;
+        const int dd = i - h * D;
         float o = 0.f;
 #pragma unroll
         for (int j = 0; j < V_GROUPS; ++j) {
-            o += vacc[j * D + tid];
+            o += vacc[(j * group + h) * D + dd];
         }
+        const float s = stats[SY_MAX_GROUP + h];
         o /= s;
-        const size_t rh = (size_t)row * num_heads + head;
+        const size_t rh = (size_t)row * num_heads + kv_head * group + h;
         if (num_parts == 1) {
-            out[rh * D + tid] = f2bf(o);
+            out[rh * D + dd] = f2bf(o);
         } else {
-            tmp_out[(rh * num_parts + part) * D + tid] = o;
-            if (tid == 0) {
-                max_logits[rh * num_parts + part] = m;
+            tmp_out[(rh * num_parts + part) * D + dd] = o;
+            if (dd == 0) {
+                max_logits[rh * num_parts + part] = stats[h];
                 exp_sums[rh * num_parts + part] = s;
             }
         }
@@ -176,11 +260,11 @@ __device__ __forceinline__ void paged_attention_reduce_impl(
     extern "C" __global__ void __launch_bounds__(SY_ATTN_THREADS) paged_attention_d##D(        \
         bf16* out, float* tmp_out, float* max_logits, float* exp_sums, const bf16* qkv,        \
         const bf16* key_cache, const bf16* value_cache, const int* block_tables,               \
-        const int* row_seq, const int* row_keys, int num_kv_heads, int block_size,             \
+        const int* row_seq, const int* row_keys, int num_kv_heads, int group, int block_size,  \
         int max_blocks, float scale, int logits_len) {                                         \
         paged_attention_impl<D>(out, tmp_out, max_logits, exp_sums, qkv, key_cache,            \
                                 value_cache, block_tables, row_seq, row_keys, num_kv_heads,    \
-                                block_size, max_blocks, scale, logits_len);                    \
+                                group, block_size, max_blocks, scale, logits_len);             \
     }                                                                                          \
     extern "C" __global__ void paged_attention_reduce_d##D(                                    \
         bf16* out, const float* tmp_out, const float* max_logits, const float* exp_sums,       \
