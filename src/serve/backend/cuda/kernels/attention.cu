@@ -11,11 +11,14 @@
 // partial output plus its max logit and exp-sum, and `paged_attention_reduce` combines them.
 //
 // Shared memory (sized by launch.rs::attention_shared_bytes):
-//   logits[group][logits_len rounded up to 4] | scratch[warps] | stats[2][SY_MAX_GROUP] |
+//   logits[group][logits_len rounded up to 4] | spare[warps] | stats[2][SY_MAX_GROUP] |
 //   vacc[group][threads]   (Q, pre-scaled, is staged in vacc while the logits are computed)
 // plus a static table of the partition's block ids.
 
 #define SY_WARPS (SY_ATTN_THREADS / 32)
+#if SY_MAX_GROUP > SY_WARPS
+#error "the softmax step gives each head of a group its own warp"
+#endif
 #if SY_X != 8
 #error "dot8 loads assume 8 bf16 per key-layout group (SY_X)"
 #endif
@@ -134,26 +137,29 @@ __device__ __forceinline__ void paged_attention_impl(
     }
     __syncthreads();
 
-    // Softmax over the partition, per head.
-    for (int h = 0; h < group; ++h) {
+    // Softmax over the partition: one warp per head (group ≤ SY_MAX_GROUP ≤ warps), shuffles
+    // only, so the whole step costs one barrier instead of four per head.
+    const int lane = tid & 31;
+    for (int h = tid >> 5; h < group; h += SY_WARPS) {
         float* lg = logits + h * lstride;
         float m = __int_as_float(0xff800000);
-        for (int t = tid; t < n; t += SY_ATTN_THREADS) {
+        for (int t = lane; t < n; t += 32) {
             m = fmaxf(m, lg[t]);
         }
-        m = block_max(m, scratch);
+        m = warp_max(m);
         float s = 0.f;
-        for (int t = tid; t < n; t += SY_ATTN_THREADS) {
+        for (int t = lane; t < n; t += 32) {
             const float e = __expf(lg[t] - m);
             lg[t] = e;
             s += e;
         }
-        s = block_sum(s, scratch);
-        if (tid == 0) {
+        s = warp_sum(s);
+        if (lane == 0) {
             stats[h] = m;
             stats[SY_MAX_GROUP + h] = s;
         }
     }
+    __syncthreads();
 
     // P·V: thread (g, d) owns dim d over 8-key chunks g, g + V_GROUPS, ... of the partition. A
     // value tile stores each dim's block_size tokens contiguously, so one 16-byte load brings a
