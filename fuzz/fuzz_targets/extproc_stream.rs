@@ -315,6 +315,7 @@ fn shared(setup: &Setup) -> Arc<Shared> {
         ExtProcConfig {
             max_body_bytes: max,
             max_response_buffer_bytes: max,
+            inflight_accounting: true,
         },
     )
 }

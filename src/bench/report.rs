@@ -102,14 +102,16 @@ pub fn markdown_table(results: &[PolicyResult]) -> String {
         for r in results.iter().filter(|r| r.policy != Policy::RoundRobin) {
             let _ = writeln!(
                 s,
-                "- {} vs envoy round-robin: TTFT p50 {}, p90 {}; prefix hit rate ×{:.2}",
+                "- {} vs envoy round-robin: TTFT p50 {}, p90 {}, p99 {}; prefix hit rate {}",
                 r.name,
                 change(base.ttft_ms.p50, r.ttft_ms.p50),
                 change(base.ttft_ms.p90, r.ttft_ms.p90),
+                change(base.ttft_ms.p99, r.ttft_ms.p99),
+                // A workload with no shared prefixes has no hit rate to compare.
                 if base.prefix_hit_rate > 0.0 {
-                    r.prefix_hit_rate / base.prefix_hit_rate
+                    format!("×{:.2}", r.prefix_hit_rate / base.prefix_hit_rate)
                 } else {
-                    f64::INFINITY
+                    format!("{:.1}% (round-robin 0%)", 100.0 * r.prefix_hit_rate)
                 }
             );
         }
@@ -342,8 +344,14 @@ mod tests {
             md.contains("| envoy round-robin | 10/10 | 1000 ms | 2000 ms | 3000 ms | 50.0 ms |")
         );
         assert!(md.contains("| 20.0% | 50/50% | 0 |"));
-        assert!(md.contains("epp default (3:2:2) vs envoy round-robin: TTFT p50 -60%, p90 -60%; prefix hit rate ×3.00"));
+        assert!(md.contains("epp default (3:2:2) vs envoy round-robin: TTFT p50 -60%, p90 -60%, p99 -60%; prefix hit rate ×3.00"));
         assert_eq!(change(0.0, 1.0), "n/a");
+        // No shared prefixes: the rate is shown, not an infinite ratio.
+        let rs = [
+            result(Policy::RoundRobin, 1000.0, 0.0),
+            result(Policy::EppDefault, 400.0, 0.0),
+        ];
+        assert!(markdown_table(&rs).contains("p99 -60%; prefix hit rate 0.0% (round-robin 0%)"));
     }
 
     #[test]

@@ -62,6 +62,10 @@ pub enum Policy {
     /// EPP with prefix 3 : queue 5 : kv-cache 2.
     #[value(name = "epp-3-5-2")]
     Epp352,
+    /// EPP default profile scoring scraped numbers alone (`--inflight-accounting=false`, the
+    /// reference's behaviour): shows what counting the EPP's own in-flight requests buys.
+    #[value(name = "epp-default-scraped-only")]
+    EppDefaultScrapedOnly,
 }
 
 impl Policy {
@@ -80,6 +84,7 @@ impl Policy {
             Policy::EppRandom => "epp random-picker",
             Policy::EppDefault => "epp default (3:2:2)",
             Policy::Epp352 => "epp 3:5:2",
+            Policy::EppDefaultScrapedOnly => "epp default, scraped only",
         }
     }
 
@@ -91,6 +96,7 @@ impl Policy {
             Policy::EppRandom => "epp-random",
             Policy::EppDefault => "epp-default",
             Policy::Epp352 => "epp-3-5-2",
+            Policy::EppDefaultScrapedOnly => "epp-default-scraped-only",
         }
     }
 
@@ -100,12 +106,19 @@ impl Policy {
             Policy::LeastRequest => Gateway::Envoy(LbPolicy::LeastRequest),
             Policy::EppRandom => Gateway::Epp {
                 config_text: RANDOM_CONFIG.to_owned(),
+                inflight_accounting: true,
             },
             Policy::EppDefault => Gateway::Epp {
                 config_text: String::new(),
+                inflight_accounting: true,
             },
             Policy::Epp352 => Gateway::Epp {
                 config_text: WEIGHTS_352_CONFIG.to_owned(),
+                inflight_accounting: true,
+            },
+            Policy::EppDefaultScrapedOnly => Gateway::Epp {
+                config_text: String::new(),
+                inflight_accounting: false,
             },
         }
     }

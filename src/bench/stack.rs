@@ -39,7 +39,11 @@ pub enum Gateway {
     /// Envoy alone with its own load balancer.
     Envoy(LbPolicy),
     /// Envoy + ext_proc to `switchyard epp` with this EndpointPickerConfig (empty: default).
-    Epp { config_text: String },
+    Epp {
+        config_text: String,
+        /// `--inflight-accounting` of the EPP.
+        inflight_accounting: bool,
+    },
 }
 
 /// The replicas every policy gets (fresh processes each time, so caches start cold).
@@ -152,7 +156,10 @@ impl Stack {
         };
         let routing = match gateway {
             Gateway::Envoy(lb) => Routing::Plain { lb: *lb },
-            Gateway::Epp { config_text } => {
+            Gateway::Epp {
+                config_text,
+                inflight_accounting,
+            } => {
                 let p = procs::free_ports(3)?;
                 let endpoints: Vec<String> =
                     stack.replica_addrs.iter().map(|a| a.to_string()).collect();
@@ -169,6 +176,11 @@ impl Stack {
                     .arg("--metrics-port")
                     .arg(p[2].to_string())
                     .args(["--secure-serving=false", "--metrics-endpoint-auth=false"])
+                    .arg(format!("--inflight-accounting={inflight_accounting}"))
+                    .arg(format!(
+                        "--refresh-metrics-interval={}us",
+                        scrape_interval_us(spec.time_scale)
+                    ))
                     .args(["--v", "1"]);
                 if !config_text.is_empty() {
                     cmd.arg("--config-text").arg(config_text);
@@ -334,6 +346,20 @@ impl ReplicaCounters {
 }
 
 /// The `switchyard` binary to start children from: `explicit`, else this executable.
+/// The EPP's scrape interval for replicas whose simulated time runs `1 / time_scale` times
+/// faster than real time: production's 50 ms of (simulated) time, so the EPP sees metrics as
+/// stale as it would in front of real GPUs, floored at 2 ms.
+pub fn scrape_interval_us(time_scale: f64) -> u64 {
+    const PRODUCTION_US: f64 = 50_000.0;
+    const FLOOR_US: f64 = 2_000.0;
+    let scaled = PRODUCTION_US * time_scale;
+    if scaled.is_finite() {
+        scaled.clamp(FLOOR_US, PRODUCTION_US) as u64
+    } else {
+        PRODUCTION_US as u64
+    }
+}
+
 pub fn switchyard_bin(explicit: Option<&Path>) -> std::io::Result<PathBuf> {
     match explicit {
         Some(p) => Ok(p.to_owned()),
@@ -344,6 +370,16 @@ pub fn switchyard_bin(explicit: Option<&Path>) -> std::io::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scrape_interval_follows_simulated_time() {
+        assert_eq!(scrape_interval_us(1.0), 50_000);
+        assert_eq!(scrape_interval_us(0.25), 12_500);
+        assert_eq!(scrape_interval_us(0.05), 2_500);
+        assert_eq!(scrape_interval_us(0.01), 2_000);
+        assert_eq!(scrape_interval_us(4.0), 50_000);
+        assert_eq!(scrape_interval_us(f64::NAN), 50_000);
+    }
 
     #[test]
     fn counters_sum_over_labels_and_subtract() {

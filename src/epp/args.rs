@@ -83,6 +83,12 @@ pub struct EppArgs {
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Count the requests this EPP routed to each endpoint until they finish, and add those not
+    /// yet visible in a scrape to the queue and running-requests scores (false: the reference's
+    /// scores on scraped numbers alone).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_value = "true", default_missing_value = "true", value_parser = go_bool)]
+    pub inflight_accounting: bool,
+
     // --- metrics scraping ---
     /// Interval to refresh metrics.
     #[arg(long, default_value = "50ms", value_parser = duration)]
@@ -303,6 +309,12 @@ mod tests {
         assert!(a.secure_serving && a.metrics_endpoint_auth && a.tracing);
         assert_eq!(a.max_body_bytes, 16 << 20);
         assert_eq!(a.fallback_endpoints, 0);
+        assert!(a.inflight_accounting);
+        assert!(
+            !parse(&["--inflight-accounting=false"])
+                .unwrap()
+                .inflight_accounting
+        );
         assert_eq!(
             a.validate(),
             Ok(EndpointSource::Static("10.0.0.1:8000".into()))

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use super::endpoint::{Endpoint, EndpointMetrics, EndpointSnapshot};
+use super::endpoint::{DispatchCounters, Endpoint, EndpointMetrics, EndpointSnapshot, ScrapeMark};
 
 /// A change to the endpoint set, as emitted by a discovery source.
 #[derive(Debug, Clone)]
@@ -23,15 +23,22 @@ pub enum DiscoveryEvent {
 }
 
 /// One endpoint's slot: scrapers swap in a new snapshot, readers load it without locking.
+/// The slot owns the endpoint's [`DispatchCounters`] and attaches them to every snapshot.
 #[derive(Debug)]
 pub struct EndpointSlot {
     current: ArcSwap<EndpointSnapshot>,
+    dispatch: Arc<DispatchCounters>,
 }
 
 impl EndpointSlot {
-    fn new(endpoint: Arc<Endpoint>, metrics: EndpointMetrics) -> Self {
+    /// A slot starting from `metrics`; keeps the counters `metrics` carries (an endpoint that
+    /// was replaced keeps counting the requests still in flight to it), else starts new ones.
+    fn new(endpoint: Arc<Endpoint>, mut metrics: EndpointMetrics) -> Self {
+        let dispatch = metrics.dispatch.take().unwrap_or_default();
+        metrics.dispatch = Some(dispatch.clone());
         EndpointSlot {
             current: ArcSwap::from_pointee(EndpointSnapshot { endpoint, metrics }),
+            dispatch,
         }
     }
 
@@ -43,9 +50,28 @@ impl EndpointSlot {
         self.current.load_full()
     }
 
-    /// Publishes freshly scraped metrics for this endpoint.
+    /// This endpoint's dispatch counters (the same ones every snapshot of the slot carries).
+    pub fn dispatch(&self) -> &Arc<DispatchCounters> {
+        &self.dispatch
+    }
+
+    /// Publishes metrics for this endpoint as if scraped right now: every dispatch so far is
+    /// taken to be included in them.
     pub fn publish(&self, metrics: EndpointMetrics) {
+        self.store(metrics);
+        self.dispatch.reset_since_scrape();
+    }
+
+    /// Publishes the result of a scrape that began at `mark` (see
+    /// [`DispatchCounters::begin_scrape`]); dispatches after the mark stay counted.
+    pub fn publish_scraped(&self, metrics: EndpointMetrics, mark: ScrapeMark) {
+        self.store(metrics);
+        self.dispatch.scraped(mark);
+    }
+
+    fn store(&self, mut metrics: EndpointMetrics) {
         let endpoint = self.current.load().endpoint.clone();
+        metrics.dispatch = Some(self.dispatch.clone());
         self.current
             .store(Arc::new(EndpointSnapshot { endpoint, metrics }));
     }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -98,6 +99,10 @@ pub struct EndpointMetrics {
     pub kv_num_blocks: Option<u64>,
     pub lora: Option<LoraInfo>,
     pub updated_at: Option<Instant>,
+    /// The EPP's own live dispatch counters for this endpoint (not scraped). The datastore
+    /// attaches its slot's counters to every snapshot it publishes; `None` (metrics built
+    /// without a datastore, e.g. in tests) scores exactly like the reference.
+    pub dispatch: Option<Arc<DispatchCounters>>,
 }
 
 impl EndpointMetrics {
@@ -108,6 +113,106 @@ impl EndpointMetrics {
             None => true,
         }
     }
+
+    /// Requests this EPP dispatched to the endpoint that the scraped numbers do not include
+    /// yet and that may still be running (see [`DispatchCounters::unscraped`]); 0 without
+    /// counters.
+    pub fn unscraped(&self) -> u32 {
+        self.dispatch.as_ref().map_or(0, |d| d.unscraped())
+    }
+}
+
+/// Per-endpoint accounting of the requests this EPP sent, kept with atomics so the request path
+/// never locks. Between two scrapes every request sees the same scraped queue and KV numbers;
+/// without this a burst all goes to the one endpoint that looked best at the last scrape.
+///
+/// ```text
+///   dispatch() ──▶ in_flight +1, since_scrape +1 ──▶ InflightGuard dropped ──▶ in_flight −1
+///   begin_scrape() reads since_scrape = m ──▶ GET /metrics ──▶ scraped(m): since_scrape −= m
+/// ```
+/// Requests dispatched while a scrape is in flight stay counted: the page may predate them.
+#[derive(Debug, Default)]
+pub struct DispatchCounters {
+    in_flight: AtomicU32,
+    since_scrape: AtomicU32,
+}
+
+/// Identity: two handles are equal when they count for the same endpoint slot.
+impl PartialEq for DispatchCounters {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+/// What [`DispatchCounters::begin_scrape`] saw: dispatches the coming scrape may include.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScrapeMark(u32);
+
+impl DispatchCounters {
+    /// Records one request committed to this endpoint. The count stays in flight until the
+    /// returned guard is dropped (response complete, or the stream ended in any other way).
+    pub fn dispatch(self: &Arc<Self>) -> InflightGuard {
+        saturating_inc(&self.in_flight);
+        saturating_inc(&self.since_scrape);
+        InflightGuard(self.clone())
+    }
+
+    /// Requests dispatched here whose streams have not ended.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Requests dispatched here since the last scrape began.
+    pub fn dispatched_since_scrape(&self) -> u32 {
+        self.since_scrape.load(Ordering::Relaxed)
+    }
+
+    /// What scorers add to the scraped queue / running counts: the dispatches since the last
+    /// scrape, but no more than are still in flight. The cap keeps a request that already
+    /// finished (or an endpoint whose scrapes keep failing) from being counted until the next
+    /// successful scrape; it is also what bounds the correction.
+    pub fn unscraped(&self) -> u32 {
+        self.dispatched_since_scrape().min(self.in_flight())
+    }
+
+    /// Call right before requesting `/metrics`; pass the mark to [`Self::scraped`] on success.
+    pub fn begin_scrape(&self) -> ScrapeMark {
+        ScrapeMark(self.since_scrape.load(Ordering::Relaxed))
+    }
+
+    /// A scrape that began at `mark` was published: the dispatches counted up to then are in
+    /// the scraped numbers from now on.
+    pub fn scraped(&self, mark: ScrapeMark) {
+        let _ = self
+            .since_scrape
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(mark.0))
+            });
+    }
+
+    /// Forgets every dispatch since the last scrape (metrics published from outside a poller).
+    pub fn reset_since_scrape(&self) {
+        self.since_scrape.store(0, Ordering::Relaxed);
+    }
+}
+
+/// `+1` that sticks at `u32::MAX` instead of wrapping (bounded even if scrapes never succeed).
+fn saturating_inc(counter: &AtomicU32) {
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1));
+}
+
+/// One dispatched request's share of [`DispatchCounters::in_flight`], released on drop.
+#[derive(Debug)]
+pub struct InflightGuard(Arc<DispatchCounters>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        // Never below zero: a saturated increment leaves more guards than counted requests.
+        let _ = self
+            .0
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
 }
 
 /// Immutable view of one endpoint at one moment: what scheduling reads.
@@ -115,4 +220,45 @@ impl EndpointMetrics {
 pub struct EndpointSnapshot {
     pub endpoint: Arc<Endpoint>,
     pub metrics: EndpointMetrics,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dispatch_counts_until_scraped_or_finished() {
+        let d = Arc::new(DispatchCounters::default());
+        let g1 = d.dispatch();
+        let g2 = d.dispatch();
+        assert_eq!(
+            (d.in_flight(), d.dispatched_since_scrape(), d.unscraped()),
+            (2, 2, 2)
+        );
+        // A scrape starts, a third request is routed while it is in flight.
+        let mark = d.begin_scrape();
+        let g3 = d.dispatch();
+        d.scraped(mark);
+        // The page may predate the third request: it stays counted.
+        assert_eq!(
+            (d.in_flight(), d.dispatched_since_scrape(), d.unscraped()),
+            (3, 1, 1)
+        );
+        drop(g3);
+        // Finished: no longer counted even though no scrape has seen it.
+        assert_eq!(
+            (d.in_flight(), d.dispatched_since_scrape(), d.unscraped()),
+            (2, 1, 1)
+        );
+        drop(g1);
+        drop(g2);
+        assert_eq!((d.in_flight(), d.unscraped()), (0, 0));
+        d.reset_since_scrape();
+        assert_eq!(d.dispatched_since_scrape(), 0);
+    }
+
+    #[test]
+    fn metrics_without_counters_score_like_the_reference() {
+        assert_eq!(EndpointMetrics::default().unscraped(), 0);
+    }
 }

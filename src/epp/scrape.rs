@@ -248,6 +248,7 @@ pub fn extract_metrics(engine: EngineType, text: &str) -> Result<EndpointMetrics
         kv_num_blocks,
         lora,
         updated_at: None,
+        dispatch: None,
     })
 }
 
@@ -528,6 +529,7 @@ async fn poll_endpoint(slot: Arc<EndpointSlot>, scraper: Scraper, config: Scrape
     let mut failing = false;
     loop {
         ticker.tick().await;
+        let mark = slot.dispatch().begin_scrape();
         match scraper.scrape(&endpoint).await {
             Ok(mut metrics) => {
                 tracing::trace!(
@@ -538,7 +540,7 @@ async fn poll_endpoint(slot: Arc<EndpointSlot>, scraper: Scraper, config: Scrape
                     "metrics scraped"
                 );
                 metrics.updated_at = Some(Instant::now());
-                slot.publish(metrics);
+                slot.publish_scraped(metrics, mark);
                 if failing {
                     tracing::debug!(endpoint = %endpoint.name, "metrics scrape recovered");
                     failing = false;

@@ -277,6 +277,7 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
         ExtProcConfig {
             max_body_bytes: args.max_body_bytes,
             max_response_buffer_bytes: args.max_body_bytes,
+            inflight_accounting: args.inflight_accounting,
         },
     );
 

@@ -39,6 +39,9 @@ pub struct ExtProcConfig {
     pub max_body_bytes: usize,
     /// Largest JSON response body buffered for usage parsing; larger is passed through unparsed.
     pub max_response_buffer_bytes: usize,
+    /// Count each routed request against its primary endpoint until its stream ends
+    /// (`--inflight-accounting`), so scorers see load the last scrape could not show yet.
+    pub inflight_accounting: bool,
 }
 
 impl Default for ExtProcConfig {
@@ -46,6 +49,7 @@ impl Default for ExtProcConfig {
         ExtProcConfig {
             max_body_bytes: 16 << 20,
             max_response_buffer_bytes: 16 << 20,
+            inflight_accounting: true,
         }
     }
 }

@@ -18,6 +18,7 @@ use super::replies::{self, Direction};
 use super::usage::{self, SseUsageScanner, Usage};
 use super::Shared;
 use crate::epp::director::{split_subset, Decision, ErrorCode, RequestMeta, RoutingError};
+use crate::epp::endpoint::InflightGuard;
 use crate::epp::metrics::{EppMetrics, ModelNameLabel, ModelPriorityLabels};
 use crate::epp::request::ApiType;
 
@@ -107,6 +108,8 @@ pub struct StreamState {
     echo_served: bool,
     decision: Option<Decision>,
     running: Option<RunningGuard>,
+    /// This request's share of its primary endpoint's in-flight count; released on drop.
+    inflight: Option<InflightGuard>,
     response: ResponseState,
 }
 
@@ -123,6 +126,7 @@ impl StreamState {
             echo_served: false,
             decision: None,
             running: None,
+            inflight: None,
             response: ResponseState::default(),
         }
     }
@@ -340,6 +344,14 @@ impl StreamState {
             .clone();
         gauge.inc();
         self.running = Some(RunningGuard(gauge));
+        if self.shared.config.inflight_accounting {
+            // Fallbacks are only tried if the primary fails; count the primary alone.
+            self.inflight = decision
+                .endpoints
+                .first()
+                .and_then(|e| e.metrics.dispatch.as_ref())
+                .map(|d| d.dispatch());
+        }
         self.response.streaming = decision.stream;
         self.decision = Some(decision);
         self.phase = Phase::Routed;

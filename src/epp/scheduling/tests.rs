@@ -285,3 +285,66 @@ fn metrics_are_registered_and_observed() {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }
 }
+
+const QUEUE_ONLY: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+  - pluginRef: max-score-picker
+";
+
+/// Endpoints whose metrics carry live dispatch counters, as the datastore publishes them.
+fn counted(queues: &[u32]) -> Vec<Arc<EndpointSnapshot>> {
+    queues
+        .iter()
+        .zip(1u8..)
+        .map(|(&q, i)| {
+            let mut metrics = m(q, 0.0);
+            metrics.dispatch = Some(Arc::default());
+            ep(i, metrics)
+        })
+        .collect()
+}
+
+/// Nine picks between two scrapes, scraped queues 0 / 1 / 1. Each routed request counts against
+/// its endpoint (as the ext_proc path does), so the picks fill the queues level: effective loads
+/// end at 3, 4, 4 whatever the tie-breaks. Without counting, all nine herd onto the endpoint
+/// that looked best at the last scrape.
+#[test]
+fn picks_between_scrapes_spread_by_inflight_counts() {
+    let (s, _) = scheduler(QUEUE_ONLY);
+    let pods = counted(&[0, 1, 1]);
+    let mut guards = Vec::new();
+    for _ in 0..9 {
+        let out = s.schedule(&req(b"x"), &pods).unwrap();
+        guards.push(
+            out.endpoints[0]
+                .metrics
+                .dispatch
+                .as_ref()
+                .unwrap()
+                .dispatch(),
+        );
+    }
+    let mut loads: Vec<u32> = pods
+        .iter()
+        .map(|p| p.metrics.waiting_queue_size + p.metrics.unscraped())
+        .collect();
+    loads.sort_unstable();
+    assert_eq!(loads, [3, 4, 4]);
+    // Finished requests stop counting even before the next scrape.
+    guards.clear();
+    assert!(pods.iter().all(|p| p.metrics.unscraped() == 0));
+
+    // The reference behaviour (no counting): every pick goes to the same endpoint.
+    let pods = counted(&[0, 1, 1]);
+    for _ in 0..9 {
+        let out = s.schedule(&req(b"x"), &pods).unwrap();
+        assert_eq!(names(&out), ["192.168.1.1:8000"]);
+    }
+}

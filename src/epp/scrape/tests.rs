@@ -52,6 +52,7 @@ fn vllm_page_gives_exact_metrics() {
                 waiting: vec!["sql-lora-1fdg2".into()],
             }),
             updated_at: None,
+            dispatch: None,
         }
     );
 }
@@ -134,6 +135,7 @@ sglang:cache_config_info{num_pages="5000",page_size="64"} 1.0
             kv_num_blocks: Some(5000),
             lora: None,
             updated_at: None,
+            dispatch: None,
         }
     );
 }
@@ -162,6 +164,7 @@ fn trtllm_serve_page() {
             kv_num_blocks: Some(81920),
             lora: None,
             updated_at: None,
+            dispatch: None,
         }
     );
 }
@@ -197,6 +200,7 @@ nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="fraction",model="tensorrt
             kv_num_blocks: Some(4000),
             lora: None,
             updated_at: None,
+            dispatch: None,
         }
     );
 }

@@ -21,6 +21,10 @@ use crate::epp::saturation::SaturationDetector;
 use crate::epp::scheduling::{parse_config, Scheduler, DEFAULT_CONFIG};
 
 fn shared(endpoints: usize, max_body: usize) -> Arc<Shared> {
+    shared_with(endpoints, max_body, true)
+}
+
+fn shared_with(endpoints: usize, max_body: usize, inflight_accounting: bool) -> Arc<Shared> {
     let mut registry = Registry::default();
     let metrics = EppMetrics::new(&mut registry);
     let scheduler = Arc::new(Scheduler::new(
@@ -53,6 +57,7 @@ fn shared(endpoints: usize, max_body: usize) -> Arc<Shared> {
         ExtProcConfig {
             max_body_bytes: max_body,
             max_response_buffer_bytes: max_body,
+            inflight_accounting,
         },
     )
 }
@@ -160,5 +165,85 @@ proptest! {
             let label = crate::epp::metrics::ModelNameLabel { model_name: model.to_string() };
             prop_assert_eq!(shared.metrics.running_requests.get_or_create(&label).get(), 0);
         }
+        prop_assert_eq!(in_flight(&shared), vec![0; endpoints]);
     }
+}
+
+/// Each endpoint's in-flight count as the datastore's counters hold it.
+fn in_flight(shared: &Shared) -> Vec<u32> {
+    shared
+        .director
+        .datastore()
+        .slots()
+        .iter()
+        .map(|s| s.dispatch().in_flight())
+        .collect()
+}
+
+fn header(key: &str, value: &str) -> HeaderValue {
+    HeaderValue {
+        key: key.to_string(),
+        value: String::new(),
+        raw_value: value.as_bytes().to_vec(),
+    }
+}
+
+/// Routes one completion request through a fresh stream; returns the stream, still open.
+fn route_one(shared: &Arc<Shared>) -> StreamState {
+    let mut state = StreamState::new(shared.clone());
+    let mut out = Vec::new();
+    let headers = HttpHeaders {
+        headers: Some(HeaderMap {
+            headers: vec![
+                header(":path", "/v1/completions"),
+                header("x-request-id", "r1"),
+            ],
+        }),
+        ..Default::default()
+    };
+    let body = HttpBody {
+        body: br#"{"model":"m","prompt":"hello"}"#.to_vec(),
+        end_of_stream: true,
+        ..Default::default()
+    };
+    for msg in [Msg::RequestHeaders(headers), Msg::RequestBody(body)] {
+        let finished = state.on_message(
+            ProcessingRequest {
+                request: Some(msg),
+                ..Default::default()
+            },
+            &mut out,
+        );
+        assert!(!finished);
+    }
+    assert!(
+        out.iter()
+            .any(|r| matches!(&r.response, Some(Reply::RequestHeaders(_)))),
+        "routed: {out:?}"
+    );
+    state
+}
+
+#[test]
+fn routed_request_counts_in_flight_until_the_stream_ends() {
+    let shared = shared(3, 1024);
+    let a = route_one(&shared);
+    let b = route_one(&shared);
+    let mut counts = in_flight(&shared);
+    counts.sort_unstable();
+    // Two requests, two different endpoints (the second sees the first's count), the fallback
+    // endpoint is not counted.
+    assert_eq!(counts, [0, 1, 1]);
+    // A stream that breaks mid-response releases its count like one that completes.
+    drop(a);
+    assert_eq!(in_flight(&shared).iter().sum::<u32>(), 1);
+    drop(b);
+    assert_eq!(in_flight(&shared), [0, 0, 0]);
+}
+
+#[test]
+fn inflight_accounting_off_counts_nothing() {
+    let shared = shared_with(3, 1024, false);
+    let _a = route_one(&shared);
+    assert_eq!(in_flight(&shared), [0, 0, 0]);
 }

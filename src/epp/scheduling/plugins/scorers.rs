@@ -45,7 +45,16 @@ plugin_impl!(QueueScorer, "queue-scorer");
 
 impl Scorer for QueueScorer {
     fn score(&self, _: &mut CycleState<'_>, eps: &[Arc<EndpointSnapshot>], out: &mut [f64]) {
-        min_max_inverse(eps.iter().map(|e| e.metrics.waiting_queue_size), out);
+        // Requests routed here since the last scrape are waiting or running there by now; the
+        // scrape cannot show them yet (0 with --inflight-accounting=false).
+        min_max_inverse(
+            eps.iter().map(|e| {
+                e.metrics
+                    .waiting_queue_size
+                    .saturating_add(e.metrics.unscraped())
+            }),
+            out,
+        );
     }
 }
 
@@ -58,7 +67,14 @@ plugin_impl!(RunningRequestsScorer, "running-requests-size-scorer");
 
 impl Scorer for RunningRequestsScorer {
     fn score(&self, _: &mut CycleState<'_>, eps: &[Arc<EndpointSnapshot>], out: &mut [f64]) {
-        min_max_inverse(eps.iter().map(|e| e.metrics.running_requests), out);
+        min_max_inverse(
+            eps.iter().map(|e| {
+                e.metrics
+                    .running_requests
+                    .saturating_add(e.metrics.unscraped())
+            }),
+            out,
+        );
     }
 }
 
