@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::{CycleState, Plugin, Scorer};
-use crate::epp::endpoint::EndpointSnapshot;
+use crate::epp::endpoint::{EndpointMetrics, EndpointSnapshot};
 use crate::epp::prefix::PrefixIndex;
 
 macro_rules! plugin_impl {
@@ -36,6 +36,21 @@ fn min_max_inverse(values: impl Iterator<Item = u32> + Clone, out: &mut [f64]) {
     }
 }
 
+/// [`min_max_inverse`] over a scraped count plus the requests routed to each endpoint since its
+/// last scrape: they are waiting or running there by now, but the scrape cannot show them yet
+/// (0 with `--inflight-accounting=false`).
+fn min_max_inverse_with_unscraped(
+    eps: &[Arc<EndpointSnapshot>],
+    scraped: impl Fn(&EndpointMetrics) -> u32,
+    out: &mut [f64],
+) {
+    min_max_inverse(
+        eps.iter()
+            .map(|e| scraped(&e.metrics).saturating_add(e.metrics.unscraped())),
+        out,
+    );
+}
+
 /// `queue-scorer`: fewer waiting requests score higher, relative to the other candidates.
 #[derive(Debug)]
 pub struct QueueScorer {
@@ -45,16 +60,7 @@ plugin_impl!(QueueScorer, "queue-scorer");
 
 impl Scorer for QueueScorer {
     fn score(&self, _: &mut CycleState<'_>, eps: &[Arc<EndpointSnapshot>], out: &mut [f64]) {
-        // Requests routed here since the last scrape are waiting or running there by now; the
-        // scrape cannot show them yet (0 with --inflight-accounting=false).
-        min_max_inverse(
-            eps.iter().map(|e| {
-                e.metrics
-                    .waiting_queue_size
-                    .saturating_add(e.metrics.unscraped())
-            }),
-            out,
-        );
+        min_max_inverse_with_unscraped(eps, |m| m.waiting_queue_size, out);
     }
 }
 
@@ -67,14 +73,7 @@ plugin_impl!(RunningRequestsScorer, "running-requests-size-scorer");
 
 impl Scorer for RunningRequestsScorer {
     fn score(&self, _: &mut CycleState<'_>, eps: &[Arc<EndpointSnapshot>], out: &mut [f64]) {
-        min_max_inverse(
-            eps.iter().map(|e| {
-                e.metrics
-                    .running_requests
-                    .saturating_add(e.metrics.unscraped())
-            }),
-            out,
-        );
+        min_max_inverse_with_unscraped(eps, |m| m.running_requests, out);
     }
 }
 
