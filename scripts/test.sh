@@ -2,6 +2,10 @@
 # The README's test command: installs what the tests need into ./.cache, then runs every check.
 #   scripts/test.sh           everything (lint, unit + integration tests, chart checks)
 #   SKIP_LINT=1 scripts/test.sh   skip fmt/clippy (local iteration)
+#   CI=true scripts/test.sh       every test dependency is required: a missing one (Envoy,
+#                                 promtool, NVRTC, the Qwen tokenizer) fails the run naming it,
+#                                 and a test that would skip for it panics instead. Only tests
+#                                 that need a GPU still skip, printing `SKIPPED: <why>`.
 set -euo pipefail
 cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
 
@@ -11,8 +15,15 @@ step() { printf '\n=== %s\n' "$*"; }
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 step "test tools (Envoy, promtool, Qwen tokenizer) into .cache"
+in_ci() { [ "${CI:-}" = "true" ] || [ "${CI:-}" = "1" ]; }
 scripts/install-test-deps.sh
-scripts/fetch-tokenizer.sh || echo "tokenizer fetch failed; tests that need it will say SKIPPED"
+if ! scripts/fetch-tokenizer.sh; then
+    if in_ci; then
+        echo "ERROR: the Qwen tokenizer (scripts/fetch-tokenizer.sh) is missing; CI=true requires it" >&2
+        exit 1
+    fi
+    echo "tokenizer fetch failed; tests that need it will say SKIPPED"
+fi
 # shellcheck disable=SC1091
 [ -f .cache/env.sh ] && . .cache/env.sh
 

@@ -1,7 +1,8 @@
 //! Leader election on a coordination.k8s.io Lease against the fake API server
 //! (tests/fake_apiserver; no real API server can be installed on these machines): acquiring and
 //! renewing, losing the lease to another holder and to failing renewals within the lease
-//! duration, taking over an expired lease, and handing over on shutdown.
+//! duration, taking over an expired lease, and handing over on shutdown (the stored holder
+//! emptied, the other replica leading within three retry periods).
 
 mod fake_apiserver;
 
@@ -117,10 +118,41 @@ async fn one_leader_of_two_and_handover_on_shutdown() {
         "only one leader while the holder keeps renewing"
     );
 
-    // Shutting down releases the lease, so the other replica leads without waiting it out.
+    // Shutting down releases the lease, so the other replica leads at its next attempt (one
+    // retry period, plus one for the release itself and one of slack for a loaded machine)
+    // instead of waiting out the lease duration, which is what it would do without a release.
     stop_a.send_replace(true);
     wait_for(&mut a, false, Duration::from_secs(1)).await;
-    let took = wait_for(&mut b, true, LEASE_DURATION).await;
-    assert!(took < LEASE_DURATION, "handover took {took:?}");
+    // Wait longer than the lease so a missing release shows as a slow handover, not a timeout.
+    let took = wait_for(&mut b, true, LEASE_DURATION * 2).await;
+    assert!(
+        took < RETRY * 3,
+        "handover took {took:?}, not within 3 retry periods ({:?}): was the lease released?",
+        RETRY * 3
+    );
     assert_eq!(holder(&fake), "epp-b");
+}
+
+#[tokio::test]
+async fn shutdown_empties_the_stored_holder() {
+    let fake = FakeApiServer::start().await;
+    let (stop, rx) = watch::channel(false);
+    let mut leader = spawn_leader_election(fake.client(), config("epp-a"), rx);
+    wait_for(&mut leader, true, Duration::from_secs(5)).await;
+    assert_eq!(holder(&fake), "epp-a");
+
+    stop.send_replace(true);
+    // The elector drops its sender when its task ends, after the release.
+    tokio::time::timeout(Duration::from_secs(2), async {
+        while leader.changed().await.is_ok() {}
+    })
+    .await
+    .expect("the elector did not stop within 2 s");
+    assert_eq!(
+        holder(&fake),
+        "",
+        "the lease still names a holder after shutdown"
+    );
+    let stored = fake.get(LEASE, NS, LEASE_NAME).unwrap();
+    assert_eq!(stored["spec"]["leaseDurationSeconds"], 1);
 }

@@ -302,7 +302,7 @@ async fn metrics_have_every_vllm_name_and_pass_promtool() {
     );
 
     let Some(promtool) = tools::promtool() else {
-        println!("SKIPPED: promtool not found (run scripts/install-test-deps.sh)");
+        tools::missing_dependency("promtool not found (run scripts/install-test-deps.sh)");
         h.shutdown(Duration::from_secs(2)).await;
         return;
     };

@@ -1,6 +1,8 @@
 //! The Hugging Face text codec: the tiny byte-level tokenizer `write_tiny_qwen2` generates, chat
 //! templates and EOS ids, and the real Qwen tokenizer when `scripts/fetch-tokenizer.sh` has put it
-//! in `.cache/qwen-tokenizer/`.
+//! in `.cache/qwen-tokenizer/` (without it those tests print `SKIPPED`, and fail under `CI=true`).
+
+mod support;
 
 use std::path::{Path, PathBuf};
 
@@ -151,7 +153,9 @@ fn qwen_dir() -> Option<PathBuf> {
     if dir.join("tokenizer.json").is_file() {
         Some(dir)
     } else {
-        println!("SKIPPED: qwen tokenizer not in .cache (run scripts/fetch-tokenizer.sh)");
+        support::tools::missing_dependency(
+            "qwen tokenizer not in .cache/qwen-tokenizer (run scripts/fetch-tokenizer.sh)",
+        );
         None
     }
 }

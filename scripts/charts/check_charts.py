@@ -12,9 +12,12 @@ Run by scripts/check-charts.sh (which installs helm and this script's Python pac
      does);
   3. policy assertions: hardened pods, service-account tokens only where RBAC is granted, DRA
      claim wiring (and tensor parallelism = claimed GPUs), gVisor placement of sandboxes, egress
-     blocks for the metadata server and private ranges, names and ports lining up between
-     pool, EPP, model servers, routes and gateways; a self-test plants one violation of each
-     kind and requires the checks to catch it;
+     blocks for the metadata server, private and reserved ranges and the cluster's own ranges,
+     ingress NetworkPolicies of the EPP and decode servers (named ports and peers, never
+     everyone), least-privilege RBAC (no `/metrics` for identities that run pods, the lease by
+     name) and a ResourceQuota on SandboxClaims, names and ports lining up between pool, EPP,
+     model servers, routes and gateways; a self-test plants one violation of each kind and
+     requires the checks to catch it;
   4. the EPP arguments rendered by the inferencepool chart are accepted by the real binary
      (`switchyard epp <args> --check-config`, with the rendered ConfigMap as --config-text),
      broken ones are refused, and the decode server's flags are all known to `switchyard serve`;
@@ -39,11 +42,21 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from manifests import K8S_VERSION, CrdSchemas, Report, dig, load_docs, obj_id, validate_object  # noqa: E402
-from policies import METADATA_RANGE, check_dra, check_network, check_pod_security, check_wiring  # noqa: E402
+from policies import (  # noqa: E402
+    METADATA_RANGE,
+    check_dra,
+    check_network,
+    check_pod_security,
+    check_rbac,
+    check_wiring,
+)
 
 # helm renders and lints as if talking to this cluster version (Capabilities.KubeVersion).
 HELM_KUBE = ["--kube-version", "v" + K8S_VERSION]
 BASE_POOL = ["--set", "inferencePool.modelServers.matchLabels.app=switchyard-decode"]
+# GKE renders need the region's proxy-only subnet for the NetworkPolicies (GKE docs' example range).
+GKE_PROXY = ["--set", "networkPolicy.gkeProxyOnlySubnetCIDRs[0]=10.129.0.0/23"]
+CLUSTER_RANGES = ("34.118.224.0/20", "100.72.0.0/14")
 
 
 @dataclass
@@ -56,6 +69,7 @@ class Render:
     gpu: bool | None = None  # decode-server: claim + toleration expected (True) or absent (False)
     epp_check: bool = True  # run the binary on the EPP args
     serve_check: bool = True  # check decode-server flags against `switchyard serve --help`
+    blocked: tuple[str, ...] = ()  # the cluster's own ranges the sandbox egress must exclude
 
 
 @dataclass
@@ -77,11 +91,11 @@ def s(*pairs: str) -> list[str]:
 
 RENDERS = [
     Render("inferencepool/default", "inferencepool", BASE_POOL),
-    Render("inferencepool/gke", "inferencepool", BASE_POOL + s("provider.name=gke")),
+    Render("inferencepool/gke", "inferencepool", BASE_POOL + GKE_PROXY + s("provider.name=gke")),
     Render("inferencepool/istio", "inferencepool", BASE_POOL + s("provider.name=istio")),
     Render("inferencepool/gke-monitoring", "inferencepool",
-           BASE_POOL + s("provider.name=gke", "inferenceExtension.monitoring.prometheus.enabled=true",
-                         "provider.gke.autopilot=true")),
+           BASE_POOL + GKE_PROXY + s("provider.name=gke", "inferenceExtension.monitoring.prometheus.enabled=true",
+                                     "provider.gke.autopilot=true")),
     Render("inferencepool/prometheus", "inferencepool",
            BASE_POOL + s("inferenceExtension.monitoring.prometheus.enabled=true")),
     Render("inferencepool/ha-objectives-route", "inferencepool",
@@ -101,7 +115,9 @@ RENDERS = [
                         "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
                         "plugins:\n- type: prefix-cache-scorer\n"]),
     Render("decode-server/default", "decode-server", [], gpu=True),
-    Render("decode-server/gke", "decode-server", s("provider.name=gke"), gpu=True),
+    Render("decode-server/gke", "decode-server", GKE_PROXY + s("provider.name=gke"), gpu=True),
+    Render("decode-server/istio-no-monitoring", "decode-server",
+           s("provider.name=istio", "monitoring.podMonitoring.enabled=false"), gpu=True),
     Render("decode-server/istio", "decode-server", s("provider.name=istio"), gpu=True),
     Render("decode-server/sim", "decode-server", s("backend=sim"), gpu=False),
     Render("decode-server/tp2-hpa", "decode-server",
@@ -114,6 +130,9 @@ RENDERS = [
     Render("code-agent/istio", "code-agent", s("provider.name=istio")),
     Render("code-agent/no-internet", "code-agent",
            s("networkPolicy.allowInternetEgress=false", "networkPolicy.dnsExtraCIDRs[0]=169.254.20.10/32")),
+    Render("code-agent/cluster-ranges", "code-agent",
+           s(*[f"networkPolicy.clusterCIDRs[{i}]={c}" for i, c in enumerate(CLUSTER_RANGES)]),
+           blocked=CLUSTER_RANGES),
 ]
 
 # Renders that succeed but whose EPP arguments the binary must refuse (see check_epp_rejects).
@@ -155,7 +174,13 @@ NEGATIVE = [
     Negative("inferencepool/nine-ports", "inferencepool",
              BASE_POOL + s(*[f"inferencePool.targetPorts[{i}].number={8000 + i}" for i in range(9)]), "targetPorts"),
     Negative("code-agent/no-gvisor", "code-agent", s("gvisor.runtimeClassName="), "runtimeClassName is required"),
+    Negative("inferencepool/gke-no-proxy-subnet", "inferencepool", BASE_POOL + s("provider.name=gke"),
+             "networkPolicy.gkeProxyOnlySubnetCIDRs is required with provider gke"),
+    Negative("decode-server/gke-no-proxy-subnet", "decode-server", s("provider.name=gke"),
+             "networkPolicy.gkeProxyOnlySubnetCIDRs is required with provider gke"),
+    Negative("code-agent/zero-claims", "code-agent", s("sandbox.maxClaims=0"), "/sandbox/maxClaims"),
 ]
+RENDER_BLOCKED = {r.name: list(r.blocked) for r in RENDERS}
 
 
 
@@ -334,7 +359,157 @@ def _mutations() -> list[tuple[str, str, Any, str]]:
         c = _find(objs, "Deployment", "-epp")["spec"]["template"]["spec"]["containers"][0]
         c["args"][c["args"].index("--pool-name") + 1] = "other-pool"
 
+    # --- pod security: each hardening setting removed on its own --------------------------------
+    def decode_pod(objs):
+        return _find(objs, "Deployment")["spec"]["template"]["spec"]
+
+    def root_allowed(objs):
+        spec = decode_pod(objs)
+        spec["securityContext"].pop("runAsNonRoot")
+        spec["containers"][0]["securityContext"].pop("runAsNonRoot")
+
+    def uid_zero(objs):
+        decode_pod(objs)["containers"][0]["securityContext"]["runAsUser"] = 0
+
+    def escalation(objs):
+        decode_pod(objs)["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = True
+
+    def caps_not_dropped(objs):
+        decode_pod(objs)["containers"][0]["securityContext"]["capabilities"]["drop"] = ["NET_RAW"]
+
+    def caps_added(objs):
+        decode_pod(objs)["containers"][0]["securityContext"]["capabilities"]["add"] = ["NET_ADMIN"]
+
+    def seccomp_unconfined(objs):
+        spec = decode_pod(objs)
+        spec["securityContext"]["seccompProfile"] = {"type": "Unconfined"}
+        spec["containers"][0]["securityContext"]["seccompProfile"] = {"type": "Unconfined"}
+
+    # --- GPU claim ------------------------------------------------------------------------------
+    def wrong_device_class(objs):
+        req = _find(objs, "ResourceClaimTemplate")["spec"]["spec"]["devices"]["requests"][0]
+        req["exactly"]["deviceClassName"] = "gpu.example.com"
+
+    def no_gpu_toleration(objs):
+        decode_pod(objs)["tolerations"] = []
+
+    # --- wiring (deploy/ holds the whole stack, so every reference must resolve) ---------------
+    def epp_service_port(objs):
+        svc = _find(objs, "Service", "-epp")
+        for port in svc["spec"]["ports"]:
+            if port["name"] == "grpc-ext-proc":
+                port["port"] = 9102
+
+    def epp_service_selector(objs):
+        _find(objs, "Service", "-epp")["spec"]["selector"] = {"inferencepool": "someone-else"}
+
+    def target_port(objs):
+        _find(objs, "InferencePool")["spec"]["targetPorts"] = [{"number": 8001}]
+
+    def route_parent(objs):
+        _find(objs, "HTTPRoute")["spec"]["parentRefs"][0]["name"] = "no-such-gateway"
+
+    def route_backend(objs):
+        _find(objs, "HTTPRoute")["spec"]["rules"][0]["backendRefs"][0]["name"] = "no-such-pool"
+
+    # --- network --------------------------------------------------------------------------------
+    def allow_all_egress(objs):
+        _find(objs, "NetworkPolicy", "sandbox-allow")["spec"]["egress"].append({})
+
+    def sandbox_anywhere(objs):
+        spec = _find(objs, "SandboxTemplate")["spec"]["podTemplate"]["spec"]
+        spec.pop("nodeSelector")
+
+    def sandbox_no_gvisor_toleration(objs):
+        _find(objs, "SandboxTemplate")["spec"]["podTemplate"]["spec"]["tolerations"] = []
+
+    # --- RBAC, quota and ingress (issue 11 item 9) -----------------------------------------------
+    def epp_reads_metrics(objs):
+        role = next(o for o in objs if o.get("kind") == "ClusterRole" and not dig(o, "metadata", "name").endswith("-metrics-reader"))
+        role["rules"].append({"nonResourceURLs": ["/metrics"], "verbs": ["get"]})
+
+    def lease_any_name(objs):
+        role = _find(objs, "Role", "-leader-election")
+        next(r for r in role["rules"] if r.get("resourceNames")).pop("resourceNames")
+
+    def lease_other_name(objs):
+        role = _find(objs, "Role", "-leader-election")
+        next(r for r in role["rules"] if r.get("resourceNames"))["resourceNames"] = ["epp-lease"]
+
+    def no_claim_quota(objs):
+        objs.remove(_find(objs, "ResourceQuota"))
+
+    def epp_open_to_all(objs):
+        _find(objs, "NetworkPolicy", "-epp")["spec"]["ingress"][0]["from"] = [{"namespaceSelector": {}}]
+
+    def epp_no_policy(objs):
+        objs.remove(_find(objs, "NetworkPolicy", "-epp"))
+
+    def epp_ext_proc_closed(objs):
+        rule = _find(objs, "NetworkPolicy", "-epp")["spec"]["ingress"][0]
+        rule["ports"] = [p for p in rule["ports"] if p["port"] != 9002]
+
+    def decode_any_source(objs):
+        _find(objs, "NetworkPolicy")["spec"]["ingress"][0].pop("from")
+
+    def decode_any_port(objs):
+        _find(objs, "NetworkPolicy")["spec"]["ingress"][0].pop("ports")
+
+    def cgnat_open(objs):
+        rule = _find(objs, "NetworkPolicy", "sandbox-allow")["spec"]["egress"][1]
+        rule["to"][0]["ipBlock"]["except"].remove("100.64.0.0/10")
+
+    def cluster_range_open(objs):
+        rule = _find(objs, "SandboxTemplate")["spec"]["networkPolicy"]["egress"][1]
+        rule["to"][0]["ipBlock"]["except"].remove(CLUSTER_RANGES[0])
+
     return [
+        ("EPP granted /metrics itself", "inferencepool/default", epp_reads_metrics,
+         "grants ['/metrics'] to ['switchyard-pool-epp'], which run pods"),
+        ("lease rule without resourceNames", "inferencepool/ha-objectives-route", lease_any_name,
+         "on every lease (no resourceNames)"),
+        ("lease rule naming another lease", "inferencepool/ha-objectives-route", lease_other_name,
+         "names lease 'epp-lease', but the EPP elects on"),
+        ("SandboxClaims without a quota", "code-agent/default", no_claim_quota,
+         "create SandboxClaims with no ResourceQuota"),
+        ("ext_proc open to every pod", "inferencepool/default", epp_open_to_all,
+         "admits every pod in every namespace"),
+        ("EPP without a NetworkPolicy", "inferencepool/default", epp_no_policy, "no Ingress NetworkPolicy selects"),
+        ("ext_proc port closed to the gateway", "inferencepool/default", epp_ext_proc_closed,
+         "ext_proc port 9002 is open to no peer"),
+        ("decode servers open to every source", "decode-server/default", decode_any_source,
+         "has no `from` (allows every source)"),
+        ("decode servers open on every port", "decode-server/default", decode_any_port,
+         "has no ports (allows every port)"),
+        ("CGNAT range reachable from sandboxes", "code-agent/default", cgnat_open,
+         "does not exclude 100.64.0.0/10"),
+        ("cluster range reachable from sandboxes", "code-agent/cluster-ranges", cluster_range_open,
+         f"does not exclude {CLUSTER_RANGES[0]}"),
+        ("runAsNonRoot unset", "decode-server/default", root_allowed, "runAsNonRoot not set"),
+        ("uid 0", "decode-server/default", uid_zero, "runs as uid 0"),
+        ("privilege escalation", "decode-server/default", escalation, "allowPrivilegeEscalation is not false"),
+        ("capabilities not dropped", "decode-server/default", caps_not_dropped, "capabilities do not drop ALL"),
+        ("capability added", "decode-server/default", caps_added, "adds capabilities"),
+        ("seccomp unconfined", "decode-server/default", seccomp_unconfined,
+         "seccompProfile is 'Unconfined', not RuntimeDefault"),
+        ("claim with another device class", "decode-server/default", wrong_device_class,
+         "deviceClassName 'gpu.example.com' != gpu.nvidia.com"),
+        ("GPU pod without the GPU toleration", "decode-server/default", no_gpu_toleration,
+         "no nvidia.com/gpu NoSchedule toleration"),
+        ("EPP Service port != endpointPickerRef port", "deploy/", epp_service_port,
+         "Service 'switchyard-pool-epp' has no port 9002"),
+        ("EPP Service selecting no pods", "deploy/", epp_service_selector,
+         "Service 'switchyard-pool-epp' selects no pods"),
+        ("model servers not on the target port", "deploy/", target_port,
+         "does not listen on target port 8001"),
+        ("HTTPRoute to a missing Gateway", "deploy/", route_parent, "parent Gateway 'no-such-gateway' not rendered"),
+        ("HTTPRoute to a missing InferencePool", "deploy/", route_backend,
+         "backend InferencePool 'no-such-pool' not rendered"),
+        ("allow-all egress rule", "code-agent/default", allow_all_egress, "has no destination (allows all)"),
+        ("sandbox off the gVisor nodes", "code-agent/default", sandbox_anywhere,
+         "no nodeSelector sandbox.gke.io/runtime=gvisor"),
+        ("sandbox without the gVisor toleration", "code-agent/default", sandbox_no_gvisor_toleration,
+         "no sandbox.gke.io/runtime=gvisor:NoSchedule toleration"),
         ("EPP watching another pool", "inferencepool/default", wrong_pool_name, "--pool-name is 'other-pool'"),
         ("unknown field in a Deployment", "code-agent/default", unknown_field, "'bogusField' was unexpected"),
         ("bad enum in a CRD field", "code-agent/default", crd_enum, "is not one of"),
@@ -369,8 +544,9 @@ def self_test(rendered: dict[str, list[dict]], crds: CrdSchemas, report: Report)
                 inner.fail(obj_id(obj), why)
         check_pod_security(objs, inner, render)
         check_dra(objs, inner, render, None)
-        check_network(objs, inner, render)
-        check_wiring(objs, inner, render, complete=False)
+        check_network(objs, inner, render, RENDER_BLOCKED.get(render, []))
+        check_wiring(objs, inner, render, complete=render == "deploy/")
+        check_rbac(objs, inner, render)
         if any(expect in f for f in inner.failures):
             report.ok(what)
         else:
@@ -449,8 +625,9 @@ def main() -> int:
             report.fail(f"{r.name} {obj_id(obj)} schema", why) if why else report.ok(f"{r.name} {obj_id(obj)} schema")
         check_pod_security(objs, report, r.name)
         check_dra(objs, report, r.name, r.gpu)
-        check_network(objs, report, r.name)
+        check_network(objs, report, r.name, list(r.blocked))
         check_wiring(objs, report, r.name, complete=False)
+        check_rbac(objs, report, r.name)
         if r.chart == "inferencepool" and r.epp_check:
             if opts.binary:
                 check_epp_args(objs, report, r.name, opts.binary)
@@ -461,11 +638,6 @@ def main() -> int:
                 check_serve_args(objs, report, r.name, opts.binary)
             else:
                 report.fail(f"{r.name} serve flags", "no switchyard binary given")
-
-    print("== checker self-test")
-    self_test(rendered_objs, crds, report)
-    if opts.binary:
-        check_epp_rejects(rendered_objs, report, opts.binary)
 
     print("== renders that must fail")
     for n in NEGATIVE:
@@ -501,7 +673,13 @@ def main() -> int:
     check_dra(deploy_objs, report, "deploy/", None)
     check_network(deploy_objs, report, "deploy/")
     check_wiring(deploy_objs, report, "deploy/", complete=True)
+    check_rbac(deploy_objs, report, "deploy/")
     check_kustomization(root / "deploy", deploy_objs, report, opts.kubectl)
+
+    print("== checker self-test")
+    self_test({**rendered_objs, "deploy/": deploy_objs}, crds, report)
+    if opts.binary:
+        check_epp_rejects(rendered_objs, report, opts.binary)
 
     print(f"\n== summary: {report.passed} passed, {len(report.failures)} failed (rendered manifests in {out_dir})")
     for f in report.failures:

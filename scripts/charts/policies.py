@@ -1,6 +1,8 @@
 """Policy assertions over a set of rendered objects: hardened pods, service-account tokens only
-where RBAC grants something, DRA GPU claim wiring, gVisor placement of sandboxes, and egress
-blocks for the metadata server and private ranges."""
+where RBAC grants something, DRA GPU claim wiring, gVisor placement of sandboxes, egress blocks
+for the metadata server and private/reserved ranges, ingress NetworkPolicies of the EPP and the
+decode servers, least-privilege RBAC (no `/metrics` for pod identities, leases by name) and a
+quota on what the agent may create."""
 
 from __future__ import annotations
 
@@ -9,7 +11,10 @@ import ipaddress
 from manifests import Report, dig, obj_id
 
 PRIVATE_RANGES = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
+# Shared address space (CGNAT; GKE pod/service ranges), "this network", benchmarking, class E.
+RESERVED_RANGES = ["100.64.0.0/10", "0.0.0.0/8", "198.18.0.0/15", "240.0.0.0/4"]
 METADATA_RANGE = "169.254.0.0/16"
+SANDBOX_CLAIMS_QUOTA = "count/sandboxclaims.extensions.agents.x-k8s.io"
 GVISOR_KEY = "sandbox.gke.io/runtime"
 GPU_CLASS = "gpu.nvidia.com"
 GPU_PRODUCT = "NVIDIA L4"
@@ -191,11 +196,12 @@ def check_dra(objs: list[dict], report: Report, where: str, expect_gpu: bool | N
         report.fail(what, "; ".join(problems)) if problems else report.ok(what)
 
 
-def egress_problems(rules: list[dict]) -> list[str]:
-    """Every egress destination that could reach the metadata server or a private range must
-    carve them out; a rule with no `to` allows everything and is rejected."""
+def egress_problems(rules: list[dict], extra_blocked: list[str] = ()) -> list[str]:
+    """Every egress destination that could reach the metadata server, a private or reserved
+    range, or one of `extra_blocked` (the cluster's own ranges) must carve them out; a rule with
+    no `to` allows everything and is rejected."""
     problems = []
-    blocked = [ipaddress.ip_network(c) for c in PRIVATE_RANGES + [METADATA_RANGE]]
+    blocked = [ipaddress.ip_network(c) for c in PRIVATE_RANGES + RESERVED_RANGES + [METADATA_RANGE, *extra_blocked]]
     for i, rule in enumerate(rules or []):
         peers = rule.get("to")
         if not peers:
@@ -222,12 +228,13 @@ def egress_problems(rules: list[dict]) -> list[str]:
     return problems
 
 
-def check_network(objs: list[dict], report: Report, where: str) -> None:
+def check_network(objs: list[dict], report: Report, where: str, extra_blocked: list[str] = ()) -> None:
     sandbox_templates = [o for o in objs if o.get("kind") == "SandboxTemplate"]
     policies = [o for o in objs if o.get("kind") == "NetworkPolicy"]
+    check_ingress(objs, policies, report, where)
     for p in policies:
-        what = f"{where} {obj_id(p)} egress blocks metadata server and private ranges"
-        problems = egress_problems(dig(p, "spec", "egress") or [])
+        what = f"{where} {obj_id(p)} egress blocks metadata server, private and reserved ranges"
+        problems = egress_problems(dig(p, "spec", "egress") or [], extra_blocked)
         report.fail(what, "; ".join(problems)) if problems else report.ok(what)
     for t in sandbox_templates:
         what = f"{where} {obj_id(t)} isolation"
@@ -247,7 +254,7 @@ def check_network(objs: list[dict], report: Report, where: str) -> None:
                 problems.append(f"{c.get('name')}: no ephemeral-storage limit")
         if dig(t, "spec", "networkPolicyManagement") == "Unmanaged" and not policies:
             problems.append("network policy unmanaged and none rendered")
-        problems += egress_problems(dig(t, "spec", "networkPolicy", "egress") or [])
+        problems += egress_problems(dig(t, "spec", "networkPolicy", "egress") or [], extra_blocked)
         # A default-deny policy must select the sandbox pods (both directions).
         labels = dig(t, "spec", "podTemplate", "metadata", "labels") or {}
         deny = [
@@ -319,4 +326,123 @@ def check_wiring(objs: list[dict], report: Report, where: str, complete: bool) -
             for b in rule.get("backendRefs") or []:
                 if b.get("kind") == "InferencePool" and (complete or pools) and b.get("name") not in pools:
                     problems.append(f"backend InferencePool {b.get('name')!r} not rendered")
+        report.fail(what, "; ".join(problems)) if problems else report.ok(what)
+
+
+def _serves(tmpl: dict, subcommand: str) -> bool:
+    return any((c.get("command") or [])[-1:] == [subcommand] for c in dig(tmpl, "spec", "containers") or [])
+
+
+def _open_peer(peer: dict) -> str | None:
+    """Why a NetworkPolicyPeer admits everyone (in the cluster or in the namespace), or None."""
+    block = peer.get("ipBlock")
+    if block:
+        return "an ipBlock /0" if ipaddress.ip_network(block["cidr"], strict=False).prefixlen == 0 else None
+    ns, pods = peer.get("namespaceSelector"), peer.get("podSelector")
+    if ns is not None and not ns and not pods:
+        return "every pod in every namespace"
+    if ns is None and pods is not None and not pods:
+        return "every pod in the namespace"
+    if ns is None and pods is None:
+        return "an empty peer"
+    return None
+
+
+def check_ingress(objs: list[dict], policies: list[dict], report: Report, where: str) -> None:
+    """The EPP (`switchyard epp`: ext_proc steers routing) and the decode servers (`switchyard
+    serve`) are selected by an Ingress NetworkPolicy whose every rule names its ports and its
+    peers, none of them everyone; the EPP's ext_proc port is open to some peer."""
+    for owner, tmpl in pod_templates(objs):
+        role = "EPP" if _serves(tmpl, "epp") else "decode server" if _serves(tmpl, "serve") else None
+        if role is None:
+            continue
+        what = f"{where} {obj_id(owner)} ingress limited by NetworkPolicy ({role})"
+        ns = dig(owner, "metadata", "namespace")
+        labels = dig(tmpl, "metadata", "labels") or {}
+        selecting = [
+            p for p in policies
+            if dig(p, "metadata", "namespace") == ns
+            and "Ingress" in (dig(p, "spec", "policyTypes") or [])
+            and set((dig(p, "spec", "podSelector", "matchLabels") or {}).items()) <= set(labels.items())
+        ]
+        problems = []
+        if not selecting:
+            problems.append("no Ingress NetworkPolicy selects its pods")
+        open_ports = set()
+        for p in selecting:
+            for i, rule in enumerate(dig(p, "spec", "ingress") or []):
+                peers = rule.get("from")
+                if not peers:
+                    problems.append(f"{obj_id(p)} ingress rule {i} has no `from` (allows every source)")
+                if not rule.get("ports"):
+                    problems.append(f"{obj_id(p)} ingress rule {i} has no ports (allows every port)")
+                for peer in peers or []:
+                    why = _open_peer(peer)
+                    if why:
+                        problems.append(f"{obj_id(p)} ingress rule {i} admits {why}")
+                open_ports |= {port.get("port") for port in rule.get("ports") or []}
+        if role == "EPP" and selecting:
+            for c in dig(tmpl, "spec", "containers") or []:
+                args = c.get("args") or []
+                grpc = int(args[args.index("--grpc-port") + 1]) if "--grpc-port" in args[:-1] else 9002
+                if grpc not in open_ports:
+                    problems.append(f"ext_proc port {grpc} is open to no peer (the gateway cannot reach it)")
+        report.fail(what, "; ".join(problems)) if problems else report.ok(what)
+
+
+def _bindings(objs: list[dict]) -> list[tuple[dict, set[tuple[str, str]]]]:
+    """(Role or ClusterRole, the service accounts it is bound to) for roles in `objs`."""
+    roles = {(o.get("kind"), dig(o, "metadata", "namespace") or "", dig(o, "metadata", "name")): o
+             for o in objs if o.get("kind") in ("Role", "ClusterRole")}
+    out: dict[tuple, set] = {}
+    for b in objs:
+        if b.get("kind") not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        ref = b.get("roleRef") or {}
+        ns = "" if ref.get("kind") == "ClusterRole" else dig(b, "metadata", "namespace") or ""
+        key = (ref.get("kind"), ns, ref.get("name"))
+        for subj in b.get("subjects") or []:
+            if subj.get("kind") == "ServiceAccount":
+                out.setdefault(key, set()).add((subj.get("namespace") or dig(b, "metadata", "namespace") or "",
+                                                subj.get("name")))
+    return [(roles[k], sas) for k, sas in out.items() if k in roles]
+
+
+def check_rbac(objs: list[dict], report: Report, where: str) -> None:
+    """Least privilege: an identity that runs pods is never granted `/metrics` (only the token of
+    a pod-less reader account is); lease rules name their lease (only `create` cannot), and it is
+    the lease the EPP of this set elects on; an account that may create SandboxClaims is bounded
+    by a ResourceQuota on them in its namespace."""
+    runs_pods = {(dig(o, "metadata", "namespace") or "", dig(t, "spec", "serviceAccountName") or "default")
+                 for o, t in pod_templates(objs)}
+    leases = set()
+    for o, t in pod_templates(objs):
+        for c in dig(t, "spec", "containers") or []:
+            args = c.get("args") or []
+            if (c.get("command") or [])[-1:] == ["epp"] and "--pool-name" in args[:-1]:
+                ns = args[args.index("--pool-namespace") + 1] if "--pool-namespace" in args[:-1] else dig(o, "metadata", "namespace")
+                leases.add(f"epp-{ns}-{args[args.index('--pool-name') + 1]}.gateway-api-inference-extension.sigs.k8s.io")
+    quotas = {(dig(q, "metadata", "namespace") or "") for q in objs
+              if q.get("kind") == "ResourceQuota" and SANDBOX_CLAIMS_QUOTA in (dig(q, "spec", "hard") or {})}
+    for role, accounts in _bindings(objs):
+        what = f"{where} {obj_id(role)} least privilege"
+        problems = []
+        for i, rule in enumerate(role.get("rules") or []):
+            urls = rule.get("nonResourceURLs") or []
+            pod_accounts = sorted(a for a in accounts if a in runs_pods)
+            if ("/metrics" in urls or "*" in urls) and pod_accounts:
+                problems.append(f"rule {i} grants {urls} to {[a[1] for a in pod_accounts]}, which run pods")
+            resources = rule.get("resources") or []
+            verbs = set(rule.get("verbs") or [])
+            if "leases" in resources or "*" in resources:
+                if verbs - {"create"} and not rule.get("resourceNames"):
+                    problems.append(f"rule {i} grants {sorted(verbs)} on every lease (no resourceNames)")
+                for name in rule.get("resourceNames") or []:
+                    if leases and name not in leases:
+                        problems.append(f"rule {i} names lease {name!r}, but the EPP elects on {sorted(leases)}")
+            if "sandboxclaims" in resources and "create" in verbs:
+                for ns, _ in accounts:
+                    if ns not in quotas:
+                        problems.append(f"rule {i} lets {ns}/{[a[1] for a in accounts]} create SandboxClaims "
+                                        f"with no ResourceQuota on {SANDBOX_CLAIMS_QUOTA} in {ns!r}")
         report.fail(what, "; ".join(problems)) if problems else report.ok(what)

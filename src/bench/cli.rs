@@ -293,6 +293,9 @@ pub struct RoutingArgs {
     /// Print the table only.
     #[arg(long)]
     pub no_write: bool,
+    /// Write results although tracked files differ from the commit (the files then say so).
+    #[arg(long)]
+    pub allow_dirty: bool,
 }
 
 /// Replica, binary and process flags shared by `bench routing` and `demo`.
@@ -428,6 +431,7 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     init_logging();
     match args.command {
         BenchCommand::Routing(a) => {
+            let machine = Machine::for_results(a.allow_dirty || a.no_write)?;
             let (results, info) =
                 with_ctrl_c(compare(&a.workload, &a.setup, &a.policies, Preset::Full)).await?;
             println!("{}", report::markdown_table(&results));
@@ -442,8 +446,7 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
                         None => format!("routing-{w}"),
                     }
                 });
-                let written =
-                    report::write(&a.out_dir, &name, &Machine::detect(), &info, &results)?;
+                let written = report::write(&a.out_dir, &name, &machine, &info, &results)?;
                 println!(
                     "wrote {}, {} and {}",
                     written.markdown.display(),

@@ -44,6 +44,10 @@ pub struct OverheadArgs {
     /// Large prompt size in bytes.
     #[arg(long, default_value_t = 220 * 1024)]
     pub large_bytes: usize,
+    /// A step counts as sustained when the EPP path answers ≥ 95 % of the target rate with
+    /// < 1 % errors and adds at most this much to the direct path's p99 latency (ms).
+    #[arg(long, default_value_t = 25.0)]
+    pub max_added_p99_ms: f64,
     /// Stop a size's steps after the first unsustained one.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub stop_at_saturation: bool,
@@ -52,6 +56,9 @@ pub struct OverheadArgs {
     pub out_dir: PathBuf,
     #[arg(long)]
     pub no_write: bool,
+    /// Write results although tracked files differ from the commit (the files then say so).
+    #[arg(long)]
+    pub allow_dirty: bool,
     #[arg(long)]
     pub envoy: Option<PathBuf>,
     #[arg(long)]
@@ -121,7 +128,7 @@ pub struct Step {
     pub with_epp: PathStep,
     pub added_p50_ms: f64,
     pub added_p99_ms: f64,
-    /// The EPP path kept up: ≥ 95 % of the target rate answered, < 1 % errors, p99 < 1 s.
+    /// The EPP path kept up: see [`sustained`].
     pub sustained: bool,
 }
 
@@ -129,6 +136,8 @@ pub struct Step {
 #[derive(Debug, Clone, Serialize)]
 pub struct OverheadReport {
     pub steps: Vec<Step>,
+    /// The added-p99 bound of "sustained" (`--max-added-p99-ms`).
+    pub sustained_max_added_p99_ms: f64,
     pub max_sustained_small_rps: f64,
     pub max_sustained_large_rps: f64,
     pub epp_cpu_s_per_1k: f64,
@@ -193,6 +202,7 @@ async fn run_step(
 
 /// `switchyard bench overhead`.
 pub async fn run(args: OverheadArgs) -> anyhow::Result<()> {
+    let machine = Machine::for_results(args.allow_dirty || args.no_write)?;
     let envoy_bin = envoy::ensure_envoy(args.envoy.as_deref()).await?;
     let bin = super::stack::switchyard_bin(args.switchyard_bin.as_deref())?;
     let scratch = ScratchDir::new("switchyard-overhead", args.keep_logs)?;
@@ -274,16 +284,15 @@ pub async fn run(args: OverheadArgs) -> anyhow::Result<()> {
             let e = run_step(&http, &epp_url, body, rate, args.step_duration).await;
             epp.check_running()?;
             epp_requests += e.sent;
-            let sustained = e.achieved_rps >= 0.95 * rate
-                && e.ok as f64 >= 0.99 * e.sent as f64
-                && e.latency_ms.p99 < 1000.0;
+            let added_p99_ms = e.latency_ms.p99 - d.latency_ms.p99;
+            let sustained = sustained(rate, &e, added_p99_ms, args.max_added_p99_ms);
             let step = Step {
                 prompt: label,
                 target_rps: rate,
                 direct: d,
                 with_epp: e,
                 added_p50_ms: e.latency_ms.p50 - d.latency_ms.p50,
-                added_p99_ms: e.latency_ms.p99 - d.latency_ms.p99,
+                added_p99_ms,
                 sustained,
             };
             eprintln!(
@@ -312,6 +321,7 @@ pub async fn run(args: OverheadArgs) -> anyhow::Result<()> {
             .fold(0.0f64, f64::max)
     };
     let report = OverheadReport {
+        sustained_max_added_p99_ms: args.max_added_p99_ms,
         max_sustained_small_rps: max_sustained("small"),
         max_sustained_large_rps: max_sustained("large"),
         epp_cpu_s_per_1k: if epp_requests > 0 {
@@ -330,10 +340,13 @@ pub async fn run(args: OverheadArgs) -> anyhow::Result<()> {
     println!("{md}");
     if !args.no_write {
         std::fs::create_dir_all(&args.out_dir)?;
-        let machine = Machine::detect();
         let header = format!(
             "# EPP overhead\n\n- machine: {} ({} cores), {}\n- commit: {}\n- command: `{}`\n\n",
-            machine.cpu, machine.cores, machine.date_utc, machine.git_commit, machine.command
+            machine.cpu,
+            machine.cores,
+            machine.date_utc,
+            machine.commit_note(),
+            machine.command
         );
         std::fs::write(args.out_dir.join("overhead.md"), header + &md)?;
         let json = serde_json::json!({"machine": machine, "report": report});
@@ -344,6 +357,15 @@ pub async fn run(args: OverheadArgs) -> anyhow::Result<()> {
         println!("wrote {}", args.out_dir.join("overhead.md").display());
     }
     Ok(())
+}
+
+/// Whether the EPP path sustained a step at `rate` req/s: ≥ 95 % of the rate answered, < 1 %
+/// errors, and at most `max_added_p99_ms` added to the direct path's p99. A rate the EPP only
+/// keeps up with by queueing (p99 hundreds of ms above the direct path) is not sustained.
+fn sustained(rate: f64, epp: &PathStep, added_p99_ms: f64, max_added_p99_ms: f64) -> bool {
+    epp.achieved_rps >= 0.95 * rate
+        && epp.ok as f64 >= 0.99 * epp.sent as f64
+        && added_p99_ms <= max_added_p99_ms
 }
 
 /// A non-streaming completion request whose prompt is `bytes` long.
@@ -386,8 +408,12 @@ fn markdown(r: &OverheadReport, args: &OverheadArgs) -> String {
     }
     let _ = writeln!(
         s,
-        "\nMax sustained with the EPP: {:.0} req/s (small), {:.0} req/s (large). EPP CPU: {:.3} s per 1,000 requests; peak RSS {:.1} MiB.",
-        r.max_sustained_small_rps, r.max_sustained_large_rps, r.epp_cpu_s_per_1k, r.epp_peak_rss_mib
+        "\nSustained = the EPP path answers ≥ 95 % of the target rate with < 1 % errors and adds ≤ {} ms to the direct p99. Max sustained with the EPP: {:.0} req/s (small), {:.0} req/s (large). EPP CPU: {:.3} s per 1,000 requests; peak RSS {:.1} MiB.",
+        r.sustained_max_added_p99_ms,
+        r.max_sustained_small_rps,
+        r.max_sustained_large_rps,
+        r.epp_cpu_s_per_1k,
+        r.epp_peak_rss_mib
     );
     s
 }
@@ -396,6 +422,31 @@ fn markdown(r: &OverheadReport, args: &OverheadArgs) -> String {
 mod tests {
     use super::*;
     use std::net::IpAddr;
+
+    /// The rule on steps recorded in benches/results/overhead.md (2026-11-22): 3,000 req/s
+    /// small answered 2,982 req/s but added 352 ms to p99, so it is not sustained; 2,000 is.
+    #[test]
+    fn sustained_needs_the_rate_few_errors_and_bounded_added_p99() {
+        let step = |achieved_rps, sent, ok| PathStep {
+            sent,
+            ok,
+            achieved_rps,
+            latency_ms: Quantiles::default(),
+        };
+        assert!(sustained(2000.0, &step(2041.0, 10_000, 10_000), 2.46, 25.0));
+        assert!(!sustained(
+            3000.0,
+            &step(2982.0, 15_000, 15_000),
+            351.97,
+            25.0
+        ));
+        assert!(sustained(500.0, &step(491.0, 2500, 2500), 16.41, 25.0));
+        assert!(!sustained(750.0, &step(739.0, 3750, 3750), 100.64, 25.0));
+        // Exactly at the bound counts; below 95 % of the rate or ≥ 1 % errors does not.
+        assert!(sustained(100.0, &step(95.0, 500, 500), 25.0, 25.0));
+        assert!(!sustained(100.0, &step(94.9, 500, 500), 1.0, 25.0));
+        assert!(!sustained(100.0, &step(100.0, 500, 494), 1.0, 25.0));
+    }
 
     #[test]
     fn prompt_body_has_the_requested_prompt_size() {

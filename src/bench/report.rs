@@ -15,11 +15,49 @@ pub struct Machine {
     pub cpu: String,
     pub cores: usize,
     pub date_utc: String,
+    /// The commit checked out (never suffixed: `dirty` says whether the tree matched it).
     pub git_commit: String,
+    /// Tracked files outside `benches/results/` differed from `git_commit` (a results file
+    /// written so carries `--allow-dirty`'s note).
+    pub dirty: bool,
     pub command: String,
 }
 
+/// A results file would not say which code produced it.
+#[derive(Debug, thiserror::Error)]
+#[error("refusing to write benchmark results from a tree with uncommitted changes (commit {commit}): a results file must come from a commit; commit first, or pass --allow-dirty to write them marked as such")]
+pub struct DirtyTree {
+    pub commit: String,
+}
+
 impl Machine {
+    /// [`Machine::detect`] for a run whose results will be written: a dirty tree is refused
+    /// unless `allow_dirty`. Call it before the run, so a refusal costs nothing.
+    pub fn for_results(allow_dirty: bool) -> Result<Self, DirtyTree> {
+        Self::detect().clean_or(allow_dirty)
+    }
+
+    fn clean_or(self, allow_dirty: bool) -> Result<Self, DirtyTree> {
+        if self.dirty && !allow_dirty {
+            return Err(DirtyTree {
+                commit: self.git_commit,
+            });
+        }
+        Ok(self)
+    }
+
+    /// The commit as a results file states it.
+    pub fn commit_note(&self) -> String {
+        if self.dirty {
+            format!(
+                "{} with uncommitted changes (written with --allow-dirty: not reproducible from the commit)",
+                self.git_commit
+            )
+        } else {
+            self.git_commit.clone()
+        }
+    }
+
     pub fn detect() -> Self {
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
@@ -41,17 +79,25 @@ impl Machine {
                 .filter(|o| o.status.success())
                 .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         };
-        let mut git_commit =
+        let git_commit =
             git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
-        if git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty()) {
-            git_commit.push_str("-dirty");
-        }
+        // Results the benches wrote earlier are not code: they do not make the tree dirty.
+        let dirty = git(&[
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ".",
+            ":(exclude)benches/results",
+        ])
+        .is_none_or(|s| !s.is_empty());
         let command = std::env::args().collect::<Vec<_>>().join(" ");
         Self {
             cpu,
             cores,
             date_utc,
             git_commit,
+            dirty,
             command,
         }
     }
@@ -273,7 +319,7 @@ pub fn write(
         machine.cpu,
         machine.cores,
         machine.date_utc,
-        machine.git_commit,
+        machine.commit_note(),
         machine.command,
         info.workload,
         info.rate,
@@ -309,6 +355,42 @@ pub fn write(
 mod tests {
     use super::*;
     use crate::bench::stats::Quantiles;
+
+    #[test]
+    fn dirty_trees_are_refused_unless_allowed_and_then_stated() {
+        let detected = Machine::detect();
+        assert!(
+            !detected.git_commit.contains("dirty"),
+            "{}",
+            detected.git_commit
+        );
+        let machine = |dirty| Machine {
+            cpu: "cpu".into(),
+            cores: 2,
+            date_utc: "2026-01-01T00:00:00Z".into(),
+            git_commit: "0123456789ab".into(),
+            dirty,
+            command: "switchyard bench overhead".into(),
+        };
+        assert_eq!(
+            machine(false).clean_or(false).unwrap().commit_note(),
+            "0123456789ab"
+        );
+        assert_eq!(
+            machine(true).clean_or(false).unwrap_err().to_string(),
+            "refusing to write benchmark results from a tree with uncommitted changes (commit 0123456789ab): a results file must come from a commit; commit first, or pass --allow-dirty to write them marked as such"
+        );
+        let allowed = machine(true).clean_or(true).unwrap();
+        assert_eq!(
+            allowed.commit_note(),
+            "0123456789ab with uncommitted changes (written with --allow-dirty: not reproducible from the commit)"
+        );
+        let json = serde_json::to_value(&allowed).unwrap();
+        assert_eq!(
+            (json["git_commit"].as_str(), json["dirty"].as_bool()),
+            (Some("0123456789ab"), Some(true))
+        );
+    }
 
     fn result(policy: Policy, p50: f64, hit: f64) -> PolicyResult {
         PolicyResult {

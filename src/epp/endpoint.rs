@@ -257,8 +257,86 @@ mod tests {
         assert_eq!(d.dispatched_since_scrape(), 0);
     }
 
+    /// Metrics without counters (`dispatch: None`, as in tests and the reference) and with
+    /// zeroed counters score identically, and exactly as the reference formula on the scraped
+    /// numbers alone; live counters then move the scores, so a scorer that ignored them, or
+    /// counted zeroed counters as load, fails here.
     #[test]
     fn metrics_without_counters_score_like_the_reference() {
-        assert_eq!(EndpointMetrics::default().unscraped(), 0);
+        use crate::epp::scheduling::plugins::scorers::{QueueScorer, RunningRequestsScorer};
+        use crate::epp::scheduling::plugins::{CycleState, Scorer};
+        use crate::epp::scheduling::SchedulingRequest;
+
+        // (waiting, running) scraped from endpoints a, b, c.
+        let scraped = [(6u32, 2u32), (0, 4), (10, 12)];
+        let snapshots = |counters: &[Option<Arc<DispatchCounters>>]| -> Vec<Arc<EndpointSnapshot>> {
+            scraped
+                .iter()
+                .zip(counters)
+                .enumerate()
+                .map(|(i, (&(waiting, running), dispatch))| {
+                    let addr = SocketAddr::from(([127, 0, 0, 1], 8000 + i as u16));
+                    Arc::new(EndpointSnapshot {
+                        endpoint: Arc::new(Endpoint::from_addr(addr)),
+                        metrics: EndpointMetrics {
+                            waiting_queue_size: waiting,
+                            running_requests: running,
+                            dispatch: dispatch.clone(),
+                            ..EndpointMetrics::default()
+                        },
+                    })
+                })
+                .collect()
+        };
+        let score = |scorer: &dyn Scorer, eps: &[Arc<EndpointSnapshot>]| -> Vec<f64> {
+            let request = SchedulingRequest {
+                request_id: "r",
+                target_model: "m",
+                prompt: b"",
+                cache_salt: b"",
+                fallbacks: 0,
+            };
+            let mut cycle = CycleState {
+                request: &request,
+                prefix_hashes: &[],
+                prefix_block_tokens: 16,
+                prefix_matches: Vec::new(),
+            };
+            let mut out = vec![f64::NAN; eps.len()];
+            scorer.score(&mut cycle, eps, &mut out);
+            out
+        };
+        let queue = QueueScorer { name: "q".into() };
+        let running = RunningRequestsScorer { name: "r".into() };
+        // The reference's (max − v) / (max − min): waiting 6, 0, 10 and running 2, 4, 12.
+        let want_queue = vec![0.4, 1.0, 0.0];
+        let want_running = vec![1.0, 0.8, 0.0];
+
+        let without = snapshots(&[None, None, None]);
+        let counters: Vec<Option<Arc<DispatchCounters>>> = (0..3)
+            .map(|_| Some(Arc::new(DispatchCounters::default())))
+            .collect();
+        let zeroed = snapshots(&counters);
+        for (scorer, want) in [
+            (&queue as &dyn Scorer, &want_queue),
+            (&running as &dyn Scorer, &want_running),
+        ] {
+            assert_eq!(score(scorer, &without), *want, "{}", scorer.name());
+            assert_eq!(score(scorer, &zeroed), *want, "{}", scorer.name());
+        }
+
+        // Four requests routed to b since its last scrape and still in flight: b now counts
+        // waiting 0 + 4 and running 4 + 4 (the snapshots share the live counters), so the
+        // queue minimum is b's 4: (10 − 6) / (10 − 4), (10 − 4) / 6, 0.
+        let b = counters[1].as_ref().unwrap();
+        let guards: Vec<InflightGuard> = (0..4).map(|_| b.dispatch()).collect();
+        assert_eq!(score(&queue, &zeroed), vec![4.0 / 6.0, 1.0, 0.0]);
+        assert_eq!(score(&running, &zeroed), vec![1.0, 0.4, 0.0]);
+        // Without counters the same snapshots cannot see those requests.
+        assert_eq!(score(&queue, &without), want_queue);
+        // Streams ended: back to the scraped numbers.
+        drop(guards);
+        assert_eq!(score(&queue, &zeroed), want_queue);
+        assert_eq!(score(&running, &zeroed), want_running);
     }
 }

@@ -129,18 +129,31 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 }
 
 fn spawn_reloader(dir: PathBuf, store: Arc<CertStore>) {
+    type Stamp = (Option<SystemTime>, Option<SystemTime>);
+    fn stamp(d: &Path) -> Stamp {
+        (mtime(&d.join("tls.crt")), mtime(&d.join("tls.key")))
+    }
     tokio::spawn(async move {
-        let stamp = |d: &Path| (mtime(&d.join("tls.crt")), mtime(&d.join("tls.key")));
-        let mut last = stamp(&dir);
+        // The stat and the read run on the blocking pool: a slow or hung volume (a Secret mount
+        // on a struggling node) must not stall a runtime worker that serves ext_proc streams.
+        let d = dir.clone();
+        let mut last = tokio::task::spawn_blocking(move || stamp(&d))
+            .await
+            .unwrap_or_default();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            let now = stamp(&dir);
-            if now == last {
+            let (d, seen) = (dir.clone(), last);
+            let polled = tokio::task::spawn_blocking(move || {
+                let now = stamp(&d);
+                (now != seen).then(|| (now, load_from_dir(&d)))
+            })
+            .await;
+            let Ok(Some((now, loaded))) = polled else {
                 continue;
-            }
+            };
             last = now;
-            match load_from_dir(&dir) {
+            match loaded {
                 Ok(key) => {
                     store.current.store(Arc::new(key));
                     tracing::info!(dir = %dir.display(), "reloaded TLS certificate");

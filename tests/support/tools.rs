@@ -1,25 +1,44 @@
-//! Locating the external tools tests drive (Envoy, promtool) and skipping cleanly without them.
+//! Locating the external tools tests drive (Envoy, promtool) and skipping cleanly without them
+//! on a developer machine; under `CI=true` a missing tool fails the test instead.
 //!
 //! Lookup order: the `SWITCHYARD_<TOOL>` environment variable, then the cache that
 //! `scripts/install-test-deps.sh` fills (`<repo>/.cache/...`), then `PATH`.
 
 use std::path::{Path, PathBuf};
 
-/// Prints `SKIPPED: <why>` and returns from the calling test when the option is `None`.
+/// Returns from the calling test when the option is `None`, through [`missing_dependency`]
+/// (which panics instead under `CI=true`).
 #[macro_export]
 macro_rules! require_tool {
     ($found:expr, $what:expr) => {
         match $found {
             Some(path) => path,
             None => {
-                println!(
-                    "SKIPPED: {} not found (run scripts/install-test-deps.sh)",
+                $crate::support::tools::missing_dependency(&format!(
+                    "{} not found (run scripts/install-test-deps.sh)",
                     $what
-                );
+                ));
                 return;
             }
         }
     };
+}
+
+/// True when the environment says this is CI (`CI=true`, as GitHub Actions and most CI systems
+/// set it, or `CI=1`).
+pub fn in_ci() -> bool {
+    matches!(std::env::var("CI").as_deref(), Ok("true" | "1"))
+}
+
+/// A test dependency that is not hardware (a tool, a library, a tokenizer file) is missing.
+/// Locally the caller skips after this prints `SKIPPED: <why>`; under `CI=true` a skip would let
+/// the test pass without checking anything, so this panics naming what is missing. Tests that
+/// need a GPU skip on their own (absent by design on CI runners) and never call this.
+pub fn missing_dependency(why: &str) {
+    if in_ci() {
+        panic!("missing test dependency under CI=true: {why}");
+    }
+    println!("SKIPPED: {why}");
 }
 
 fn repo_root() -> PathBuf {

@@ -93,7 +93,7 @@ seccompProfile:
     - ipBlock:
         cidr: 0.0.0.0/0
         except:
-          {{- range .Values.networkPolicy.blockedCIDRs }}
+          {{- range concat .Values.networkPolicy.blockedCIDRs .Values.networkPolicy.clusterCIDRs }}
           - {{ . }}
           {{- end }}
 {{- end }}

@@ -61,3 +61,53 @@ gmp-system
 {{- define "inferencepool.metricsAuth" -}}
 {{- if .Values.inferenceExtension.monitoring.prometheus.auth.enabled -}}true{{- else -}}false{{- end -}}
 {{- end -}}
+
+{{/*
+NetworkPolicy peers of the gateway's proxies (ext_proc clients): networkPolicy.gatewayPeers, else
+by provider. GKE's managed proxies connect from the region's proxy-only subnet (required value)
+and its health checks from Google's checker ranges; Istio labels the gateway's pods with
+gateway.networking.k8s.io/gateway-name; Envoy Gateway (provider none, class eg) with
+gateway.envoyproxy.io/owning-gateway-name.
+*/}}
+{{- define "inferencepool.gatewayPeers" -}}
+{{- $np := .Values.networkPolicy -}}
+{{- $provider := lower .Values.provider.name -}}
+{{- if $np.gatewayPeers -}}
+{{- toYaml $np.gatewayPeers -}}
+{{- else if eq $provider "gke" -}}
+{{- if not $np.gkeProxyOnlySubnetCIDRs -}}
+{{- fail "networkPolicy.gkeProxyOnlySubnetCIDRs is required with provider gke: the region's proxy-only subnet (gcloud compute networks subnets list --filter=purpose=REGIONAL_MANAGED_PROXY), from which the gateway's proxies connect; or set networkPolicy.gatewayPeers, or networkPolicy.enabled=false" -}}
+{{- end -}}
+{{- range concat $np.gkeProxyOnlySubnetCIDRs $np.gkeHealthCheckCIDRs }}
+- ipBlock:
+    cidr: {{ . }}
+{{- end }}
+{{- else -}}
+- namespaceSelector: {}
+  podSelector:
+    matchLabels:
+      {{- if eq $provider "istio" }}
+      gateway.networking.k8s.io/gateway-name: {{ $np.gatewayName }}
+      {{- else }}
+      gateway.envoyproxy.io/owning-gateway-name: {{ $np.gatewayName }}
+      {{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/* Peers allowed to scrape the EPP's /metrics: networkPolicy.metricsPeers, else the Managed
+Prometheus collectors on GKE and Prometheus Operator's pods elsewhere. */}}
+{{- define "inferencepool.metricsPeers" -}}
+{{- $np := .Values.networkPolicy -}}
+{{- if $np.metricsPeers -}}
+{{- toYaml $np.metricsPeers -}}
+{{- else if eq (lower .Values.provider.name) "gke" -}}
+- namespaceSelector:
+    matchLabels:
+      kubernetes.io/metadata.name: {{ include "inferencepool.gmpNamespace" . }}
+{{- else -}}
+- namespaceSelector: {}
+  podSelector:
+    matchLabels:
+      app.kubernetes.io/name: prometheus
+{{- end -}}
+{{- end -}}

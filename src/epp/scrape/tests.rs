@@ -327,8 +327,7 @@ fn engine_specs_list_every_family_they_read() {
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
 
-    /// Arbitrary lines made of the vLLM family names, labels and values never panic, and any
-    /// accepted page yields values the spec allows.
+    /// Arbitrary lines made of the vLLM family names, labels and values never panic.
     #[test]
     fn extraction_never_panics(
         lines in proptest::collection::vec(
@@ -336,9 +335,86 @@ proptest::proptest! {
             0..16,
         )
     ) {
-        let page = lines.join("\n");
-        if let Ok(m) = extract_metrics(EngineType::Vllm, &page) {
-            proptest::prop_assert!(m.kv_cache_usage.is_finite() && m.kv_cache_usage >= 0.0);
+        let _ = extract_metrics(EngineType::Vllm, &lines.join("\n"));
+    }
+
+    /// Values planted in a valid page, with its families in any order and unrelated families
+    /// between them, come out exactly (counts as integers, the KV fraction bit for bit).
+    #[test]
+    fn planted_values_come_out_exactly(
+        waiting in 0u32..1_000_000,
+        running in 0u32..1_000_000,
+        kv in 0.0f64..=1.0,
+        block_size in 1u32..=1024,
+        blocks in 1u64..=10_000_000,
+        order in proptest::strategy::Strategy::prop_shuffle(
+            proptest::strategy::Just(vec![0usize, 1, 2, 3, 4])
+        ),
+    ) {
+        let families = planted_families(waiting, running, &format!("{kv:?}"), block_size, blocks);
+        let page: String = order.iter().map(|&i| families[i].as_str()).collect();
+        let m = extract_metrics(EngineType::Vllm, &page).unwrap();
+        proptest::prop_assert_eq!(
+            m,
+            EndpointMetrics {
+                waiting_queue_size: waiting,
+                running_requests: running,
+                kv_cache_usage: kv,
+                kv_block_size: Some(block_size),
+                kv_num_blocks: Some(blocks),
+                lora: None,
+                updated_at: None,
+                dispatch: None,
+            }
+        );
+    }
+
+    /// A NaN, infinite or negative KV usage in an otherwise valid page is refused, naming the
+    /// family and carrying the value (the scorer computes `1 − usage` and would rank such a pod
+    /// above every real one).
+    #[test]
+    fn invalid_kv_usage_is_refused(
+        kv in proptest::prop_oneof![
+            proptest::strategy::Just(f64::NAN),
+            proptest::strategy::Just(f64::INFINITY),
+            proptest::strategy::Just(f64::NEG_INFINITY),
+            -1e9f64..-1e-9,
+        ],
+        waiting in 0u32..1000,
+    ) {
+        let text = if kv.is_nan() { "NaN".to_owned() } else if kv.is_infinite() {
+            if kv > 0.0 { "+Inf".to_owned() } else { "-Inf".to_owned() }
+        } else {
+            format!("{kv:?}")
+        };
+        let page: String = planted_families(waiting, 1, &text, 16, 100).concat();
+        match extract_metrics(EngineType::Vllm, &page) {
+            Err(ScrapeError::InvalidValue { family, value }) => {
+                proptest::prop_assert_eq!(family, "vllm:kv_cache_usage_perc");
+                proptest::prop_assert!(
+                    value.to_bits() == kv.to_bits() || (value.is_nan() && kv.is_nan()),
+                    "value {} for planted {}", value, kv
+                );
+            }
+            other => proptest::prop_assert!(false, "planted kv {} gave {:?}", text, other),
         }
     }
+}
+
+/// The five families of a vLLM page that `planted_values_come_out_exactly` shuffles: the three
+/// required gauges, the cache info, and an unrelated histogram.
+fn planted_families(
+    waiting: u32,
+    running: u32,
+    kv: &str,
+    block_size: u32,
+    blocks: u64,
+) -> [String; 5] {
+    [
+        format!("# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{engine=\"0\",model_name=\"m\"}} {waiting}\n"),
+        format!("# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{engine=\"0\",model_name=\"m\"}} {running}\n"),
+        format!("# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{{engine=\"0\",model_name=\"m\"}} {kv}\n"),
+        format!("# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{{block_size=\"{block_size}\",num_gpu_blocks=\"{blocks}\"}} 1.0\n"),
+        "# TYPE vllm:e2e_request_latency_seconds histogram\nvllm:e2e_request_latency_seconds_bucket{le=\"+Inf\"} 3.0\nvllm:e2e_request_latency_seconds_count 3.0\nvllm:e2e_request_latency_seconds_sum 1.5\n".to_owned(),
+    ]
 }
