@@ -14,7 +14,8 @@
 //! the cluster-scoped `tokenreviews` and `subjectaccessreviews`.
 //!
 //! Test-side controls: [`FakeApiServer::apply`]/[`FakeApiServer::delete`] change objects as a
-//! controller would, [`FakeApiServer::expire_watches`] simulates compaction (every open watch
+//! controller would, [`FakeApiServer::close_watches`] cuts every open watch connection,
+//! [`FakeApiServer::expire_watches`] simulates compaction (every open watch
 //! ends and its resourceVersion becomes too old), [`FakeApiServer::set_failing`] makes one
 //! resource answer 500, and tokens/users back the review endpoints.
 
@@ -432,6 +433,13 @@ impl FakeApiServer {
             name.to_string(),
         );
         self.shared.inner.lock().objects.get(&key).cloned()
+    }
+
+    /// Drops every open watch connection (an API server restart or a load balancer cutting
+    /// long-lived connections): the streams end, but their resourceVersions stay watchable, so
+    /// clients resume where they were and miss nothing.
+    pub fn close_watches(&self) {
+        self.shared.generation.send_modify(|g| *g += 1);
     }
 
     /// Simulates etcd compaction: every open watch ends, and every resourceVersion handed out so

@@ -3,7 +3,7 @@
 //! when the test is failing).
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How to start the EPP.
 #[derive(Debug, Clone)]
 pub struct EppOptions {
-    /// Model servers, passed as `--endpoints ip:port,...`.
+    /// Model servers, passed as `--endpoints ip:port,...` (none: the flag is left out, for
+    /// Kubernetes discovery through `extra_args` and `env`).
     pub endpoints: Vec<SocketAddr>,
     /// `--fallback-endpoints`.
     pub fallback_endpoints: u32,
@@ -30,6 +31,8 @@ pub struct EppOptions {
     pub refresh_metrics_interval: String,
     /// Appended after the standard flags.
     pub extra_args: Vec<String>,
+    /// Environment variables set for the process (e.g. `KUBECONFIG`).
+    pub env: Vec<(String, String)>,
 }
 
 impl EppOptions {
@@ -40,6 +43,7 @@ impl EppOptions {
             config: None,
             refresh_metrics_interval: "50ms".to_owned(),
             extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -53,6 +57,8 @@ pub struct EppProcess {
     pub health_port: u16,
     /// Prometheus port (`--metrics-port`).
     pub metrics_port: u16,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
     log_path: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -64,10 +70,12 @@ impl EppProcess {
         let (grpc_port, health_port, metrics_port) = (p[0], p[1], p[2]);
         let dir = tempfile::tempdir()?;
         let endpoints: Vec<String> = opts.endpoints.iter().map(ToString::to_string).collect();
-        let mut args: Vec<String> = vec![
-            "epp".into(),
-            "--endpoints".into(),
-            endpoints.join(","),
+        let mut args: Vec<String> = vec!["epp".into()];
+        if !endpoints.is_empty() {
+            args.push("--endpoints".into());
+            args.push(endpoints.join(","));
+        }
+        args.extend([
             "--grpc-port".into(),
             grpc_port.to_string(),
             "--grpc-health-port".into(),
@@ -85,7 +93,7 @@ impl EppProcess {
             "console".into(),
             "--v".into(),
             "2".into(),
-        ];
+        ]);
         if let Some(config) = &opts.config {
             let path = dir.path().join("epp-config.yaml");
             std::fs::write(&path, config)?;
@@ -94,24 +102,27 @@ impl EppProcess {
         }
         args.extend(opts.extra_args.iter().cloned());
         let log_path = dir.path().join("epp.log");
-        let log = std::fs::File::create(&log_path)?;
-        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning switchyard epp")?;
+        let child = spawn(&args, &opts.env, &log_path)?;
         let mut epp = Self {
             child,
             grpc_port,
             health_port,
             metrics_port,
+            args,
+            env: opts.env.clone(),
             log_path,
             _dir: dir,
         };
         epp.wait_serving().await?;
         Ok(epp)
+    }
+
+    /// Kills the process (SIGKILL, like a crashed pod) and starts it again with the same flags
+    /// on the same ports, waiting until it serves. The earlier run's log is kept in front.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.child = spawn(&self.args, &self.env, &self.log_path)?;
+        self.wait_serving().await
     }
 
     async fn wait_serving(&mut self) -> anyhow::Result<()> {
@@ -160,6 +171,22 @@ impl EppProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `switchyard <args>` with its output appended to `log_path`.
+fn spawn(args: &[String], env: &[(String, String)], log_path: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)?;
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("spawning switchyard epp")
 }
 
 /// One gRPC health check of service `""` at `url`.

@@ -5,6 +5,9 @@
 //! Every response is deterministic for a given request and server name, and the last request and
 //! last response body are recorded, so tests can check bodies byte-for-byte on both sides of a
 //! proxy. State that grows with traffic is bounded: only counters and the last exchange are kept.
+//!
+//! Fault hooks for the fault-injection tests: completions can be held (parked mid-request, so a
+//! test knows exactly which requests are in flight where) and `/metrics` can hang.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -23,7 +26,7 @@ use futures::StreamExt as _;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// The `model_name` label the mock's metrics carry (vLLM labels with the served model).
@@ -66,6 +69,12 @@ struct Inner {
     last: Mutex<Exchange>,
     served: AtomicUsize,
     scrapes: AtomicUsize,
+    /// While true, completions park (see [`MockModelServer::hold_completions`]).
+    hold: watch::Sender<bool>,
+    /// Completions parked right now.
+    parked: AtomicUsize,
+    /// While true, `/metrics` requests hang.
+    hang_metrics: watch::Sender<bool>,
     prompt_tokens_total: AtomicUsize,
     generation_tokens_total: AtomicUsize,
 }
@@ -103,6 +112,9 @@ impl MockModelServer {
             last: Mutex::new(Exchange::default()),
             served: AtomicUsize::new(0),
             scrapes: AtomicUsize::new(0),
+            hold: watch::channel(false).0,
+            parked: AtomicUsize::new(0),
+            hang_metrics: watch::channel(false).0,
             prompt_tokens_total: AtomicUsize::new(0),
             generation_tokens_total: AtomicUsize::new(0),
         });
@@ -199,7 +211,24 @@ impl MockModelServer {
         self.inner.served.load(Ordering::SeqCst)
     }
 
-    /// `GET /metrics` requests answered.
+    /// While `hold` is true, every completion request parks once it is known to be valid: a
+    /// non-streamed one before its response, a streamed one after its first event (response
+    /// started). Setting it back to false releases them all.
+    pub fn hold_completions(&self, hold: bool) {
+        self.inner.hold.send_replace(hold);
+    }
+
+    /// Completion requests parked by [`MockModelServer::hold_completions`] right now.
+    pub fn parked(&self) -> usize {
+        self.inner.parked.load(Ordering::SeqCst)
+    }
+
+    /// While `hang` is true, `GET /metrics` never answers (a scraper must time out).
+    pub fn hang_metrics(&self, hang: bool) {
+        self.inner.hang_metrics.send_replace(hang);
+    }
+
+    /// `GET /metrics` requests received (hung ones included).
     pub fn metrics_scrapes(&self) -> usize {
         self.inner.scrapes.load(Ordering::SeqCst)
     }
@@ -247,6 +276,8 @@ impl Drop for MockModelServer {
 
 async fn metrics(State(inner): State<Arc<Inner>>) -> Response {
     inner.scrapes.fetch_add(1, Ordering::SeqCst);
+    let mut hang = inner.hang_metrics.subscribe();
+    let _ = hang.wait_for(|h| !*h).await;
     let raw = inner.metrics.lock().raw.clone();
     let body = raw.unwrap_or_else(|| render_metrics(&inner));
     (
@@ -323,6 +354,26 @@ fn render_metrics(inner: &Inner) -> String {
         "vllm:e2e_request_latency_seconds_count{{{l}}} {served}.0"
     );
     s
+}
+
+/// Counts a parked request until dropped (also when the client goes away while parked).
+struct Parked(Arc<Inner>);
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        self.0.parked.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Waits while completions are held.
+async fn park(inner: &Arc<Inner>) {
+    let mut hold = inner.hold.subscribe();
+    if !*hold.borrow_and_update() {
+        return;
+    }
+    inner.parked.fetch_add(1, Ordering::SeqCst);
+    let _parked = Parked(inner.clone());
+    let _ = hold.wait_for(|h| !*h).await;
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -430,10 +481,19 @@ async fn answer(inner: Arc<Inner>, api: Api, headers: HeaderMap, body: Bytes) ->
         let chunks = sse_chunks(api, &inner.name, &id, &model, completion_tokens, &usage);
         let whole: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
         inner.last.lock().response = Some(Bytes::from(whole));
-        let stream = futures::stream::iter(chunks).then(|chunk| async move {
-            tokio::time::sleep(SSE_CHUNK_GAP).await;
-            Ok::<_, Infallible>(chunk)
-        });
+        let held = inner.clone();
+        let stream =
+            futures::stream::iter(chunks.into_iter().enumerate()).then(move |(i, chunk)| {
+                let held = held.clone();
+                async move {
+                    if i == 1 {
+                        // The first event is out: the response has started.
+                        park(&held).await;
+                    }
+                    tokio::time::sleep(SSE_CHUNK_GAP).await;
+                    Ok::<_, Infallible>(chunk)
+                }
+            });
         let resp = Response::builder()
             .status(StatusCode::OK)
             .header("content-type", "text/event-stream")
@@ -444,6 +504,7 @@ async fn answer(inner: Arc<Inner>, api: Api, headers: HeaderMap, body: Bytes) ->
             Err(e) => error_response(&inner, StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         };
     }
+    park(&inner).await;
     let text = words(completion_tokens).concat();
     let body = match api {
         Api::Completions => json!({

@@ -1,12 +1,13 @@
 //! Shared helpers for the integration tests (`mod support;` in a `tests/*.rs` file): a mock
-//! OpenAI/vLLM model server, an HTTP client, free ports, tool lookup, and process guards for
-//! Envoy and the real `switchyard epp` binary.
+//! OpenAI/vLLM model server, an HTTP client, free ports, tool lookup, process guards for
+//! Envoy and the real `switchyard epp` binary, and a killable TCP proxy for fault injection.
 
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code, unused_imports, unused_macros)]
 
 pub mod envoy;
 pub mod epp_process;
+pub mod fault_proxy;
 pub mod http_client;
 pub mod mock_model_server;
 pub mod ports;
@@ -14,5 +15,6 @@ pub mod tools;
 
 pub use envoy::{BodyMode, EnvoyConfig, EnvoyProcess, RouteCluster};
 pub use epp_process::{EppOptions, EppProcess};
+pub use fault_proxy::FaultProxy;
 pub use http_client::{HttpClient, HttpResponse};
 pub use mock_model_server::MockModelServer;
