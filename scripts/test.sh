@@ -38,6 +38,13 @@ step "cargo test (unit, integration, real Envoy)"
 cargo build --bins
 cargo test --no-fail-fast
 
+step "fuzz smoke (corpus replay; FUZZ_LIBFUZZER=1 runs each libFuzzer target for a few seconds)"
+if [ -n "${FUZZ_LIBFUZZER:-}" ]; then
+    scripts/fuzz-smoke.sh --libfuzzer
+else
+    scripts/fuzz-smoke.sh
+fi
+
 step "Helm charts and manifests"
 scripts/check-charts.sh
 

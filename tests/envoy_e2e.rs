@@ -588,6 +588,8 @@ impl Stack {
         let mocks = pods().await;
         let mut opts = EppOptions::new(addrs(&mocks));
         opts.fallback_endpoints = fallbacks;
+        // Metric labels name only configured models (others are `other`).
+        opts.extra_args.push("--known-models=metrics-model".into());
         let epp = EppProcess::start(&opts).await.unwrap();
         let cfg = EnvoyConfig {
             epp_port: epp.grpc_port,

@@ -76,8 +76,10 @@ async fn caches_decisions_briefly_and_within_capacity() {
     let fake = fake().await;
     let config = AuthCacheConfig {
         capacity: 2,
+        deny_capacity: 1,
         allow_ttl: Duration::from_millis(300),
         deny_ttl: Duration::from_millis(300),
+        ..AuthCacheConfig::default()
     };
     let auth = MetricsAuth::with_cache(fake.client(), config);
 
@@ -98,7 +100,7 @@ async fn caches_decisions_briefly_and_within_capacity() {
     );
     assert_eq!(auth.cached(), 2);
 
-    // A third token at capacity evicts one entry; the cache never grows past its cap.
+    // A second refusal at the refusal cap evicts the first refusal, never the allowed token.
     assert_eq!(
         auth.authorize(Some("Bearer app-token"))
             .await
@@ -107,11 +109,94 @@ async fn caches_decisions_briefly_and_within_capacity() {
         403
     );
     assert_eq!(auth.cached(), 2);
+    auth.authorize(Some("Bearer reader-token")).await.unwrap();
+    assert_eq!(fake.requests(TOKEN_REVIEWS), 3, "reader still cached");
 
     // After the TTL the token is reviewed again (revocation takes effect).
     tokio::time::sleep(Duration::from_millis(400)).await;
     auth.authorize(Some("Bearer reader-token")).await.unwrap();
     assert_eq!(fake.requests(TOKEN_REVIEWS), 4);
+}
+
+/// Issue 11 item 7: a flood of distinct bad tokens (each one a TokenReview before) is rate
+/// limited, cached by digest within its own bound, and cannot evict or starve the real scraper.
+#[tokio::test]
+async fn token_flood_is_rate_limited_and_cannot_evict_the_scraper() {
+    let fake = fake().await;
+    let config = AuthCacheConfig {
+        capacity: 4,
+        deny_capacity: 4,
+        allow_ttl: Duration::from_millis(600),
+        deny_ttl: Duration::from_secs(60),
+        reviews_per_second: 2.0,
+        review_burst: 4,
+    };
+    let auth = std::sync::Arc::new(MetricsAuth::with_cache(fake.client(), config));
+    auth.authorize(Some("Bearer reader-token")).await.unwrap();
+    assert_eq!(fake.requests(TOKEN_REVIEWS), 1);
+
+    // 200 distinct bad tokens, 8 KB each, from 8 concurrent attackers.
+    let start = std::time::Instant::now();
+    let mut attackers = Vec::new();
+    for a in 0..8 {
+        let auth = auth.clone();
+        attackers.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for i in 0..25 {
+                let token = format!("Bearer {a}-{i}-{}", "z".repeat(8 << 10));
+                statuses.push(
+                    auth.authorize(Some(&token))
+                        .await
+                        .unwrap_err()
+                        .status()
+                        .as_u16(),
+                );
+            }
+            statuses
+        }));
+    }
+    // The scraper, meanwhile, is answered from the cache at once.
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        auth.authorize(Some("Bearer reader-token")).await.unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(50),
+            "scraper waited {:?}",
+            t.elapsed()
+        );
+        tokio::task::yield_now().await;
+    }
+    let mut statuses = Vec::new();
+    for a in attackers {
+        statuses.extend(a.await.unwrap());
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let reviewed = statuses.iter().filter(|s| **s == 401).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(reviewed + limited, 200, "{statuses:?}");
+    // Burst of 4, then 2/s.
+    let most = 4 + (2.0 * elapsed).ceil() as usize;
+    assert!(
+        reviewed <= most,
+        "{reviewed} reviews in {elapsed:.2}s (at most {most})"
+    );
+    assert_eq!(fake.requests(TOKEN_REVIEWS), 1 + reviewed);
+    assert!(auth.cached() <= 5, "cache holds {}", auth.cached());
+
+    // The bucket is empty now, yet the scraper's token is re-reviewed at its expiry at once.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for i in 0..10 {
+        let _ = auth.authorize(Some(&format!("Bearer drain-{i}"))).await;
+    }
+    let before = fake.requests(TOKEN_REVIEWS);
+    auth.authorize(Some("Bearer reader-token")).await.unwrap();
+    assert_eq!(fake.requests(TOKEN_REVIEWS), before + 1);
+
+    // A 400 KB token is refused without a review.
+    let huge = format!("Bearer {}", "h".repeat(400 << 10));
+    let err = auth.authorize(Some(&huge)).await.unwrap_err();
+    assert_eq!(err.status(), 401);
+    assert_eq!(fake.requests(TOKEN_REVIEWS), before + 1);
 }
 
 #[tokio::test]

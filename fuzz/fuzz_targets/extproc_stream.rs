@@ -306,6 +306,7 @@ fn shared(setup: &Setup) -> Arc<Shared> {
         DirectorConfig {
             fallback_endpoints: usize::from(setup.fallback_endpoints % 4),
             disable_subset_filter: setup.disable_subset_filter,
+            known_models: Default::default(),
         },
     );
     let max = usize::from(setup.max_body).max(1);
@@ -316,6 +317,7 @@ fn shared(setup: &Setup) -> Arc<Shared> {
             max_body_bytes: max,
             max_response_buffer_bytes: max,
             inflight_accounting: true,
+            stream_timeout: None,
         },
     )
 }
@@ -394,7 +396,8 @@ fn run(data: &[u8]) -> arbitrary::Result<()> {
     }
     drop(state);
     // However the stream ended, in-flight accounting is released.
-    for model in MODELS {
+    // Models nothing configures are counted under "other".
+    for model in MODELS.iter().chain(&[switchyard::epp::director::OTHER_MODEL_LABEL]) {
         let label = ModelNameLabel {
             model_name: model.to_string(),
         };

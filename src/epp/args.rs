@@ -79,6 +79,10 @@ pub struct EppArgs {
     /// Fallback endpoints to add after the primary in x-gateway-destination-endpoint.
     #[arg(long, default_value_t = 0)]
     pub fallback_endpoints: usize,
+    /// Model names reported as themselves in metric labels, besides those objectives and model
+    /// rewrites name (comma-separated); any other model is counted as `other`.
+    #[arg(long, value_delimiter = ',')]
+    pub known_models: Vec<String>,
     /// Largest request body accepted; larger requests get 413.
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -119,9 +123,43 @@ pub struct EppArgs {
     /// Enables authentication and authorization of the metrics endpoint (Kubernetes only).
     #[arg(long, num_args = 0..=1, require_equals = true, default_value = "true", default_missing_value = "true", value_parser = go_bool)]
     pub metrics_endpoint_auth: bool,
+    /// Sustained rate of TokenReviews for bearer tokens with no cached decision (metrics auth);
+    /// scrapes beyond it get 429.
+    #[arg(long, default_value_t = 5.0)]
+    pub metrics_auth_reviews_per_second: f64,
+    /// TokenReviews allowed in a burst above --metrics-auth-reviews-per-second.
+    #[arg(long, default_value_t = 10)]
+    pub metrics_auth_review_burst: u32,
     /// How long SIGTERM waits for open streams to finish.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub drain_timeout: Duration,
+
+    // --- ext_proc connection limits (docs/security.md) ---
+    /// Longest a TLS handshake on the ext_proc port may take; slower clients are disconnected.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub tls_handshake_timeout: Duration,
+    /// Most TLS handshakes in progress at once; connections beyond it are closed at accept.
+    #[arg(long, default_value_t = 1024)]
+    pub tls_max_concurrent_handshakes: usize,
+    /// HTTP/2 MAX_CONCURRENT_STREAMS advertised on the ext_proc port (one stream per request;
+    /// Envoy opens another connection when a connection is full).
+    #[arg(long, default_value_t = 2048)]
+    pub grpc_max_concurrent_streams: u32,
+    /// Interval of HTTP/2 keepalive pings on ext_proc connections (0s: off).
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub grpc_keepalive_interval: Duration,
+    /// A connection whose keepalive ping is not answered within this time is closed, and the
+    /// requests on it are released.
+    #[arg(long, default_value = "20s", value_parser = duration)]
+    pub grpc_keepalive_timeout: Duration,
+    /// Longest an ext_proc stream (one HTTP request, response streaming included) may stay
+    /// open; longer streams are ended with DEADLINE_EXCEEDED (0s: no limit).
+    #[arg(long, default_value = "1h", value_parser = duration)]
+    pub grpc_stream_timeout: Duration,
+    /// Largest JSON response body buffered for usage parsing; larger responses pass through
+    /// unparsed (server-sent events are never buffered).
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub max_response_buffer_bytes: usize,
 
     // --- logging / observability ---
     /// Number for the log level verbosity (reference levels: 2 default, 3 verbose, 4 debug, 5 trace).
@@ -187,6 +225,8 @@ pub enum ArgsError {
     Scheme(String),
     #[error("--refresh-metrics-interval must be greater than zero")]
     ZeroInterval,
+    #[error("--{0} must be greater than zero")]
+    ZeroLimit(&'static str),
 }
 
 /// Where endpoints come from.
@@ -212,6 +252,32 @@ impl EppArgs {
         }
         if self.refresh_metrics_interval.is_zero() {
             return Err(ArgsError::ZeroInterval);
+        }
+        let limits = [
+            (
+                "tls-handshake-timeout",
+                self.tls_handshake_timeout.is_zero(),
+            ),
+            (
+                "tls-max-concurrent-handshakes",
+                self.tls_max_concurrent_handshakes == 0,
+            ),
+            (
+                "grpc-max-concurrent-streams",
+                self.grpc_max_concurrent_streams == 0,
+            ),
+            (
+                "grpc-keepalive-timeout",
+                self.grpc_keepalive_timeout.is_zero(),
+            ),
+        ];
+        if !(self.metrics_auth_reviews_per_second.is_finite()
+            && self.metrics_auth_reviews_per_second > 0.0)
+        {
+            return Err(ArgsError::ZeroLimit("metrics-auth-reviews-per-second"));
+        }
+        if let Some((flag, _)) = limits.iter().find(|(_, zero)| *zero) {
+            return Err(ArgsError::ZeroLimit(flag));
         }
         if !self.endpoint_selector.is_empty()
             && (self.endpoint_target_ports.is_empty() || self.endpoint_target_ports.len() > 8)

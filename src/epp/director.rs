@@ -4,13 +4,14 @@
 //! `extproc`). Error texts and codes are the reference EPP's (GIE v1.5.0
 //! `pkg/epp/requestcontrol/director.go`).
 
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use rand::Rng;
 
-use super::datastore::{Datastore, RewriteTarget};
+use super::datastore::{Datastore, RequestPolicy, RewriteTarget};
 use super::endpoint::EndpointSnapshot;
 use super::request::{self, ApiType, RequestError};
 use super::saturation::SaturationDetector;
@@ -54,7 +55,8 @@ impl ErrorCode {
 pub struct RoutingError {
     pub code: ErrorCode,
     pub msg: String,
-    /// Model labels for the error metric (empty when the body was not parsed).
+    /// Model label values for the error metric (empty when the body was not parsed; allow-listed
+    /// by [`label_for_model`], so never request text the configuration does not name).
     pub model: String,
     pub target_model: String,
 }
@@ -98,6 +100,9 @@ pub struct Decision {
     pub rewritten_body: Option<Vec<u8>>,
     pub incoming_model: String,
     pub target_model: String,
+    /// `incoming_model` / `target_model` as metric label values ([`label_for_model`]).
+    pub model_label: String,
+    pub target_label: String,
     pub priority: i32,
     pub stream: bool,
 }
@@ -109,6 +114,51 @@ pub struct DirectorConfig {
     pub fallback_endpoints: usize,
     /// Ignore subset hints (`--disable-endpoint-subset-filter`).
     pub disable_subset_filter: bool,
+    /// Model names allowed as metric label values besides those the policy names
+    /// (`--known-models`).
+    pub known_models: HashSet<String>,
+}
+
+/// The label value every model name not allow-listed is counted under.
+pub const OTHER_MODEL_LABEL: &str = "other";
+/// Longest model name used as a label value (the reference CRDs cap model names at 256).
+pub const MAX_MODEL_LABEL_BYTES: usize = 256;
+
+/// The metric label value for a model name taken from a request (body `model` or the rewrite
+/// header): the name itself when the configuration names it — an objective, a rewrite rule's
+/// model or target, or `--known-models` — or a pool endpoint reports serving it as a LoRA
+/// adapter (running or waiting, from its scraped metrics), and it is at most
+/// [`MAX_MODEL_LABEL_BYTES`]; else [`OTHER_MODEL_LABEL`]. The empty name (no body) stays empty.
+/// Label values are therefore a set the operator and the pool's servers define, whatever clients
+/// send; their text is still escaped when encoded.
+pub fn label_for_model<'a>(
+    name: &'a str,
+    policy: &RequestPolicy,
+    known: &HashSet<String>,
+    pool: &[Arc<EndpointSnapshot>],
+) -> &'a str {
+    if name.is_empty() {
+        return name;
+    }
+    let named = name.len() <= MAX_MODEL_LABEL_BYTES
+        && (known.contains(name)
+            || policy.objectives.contains_key(name)
+            || policy.model_rewrites.contains_key(name)
+            || policy
+                .model_rewrites
+                .values()
+                .chain(policy.default_rewrite.as_ref())
+                .flatten()
+                .any(|t| t.model == name)
+            || pool
+                .iter()
+                .filter_map(|e| e.metrics.lora.as_ref())
+                .any(|l| l.running.iter().chain(&l.waiting).any(|a| a == name)));
+    if named {
+        name
+    } else {
+        OTHER_MODEL_LABEL
+    }
 }
 
 pub struct Director {
@@ -165,6 +215,8 @@ impl Director {
             rewritten_body: None,
             incoming_model: String::new(),
             target_model: String::new(),
+            model_label: String::new(),
+            target_label: String::new(),
             priority: 0,
             stream: false,
         })
@@ -205,10 +257,18 @@ impl Director {
             .and_then(|name| policy.objectives.get(name).copied())
             .unwrap_or(0);
 
-        let label_err = |e: RoutingError| e.with_models(&incoming_model, &target_model);
+        let snapshot = self.datastore.snapshot();
+        let known = &self.config.known_models;
+        let model_label = label_for_model(&incoming_model, &policy, known, &snapshot).to_string();
+        let target_label = if target_model == incoming_model {
+            model_label.clone()
+        } else {
+            label_for_model(&target_model, &policy, known, &snapshot).to_string()
+        };
+        let label_err = |e: RoutingError| e.with_models(&model_label, &target_label);
         // Admission looks at the subset-filtered candidates, as the reference's admission
         // controller does; an empty subset therefore counts as saturated for sheddable requests.
-        let candidates = self.subset(self.datastore.snapshot(), meta);
+        let candidates = self.subset(snapshot, meta);
         if priority < 0 && self.saturation.is_saturated(&candidates, Instant::now()) {
             return Err(label_err(RoutingError::new(
                 ErrorCode::ResourceExhausted,
@@ -236,6 +296,8 @@ impl Director {
             rewritten_body,
             incoming_model,
             target_model,
+            model_label,
+            target_label,
             priority,
             stream: inspected.stream,
         })
@@ -355,6 +417,66 @@ pub fn split_subset(value: &str) -> Vec<String> {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn metric_labels_name_only_configured_or_served_models() {
+        use crate::epp::endpoint::{Endpoint, EndpointMetrics, LoraInfo};
+        let policy = RequestPolicy {
+            objectives: [("objective-model".to_string(), 1)].into(),
+            model_rewrites: [(
+                "source".to_string(),
+                vec![RewriteTarget {
+                    model: "target".to_string(),
+                    weight: 1,
+                }],
+            )]
+            .into(),
+            default_rewrite: Some(vec![RewriteTarget {
+                model: "fallback".to_string(),
+                weight: 1,
+            }]),
+        };
+        let known: HashSet<String> = ["flag-model".to_string()].into();
+        let pool = vec![Arc::new(EndpointSnapshot {
+            endpoint: Arc::new(Endpoint::from_addr("10.0.0.1:8000".parse().unwrap())),
+            metrics: EndpointMetrics {
+                lora: Some(LoraInfo {
+                    max_lora: 2,
+                    running: vec!["adapter-a".to_string()],
+                    waiting: vec!["adapter-b".to_string()],
+                }),
+                ..Default::default()
+            },
+        })];
+        let long = "x".repeat(MAX_MODEL_LABEL_BYTES + 1);
+        let cases = [
+            ("", ""),
+            ("objective-model", "objective-model"),
+            ("source", "source"),
+            ("target", "target"),
+            ("fallback", "fallback"),
+            ("flag-model", "flag-model"),
+            ("adapter-a", "adapter-a"),
+            ("adapter-b", "adapter-b"),
+            ("anything-else", OTHER_MODEL_LABEL),
+            ("evil\"} 1\n", OTHER_MODEL_LABEL),
+            (long.as_str(), OTHER_MODEL_LABEL),
+        ];
+        for (name, want) in cases {
+            assert_eq!(
+                label_for_model(name, &policy, &known, &pool),
+                want,
+                "{name:?}"
+            );
+        }
+        let mut long_known = known.clone();
+        long_known.insert(long.clone());
+        assert_eq!(
+            label_for_model(&long, &policy, &long_known, &pool),
+            OTHER_MODEL_LABEL,
+            "over the length cap even when configured"
+        );
+    }
 
     #[test]
     fn subset_entries_match_exact_or_any_port() {

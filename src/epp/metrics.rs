@@ -6,7 +6,6 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
@@ -63,46 +62,56 @@ const NTPOT_BUCKETS: [f64; 13] = [
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
 ];
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ModelLabels {
-    pub model_name: String,
-    pub target_model_name: String,
+// Model names and pod names come from outside the binary (requests, discovery): every label set
+// escapes its values when encoded (`promencode::Escaped`); model names are also allow-listed
+// before they get here (`director::label_for_model`).
+crate::escaped_label_set! {
+    pub struct ModelLabels {
+        pub model_name: String,
+        pub target_model_name: String,
+    }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ModelPriorityLabels {
-    pub model_name: String,
-    pub target_model_name: String,
-    pub priority: String,
+crate::escaped_label_set! {
+    pub struct ModelPriorityLabels {
+        pub model_name: String,
+        pub target_model_name: String,
+        pub priority: String,
+    }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ModelErrorLabels {
-    pub model_name: String,
-    pub target_model_name: String,
-    pub error_code: String,
+crate::escaped_label_set! {
+    pub struct ModelErrorLabels {
+        pub model_name: String,
+        pub target_model_name: String,
+        pub error_code: String,
+    }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ModelNameLabel {
-    pub model_name: String,
+crate::escaped_label_set! {
+    pub struct ModelNameLabel {
+        pub model_name: String,
+    }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PoolLabel {
-    pub name: String,
+crate::escaped_label_set! {
+    pub struct PoolLabel {
+        pub name: String,
+    }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PoolPodLabels {
-    pub name: String,
-    pub model_server_pod: String,
+crate::escaped_label_set! {
+    pub struct PoolPodLabels {
+        pub name: String,
+        pub model_server_pod: String,
+    }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct InfoLabels {
-    pub commit: String,
-    pub build_ref: String,
+crate::escaped_label_set! {
+    pub struct InfoLabels {
+        pub commit: String,
+        pub build_ref: String,
+    }
 }
 
 /// Builds histograms with fixed bucket boundaries for a [`Family`].

@@ -55,9 +55,69 @@ struct BodyFields<'a> {
     #[serde(borrow, default)]
     input: Option<&'a RawValue>,
     #[serde(default)]
-    stream: Option<serde_json::Value>,
+    stream: StreamFlag,
     #[serde(borrow, default)]
     cache_salt: Option<Cow<'a, str>>,
+}
+
+/// `"stream": true` is true; any other value (false, null, a string, a 15 MB array) is false and
+/// is skipped without being built: the visitor only looks at booleans, and hands everything
+/// else to [`serde::de::IgnoredAny`], so the cost of a huge value is one pass with no allocation.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct StreamFlag(bool);
+
+impl<'de> Deserialize<'de> for StreamFlag {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = StreamFlag;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<StreamFlag, E> {
+                Ok(StreamFlag(v))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<StreamFlag, E> {
+                Ok(StreamFlag(false))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<StreamFlag, E> {
+                Ok(StreamFlag(false))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<StreamFlag, E> {
+                Ok(StreamFlag(false))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<StreamFlag, E> {
+                Ok(StreamFlag(false))
+            }
+            fn visit_unit<E>(self) -> Result<StreamFlag, E> {
+                Ok(StreamFlag(false))
+            }
+            fn visit_none<E>(self) -> Result<StreamFlag, E> {
+                Ok(StreamFlag(false))
+            }
+            fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<StreamFlag, D::Error> {
+                d.deserialize_any(self)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<StreamFlag, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(StreamFlag(false))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<StreamFlag, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(StreamFlag(false))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// The parts of a request body the director needs.
@@ -97,7 +157,7 @@ pub fn inspect(body: &[u8], api: ApiType) -> Result<InspectedBody<'_>, RequestEr
         None => Cow::Borrowed(&[][..]),
         Some(raw) => prompt_bytes(raw),
     };
-    let stream = matches!(fields.stream, Some(serde_json::Value::Bool(true)));
+    let stream = fields.stream.0;
     Ok(InspectedBody {
         model,
         model_span,
@@ -258,6 +318,30 @@ mod tests {
         ));
         assert!(matches!(
             inspect(b"", ApiType::Completions),
+            Err(RequestError::InvalidJson(_))
+        ));
+    }
+
+    #[test]
+    fn stream_is_true_only_for_a_json_true() {
+        let cases: [(&[u8], bool); 9] = [
+            (br#"{"model":"m","stream":true}"#, true),
+            (br#"{"model":"m","stream":false}"#, false),
+            (br#"{"model":"m","stream":null}"#, false),
+            (br#"{"model":"m","stream":"true"}"#, false),
+            (br#"{"model":"m","stream":1}"#, false),
+            (br#"{"model":"m","stream":-1.5e3}"#, false),
+            (br#"{"model":"m","stream":[true,[1,{"a":true}]]}"#, false),
+            (br#"{"model":"m","stream":{"stream":true}}"#, false),
+            (br#"{"model":"m"}"#, false),
+        ];
+        for (body, want) in cases {
+            let got = inspect(body, ApiType::Completions).unwrap();
+            assert_eq!(got.stream, want, "{}", String::from_utf8_lossy(body));
+        }
+        // Still validated: a malformed value inside `stream` is invalid JSON.
+        assert!(matches!(
+            inspect(br#"{"model":"m","stream":[1,}"#, ApiType::Completions),
             Err(RequestError::InvalidJson(_))
         ));
     }

@@ -14,8 +14,6 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt;
 use tonic_health::ServingStatus;
 
 pub use super::args::EppArgs;
@@ -28,7 +26,7 @@ use super::discovery::static_list::{parse_endpoint_list, StaticDiscovery};
 use super::discovery::Discovery;
 use super::extproc::{ExtProcConfig, ExtProcService, Shared};
 use super::metrics::{self, EppMetrics};
-use super::metrics_auth::MetricsAuth;
+use super::metrics_auth::{AuthCacheConfig, MetricsAuth};
 use super::saturation::{SaturationConfig, SaturationDetector};
 use super::scheduling::{self, Scheduler};
 use super::scrape::{spawn_scrape_manager, ScrapeConfig};
@@ -203,6 +201,15 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
     // Discovery (and, in Kubernetes, leader election and metrics auth).
     let mut leader_rx: Option<watch::Receiver<bool>> = None;
     let mut metrics_auth: Option<Arc<MetricsAuth>> = None;
+    if args.metrics_endpoint_auth && !matches!(source, EndpointSource::Kubernetes) {
+        tracing::warn!(
+            metrics_port = args.metrics_port,
+            "--metrics-endpoint-auth=true cannot apply without Kubernetes (it needs the TokenReview \
+             API): /metrics is served WITHOUT authentication to anyone who can reach the metrics \
+             port; restrict that port (docs/security.md) or pass --metrics-endpoint-auth=false \
+             to acknowledge"
+        );
+    }
     let discovery: Box<dyn Discovery> = match source {
         EndpointSource::Static(list) => Box::new(StaticDiscovery::new(parse_endpoint_list(&list)?)),
         EndpointSource::File(path) => {
@@ -231,7 +238,14 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
                 ));
             }
             if args.metrics_endpoint_auth {
-                metrics_auth = Some(Arc::new(MetricsAuth::new(client.clone())));
+                metrics_auth = Some(Arc::new(MetricsAuth::with_cache(
+                    client.clone(),
+                    AuthCacheConfig {
+                        reviews_per_second: args.metrics_auth_reviews_per_second,
+                        review_burst: args.metrics_auth_review_burst.max(1),
+                        ..AuthCacheConfig::default()
+                    },
+                )));
             }
             Box::new(KubernetesDiscovery::new(client, config))
         }
@@ -269,6 +283,7 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
         DirectorConfig {
             fallback_endpoints: args.fallback_endpoints,
             disable_subset_filter: args.disable_endpoint_subset_filter,
+            known_models: args.known_models.iter().cloned().collect(),
         },
     ));
     let shared = Shared::new(
@@ -276,8 +291,10 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
         epp_metrics,
         ExtProcConfig {
             max_body_bytes: args.max_body_bytes,
-            max_response_buffer_bytes: args.max_body_bytes,
+            max_response_buffer_bytes: args.max_response_buffer_bytes,
             inflight_accounting: args.inflight_accounting,
+            stream_timeout: (!args.grpc_stream_timeout.is_zero())
+                .then_some(args.grpc_stream_timeout),
         },
     );
 
@@ -339,32 +356,26 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
+    let limits = GrpcLimits::from_args(&args);
     let grpc_task = if args.secure_serving {
         let cert_dir = (!args.cert_path.is_empty()).then(|| Path::new(&args.cert_path));
         let acceptor = super::tls::acceptor(cert_dir, args.enable_cert_reload)?;
-        let incoming = TcpListenerStream::new(grpc_listener)
-            .filter_map(|conn| conn.ok())
-            .then(move |tcp| {
-                let acceptor = acceptor.clone();
-                async move {
-                    let _ = tcp.set_nodelay(true);
-                    match acceptor.accept(tcp).await {
-                        Ok(tls) => Some(Ok::<_, std::io::Error>(super::tls::TlsConn(tls))),
-                        Err(e) => {
-                            tracing::debug!(error = %e, "TLS handshake failed");
-                            None
-                        }
-                    }
-                }
-            })
-            .filter_map(|c| c);
-        tokio::spawn(serve_ext_proc(service, incoming, stopped))
+        let (accept_task, incoming) = super::tls::spawn_tls_accept(
+            grpc_listener,
+            acceptor,
+            super::tls::HandshakeLimits {
+                timeout: args.tls_handshake_timeout,
+                max_concurrent: args.tls_max_concurrent_handshakes,
+            },
+        );
+        tasks.push(accept_task);
+        tokio::spawn(serve_ext_proc(service, incoming, limits, stopped))
     } else {
         // tonic ignores `Server::tcp_nodelay` with a custom incoming stream: set it on the
         // accepted sockets, or Nagle + delayed ACK stall every small ext_proc reply (~40 ms).
         let incoming =
             tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-        tokio::spawn(serve_ext_proc(service, incoming, stopped))
+        tokio::spawn(serve_ext_proc(service, incoming, limits, stopped))
     };
     tracing::info!(%grpc_addr, %health_addr, %metrics_addr, tls = args.secure_serving, "switchyard epp started");
 
@@ -382,10 +393,30 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
     })
 }
 
+/// HTTP/2 limits of the ext_proc server (docs/security.md).
+#[derive(Debug, Clone, Copy)]
+struct GrpcLimits {
+    max_concurrent_streams: u32,
+    keepalive_interval: Option<Duration>,
+    keepalive_timeout: Duration,
+}
+
+impl GrpcLimits {
+    fn from_args(args: &EppArgs) -> Self {
+        GrpcLimits {
+            max_concurrent_streams: args.grpc_max_concurrent_streams,
+            keepalive_interval: (!args.grpc_keepalive_interval.is_zero())
+                .then_some(args.grpc_keepalive_interval),
+            keepalive_timeout: args.grpc_keepalive_timeout,
+        }
+    }
+}
+
 /// Serves ext_proc on an accepted-connection stream (plain TCP or TLS) until `stopped`.
 async fn serve_ext_proc<S, IO, E>(
     service: super::extproc::ExtProcServer,
     incoming: S,
+    limits: GrpcLimits,
     stopped: impl std::future::Future<Output = ()>,
 ) where
     S: futures::Stream<Item = Result<IO, E>>,
@@ -397,7 +428,12 @@ async fn serve_ext_proc<S, IO, E>(
         + 'static,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    // A half-open connection (peer gone without a FIN) fails its keepalive ping; hyper then
+    // closes it, every stream on it ends, and their in-flight counts are released.
     if let Err(e) = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_keepalive_interval(limits.keepalive_interval)
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, stopped)
         .await

@@ -74,17 +74,28 @@ pub fn load_from_dir(dir: &Path) -> Result<CertifiedKey, TlsError> {
     };
     let crt_pem = read(&crt)?;
     let key_pem = read(&key)?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&crt_pem)
+    load_from_pem(&crt_pem, &key_pem, &crt, &key)
+}
+
+/// Builds the certified key from PEM text (`crt_path`/`key_path` only name them in errors).
+/// Certificates that do not parse are skipped; none at all is an error, as is a bad key.
+pub fn load_from_pem(
+    crt_pem: &[u8],
+    key_pem: &[u8],
+    crt_path: &Path,
+    key_path: &Path,
+) -> Result<CertifiedKey, TlsError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(crt_pem)
         .filter_map(Result::ok)
         .collect();
     if certs.is_empty() {
-        return Err(TlsError::NoCertificate(crt));
+        return Err(TlsError::NoCertificate(crt_path.to_path_buf()));
     }
-    let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::BadKey {
-        path: key.clone(),
+    let key_der = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::BadKey {
+        path: key_path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    certified_key(certs, key_der, &key)
+    certified_key(certs, key_der, key_path)
 }
 
 /// A fresh self-signed certificate (the reference's default when no `--cert-path` is given).
@@ -164,6 +175,67 @@ fn spawn_reloader(dir: PathBuf, store: Arc<CertStore>) {
             }
         }
     });
+}
+
+/// Limits of the TLS accept path (`--tls-handshake-timeout`, `--tls-max-concurrent-handshakes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandshakeLimits {
+    pub timeout: Duration,
+    pub max_concurrent: usize,
+}
+
+/// Accepts TCP connections and runs each TLS handshake in its own task, under a timeout and a
+/// cap on handshakes in progress, so a client that connects and sends nothing (or trickles its
+/// ClientHello) costs one task until the timeout, never the accept loop. Connections that arrive
+/// while `max_concurrent` handshakes are in progress are closed at once. Finished handshakes are
+/// handed to the server through the returned stream; the loop ends when the stream is dropped.
+pub fn spawn_tls_accept(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    limits: HandshakeLimits,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(limits.max_concurrent.max(1));
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent));
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "ext_proc accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = tx.closed() => return,
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, max = limits.max_concurrent, "too many TLS handshakes in progress; connection closed (--tls-max-concurrent-handshakes)");
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                let done = tokio::time::timeout(limits.timeout, acceptor.accept(tcp)).await;
+                drop(permit);
+                match done {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(TlsConn(tls))).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => {
+                        tracing::debug!(%peer, timeout = ?limits.timeout, "TLS handshake timed out; connection closed (--tls-handshake-timeout)")
+                    }
+                }
+            });
+        }
+    });
+    (task, tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 /// A TLS connection tonic can serve (it needs to know the peer address).

@@ -161,6 +161,11 @@ impl EppProcess {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.grpc_port))
     }
 
+    /// The process id (to read its memory from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything the EPP has logged.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()

@@ -42,6 +42,8 @@ pub struct ExtProcConfig {
     /// Count each routed request against its primary endpoint until its stream ends
     /// (`--inflight-accounting`), so scorers see load the last scrape could not show yet.
     pub inflight_accounting: bool,
+    /// Longest a stream may stay open (`--grpc-stream-timeout`); `None`: no limit.
+    pub stream_timeout: Option<std::time::Duration>,
 }
 
 impl Default for ExtProcConfig {
@@ -50,6 +52,7 @@ impl Default for ExtProcConfig {
             max_body_bytes: 16 << 20,
             max_response_buffer_bytes: 16 << 20,
             inflight_accounting: true,
+            stream_timeout: None,
         }
     }
 }
@@ -129,32 +132,59 @@ impl ExternalProcessor for ExtProcService {
         let shared = self.shared.clone();
         shared.open_streams.fetch_add(1, Ordering::Relaxed);
         let guard = OpenStreamGuard(shared.clone());
+        let deadline = shared
+            .config
+            .stream_timeout
+            .map(|t| tokio::time::Instant::now() + t);
         tokio::spawn(async move {
             let _guard = guard;
-            let mut state = StreamState::new(shared);
-            let mut out = Vec::with_capacity(4);
-            loop {
-                let msg = match inbound.message().await {
-                    Ok(Some(msg)) => msg,
-                    Ok(None) => break,
-                    Err(status) => {
-                        tracing::debug!(code = ?status.code(), message = status.message(), "ext_proc stream broke");
-                        break;
-                    }
-                };
-                out.clear();
-                let finished = state.on_message(msg, &mut out);
-                for reply in out.drain(..) {
-                    if tx.send(Ok(reply)).await.is_err() {
-                        // Envoy went away; dropping `state` releases in-flight accounting.
-                        return;
+            let serve = serve_stream(StreamState::new(shared), &mut inbound, &tx);
+            match deadline {
+                Some(at) => {
+                    if tokio::time::timeout_at(at, serve).await.is_err() {
+                        tracing::info!(
+                            "ext_proc stream open longer than --grpc-stream-timeout; ended"
+                        );
+                        // try_send: a peer that stopped reading must not hold the task.
+                        let _ = tx.try_send(Err(Status::deadline_exceeded(
+                            "ext_proc stream exceeded --grpc-stream-timeout",
+                        )));
                     }
                 }
-                if finished {
-                    break;
-                }
+                None => serve.await,
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Feeds one stream's messages through its state machine until either side ends it. Dropping
+/// the state (here or when the task is cancelled) releases its in-flight accounting.
+async fn serve_stream(
+    mut state: StreamState,
+    inbound: &mut Streaming<ProcessingRequest>,
+    tx: &mpsc::Sender<Result<ProcessingResponse, Status>>,
+) {
+    let mut out = Vec::with_capacity(4);
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return,
+            Err(status) => {
+                tracing::debug!(code = ?status.code(), message = status.message(), "ext_proc stream broke");
+                return;
+            }
+        };
+        out.clear();
+        let finished = state.on_message(msg, &mut out);
+        for reply in out.drain(..) {
+            if tx.send(Ok(reply)).await.is_err() {
+                // Envoy went away.
+                return;
+            }
+        }
+        if finished {
+            return;
+        }
     }
 }

@@ -317,11 +317,11 @@ impl StreamState {
             }
         }
         let m = &self.shared.metrics;
-        let labels = EppMetrics::model_labels(&decision.incoming_model, &decision.target_model);
+        let labels = EppMetrics::model_labels(&decision.model_label, &decision.target_label);
         m.requests
             .get_or_create(&ModelPriorityLabels {
-                model_name: decision.incoming_model.clone(),
-                target_model_name: decision.target_model.clone(),
+                model_name: decision.model_label.clone(),
+                target_model_name: decision.target_label.clone(),
                 priority: decision.priority.to_string(),
             })
             .inc();
@@ -339,7 +339,7 @@ impl StreamState {
             .metrics
             .running_requests
             .get_or_create(&ModelNameLabel {
-                model_name: decision.incoming_model.clone(),
+                model_name: decision.model_label.clone(),
             })
             .clone();
         gauge.inc();
@@ -556,9 +556,10 @@ impl StreamState {
         }
     }
 
+    /// Label values of the routed request's models (allow-listed by the director).
     fn models(&self) -> (String, String) {
         match &self.decision {
-            Some(d) => (d.incoming_model.clone(), d.target_model.clone()),
+            Some(d) => (d.model_label.clone(), d.target_label.clone()),
             None => (String::new(), String::new()),
         }
     }

@@ -49,6 +49,7 @@ fn shared_with(endpoints: usize, max_body: usize, inflight_accounting: bool) -> 
         DirectorConfig {
             fallback_endpoints: 1,
             disable_subset_filter: false,
+            known_models: Default::default(),
         },
     );
     Shared::new(
@@ -58,6 +59,7 @@ fn shared_with(endpoints: usize, max_body: usize, inflight_accounting: bool) -> 
             max_body_bytes: max_body,
             max_response_buffer_bytes: max_body,
             inflight_accounting,
+            stream_timeout: None,
         },
     )
 }
@@ -161,7 +163,7 @@ proptest! {
         }
         drop(state);
         // However the stream ended, in-flight accounting is released.
-        for model in ["", "m"] {
+        for model in ["", "m", crate::epp::director::OTHER_MODEL_LABEL] {
             let label = crate::epp::metrics::ModelNameLabel { model_name: model.to_string() };
             prop_assert_eq!(shared.metrics.running_requests.get_or_create(&label).get(), 0);
         }
