@@ -415,7 +415,9 @@ async fn model_labels_are_allow_listed_and_escaped() {
             String::from_utf8_lossy(&out.stderr)
         );
     } else {
-        println!("SKIPPED promtool part: promtool not found (run scripts/install-test-deps.sh)");
+        support::tools::missing_dependency(
+            "promtool not found for the promtool part (run scripts/install-test-deps.sh)",
+        );
     }
     epp.shutdown().await;
 }
