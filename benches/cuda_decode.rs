@@ -6,15 +6,22 @@
 //!    the copy bandwidth (target ≥ 80%);
 //! 3. single-stream decode tok/s for Qwen2.5-7B shapes (random bf16 weights) against the
 //!    bandwidth roofline (weights + KV bytes per token / copy bandwidth; target ≥ 85%);
-//! 4. batched decode throughput at 1–64 concurrent sequences.
+//! 4. batched decode throughput at 1–64 concurrent sequences;
+//! 5. (issue 16) split-K attention at batch 1 for every partition size and the planner's
+//!    choice; the GEMV kernel (bf16 and FP8 weights) at Qwen2.5-14B projection shapes vs copy
+//!    bandwidth; single-stream and batched decode with and without CUDA graphs, bf16 and FP8
+//!    weights, each against its own roofline (FP8 moves half the projection bytes).
 //!
-//! Without a GPU it prints `SKIPPED: <why>` and exits 0. Run:
+//! Without a GPU it prints `SKIPPED: no CUDA device (<why>)` and exits 0. Run:
 //! `cargo bench --bench cuda_decode` (`-- --quick` for fewer steps).
 
 use std::time::Instant;
 
-use switchyard::serve::backend::cuda::harness::{AttentionHarness, HarnessShape, Rows};
-use switchyard::serve::backend::cuda::{self, weights, CudaBackend, CudaOptions};
+use switchyard::serve::backend::cuda::harness::{
+    self, AttentionHarness, GemvWeights, HarnessShape, KernelHarness, Rows,
+};
+use switchyard::serve::backend::cuda::memory::{Dims, WeightFormat};
+use switchyard::serve::backend::cuda::{self, fp8, launch, weights, CudaBackend, CudaOptions};
 use switchyard::serve::backend::{Backend, SeqSlice, StepBatch, StepOutput};
 use switchyard::serve::model::ModelConfig;
 
@@ -62,7 +69,13 @@ struct Runner {
 }
 
 impl Runner {
-    fn new(cfg: ModelConfig, max_tokens: usize, max_seqs: usize) -> anyhow::Result<Runner> {
+    fn new(
+        cfg: ModelConfig,
+        max_tokens: usize,
+        max_seqs: usize,
+        format: WeightFormat,
+        graphs: bool,
+    ) -> anyhow::Result<Runner> {
         let store = weights::random_store(&cfg, 1);
         let mut be = CudaBackend::from_store(
             cfg,
@@ -72,6 +85,8 @@ impl Runner {
                 max_num_batched_tokens: max_tokens,
                 max_num_seqs: max_seqs,
                 max_model_len: Some(32768),
+                weight_format: format,
+                cuda_graphs: graphs,
                 ..CudaOptions::default()
             },
         )?;
@@ -148,7 +163,7 @@ impl Runner {
 
 fn main() -> anyhow::Result<()> {
     if let Err(why) = cuda::gpu_available() {
-        println!("SKIPPED: no GPU ({why})");
+        println!("SKIPPED: no CUDA device ({why})");
         return Ok(());
     }
     let quick = std::env::args().any(|a| a == "--quick");
@@ -188,32 +203,131 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+
+    // 5a. Split-K at batch 1: every partition size, and what the planner picks.
+    let sms = harness::sm_count()?;
+    println!("split-K paged attention, batch 1 (Qwen2.5-7B attention shape, {sms} SMs)");
+    println!("context  partition  us/launch  kv_GB/s  fraction_of_copy");
+    for &ctx in &[512usize, 2048, 8192] {
+        let per_seq = ctx / BLOCK;
+        let rows = Rows {
+            q: vec![0x3f80; 28 * 128],
+            row_seq: vec![0],
+            row_keys: vec![ctx as i32],
+            block_tables: (0..per_seq as i32).collect(),
+            max_blocks: per_seq,
+        };
+        let auto = launch::choose_partition_size(4, 1, ctx, sms, 4609);
+        for &p in &[512usize, 256, 128, 64] {
+            let (_, t) = h.attention_split(&rows, if quick { 5 } else { 200 }, p)?;
+            let gbs = ctx as f64 * kv_token_bytes / t;
+            println!(
+                "{ctx:7}  {p:9}{}  {:9.1}  {:7.1}  {:5.1}%",
+                if p == auto { "*" } else { " " },
+                t * 1e6,
+                gbs / 1e9,
+                100.0 * gbs / bw
+            );
+        }
+    }
+    println!("(* = the planner's choice, launch::choose_partition_size)");
     drop(h);
     let kv_token_bytes_per_layer = kv_token_bytes;
 
-    // 3 + 4. Full Qwen2.5-7B shapes.
+    // 5b. GEMV kernel alone at Qwen2.5-14B projection shapes, batch 1: weight bytes / time.
+    let kh = KernelHarness::new()?;
+    println!("GEMV kernel, batch 1, Qwen2.5-14B projections");
+    println!("shape            weights  us/launch  GB/s  fraction_of_copy");
+    for &(name, n, k) in &[
+        ("qkv", 7168usize, 5120usize),
+        ("o", 5120, 5120),
+        ("gate_up", 27648, 5120),
+        ("down", 5120, 13824),
+    ] {
+        let w: Vec<u16> = (0..n * k)
+            .map(|i| half::bf16::from_f32(((i % 17) as f32 - 8.0) / 64.0).to_bits())
+            .collect();
+        let q = fp8::quantize_rows(&w, n, k);
+        let x = vec![0x3f80u16; k];
+        let iters = if quick { 5 } else { 100 };
+        for (label, gw, bytes) in [
+            ("bf16", GemvWeights::Bf16(&w), 2 * n * k),
+            ("fp8", GemvWeights::Fp8(&q), n * k + 4 * n),
+        ] {
+            let (_, t) = kh.gemv(gw, &x, n, k, 1, iters)?;
+            let gbs = bytes as f64 / t;
+            println!(
+                "{name:8} {n:5}x{k:<5} {label:5} {:9.1}  {:6.1}  {:5.1}%",
+                t * 1e6,
+                gbs / 1e9,
+                100.0 * gbs / bw
+            );
+        }
+    }
+    drop(kh);
+
+    // 3 + 4 (+ 5c). Full Qwen2.5-7B shapes: bf16 / FP8 weights, without / with CUDA graphs.
     let cfg = qwen7b(28, 18944, 152_064);
-    let weight_bytes = (cfg.num_hidden_layers
-        * (3584 * 4608 + 4608 + 3584 * 3584 + 3 * 3584 * 18944 + 2 * 3584)
-        + 2 * 152_064 * 3584
-        + 3584) as f64
-        * 2.0;
-    let mut r = Runner::new(cfg, 4096, 64)?;
+    let dims = Dims {
+        hidden: 3584,
+        intermediate: 18944,
+        num_heads: 28,
+        num_kv_heads: 4,
+        head_size: 128,
+        num_layers: 28,
+        vocab: 152_064,
+    };
     let ctx = 512;
-    let t = r.decode_time(1, ctx, steps)?;
     let kv_bytes = ctx as f64 * kv_token_bytes_per_layer * 28.0;
-    let roofline = bw / (weight_bytes + kv_bytes);
-    println!(
-        "single-stream decode, Qwen2.5-7B shapes, context {ctx}: {:.1} tok/s, roofline {:.1} tok/s ({:.1}%)",
-        1.0 / t,
-        roofline,
-        100.0 / t / roofline
-    );
-    println!("batched decode, Qwen2.5-7B shapes, context {ctx}");
-    println!("batch  step_ms  tok/s");
-    for &batch in &[1usize, 2, 4, 8, 16, 32, 64] {
-        let t = r.decode_time(batch, ctx, steps)?;
-        println!("{batch:5}  {:7.2}  {:7.1}", t * 1e3, batch as f64 / t);
+    let mut single = Vec::new();
+    for format in [WeightFormat::Bf16, WeightFormat::Fp8] {
+        // Bytes a decode step must read: every weight except the embedding table (one row is
+        // gathered), plus the context's K/V.
+        let weight_bytes = (dims.weight_bytes_as(false, format) - 2 * 152_064 * 3584) as f64;
+        let roofline = bw / (weight_bytes + kv_bytes);
+        for graphs in [false, true] {
+            let mut r = Runner::new(cfg.clone(), 4096, 64, format, graphs)?;
+            let t = r.decode_time(1, ctx, steps)?;
+            println!(
+                "single-stream decode, Qwen2.5-7B shapes, {format:?} weights, cuda graphs {}, \
+                 context {ctx}: {:.1} tok/s, roofline {:.1} tok/s ({:.1}%)",
+                if graphs { "on " } else { "off" },
+                1.0 / t,
+                roofline,
+                100.0 / t / roofline
+            );
+            single.push((format, graphs, t));
+            println!(
+                "batched decode, Qwen2.5-7B shapes, {format:?} weights, cuda graphs {}, context {ctx}",
+                if graphs { "on" } else { "off" }
+            );
+            println!("batch  step_ms  tok/s  step/batch-1-step");
+            let mut t1 = None;
+            for &batch in &[1usize, 2, 4, 8, 16, 32, 64] {
+                let t = r.decode_time(batch, ctx, steps)?;
+                let base = *t1.get_or_insert(t);
+                println!(
+                    "{batch:5}  {:7.2}  {:7.1}  {:5.2}x",
+                    t * 1e3,
+                    batch as f64 / t,
+                    t / base
+                );
+            }
+            if graphs {
+                println!("  ({} graphs captured)", r.be.graphs_captured());
+            }
+        }
+    }
+    if let (Some(off), Some(on)) = (
+        single.iter().find(|s| s.0 == WeightFormat::Bf16 && !s.1),
+        single.iter().find(|s| s.0 == WeightFormat::Bf16 && s.1),
+    ) {
+        println!(
+            "cuda graphs, bf16 single stream: {:.2} -> {:.2} ms per token ({:.2}x)",
+            off.2 * 1e3,
+            on.2 * 1e3,
+            off.2 / on.2
+        );
     }
     println!(
         "PyTorch + transformers baseline on the same shapes: python3 benches/torch_decode.py (docs/cuda-backend.md)"

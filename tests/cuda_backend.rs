@@ -5,12 +5,17 @@
 //! head sizes 64 and 128. Also the no-GPU contract: without a driver `load` returns
 //! `Unavailable` (no panic) and `--tensor-parallel-size 2` is rejected.
 //!
-//! GPU tests print `SKIPPED: <why>` and pass on machines without a usable GPU.
+//! FP8 weights and CUDA graphs against the bf16 eager path on the same random weights: greedy
+//! tokens equal on fixed prompts (teacher-forced, asserted wherever the bf16 top-2 margin
+//! exceeds twice the tolerance) and logits within the stated tolerance.
+//!
+//! GPU tests print `SKIPPED: no CUDA device (<why>)` and pass on machines without a usable GPU.
 
 use std::path::Path;
 
 use switchyard::serve::backend::cpu::{CpuBackend, CpuOptions};
-use switchyard::serve::backend::cuda::{self, CudaBackend, CudaOptions};
+use switchyard::serve::backend::cuda::memory::WeightFormat;
+use switchyard::serve::backend::cuda::{self, weights, CudaBackend, CudaOptions};
 use switchyard::serve::backend::{Backend, BackendError, SeqSlice, StepBatch, StepOutput};
 use switchyard::serve::model::testing::{write_tiny_qwen2_with, TinyDtype, TinyQwen2};
 
@@ -39,7 +44,7 @@ fn skip() -> bool {
     match cuda::gpu_available() {
         Ok(()) => false,
         Err(why) => {
-            println!("SKIPPED: {why}");
+            println!("SKIPPED: no CUDA device ({why})");
             true
         }
     }
@@ -297,4 +302,195 @@ fn head_size_outside_kernels_is_rejected() {
         matches!(&err, BackendError::Unavailable(m) if m.contains("head size 16")),
         "{err}"
     );
+}
+
+/// Logits of FP8 weights vs bf16 weights (same random model): each weight moves by ≤ 2⁻⁴
+/// relative (half an E4M3 ulp), with random signs, so a logit moves by ~2⁻⁴ / √3 of the
+/// spread of its terms over 4 layers; 0.1 × max(1, max |logit|) holds that with room. The
+/// measured maximum is printed.
+const FP8_LOGIT_TOL: f32 = 0.1;
+
+fn random_cfg() -> switchyard::serve::model::ModelConfig {
+    // Qwen2.5-0.5B's attention shape (14 / 2 heads, head 64) at 4 layers and a small vocab.
+    switchyard::serve::model::ModelConfig::from_json(&serde_json::json!({
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 2432,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 4,
+        "rope_theta": 1_000_000.0,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": 4096,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": false
+    }))
+    .unwrap()
+}
+
+fn random_backend(format: WeightFormat, graphs: bool) -> CudaBackend {
+    let cfg = random_cfg();
+    let mut be = CudaBackend::from_store(
+        cfg.clone(),
+        weights::random_store(&cfg, 3),
+        CudaOptions {
+            block_size: BLOCK,
+            max_num_batched_tokens: 1024,
+            max_num_seqs: 16,
+            max_model_len: Some(4096),
+            num_gpu_blocks_override: Some(512),
+            weight_format: format,
+            cuda_graphs: graphs,
+            ..CudaOptions::default()
+        },
+    )
+    .unwrap();
+    be.init_kv(512).unwrap();
+    assert_eq!(be.weight_format(), format);
+    be
+}
+
+/// Drives `reference` and `other` through the same steps: prefill of `prompts` in 128-token
+/// chunks, then `decode` greedy steps for all sequences together (a decode batch, which
+/// graphs replay), teacher-forced on the reference's tokens. Returns (max |Δlogit| / scale,
+/// greedy tokens compared, tokens equal).
+fn compare_greedy(
+    reference: &mut CudaBackend,
+    other: &mut CudaBackend,
+    prompts: &[Vec<u32>],
+    decode: usize,
+    tol: f32,
+) -> (f32, usize, usize) {
+    let mut seqs: Vec<Seq> = prompts
+        .iter()
+        .map(|p| Seq {
+            tokens: p.clone(),
+            cached: 0,
+            blocks: Vec::new(),
+        })
+        .collect();
+    let mut next_block = 0u32;
+    let (mut worst, mut compared, mut equal) = (0f32, 0usize, 0usize);
+    let mut steps = 0;
+    loop {
+        let take: Vec<usize> = seqs
+            .iter()
+            .map(|s| (s.tokens.len() - s.cached).min(128))
+            .collect();
+        let mut b = StepBatch::default();
+        let mut wants = Vec::new();
+        for (i, (s, &n)) in seqs.iter_mut().zip(&take).enumerate() {
+            if n == 0 {
+                continue;
+            }
+            let start = b.token_ids.len();
+            let end = s.cached + n;
+            while s.blocks.len() * BLOCK < end {
+                s.blocks.push(next_block);
+                next_block += 1;
+            }
+            for p in s.cached..end {
+                b.token_ids.push(s.tokens[p]);
+                b.positions.push(p as u32);
+                b.slot_mapping
+                    .push(s.blocks[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32);
+            }
+            b.seqs.push(SeqSlice {
+                query_start: start,
+                query_len: n,
+                context_len: s.cached,
+            });
+            b.block_tables.push(s.blocks.clone());
+            s.cached = end;
+            if end == s.tokens.len() {
+                b.logits_rows.push(start + n - 1);
+                wants.push(i);
+            }
+        }
+        let (mut o1, mut o2) = (StepOutput::default(), StepOutput::default());
+        reference.execute(&b, &mut o1).unwrap();
+        other.execute(&b, &mut o2).unwrap();
+        for (r, &i) in wants.iter().enumerate() {
+            let (a, g) = (o1.row(r).unwrap(), o2.row(r).unwrap());
+            let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
+            let diff = a
+                .iter()
+                .zip(g)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            worst = worst.max(diff / scale);
+            assert!(
+                diff <= tol * scale,
+                "seq {i} step {steps}: max |Δlogit| {diff} > {tol} × {scale}"
+            );
+            let (ta, margin) = argmax(a);
+            let (tg, _) = argmax(g);
+            compared += 1;
+            equal += usize::from(ta == tg);
+            if margin > 2.0 * tol * scale {
+                assert_eq!(
+                    ta, tg,
+                    "seq {i} step {steps}: greedy token differs (margin {margin})"
+                );
+            }
+            seqs[i].tokens.push(ta as u32);
+        }
+        steps += 1;
+        // Done once every sequence has generated `decode` tokens.
+        if seqs
+            .iter()
+            .zip(prompts)
+            .all(|(s, p)| s.tokens.len() >= p.len() + decode)
+        {
+            break;
+        }
+    }
+    (worst, compared, equal)
+}
+
+fn fixed_prompts(vocab: usize) -> Vec<Vec<u32>> {
+    // Three prompts: short, one block boundary past, and across two 512-key partitions.
+    [9usize, 33, 1100]
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| prompt(l, i as u32 * 104_729, vocab))
+        .collect()
+}
+
+#[test]
+fn fp8_greedy_tokens_match_bf16_random_weights() {
+    if skip() {
+        return;
+    }
+    let mut bf = random_backend(WeightFormat::Bf16, false);
+    let mut f8 = random_backend(WeightFormat::Fp8, false);
+    let prompts = fixed_prompts(4096);
+    let (worst, compared, equal) = compare_greedy(&mut bf, &mut f8, &prompts, 24, FP8_LOGIT_TOL);
+    println!(
+        "fp8 vs bf16: max |Δlogit| {worst:.4} × scale (tolerance {FP8_LOGIT_TOL}), greedy tokens \
+         equal {equal}/{compared}"
+    );
+    assert!(compared >= 3 * 24);
+}
+
+/// Graph replay runs the same kernels on padded rows with a fixed layout, so logits match the
+/// eager path up to split-K and cuBLAS choices for a different row count: 0.01 × scale.
+#[test]
+fn cuda_graphs_match_eager_bf16_and_fp8() {
+    if skip() {
+        return;
+    }
+    for format in [WeightFormat::Bf16, WeightFormat::Fp8] {
+        let mut eager = random_backend(format, false);
+        let mut graphs = random_backend(format, true);
+        let prompts = fixed_prompts(4096);
+        let (worst, compared, equal) = compare_greedy(&mut eager, &mut graphs, &prompts, 24, 0.01);
+        println!(
+            "{format:?} graphs vs eager: max |Δlogit| {worst:.5} × scale, greedy tokens equal \
+             {equal}/{compared}, {} graphs captured",
+            graphs.graphs_captured()
+        );
+        assert!(graphs.graphs_captured() >= 1);
+        assert_eq!(eager.graphs_captured(), 0);
+    }
 }

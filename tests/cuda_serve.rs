@@ -1,6 +1,6 @@
 //! `switchyard serve --backend cuda` end to end on a GPU: a tiny random Qwen2 model answers the
 //! same greedy chat completion as `--backend cpu` (tokens and log-probabilities, see
-//! `LOGPROB_TOL`), and `/metrics` reports the configured KV block count. Prints `SKIPPED: <why>` without a GPU.
+//! `LOGPROB_TOL`), and `/metrics` reports the configured KV block count. Prints `SKIPPED: no CUDA device (<why>)` without a GPU.
 
 mod support;
 
@@ -89,7 +89,7 @@ fn label(line: &str, name: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_chat_matches_cpu_over_http() {
     if let Err(why) = cuda::gpu_available() {
-        println!("SKIPPED: {why}");
+        println!("SKIPPED: no CUDA device ({why})");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

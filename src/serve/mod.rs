@@ -43,6 +43,13 @@ pub enum BackendKind {
     Cuda,
 }
 
+/// Weight quantization (`--quantization`, vLLM's flag and value names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Quantization {
+    /// FP8 E4M3 projection weights with per-channel scales (cuda backend).
+    Fp8,
+}
+
 /// Command-line flags of `switchyard serve` (named like vLLM's where they overlap).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -118,6 +125,15 @@ pub struct ServeArgs {
     /// (design: docs/multi-gpu.md).
     #[arg(long, default_value_t = 1)]
     pub tensor_parallel_size: usize,
+    /// Weight quantization: `fp8` stores every projection (and an untied lm_head) as FP8 E4M3
+    /// with per-channel scales, quantized at load (cuda backend only; an FP8 checkpoint selects
+    /// it by itself). See docs/cuda-backend.md.
+    #[arg(long, value_enum)]
+    pub quantization: Option<Quantization>,
+    /// cuda backend: replay decode steps from CUDA graphs captured per batch-size bucket
+    /// (off by default until measured on a GPU; docs/cuda-backend.md).
+    #[arg(long)]
+    pub cuda_graphs: bool,
 }
 
 impl ServeArgs {
@@ -147,6 +163,8 @@ impl ServeArgs {
             kv_events_buffer: 100_000,
             max_request_body_bytes: 32 * 1024 * 1024,
             threads: None,
+            quantization: None,
+            cuda_graphs: false,
         }
     }
 }
@@ -229,6 +247,11 @@ struct Built {
 }
 
 fn build_backend(args: &ServeArgs) -> Result<Built, ServeError> {
+    if args.backend != BackendKind::Cuda && (args.quantization.is_some() || args.cuda_graphs) {
+        return Err(ServeError::InvalidFlag(
+            "--quantization and --cuda-graphs apply to --backend cuda only".into(),
+        ));
+    }
     match args.backend {
         BackendKind::Sim => {
             let profile = backend::sim::profile(&args.sim_profile).ok_or_else(|| {
@@ -293,6 +316,11 @@ fn cuda_backend(args: &ServeArgs, dir: &std::path::Path) -> Result<Built, ServeE
         max_model_len: args.max_model_len,
         device: 0,
         kernel_cache_dir: backend::cuda::compile::KernelCache::default_dir(),
+        weight_format: match args.quantization {
+            Some(Quantization::Fp8) => backend::cuda::memory::WeightFormat::Fp8,
+            None => backend::cuda::memory::WeightFormat::Bf16,
+        },
+        cuda_graphs: args.cuda_graphs,
     };
     let backend = backend::cuda::CudaBackend::load(dir, opts)?;
     Ok(Built {

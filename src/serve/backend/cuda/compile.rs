@@ -13,14 +13,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::launch::{ATTN_THREADS, MAX_GROUP, PARTITION_SIZE};
+use super::launch::{ATTN_THREADS, GEMV_MAX_ROWS, GEMV_WARPS, MAX_GROUP, PARTITION_SIZE};
 use super::CudaError;
 
 const COMMON: &str = include_str!("kernels/common.cuh");
-const SOURCES: [(&str, &str); 3] = [
+const SOURCES: [(&str, &str); 4] = [
     ("elementwise.cu", include_str!("kernels/elementwise.cu")),
     ("cache.cu", include_str!("kernels/cache.cu")),
     ("attention.cu", include_str!("kernels/attention.cu")),
+    ("gemv.cu", include_str!("kernels/gemv.cu")),
 ];
 
 /// First bytes of every CUBIN (ELF).
@@ -30,13 +31,19 @@ pub const ELF_MAGIC: &[u8] = b"\x7fELF";
 pub const KEY_X: usize = 8;
 
 /// Every `extern "C"` entry point the backend loads from the module.
-pub const KERNEL_NAMES: [&str; 10] = [
+pub const KERNEL_NAMES: [&str; 16] = [
     "embedding_gather",
     "rms_norm",
+    "fused_add_rms_norm",
     "qkv_bias_rope",
+    "qkv_bias_rope_cache",
     "silu_and_mul",
     "residual_add",
     "reshape_and_cache",
+    "gemv_fp8",
+    "gemv_fp8_f32",
+    "gemv_bf16",
+    "fp8_dequant_rows",
     "paged_attention_d64",
     "paged_attention_d128",
     "paged_attention_reduce_d64",
@@ -70,6 +77,8 @@ pub fn module_source() -> String {
     src.push_str(&format!("#define SY_ATTN_THREADS {ATTN_THREADS}\n"));
     src.push_str(&format!("#define SY_MAX_GROUP {MAX_GROUP}\n"));
     src.push_str(&format!("#define SY_X {KEY_X}\n"));
+    src.push_str(&format!("#define SY_GEMV_WARPS {GEMV_WARPS}\n"));
+    src.push_str(&format!("#define SY_GEMV_MAX_ROWS {GEMV_MAX_ROWS}\n"));
     src.push_str("// ---- common.cuh ----\n");
     src.push_str(COMMON);
     for (name, body) in SOURCES {
@@ -295,6 +304,8 @@ mod tests {
         assert!(src.contains("#define SY_ATTN_THREADS 256\n"));
         assert!(src.contains("#define SY_MAX_GROUP 8\n"));
         assert!(src.contains("#define SY_X 8\n"));
+        assert!(src.contains("#define SY_GEMV_WARPS 8\n"));
+        assert!(src.contains("#define SY_GEMV_MAX_ROWS 8\n"));
         for name in KERNEL_NAMES {
             let plain = format!("extern \"C\" __global__ void {name}(");
             let macro_made = name

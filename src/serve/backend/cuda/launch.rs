@@ -4,8 +4,21 @@
 
 use super::CudaError;
 
-/// Keys per flash-decoding partition (REFERENCE.md §6: 512-token partitions).
+/// Largest keys per flash-decoding partition (REFERENCE.md §6: 512-token partitions); the
+/// kernel's static block-id table is sized for it.
 pub const PARTITION_SIZE: usize = 512;
+/// Smallest split-K partition: below 64 keys a 256-thread block would idle most threads in Q·K
+/// and the partial outputs (one f32 row per query head) outweigh the K/V they summarise.
+pub const MIN_PARTITION_SIZE: usize = 64;
+/// Split-K stops shrinking partitions once a launch has this many blocks per SM (one full wave;
+/// `__launch_bounds__(256, 3)` lets up to three share an SM). To be tuned on a GPU:
+/// `benches/cuda_decode.rs` sweeps every partition size at batch 1.
+pub const SPLIT_TARGET_BLOCKS_PER_SM: usize = 1;
+/// Warps (output channels) per GEMV block.
+pub const GEMV_WARPS: usize = 8;
+/// Most token rows one GEMV launch serves (each lane keeps one accumulator per row); larger
+/// batches go to cuBLAS.
+pub const GEMV_MAX_ROWS: usize = 8;
 /// Threads per attention thread block (8 warps). A block serves a whole GQA group, so at small
 /// batches there are few blocks; 256 threads halve each thread's serial share of the keys
 /// (measured on an H100: batch 1 × 512 keys went from 52 µs at 128 threads).
@@ -45,6 +58,10 @@ pub struct AttentionShape {
 /// How an attention launch is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionPlan {
+    /// Keys per partition (the kernels' `partition_size` argument).
+    pub partition_size: usize,
+    /// Logits each head keeps in shared memory (the kernel's `logits_len` argument).
+    pub logits_len: usize,
     /// Partitions per row; 1 means the single-pass kernel writes the output directly.
     pub num_partitions: usize,
     /// Heads sharing one KV head.
@@ -86,9 +103,55 @@ pub fn reduce_shared_bytes(num_partitions: usize) -> usize {
     4 * 2 * num_partitions
 }
 
-/// Plans an attention launch. Single pass when every row fits one partition; otherwise the
-/// flash-decoding split with one reduction block per (row, head).
+/// Split-K partition size for a launch: the largest of 512, 256, 128, 64 keys that gives at
+/// least `SPLIT_TARGET_BLOCKS_PER_SM × sm_count` blocks (KV heads × rows × partitions), so a
+/// short batch (decode at batch 1: 4–8 blocks at 512 keys) spreads its context over every SM
+/// instead of leaving most idle. Halving stops when `rows × partitions` would exceed
+/// `partial_capacity` (the workspace's partial buffers, `memory::partial_capacity`). Of sizes
+/// giving the same partition count (a context shorter than the partition) the largest wins,
+/// so an unsplit launch always reads as 512.
+pub fn choose_partition_size(
+    num_kv_heads: usize,
+    num_rows: usize,
+    max_keys: usize,
+    sm_count: usize,
+    partial_capacity: usize,
+) -> usize {
+    let target = SPLIT_TARGET_BLOCKS_PER_SM * sm_count;
+    let parts = |p: usize| max_keys.div_ceil(p);
+    let mut p = PARTITION_SIZE;
+    while p > MIN_PARTITION_SIZE
+        && num_kv_heads * num_rows * parts(p) < target
+        && num_rows * parts(p / 2) <= partial_capacity
+    {
+        p /= 2;
+    }
+    while p < PARTITION_SIZE && parts(2 * p) == parts(p) {
+        p *= 2;
+    }
+    p
+}
+
+/// Plans an attention launch with 512-key partitions (the large-batch layout).
 pub fn plan_attention(shape: &AttentionShape) -> Result<AttentionPlan, CudaError> {
+    plan_attention_split(shape, PARTITION_SIZE)
+}
+
+/// Plans an attention launch with `partition_size`-key partitions: single pass when every row
+/// fits one partition; otherwise the flash-decoding split with one reduction block per
+/// (row, head).
+pub fn plan_attention_split(
+    shape: &AttentionShape,
+    partition_size: usize,
+) -> Result<AttentionPlan, CudaError> {
+    if !(MIN_PARTITION_SIZE..=PARTITION_SIZE).contains(&partition_size)
+        || partition_size % MIN_PARTITION_SIZE != 0
+    {
+        return Err(CudaError::Launch(format!(
+            "partition size {partition_size} (must be a multiple of {MIN_PARTITION_SIZE} up to \
+             {PARTITION_SIZE})"
+        )));
+    }
     if !SUPPORTED_HEAD_SIZES.contains(&shape.head_size) {
         return Err(CudaError::Unsupported(format!(
             "head size {} (kernels support {:?})",
@@ -112,7 +175,7 @@ pub fn plan_attention(shape: &AttentionShape) -> Result<AttentionPlan, CudaError
             "attention launch with no rows or no keys".into(),
         ));
     }
-    let num_partitions = shape.max_keys.div_ceil(PARTITION_SIZE);
+    let num_partitions = shape.max_keys.div_ceil(partition_size);
     let grid_y = u32::try_from(shape.num_rows)
         .ok()
         .filter(|&y| y <= 65_535)
@@ -121,7 +184,7 @@ pub fn plan_attention(shape: &AttentionShape) -> Result<AttentionPlan, CudaError
         })?;
     // Single pass only needs room for the keys actually present, so short contexts use less
     // shared memory (and fit more blocks per SM) than a full partition.
-    let logits_len = shape.max_keys.min(PARTITION_SIZE);
+    let logits_len = shape.max_keys.min(partition_size);
     let main = Launch {
         grid: (shape.num_kv_heads as u32, grid_y, num_partitions as u32),
         block: (ATTN_THREADS as u32, 1, 1),
@@ -139,11 +202,37 @@ pub fn plan_attention(shape: &AttentionShape) -> Result<AttentionPlan, CudaError
         )));
     }
     Ok(AttentionPlan {
+        partition_size,
+        logits_len,
         num_partitions,
         group_size: group,
         v_groups: ATTN_THREADS / shape.head_size,
         main,
         reduce,
+    })
+}
+
+/// GEMV over `rows ≤ GEMV_MAX_ROWS` token rows of an `[n, k]` weight: one warp per output
+/// channel. `k` must be a multiple of 16 (one 16-byte chunk of FP8 codes per lane step).
+pub fn gemv_launch(n: usize, k: usize, rows: usize) -> Result<Launch, CudaError> {
+    if rows == 0 || rows > GEMV_MAX_ROWS {
+        return Err(CudaError::Launch(format!(
+            "GEMV over {rows} rows (1..={GEMV_MAX_ROWS})"
+        )));
+    }
+    if k == 0 || k % 16 != 0 || i32::try_from(k).is_err() {
+        return Err(CudaError::Unsupported(format!(
+            "GEMV inner dimension {k} (must be a positive multiple of 16)"
+        )));
+    }
+    let grid = u32::try_from(n.div_ceil(GEMV_WARPS))
+        .ok()
+        .filter(|&g| (1..=i32::MAX as u32).contains(&g))
+        .ok_or_else(|| CudaError::Launch(format!("GEMV over {n} outputs")))?;
+    Ok(Launch {
+        grid: (grid, 1, 1),
+        block: ((GEMV_WARPS * WARP_SIZE) as u32, 1, 1),
+        shared_mem_bytes: 0,
     })
 }
 
@@ -303,6 +392,112 @@ mod tests {
             plan_attention(&shape(28, 4, 128, 70_000, 1)),
             Err(CudaError::Launch(_))
         ));
+    }
+
+    #[test]
+    fn split_k_partition_size_by_batch_context_and_sms() {
+        // (kv heads, rows, keys, SMs) → partition size. H100: 132 SMs; L4: 58.
+        let cap = 4609; // Qwen2.5-7B's partial capacity (memory.rs)
+        let cases = [
+            // Qwen2.5-7B (4 KV heads), batch 1 on an H100: 512 keys → 8 × 64-key partitions
+            // (32 blocks; the context cannot give more); 8192 keys → 64 × 128 (256 blocks).
+            ((4, 1, 512), 132, 64),
+            ((4, 1, 2048), 132, 64),
+            ((4, 1, 8192), 132, 128),
+            ((4, 1, 32768), 132, 512),
+            // The same on an L4: 8192 keys already give 64 blocks ≥ 58 at 512.
+            ((4, 1, 8192), 58, 512),
+            ((4, 1, 2048), 58, 128),
+            // Qwen2.5-14B (8 KV heads), batch 1, 8192 keys: 128 blocks at 512, 256 at 256.
+            ((8, 1, 8192), 132, 256),
+            // Batches that already fill the device keep 512-key partitions.
+            ((4, 32, 2048), 132, 512),
+            ((4, 64, 8192), 132, 512),
+            ((4, 8, 8192), 132, 512),
+            // 4 rows × 2048 keys: 64 blocks at 512, 128 at 256, 256 at 128.
+            ((4, 4, 2048), 132, 128),
+            // Short contexts: 100 keys split in two 64-key partitions; a context that fits
+            // every size is one 512-key partition (single pass).
+            ((4, 1, 100), 132, 64),
+            ((4, 1, 1), 132, 512),
+            ((4, 2, 64), 132, 512),
+            ((4, 1, 65), 132, 64),
+        ];
+        for ((kv, rows, keys), sms, want) in cases {
+            assert_eq!(
+                choose_partition_size(kv, rows, keys, sms, cap),
+                want,
+                "{kv} KV heads × {rows} rows × {keys} keys on {sms} SMs"
+            );
+        }
+        // The partial buffers bound the split: 8192 keys with room for only 32
+        // (row × partition) units keep 256-key partitions (32 of them), not 128 (64).
+        assert_eq!(choose_partition_size(4, 1, 8192, 132, 32), 256);
+        assert_eq!(choose_partition_size(4, 1, 8192, 132, 4609), 128);
+        // Every choice is a kernel-supported size.
+        for keys in [1usize, 63, 64, 65, 511, 513, 4097, 32768] {
+            for rows in [1usize, 3, 64] {
+                let p = choose_partition_size(8, rows, keys, 132, cap);
+                assert!(plan_attention_split(&shape(40, 8, 128, rows, keys), p).is_ok());
+            }
+        }
+    }
+
+    #[test]
+    fn split_plan_layout() {
+        // Batch 1 × 8192 keys at 128-key partitions: 64 partitions, reduction over them.
+        let s = shape(28, 4, 128, 1, 8192);
+        let p = plan_attention_split(&s, 128).unwrap();
+        assert_eq!(
+            (p.partition_size, p.logits_len, p.num_partitions),
+            (128, 128, 64)
+        );
+        assert_eq!(p.main.grid, (4, 1, 64));
+        assert_eq!(p.main.shared_mem_bytes, 4 * (7 * 128 + 8 + 16 + 7 * 256));
+        assert_eq!(
+            p.reduce,
+            Some(Launch {
+                grid: (28, 1, 1),
+                block: (128, 1, 1),
+                shared_mem_bytes: 8 * 64
+            })
+        );
+        assert_eq!(p.partial_out_len(&s), 28 * 64 * 128);
+        // 100 keys at 64-key partitions: 2 partitions, 64 logits per head.
+        let p = plan_attention_split(&shape(28, 4, 128, 1, 100), 64).unwrap();
+        assert_eq!((p.num_partitions, p.logits_len), (2, 64));
+        for bad in [0, 32, 96, 1024] {
+            assert!(matches!(
+                plan_attention_split(&s, bad),
+                Err(CudaError::Launch(m)) if m.contains("partition size")
+            ));
+        }
+        // The default plan is the 512-key one.
+        assert_eq!(
+            plan_attention(&s).unwrap(),
+            plan_attention_split(&s, 512).unwrap()
+        );
+    }
+
+    #[test]
+    fn gemv_launch_shape() {
+        // Qwen2.5-14B fused QKV: 7168 outputs over 5120 inputs, 8 warps per block.
+        let g = gemv_launch(7168, 5120, 1).unwrap();
+        assert_eq!((g.grid, g.block), ((896, 1, 1), (256, 1, 1)));
+        assert_eq!(gemv_launch(7169, 5120, 8).unwrap().grid, (897, 1, 1));
+        assert!(matches!(
+            gemv_launch(64, 5120, 9),
+            Err(CudaError::Launch(_))
+        ));
+        assert!(matches!(
+            gemv_launch(64, 5120, 0),
+            Err(CudaError::Launch(_))
+        ));
+        assert!(matches!(
+            gemv_launch(64, 100, 1),
+            Err(CudaError::Unsupported(_))
+        ));
+        assert!(gemv_launch(0, 16, 1).is_err());
     }
 
     #[test]

@@ -8,6 +8,27 @@ use super::CudaError;
 const BF16: usize = 2;
 const F32: usize = 4;
 
+/// Scratch for the FP8 prefill path: slices of a weight's rows are dequantized to bf16 here and
+/// multiplied by cuBLAS a slice at a time (32 MiB: ≥ 1 213 rows of Qwen2.5-14B's widest input,
+/// 13 824).
+pub const FP8_SCRATCH_BYTES: usize = 32 << 20;
+
+/// What the CUDA context, cuBLAS's handle and workspace and the allocator's slack take beyond
+/// the buffers we size (an estimate for planning only: the runtime *measures* it with
+/// `cuMemGetInfo`; to be replaced by the L4 measurement).
+pub const CONTEXT_RESERVE_BYTES: usize = 512 << 20;
+
+/// How the linear layers' weights are stored on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// bf16 everywhere.
+    #[default]
+    Bf16,
+    /// FP8 E4M3 with one f32 scale per output channel for every projection and an untied
+    /// lm_head; embeddings, norms and biases stay bf16.
+    Fp8,
+}
+
 /// Budget for the flash-decoding partial buffers; attention launches are split into row chunks
 /// that fit (a 8192-token prefill over a 32k context would otherwise need gigabytes).
 pub const PARTIALS_BUDGET_BYTES: usize = 64 << 20;
@@ -38,15 +59,24 @@ impl Dims {
     /// Bytes of the bf16 weights (fused QKV with bias, o, fused gate/up, down, two norms per
     /// layer; embedding, final norm, and an untied lm_head).
     pub fn weight_bytes(&self, tied: bool) -> usize {
+        self.weight_bytes_as(tied, WeightFormat::Bf16)
+    }
+
+    /// Bytes of the weights in `format`: a projection `[n, k]` is `2·n·k` in bf16, `n·k + 4·n`
+    /// in FP8 (codes + per-channel f32 scales); biases, norms and the embedding are bf16.
+    pub fn weight_bytes_as(&self, tied: bool, format: WeightFormat) -> usize {
         let h = self.hidden;
-        let per_layer = h * self.qkv_width()
-            + self.qkv_width()
-            + self.num_heads * self.head_size * h
-            + 2 * h * self.intermediate
-            + self.intermediate * h
-            + 2 * h;
-        let emb = self.vocab * h;
-        BF16 * (self.num_layers * per_layer + emb + h + if tied { 0 } else { emb })
+        let proj = |n: usize, k: usize| match format {
+            WeightFormat::Bf16 => BF16 * n * k,
+            WeightFormat::Fp8 => n * k + F32 * n,
+        };
+        let per_layer = proj(self.qkv_width(), h)
+            + proj(h, self.num_heads * self.head_size)
+            + proj(2 * self.intermediate, h)
+            + proj(h, self.intermediate)
+            + BF16 * (self.qkv_width() + 2 * h);
+        let emb = BF16 * self.vocab * h;
+        self.num_layers * per_layer + emb + BF16 * h + if tied { 0 } else { proj(self.vocab, h) }
     }
 }
 
@@ -72,6 +102,8 @@ pub struct Workspace {
     /// f32 partial outputs and (max, sum) stats of one chunked attention launch.
     pub partial_out: usize,
     pub partial_stats: usize,
+    /// bf16 elements of the FP8 dequantization scratch (0 for bf16 weights).
+    pub fp8_scratch: usize,
 }
 
 impl Workspace {
@@ -80,6 +112,17 @@ impl Workspace {
         max_tokens: usize,
         max_logits: usize,
         max_model_len: usize,
+    ) -> Result<Workspace, CudaError> {
+        Self::with_format(d, max_tokens, max_logits, max_model_len, WeightFormat::Bf16)
+    }
+
+    /// The workspace for weights in `format` (FP8 adds the dequantization scratch).
+    pub fn with_format(
+        d: &Dims,
+        max_tokens: usize,
+        max_logits: usize,
+        max_model_len: usize,
+        format: WeightFormat,
     ) -> Result<Workspace, CudaError> {
         if max_tokens == 0 || max_logits == 0 || max_model_len == 0 {
             return Err(CudaError::Config(
@@ -101,6 +144,10 @@ impl Workspace {
             partial_capacity: capacity,
             partial_out: capacity * d.num_heads * d.head_size,
             partial_stats: capacity * d.num_heads,
+            fp8_scratch: match format {
+                WeightFormat::Bf16 => 0,
+                WeightFormat::Fp8 => FP8_SCRATCH_BYTES / BF16,
+            },
         })
     }
 
@@ -112,7 +159,8 @@ impl Workspace {
                     + self.attn
                     + self.gate_up
                     + self.act
-                    + self.final_normed)
+                    + self.final_normed
+                    + self.fp8_scratch)
     }
 }
 
@@ -134,6 +182,54 @@ pub fn rows_per_attention_launch(max_keys: usize, capacity: usize) -> usize {
         return usize::MAX;
     }
     (capacity / partitions).max(1)
+}
+
+/// A predicted memory plan (what `CudaBackend::load` will measure, computed ahead of time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPlan {
+    pub weight_bytes: usize,
+    pub workspace_bytes: usize,
+    pub reserve_bytes: usize,
+    pub kv_block_bytes: usize,
+    pub kv_blocks: usize,
+}
+
+impl MemoryPlan {
+    /// Tokens the KV cache holds.
+    pub fn kv_tokens(&self, block_size: usize) -> usize {
+        self.kv_blocks * block_size
+    }
+}
+
+/// Plans a model on a device of `total` bytes: weights in `format`, the workspace for
+/// `max_tokens` / `max_logits` / `max_model_len`, [`CONTEXT_RESERVE_BYTES`] for the context and
+/// cuBLAS, and KV blocks in what is left of `total × utilization` (the same arithmetic the
+/// runtime applies to its measured usage).
+#[allow(clippy::too_many_arguments)]
+pub fn plan(
+    d: &Dims,
+    tied: bool,
+    format: WeightFormat,
+    block_size: usize,
+    total: usize,
+    utilization: f64,
+    max_tokens: usize,
+    max_logits: usize,
+    max_model_len: usize,
+) -> Result<MemoryPlan, CudaError> {
+    let weight_bytes = d.weight_bytes_as(tied, format);
+    let workspace_bytes =
+        Workspace::with_format(d, max_tokens, max_logits, max_model_len, format)?.bytes();
+    let used = weight_bytes + workspace_bytes + CONTEXT_RESERVE_BYTES;
+    let kv_block_bytes = d.kv_block_bytes(block_size);
+    let kv_blocks = kv_blocks_for_budget(total, used, utilization, kv_block_bytes)?;
+    Ok(MemoryPlan {
+        weight_bytes,
+        workspace_bytes,
+        reserve_bytes: CONTEXT_RESERVE_BYTES,
+        kv_block_bytes,
+        kv_blocks,
+    })
 }
 
 /// KV blocks that fit: `total × utilization − used`, where `used` is what the process holds
@@ -203,6 +299,107 @@ mod tests {
         let blocks = kv_blocks_for_budget(total, used, 0.9, Q7B.kv_block_bytes(16)).unwrap();
         assert_eq!(blocks, (((total as f64 * 0.9) as usize) - used) / 917_504);
         assert_eq!(blocks, 4686);
+    }
+
+    /// Qwen2.5-Coder-14B (config.json of the checkpoint: untied, 32k positions).
+    const Q14B: Dims = Dims {
+        hidden: 5120,
+        intermediate: 13824,
+        num_heads: 40,
+        num_kv_heads: 8,
+        head_size: 128,
+        num_layers: 48,
+        vocab: 152_064,
+    };
+
+    /// An L4's 23 034 MiB (`nvidia-smi`'s total, which `cuMemGetInfo` reports).
+    const L4_TOTAL: usize = 23_034 << 20;
+
+    #[test]
+    fn qwen14b_fp8_plans_on_an_l4() {
+        // Weights: per layer 275 251 200 FP8 codes (QKV 7168 × 5120, o 5120², gate/up
+        // 27 648 × 5120, down 5120 × 13 824) + 45 056 f32 scales + 7168 bf16 biases + two
+        // 5120 norms = 275 466 240 B; × 48 = 13 222 379 520. Embedding 152 064 × 5120 bf16 =
+        // 1 557 135 360; lm_head FP8 778 567 680 + 608 256 scales; final norm 10 240.
+        assert_eq!(
+            Q14B.weight_bytes_as(false, WeightFormat::Fp8),
+            15_558_701_056
+        );
+        // bf16 for comparison: 29.5 GB, which no 24 GB card holds.
+        assert_eq!(Q14B.weight_bytes(false), 29_540_067_328);
+        assert!(Q14B.weight_bytes(false) > L4_TOTAL);
+        // 2 × 48 layers × 8 KV heads × 128 × 16 tokens × 2 B.
+        assert_eq!(Q14B.kv_block_bytes(16), 3_145_728);
+
+        // `--gpu-memory-utilization 0.9`, 16-token blocks, `--max-num-batched-tokens 2048`
+        // (vLLM's default for `vllm serve` on GPUs under 70 GiB), `--max-num-seqs 256`,
+        // `--max-model-len 32768`.
+        let p = plan(
+            &Q14B,
+            false,
+            WeightFormat::Fp8,
+            16,
+            L4_TOTAL,
+            0.9,
+            2048,
+            256,
+            32_768,
+        )
+        .unwrap();
+        println!(
+            "Qwen2.5-Coder-14B FP8 on an L4 (23 034 MiB) at 0.9: weights {:.2} GB, workspace \
+             {:.1} MB, reserve {} MiB → {} KV blocks of 16 tokens ({} tokens)",
+            p.weight_bytes as f64 / 1e9,
+            p.workspace_bytes as f64 / 1e6,
+            p.reserve_bytes >> 20,
+            p.kv_blocks,
+            p.kv_tokens(16)
+        );
+        // Workspace: residual f32 41 943 040, normed + branch 41 943 040, QKV 29 360 128,
+        // attention out 20 971 520, gate/up 113 246 208, act 56 623 104, final-normed
+        // 2 621 440, logits f32 155 713 536, partials 3226 × 40 × (128 + 2) × 4 = 67 100 800,
+        // FP8 scratch 33 554 432.
+        assert_eq!(p.workspace_bytes, 563_077_248);
+        // (⌊23 034 MiB × 0.9⌋ − 15 558 701 056 − 563 077 248 − 512 MiB) / 3 145 728.
+        let budget = ((L4_TOTAL as f64) * 0.9) as usize;
+        let left = budget - 15_558_701_056 - 563_077_248 - (512 << 20);
+        assert_eq!(p.kv_blocks, left / 3_145_728);
+        assert_eq!(p.kv_blocks, 1_614);
+        assert!(p.kv_blocks >= 1_500);
+        // With vLLM's H100-class default of 8192 batched tokens the workspace alone costs
+        // ~1.2 GB more, below the bar: an L4 deployment keeps 2048.
+        let big = plan(
+            &Q14B,
+            false,
+            WeightFormat::Fp8,
+            16,
+            L4_TOTAL,
+            0.9,
+            8192,
+            256,
+            32_768,
+        )
+        .unwrap();
+        println!(
+            "  at --max-num-batched-tokens 8192: {} blocks",
+            big.kv_blocks
+        );
+        assert!(big.kv_blocks < 1_500);
+        // bf16 14B does not plan at all.
+        assert!(matches!(
+            plan(
+                &Q14B,
+                false,
+                WeightFormat::Bf16,
+                16,
+                L4_TOTAL,
+                0.9,
+                2048,
+                256,
+                32_768
+            ),
+            Err(CudaError::OutOfMemory(_))
+        ));
     }
 
     #[test]

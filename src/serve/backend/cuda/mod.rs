@@ -5,13 +5,16 @@
 //! The crate builds and runs without any CUDA installed: cudarc loads the libraries at run
 //! time, and [`probe`] checks for them first (cudarc panics on a missing library), so
 //! [`CudaBackend::load`] fails with [`BackendError::Unavailable`] naming what is missing.
-//! Everything that does not need a device (launch geometry, batch packing, kernel source and
-//! cache keys, memory budgeting, weight conversion) lives in its own module and is unit-tested
-//! on any machine. See docs/cuda-backend.md.
+//! Everything that does not need a device (launch geometry and split-K planning, batch
+//! packing, kernel source and cache keys, memory budgeting, FP8 encoding and weight
+//! conversion, CUDA-graph buckets) lives in its own module and is unit-tested on any machine;
+//! `emulate` pins the kernels' arithmetic on the host. See docs/cuda-backend.md.
 
 pub mod compile;
 #[cfg(test)]
 mod emulate;
+pub mod fp8;
+pub mod graphs;
 pub mod harness;
 pub mod launch;
 pub mod memory;
@@ -52,6 +55,8 @@ pub enum CudaError {
     #[error("cuBLAS: {0}")]
     Blas(String),
     #[error(transparent)]
+    Fp8(#[from] weights::Fp8Error),
+    #[error(transparent)]
     Model(#[from] ModelError),
 }
 
@@ -87,6 +92,12 @@ pub struct CudaOptions {
     pub device: usize,
     /// Where compiled kernels are cached; `None` compiles every start.
     pub kernel_cache_dir: Option<PathBuf>,
+    /// Projection weights on the device (`--quantization fp8` → FP8 E4M3, quantized at load
+    /// unless the checkpoint already is FP8, which selects FP8 by itself).
+    pub weight_format: memory::WeightFormat,
+    /// Replay decode steps from CUDA graphs captured per batch-size bucket (`--cuda-graphs`;
+    /// off by default until measured on a GPU).
+    pub cuda_graphs: bool,
 }
 
 impl Default for CudaOptions {
@@ -101,6 +112,8 @@ impl Default for CudaOptions {
             max_model_len: None,
             device: 0,
             kernel_cache_dir: None,
+            weight_format: memory::WeightFormat::Bf16,
+            cuda_graphs: false,
         }
     }
 }
@@ -206,6 +219,18 @@ impl CudaBackend {
         probe::probe()?;
         let gpu = runtime::Gpu::with_store(cfg, store, &opts)?;
         Ok(CudaBackend { gpu })
+    }
+}
+
+impl CudaBackend {
+    /// The projection format in use (FP8 when the checkpoint or `--quantization fp8` says so).
+    pub fn weight_format(&self) -> memory::WeightFormat {
+        self.gpu.weight_format()
+    }
+
+    /// CUDA graphs captured so far (0 without `--cuda-graphs`).
+    pub fn graphs_captured(&self) -> usize {
+        self.gpu.graphs_captured()
     }
 }
 

@@ -1,14 +1,55 @@
 //! Host side of weight loading for the CUDA backend: reads the safetensors checkpoint into raw
-//! bf16 bits (converting F16/F32, keeping BF16 as is), and builds the fused layouts the
-//! forward uses — QKV `[q; k; v]` and gate/up `[gate; up]` stacked along the output dimension —
-//! so each is one GEMM. The runtime uploads a layer at a time and drops the host copy.
+//! bf16 bits (converting F16/F32, keeping BF16 as is) — or, for FP8 checkpoints as
+//! llm-compressor / vLLM write them (`*.weight` in `F8_E4M3` beside a `*.weight_scale`), the
+//! E4M3 codes and their scales — and builds the fused layouts the forward uses: QKV `[q; k; v]`
+//! and gate/up `[gate; up]` stacked along the output dimension, so each is one GEMM. With
+//! `--quantization fp8` a bf16 checkpoint is quantized here, per output channel
+//! ([`fp8::quantize_rows`]). The runtime uploads a layer at a time and drops the host copy.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
 
+use super::fp8::{self, Fp8Matrix};
 use crate::serve::model::{ModelConfig, ModelError};
+
+/// A malformed FP8 checkpoint, named precisely (a load error, never a panic).
+#[derive(Debug, thiserror::Error)]
+pub enum Fp8Error {
+    #[error(
+        "FP8 tensor \"{name}\" has no \"{name}_scale\" (llm-compressor / vLLM FP8 checkpoints \
+         store one beside every F8_E4M3 weight)"
+    )]
+    MissingScale { name: String },
+    #[error(
+        "\"{name}_scale\" has shape {found:?}; supported: per-tensor ([] or [1]) or \
+         per-channel ([{rows}] or [{rows}, 1]); block-wise scales are not supported"
+    )]
+    ScaleShape {
+        name: String,
+        found: Vec<usize>,
+        rows: usize,
+    },
+    #[error("\"{name}_scale\" holds {value}, not a positive finite scale")]
+    BadScale { name: String, value: f32 },
+    #[error("FP8 tensor \"{name}\" holds a NaN code (0x{code:02x}) at element {index}")]
+    NanCode {
+        name: String,
+        index: usize,
+        code: u8,
+    },
+    #[error("FP8 tensor \"{name}\" has shape {found:?}, expected {expected:?}")]
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("FP8 tensor \"{name}\" is not a projection weight; only *_proj.weight and lm_head.weight may be F8_E4M3")]
+    Unexpected { name: String },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
 
 /// A tensor as bf16 bits, row-major.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,10 +81,41 @@ pub fn to_bf16(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<u16>, Model
     })
 }
 
-/// Every tensor of a checkpoint as bf16, moved out by [`Bf16Store::take`].
+/// An F8_E4M3 tensor as stored (row-major codes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFp8 {
+    pub shape: Vec<usize>,
+    pub codes: Vec<u8>,
+}
+
+/// Every tensor of a checkpoint, moved out by [`Bf16Store::take`] / [`Bf16Store::take_fp8`]:
+/// bf16 bits for the ordinary tensors, codes for F8_E4M3 weights, f32 for their `*_scale`s.
 #[derive(Debug, Default)]
 pub struct Bf16Store {
     tensors: HashMap<String, HostTensor>,
+    fp8: HashMap<String, HostFp8>,
+    scales: HashMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+/// A scale tensor (`*.weight_scale`, `*.input_scale`) to f32, exactly.
+fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, ModelError> {
+    let pairs = bytes
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]));
+    Ok(match dtype {
+        Dtype::BF16 => pairs.map(|b| half::bf16::from_bits(b).to_f32()).collect(),
+        Dtype::F16 => pairs.map(|b| half::f16::from_bits(b).to_f32()).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        other => {
+            return Err(ModelError::UnsupportedDtype {
+                name: name.to_owned(),
+                dtype: format!("{other:?}"),
+            })
+        }
+    })
 }
 
 impl Bf16Store {
@@ -59,11 +131,24 @@ impl Bf16Store {
                 reason: e.to_string(),
             })?;
             for (name, view) in st.iter() {
-                let t = HostTensor {
-                    shape: view.shape().to_vec(),
-                    data: to_bf16(name, view.dtype(), view.data())?,
+                let shape = view.shape().to_vec();
+                let fresh = if view.dtype() == Dtype::F8_E4M3 {
+                    let t = HostFp8 {
+                        shape,
+                        codes: view.data().to_vec(),
+                    };
+                    store.fp8.insert(name.to_owned(), t).is_none()
+                } else if name.ends_with("_scale") {
+                    let v = to_f32(name, view.dtype(), view.data())?;
+                    store.scales.insert(name.to_owned(), (shape, v)).is_none()
+                } else {
+                    let t = HostTensor {
+                        shape,
+                        data: to_bf16(name, view.dtype(), view.data())?,
+                    };
+                    store.tensors.insert(name.to_owned(), t).is_none()
                 };
-                if store.tensors.insert(name.to_owned(), t).is_some() {
+                if !fresh {
                     return Err(ModelError::DuplicateTensor {
                         name: name.to_owned(),
                     });
@@ -74,11 +159,107 @@ impl Bf16Store {
     }
 
     pub fn from_tensors(tensors: HashMap<String, HostTensor>) -> Self {
-        Self { tensors }
+        Self {
+            tensors,
+            ..Self::default()
+        }
+    }
+
+    /// Adds an F8_E4M3 tensor and its scale (tests: checkpoints as llm-compressor writes them).
+    pub fn insert_fp8(&mut self, name: &str, t: HostFp8, scale_shape: Vec<usize>, scale: Vec<f32>) {
+        self.fp8.insert(name.to_owned(), t);
+        self.scales
+            .insert(format!("{name}_scale"), (scale_shape, scale));
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.fp8.contains_key(name)
+    }
+
+    /// Whether the checkpoint carries FP8 weights (then the backend runs the FP8 path whatever
+    /// `--quantization` says, as vLLM does for a checkpoint's `quantization_config`).
+    pub fn has_fp8(&self) -> bool {
+        !self.fp8.is_empty()
+    }
+
+    /// Every F8_E4M3 tensor must be a projection the FP8 path takes; anything else (an FP8
+    /// embedding or norm) is refused up front rather than silently ignored.
+    pub fn check_fp8_names(&self) -> Result<(), Fp8Error> {
+        let mut names: Vec<&String> = self.fp8.keys().collect();
+        names.sort();
+        match names
+            .into_iter()
+            .find(|n| !(n.ends_with("_proj.weight") || n.as_str() == "lm_head.weight"))
+        {
+            Some(n) => Err(Fp8Error::Unexpected { name: n.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes the projection `name` (`[rows, cols]`) in FP8: the checkpoint's codes and
+    /// scales (per-tensor scales broadcast to every row), or the bf16 tensor quantized per
+    /// channel. NaN codes and non-positive scales are load errors.
+    pub fn take_fp8(
+        &mut self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Fp8Matrix, Fp8Error> {
+        let Some(t) = self.fp8.remove(name) else {
+            let bits = self.take(name, &[rows, cols])?;
+            return Ok(fp8::quantize_rows(&bits, rows, cols));
+        };
+        if t.shape != [rows, cols] {
+            return Err(Fp8Error::Shape {
+                name: name.to_owned(),
+                expected: vec![rows, cols],
+                found: t.shape,
+            });
+        }
+        let (sshape, svals) = self
+            .scales
+            .remove(&format!("{name}_scale"))
+            .ok_or_else(|| Fp8Error::MissingScale {
+                name: name.to_owned(),
+            })?;
+        let scales = match sshape.as_slice() {
+            [] | [1] | [1, 1] if svals.len() == 1 => vec![svals[0]; rows],
+            [r] | [r, 1] if *r == rows && svals.len() == rows => svals,
+            _ => {
+                return Err(Fp8Error::ScaleShape {
+                    name: name.to_owned(),
+                    found: sshape,
+                    rows,
+                })
+            }
+        };
+        if let Some(&value) = scales.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            return Err(Fp8Error::BadScale {
+                name: name.to_owned(),
+                value,
+            });
+        }
+        if let Some((index, &code)) = t.codes.iter().enumerate().find(|(_, &c)| fp8::is_nan(c)) {
+            return Err(Fp8Error::NanCode {
+                name: name.to_owned(),
+                index,
+                code,
+            });
+        }
+        // A static-activation checkpoint's input scale has no use in weight-only FP8.
+        if self
+            .scales
+            .remove(&format!("{}input_scale", name.trim_end_matches("weight")))
+            .is_some()
+        {
+            tracing::debug!(%name, "ignoring input_scale (weight-only FP8)");
+        }
+        Ok(Fp8Matrix {
+            rows,
+            cols,
+            codes: t.codes,
+            scales,
+        })
     }
 
     /// Removes `name`, checking its shape.
@@ -196,6 +377,67 @@ pub fn take_layer(
         post_norm: store.take(&p("post_attention_layernorm.weight"), &[h])?,
         gate_up,
         down: store.take(&p("mlp.down_proj.weight"), &[h, inter])?,
+    })
+}
+
+/// One decoder layer with FP8 projections, fused and ready to upload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostLayerFp8 {
+    pub input_norm: Vec<u16>,
+    /// `[(heads + 2 kv_heads) · head_size, hidden]`.
+    pub qkv: Fp8Matrix,
+    pub qkv_bias: Vec<u16>,
+    pub o_proj: Fp8Matrix,
+    pub post_norm: Vec<u16>,
+    /// `[2 · intermediate, hidden]`: gate rows then up rows.
+    pub gate_up: Fp8Matrix,
+    pub down: Fp8Matrix,
+}
+
+/// Takes layer `i` out of the store with FP8 projections (per-channel scales stack with their
+/// rows, so the fused QKV and gate/up keep each source tensor's own scales).
+pub fn take_layer_fp8(
+    store: &mut Bf16Store,
+    cfg: &ModelConfig,
+    i: usize,
+) -> Result<HostLayerFp8, Fp8Error> {
+    let h = cfg.hidden_size;
+    let d = cfg.head_dim();
+    let q_out = cfg.num_attention_heads * d;
+    let kv_out = cfg.num_key_value_heads * d;
+    let inter = cfg.intermediate_size;
+    let p = |s: &str| format!("model.layers.{i}.{s}");
+    let stack = |mut a: Fp8Matrix, b: Fp8Matrix| -> Result<Fp8Matrix, Fp8Error> {
+        a.stack(b).map_err(|reason| {
+            Fp8Error::Model(ModelError::Safetensors {
+                path: std::path::PathBuf::from(format!("layer {i}")),
+                reason,
+            })
+        })?;
+        Ok(a)
+    };
+    let qkv = store.take_fp8(&p("self_attn.q_proj.weight"), q_out, h)?;
+    let qkv = stack(
+        qkv,
+        store.take_fp8(&p("self_attn.k_proj.weight"), kv_out, h)?,
+    )?;
+    let qkv = stack(
+        qkv,
+        store.take_fp8(&p("self_attn.v_proj.weight"), kv_out, h)?,
+    )?;
+    let mut qkv_bias = store.take(&p("self_attn.q_proj.bias"), &[q_out])?;
+    qkv_bias.extend(store.take(&p("self_attn.k_proj.bias"), &[kv_out])?);
+    qkv_bias.extend(store.take(&p("self_attn.v_proj.bias"), &[kv_out])?);
+    let gate_up = store.take_fp8(&p("mlp.gate_proj.weight"), inter, h)?;
+    let gate_up = stack(gate_up, store.take_fp8(&p("mlp.up_proj.weight"), inter, h)?)?;
+    Ok(HostLayerFp8 {
+        input_norm: store.take(&p("input_layernorm.weight"), &[h])?,
+        qkv,
+        qkv_bias,
+        o_proj: store.take_fp8(&p("self_attn.o_proj.weight"), h, q_out)?,
+        post_norm: store.take(&p("post_attention_layernorm.weight"), &[h])?,
+        gate_up,
+        down: store.take_fp8(&p("mlp.down_proj.weight"), h, inter)?,
     })
 }
 
@@ -321,6 +563,228 @@ mod tests {
         assert!(matches!(
             take_layer(&mut store, &cfg, 0),
             Err(ModelError::MissingTensor(_))
+        ));
+    }
+
+    /// Edits one tensor (name, bytes, shape, dtype) before it is written.
+    type Edit<'a> = &'a dyn Fn(&str, &mut Vec<u8>, &mut Vec<usize>, &mut Dtype);
+
+    /// A tiny Qwen2 checkpoint written the way llm-compressor's FP8 schemes write one: every
+    /// `*_proj.weight` as F8_E4M3 with a `weight_scale` (per-channel `[rows, 1]` bf16, except
+    /// q_proj per-tensor `[1]` f32 and k_proj per-channel `[rows]`), plus an `input_scale` on
+    /// v_proj; lm_head, norms, biases and the embedding in bf16.
+    fn write_fp8_checkpoint(
+        dir: &Path,
+        edit: impl Fn(&str, &mut Vec<u8>, &mut Vec<usize>, &mut Dtype),
+    ) -> (ModelConfig, HashMap<String, Fp8Matrix>) {
+        use crate::serve::model::testing::{config_json, tiny_qwen2_tensors, TinyQwen2};
+        let spec = TinyQwen2::default();
+        let cfg = ModelConfig::from_json(&config_json(&spec)).unwrap();
+        let mut files: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut want = HashMap::new();
+        for (name, shape, values) in tiny_qwen2_tensors(&spec) {
+            let bits: Vec<u16> = values
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            if !name.ends_with("_proj.weight") {
+                let bytes = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+                files.push((name, Dtype::BF16, shape, bytes));
+                continue;
+            }
+            let (rows, cols) = (shape[0], shape[1]);
+            let mut q = fp8::quantize_rows(&bits, rows, cols);
+            let (mut sshape, mut sdtype, mut sbytes): (Vec<usize>, Dtype, Vec<u8>);
+            if name.contains("q_proj") {
+                // Per-tensor: one f32 scale for the whole matrix (requantize to it).
+                let s = q.scales.iter().copied().fold(0f32, f32::max);
+                let f: Vec<f32> = bits
+                    .iter()
+                    .map(|&b| half::bf16::from_bits(b).to_f32())
+                    .collect();
+                q.codes = f.iter().map(|&v| fp8::encode(v / s)).collect();
+                q.scales = vec![s; rows];
+                (sshape, sdtype, sbytes) = (vec![1], Dtype::F32, s.to_le_bytes().to_vec());
+            } else {
+                // Per-channel bf16 scales, as llm-compressor saves them.
+                for s in &mut q.scales {
+                    *s = half::bf16::from_f32(*s).to_f32();
+                }
+                sshape = if name.contains("k_proj") {
+                    vec![rows]
+                } else {
+                    vec![rows, 1]
+                };
+                sdtype = Dtype::BF16;
+                sbytes = q
+                    .scales
+                    .iter()
+                    .flat_map(|s| half::bf16::from_f32(*s).to_bits().to_le_bytes())
+                    .collect();
+            }
+            let mut codes = q.codes.clone();
+            let mut cshape = shape.clone();
+            let mut cd = Dtype::F8_E4M3;
+            edit(&name, &mut codes, &mut cshape, &mut cd);
+            edit(
+                &format!("{name}_scale"),
+                &mut sbytes,
+                &mut sshape,
+                &mut sdtype,
+            );
+            files.push((name.clone(), cd, cshape, codes));
+            if !sbytes.is_empty() {
+                files.push((format!("{name}_scale"), sdtype, sshape, sbytes));
+            }
+            if name.contains("v_proj") {
+                files.push((
+                    name.replace("weight", "input_scale"),
+                    Dtype::F32,
+                    vec![1],
+                    0.5f32.to_le_bytes().to_vec(),
+                ));
+            }
+            want.insert(name, q);
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = files
+            .iter()
+            .map(|(n, d, s, b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        let bytes = safetensors::serialize(views, None).unwrap();
+        std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+        (cfg, want)
+    }
+
+    #[test]
+    fn loads_an_llm_compressor_fp8_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, want) = write_fp8_checkpoint(dir.path(), |_, _, _, _| {});
+        let mut store = Bf16Store::load(dir.path()).unwrap();
+        assert!(store.has_fp8());
+        store.check_fp8_names().unwrap();
+        for i in 0..cfg.num_hidden_layers {
+            let l = take_layer_fp8(&mut store, &cfg, i).unwrap();
+            let w = |n: &str| &want[&format!("model.layers.{i}.{n}")];
+            let (q, k, v) = (
+                w("self_attn.q_proj.weight"),
+                w("self_attn.k_proj.weight"),
+                w("self_attn.v_proj.weight"),
+            );
+            assert_eq!(l.qkv.rows, q.rows + k.rows + v.rows);
+            assert_eq!(l.qkv.codes, [&q.codes[..], &k.codes, &v.codes].concat());
+            // The per-tensor q scale is broadcast; k and v keep their own channel scales.
+            assert_eq!(l.qkv.scales, [&q.scales[..], &k.scales, &v.scales].concat());
+            assert!(l.qkv.scales[..q.rows].iter().all(|&s| s == q.scales[0]));
+            let (g, u) = (w("mlp.gate_proj.weight"), w("mlp.up_proj.weight"));
+            assert_eq!(l.gate_up.codes, [&g.codes[..], &u.codes].concat());
+            assert_eq!(l.down, *w("mlp.down_proj.weight"));
+            assert_eq!(l.o_proj, *w("self_attn.o_proj.weight"));
+            // The FP8 weights are the bf16 ones within half an E4M3 ulp.
+            assert_eq!(l.input_norm.len(), cfg.hidden_size);
+        }
+        // The bf16 lm_head of an FP8 checkpoint is quantized at load.
+        let head = store
+            .take_fp8("lm_head.weight", cfg.vocab_size, cfg.hidden_size)
+            .unwrap();
+        assert_eq!(head.scales.len(), cfg.vocab_size);
+    }
+
+    #[test]
+    fn malformed_fp8_checkpoints_are_clear_load_errors() {
+        let err = |edit: Edit<'_>| {
+            let dir = tempfile::tempdir().unwrap();
+            let (cfg, _) = write_fp8_checkpoint(dir.path(), edit);
+            let mut store = Bf16Store::load(dir.path()).unwrap();
+            take_layer_fp8(&mut store, &cfg, 0).unwrap_err()
+        };
+        let o = "model.layers.0.self_attn.o_proj.weight";
+        // No weight_scale.
+        let e = err(&|n, b, _, _| {
+            if n == format!("{o}_scale") {
+                b.clear();
+            }
+        });
+        assert!(
+            matches!(&e, Fp8Error::MissingScale { name } if name == o),
+            "{e}"
+        );
+        assert!(e.to_string().contains("o_proj.weight_scale"), "{e}");
+        // Block-wise scales ([rows / 16, cols / 16]).
+        let e = err(&|n, b, s, _| {
+            if n == format!("{o}_scale") {
+                *s = vec![s[0] / 16, 4];
+                b.truncate(2 * s[0] * 4);
+            }
+        });
+        assert!(
+            matches!(&e, Fp8Error::ScaleShape { name, .. } if name == o),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("block-wise scales are not supported"),
+            "{e}"
+        );
+        // A NaN code (0x7F) in the weight.
+        let e = err(&|n, b, _, _| {
+            if n == o {
+                b[5] = 0x7F;
+            }
+        });
+        assert!(
+            matches!(&e, Fp8Error::NanCode { name, index: 5, code: 0x7F } if name == o),
+            "{e}"
+        );
+        // A zero scale.
+        let e = err(&|n, b, _, _| {
+            if n == format!("{o}_scale") {
+                b[0] = 0;
+                b[1] = 0;
+            }
+        });
+        assert!(
+            matches!(e, Fp8Error::BadScale { value, .. } if value == 0.0),
+            "{e}"
+        );
+        // Wrong shape.
+        let e = err(&|n, _, s, _| {
+            if n == o {
+                s.swap(0, 1);
+                s[0] *= 2;
+                s[1] /= 2;
+            }
+        });
+        assert!(matches!(e, Fp8Error::Shape { .. }), "{e}");
+        // An F8_E5M2 weight is an unsupported dtype at load.
+        let dir = tempfile::tempdir().unwrap();
+        write_fp8_checkpoint(dir.path(), |n, _, _, d| {
+            if n == o {
+                *d = Dtype::F8_E5M2;
+            }
+        });
+        assert!(matches!(
+            Bf16Store::load(dir.path()),
+            Err(ModelError::UnsupportedDtype { name, .. }) if name == o
+        ));
+        // An FP8 embedding is refused by name.
+        let mut store = Bf16Store::default();
+        store.insert_fp8(
+            "model.embed_tokens.weight",
+            HostFp8 {
+                shape: vec![1, 16],
+                codes: vec![0; 16],
+            },
+            vec![1],
+            vec![1.0],
+        );
+        assert!(matches!(
+            store.check_fp8_names(),
+            Err(Fp8Error::Unexpected { name }) if name == "model.embed_tokens.weight"
         ));
     }
 }

@@ -6,9 +6,11 @@
 // per query head: at Qwen2.5-7B's 7 heads per KV head, a block per query head was bound by L2
 // traffic at ~30% of the copy bandwidth.
 //
-// Keys are split into SY_PARTITION_SIZE-key partitions (flash-decoding): with one partition the
-// kernel normalises and writes bf16 output directly; with more, each block writes its normalised
-// partial output plus its max logit and exp-sum, and `paged_attention_reduce` combines them.
+// Keys are split into `partition_size`-key partitions (flash-decoding / split-K; a multiple of
+// 64 up to SY_PARTITION_SIZE, chosen per launch by launch.rs::choose_partition_size so a short
+// batch still spreads over every SM): with one partition the kernel normalises and writes bf16
+// output directly; with more, each block writes its normalised partial output plus its max
+// logit and exp-sum, and `paged_attention_reduce` combines them.
 //
 // Shared memory (sized by launch.rs::attention_shared_bytes):
 //   logits[group][logits_len rounded up to 4] | spare[warps] | stats[2][SY_MAX_GROUP] |
@@ -22,16 +24,6 @@
 #if SY_X != 8
 #error "dot8 loads assume 8 bf16 per key-layout group (SY_X)"
 #endif
-
-// 8 packed bf16 (one 16-byte load, little-endian pairs) to floats.
-__device__ __forceinline__ void unpack8(uint4 w, float* f) {
-    const unsigned int u[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        f[2 * i] = __uint_as_float(u[i] << 16);
-        f[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
-    }
-}
 
 // dot of 8 floats in registers with 8 floats in shared memory (two 16-byte loads).
 __device__ __forceinline__ float dot8_smem(const float* f, const float* s) {
@@ -48,7 +40,7 @@ __device__ __forceinline__ void paged_attention_impl(
     const bf16* __restrict__ key_cache, const bf16* __restrict__ value_cache,
     const int* __restrict__ block_tables, const int* __restrict__ row_seq,
     const int* __restrict__ row_keys, int num_kv_heads, int group, int block_size,
-    int max_blocks, float scale, int logits_len) {
+    int max_blocks, float scale, int logits_len, int partition_size) {
     constexpr int V_GROUPS = SY_ATTN_THREADS / D;  // thread groups splitting keys for V
     const int kv_head = blockIdx.x;
     const int row = blockIdx.y;
@@ -58,11 +50,11 @@ __device__ __forceinline__ void paged_attention_impl(
     const int tid = threadIdx.x;
 
     const int n_keys = row_keys[row];
-    const int start = part * SY_PARTITION_SIZE;
+    const int start = part * partition_size;
     if (start >= n_keys) {
-        return;  // this row needs fewer partitions than the longest one
+        return;  // this row needs fewer partitions than the longest one (or is padding)
     }
-    const int n = min(start + SY_PARTITION_SIZE, n_keys) - start;
+    const int n = min(start + partition_size, n_keys) - start;
     const size_t tile_len = (size_t)D * block_size;
 
     // Each head's logits row is padded to a multiple of 4 floats so every area below starts
@@ -172,7 +164,7 @@ __device__ __forceinline__ void paged_attention_impl(
         acc[h] = 0.f;
     }
     // 8-key chunks never straddle a block when block_size is a multiple of 8 (partition starts
-    // are multiples of 512).
+    // are multiples of 64).
     const int full_chunks = (block_size & 7) == 0 ? n / 8 : 0;
 #pragma unroll 8
     for (int c = g; c < full_chunks; c += V_GROUPS) {
@@ -241,13 +233,15 @@ template <int D>
 __device__ __forceinline__ void paged_attention_reduce_impl(
     bf16* __restrict__ out, const float* __restrict__ tmp_out,
     const float* __restrict__ max_logits, const float* __restrict__ exp_sums,
-    const int* __restrict__ row_keys, int num_parts) {
+    const int* __restrict__ row_keys, int num_parts, int partition_size) {
     extern __shared__ float weights[];
     const int head = blockIdx.x;
     const int row = blockIdx.y;
     const int num_heads = gridDim.x;
     const int tid = threadIdx.x;
-    const int parts = (row_keys[row] + SY_PARTITION_SIZE - 1) / SY_PARTITION_SIZE;
+    // The row's own partitions (num_parts, the buffer stride, covers the longest row; a padding
+    // row of a CUDA-graph bucket has 0 keys and its output is never read).
+    const int parts = (row_keys[row] + partition_size - 1) / partition_size;
     const size_t rh = (size_t)row * num_heads + head;
     const float* ml = max_logits + rh * num_parts;
     const float* es = exp_sums + rh * num_parts;
@@ -265,7 +259,8 @@ __device__ __forceinline__ void paged_attention_reduce_impl(
         total += weights[p];
         o += weights[p] * tmp_out[(rh * num_parts + p) * D + tid];
     }
-    out[rh * D + tid] = f2bf(o / total);
+    // total is 0 only for a 0-key padding row (CUDA-graph bucket): write 0, not 0/0.
+    out[rh * D + tid] = f2bf(total > 0.f ? o / total : 0.f);
 }
 
 #define SY_ATTENTION_ENTRY(D)                                                                   \
@@ -273,16 +268,17 @@ __device__ __forceinline__ void paged_attention_reduce_impl(
         bf16* out, float* tmp_out, float* max_logits, float* exp_sums, const bf16* qkv,        \
         const bf16* key_cache, const bf16* value_cache, const int* block_tables,               \
         const int* row_seq, const int* row_keys, int num_kv_heads, int group, int block_size,  \
-        int max_blocks, float scale, int logits_len) {                                         \
+        int max_blocks, float scale, int logits_len, int partition_size) {                     \
         paged_attention_impl<D>(out, tmp_out, max_logits, exp_sums, qkv, key_cache,            \
                                 value_cache, block_tables, row_seq, row_keys, num_kv_heads,    \
-                                group, block_size, max_blocks, scale, logits_len);             \
+                                group, block_size, max_blocks, scale, logits_len,              \
+                                partition_size);                                               \
     }                                                                                          \
     extern "C" __global__ void paged_attention_reduce_d##D(                                    \
         bf16* out, const float* tmp_out, const float* max_logits, const float* exp_sums,       \
-        const int* row_keys, int num_parts) {                                                  \
+        const int* row_keys, int num_parts, int partition_size) {                              \
         paged_attention_reduce_impl<D>(out, tmp_out, max_logits, exp_sums, row_keys,           \
-                                       num_parts);                                             \
+                                       num_parts, partition_size);                             \
     }
 
 SY_ATTENTION_ENTRY(64)

@@ -70,3 +70,13 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     }
     return m;
 }
+
+// 8 packed bf16 (one 16-byte load, little-endian pairs) to floats.
+__device__ __forceinline__ void unpack8(uint4 w, float* f) {
+    const unsigned int u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(u[i] << 16);
+        f[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+    }
+}

@@ -90,3 +90,29 @@ extern "C" __global__ void residual_add(float* __restrict__ hidden, const bf16* 
         hidden[idx] += bf2f(x[idx]);
     }
 }
+
+// Fused residual add + RMSNorm (one launch instead of `residual_add` then `rms_norm`, and the
+// residual row is read once): hidden[r] += branch[r]; out[r] = hidden[r] / rms · weight.
+// Bit-identical to the two kernels: the same f32 add per element, the same thread-strided sum
+// of squares and block reduction (emulate.rs pins it). grid: rows; shared: one float per warp.
+extern "C" __global__ void fused_add_rms_norm(bf16* __restrict__ out, float* __restrict__ hidden,
+                                              const bf16* __restrict__ branch,
+                                              const bf16* __restrict__ weight, int hidden_size,
+                                              float eps) {
+    extern __shared__ float scratch[];
+    const size_t r = blockIdx.x;
+    float* x = hidden + r * hidden_size;
+    const bf16* b = branch + r * hidden_size;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hidden_size; i += blockDim.x) {
+        const float v = x[i] + bf2f(b[i]);
+        x[i] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss, scratch);
+    const float inv = rsqrtf(ss / (float)hidden_size + eps);
+    bf16* o = out + r * hidden_size;
+    for (int i = threadIdx.x; i < hidden_size; i += blockDim.x) {
+        o[i] = f2bf(x[i] * inv * bf2f(weight[i]));
+    }
+}
