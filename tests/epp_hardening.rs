@@ -721,3 +721,60 @@ async fn stream_past_its_deadline_ends_with_deadline_exceeded() {
     assert!(latency < Duration::from_secs(1), "took {latency:?}");
     epp.shutdown().await;
 }
+
+// ---------------------------------------------------------------- item 7: auth that cannot apply
+
+/// With static discovery the default `--metrics-endpoint-auth=true` cannot be applied (there is
+/// no TokenReview API): the binary says so loudly at startup instead of silently serving
+/// `/metrics` to everyone.
+#[tokio::test]
+async fn metrics_auth_without_kubernetes_is_a_loud_warning() {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "epp",
+            "--endpoints",
+            ENDPOINT,
+            "--grpc-port=0",
+            "--grpc-health-port=0",
+            "--metrics-port=0",
+            "--bind-address=127.0.0.1",
+            "--zap-encoder=console",
+        ])
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    let warning = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("--metrics-endpoint-auth=true cannot apply") => break line,
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no warning within 20 s; log:\n{}", seen.join("\n"));
+            }
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(
+        warning.contains("/metrics is served WITHOUT authentication"),
+        "{warning}"
+    );
+}

@@ -4,6 +4,8 @@
 //! time budget, and the checks keep compiling against the library so the fuzz crate cannot rot.
 //! `scripts/fuzz-smoke.sh` runs the real libFuzzer targets where cargo-fuzz is installed.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -61,6 +63,40 @@ fn replay(target: &str, check: fn(&[u8])) {
 #[test]
 fn metrics_encode_corpus() {
     replay("metrics_encode", metrics_encode::run);
+}
+
+/// The pages the `metrics_encode` seeds produce also pass `promtool check metrics`.
+#[test]
+fn metrics_encode_pages_pass_promtool() {
+    let Some(promtool) = support::tools::promtool() else {
+        support::tools::missing_dependency("promtool not found (run scripts/install-test-deps.sh)");
+        return;
+    };
+    for file in corpus("metrics_encode") {
+        let page = metrics_encode::page(&std::fs::read(&file).unwrap());
+        let mut child = std::process::Command::new(&promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(page.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}: promtool rejects the page: {}{}\n{page}",
+            file.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[test]

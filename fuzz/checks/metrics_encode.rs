@@ -19,6 +19,11 @@ type Triples = BTreeSet<(String, String, String)>;
 
 /// Records the values, encodes, re-parses, and checks the invariant (panics when it breaks).
 pub fn run(data: &[u8]) {
+    page(data);
+}
+
+/// [`run`], returning the checked page (the corpus replay also hands it to promtool).
+pub fn page(data: &[u8]) -> String {
     let values: Vec<String> = data
         .split(|b| *b == 0)
         .take(12)
@@ -92,6 +97,7 @@ pub fn run(data: &[u8]) {
         })
         .unwrap_or_default();
     assert_eq!(got_running, running, "{text}");
+    text
 }
 
 /// Every sample line names a family declared by a `# TYPE` line (or its histogram series).
