@@ -722,6 +722,74 @@ async fn stream_past_its_deadline_ends_with_deadline_exceeded() {
     epp.shutdown().await;
 }
 
+/// `--max-response-buffer-bytes`: a JSON response larger than the cap is not held; what was
+/// buffered is flushed at once and the rest streams through unparsed.
+#[tokio::test]
+async fn response_buffer_is_capped_per_stream() {
+    let epp = start_epp(&["--secure-serving=false", "--max-response-buffer-bytes=1000"]).await;
+    let (tx, mut stream) = routed_open_stream(epp.grpc_addr).await;
+    // The body reply of the request.
+    stream.message().await.unwrap().unwrap();
+    let msg = |m: Msg| ProcessingRequest {
+        request: Some(m),
+        ..Default::default()
+    };
+    tx.send(msg(Msg::ResponseHeaders(HttpHeaders {
+        headers: Some(HeaderMap {
+            headers: vec![
+                header(":status", b"200"),
+                header("content-type", b"application/json"),
+            ],
+        }),
+        ..Default::default()
+    })))
+    .await
+    .unwrap();
+    let r = stream.message().await.unwrap().unwrap();
+    assert!(
+        matches!(r.response, Some(Reply::ResponseHeaders(_))),
+        "{r:?}"
+    );
+    let streamed = |r: ProcessingResponse| -> (Vec<u8>, bool) {
+        use envoy_types::pb::envoy::service::ext_proc::v3::body_mutation::Mutation;
+        let Some(Reply::ResponseBody(b)) = r.response else {
+            panic!("not a response body reply: {r:?}");
+        };
+        match b.response.unwrap().body_mutation.unwrap().mutation.unwrap() {
+            Mutation::StreamedResponse(s) => (s.body, s.end_of_stream),
+            other => panic!("not streamed: {other:?}"),
+        }
+    };
+    // Under the cap: held until the end of the body.
+    let first = vec![b'a'; 600];
+    tx.send(msg(Msg::ResponseBody(HttpBody {
+        body: first.clone(),
+        end_of_stream: false,
+        ..Default::default()
+    })))
+    .await
+    .unwrap();
+    // Over the cap: everything held so far comes back at once, before the body ends.
+    let second = vec![b'b'; 600];
+    tx.send(msg(Msg::ResponseBody(HttpBody {
+        body: second.clone(),
+        end_of_stream: false,
+        ..Default::default()
+    })))
+    .await
+    .unwrap();
+    let (body, eos) = streamed(
+        tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .expect("response held past the buffer cap")
+            .unwrap()
+            .unwrap(),
+    );
+    assert_eq!(body, [first, second].concat());
+    assert!(!eos);
+    epp.shutdown().await;
+}
+
 // ---------------------------------------------------------------- item 7: auth that cannot apply
 
 /// With static discovery the default `--metrics-endpoint-auth=true` cannot be applied (there is
