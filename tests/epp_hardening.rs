@@ -257,7 +257,7 @@ async fn closed_within(conn: &mut TcpStream, limit: Duration) -> Option<Duration
 
 #[tokio::test]
 async fn idle_tcp_connection_does_not_block_tls_clients_and_times_out() {
-    let epp = start_epp(&["--tls-handshake-timeout=2s"]).await;
+    let epp = start_epp(&["--tls-handshake-timeout=3s"]).await;
     let (dest, baseline) = grpc_over_tls(epp.grpc_addr).await;
     assert_eq!(dest, ENDPOINT);
 
@@ -270,12 +270,14 @@ async fn idle_tcp_connection_does_not_block_tls_clients_and_times_out() {
             .await
             .expect("a TLS client was blocked by an idle TCP connection");
     assert_eq!(dest, ENDPOINT);
+    // Normal latency (generous for a loaded test machine), and while the idle socket is still
+    // open: before the fix this client waited until that socket closed.
     assert!(
-        latency < baseline * 4 + Duration::from_millis(500),
+        latency < baseline * 5 + Duration::from_secs(1),
         "served in {latency:?} with an idle connection open (baseline {baseline:?})"
     );
     assert!(
-        opened.elapsed() < Duration::from_secs(2),
+        opened.elapsed() < Duration::from_secs(3),
         "idle socket must still be open here"
     );
 
@@ -285,8 +287,8 @@ async fn idle_tcp_connection_does_not_block_tls_clients_and_times_out() {
         .expect("idle connection never closed");
     let at = opened.elapsed();
     assert!(
-        at >= Duration::from_millis(1900) && at < Duration::from_secs(5),
-        "idle connection closed after {at:?} (read waited {closed:?}); timeout is 2s"
+        at >= Duration::from_millis(2900) && at < Duration::from_secs(6),
+        "idle connection closed after {at:?} (read waited {closed:?}); timeout is 3s"
     );
     epp.shutdown().await;
 }
@@ -668,7 +670,7 @@ async fn half_open_connection_is_detected_and_its_requests_released() {
     // Another client on its own connection is served as usual meanwhile.
     let (r, latency) = route_once(epp.grpc_addr, &[], completion("m")).await;
     assert_eq!(destination(&r), ENDPOINT);
-    assert!(latency < Duration::from_secs(1), "took {latency:?}");
+    assert!(latency < Duration::from_secs(2), "took {latency:?}");
 
     let deadline = Instant::now() + Duration::from_secs(10);
     while in_flight(&epp) != 0 {
@@ -718,7 +720,7 @@ async fn stream_past_its_deadline_ends_with_deadline_exceeded() {
     // Streams within their deadline are unaffected.
     let (r, latency) = route_once(epp.grpc_addr, &[], completion("m")).await;
     assert_eq!(destination(&r), ENDPOINT);
-    assert!(latency < Duration::from_secs(1), "took {latency:?}");
+    assert!(latency < Duration::from_secs(2), "took {latency:?}");
     epp.shutdown().await;
 }
 

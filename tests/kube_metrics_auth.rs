@@ -160,7 +160,7 @@ async fn token_flood_is_rate_limited_and_cannot_evict_the_scraper() {
         let t = std::time::Instant::now();
         auth.authorize(Some("Bearer reader-token")).await.unwrap();
         assert!(
-            t.elapsed() < Duration::from_millis(50),
+            t.elapsed() < Duration::from_millis(250),
             "scraper waited {:?}",
             t.elapsed()
         );
