@@ -1,7 +1,7 @@
 //! CUDA-graph planning for decode steps (`--cuda-graphs`): which batch-size buckets are
 //! captured, which bucket and attention layout a step replays, and the bound on how many
 //! graphs are kept. Pure arithmetic, unit-tested without a GPU; the capture and replay live in
-//! `runtime.rs`.
+//! `runtime/graph.rs`.
 //!
 //! A graph freezes every kernel argument and grid, so a replayed step must look the same as
 //! the captured one: the batch is padded to its bucket (padding rows attend to 0 keys, write
