@@ -30,6 +30,9 @@ pub enum BenchCommand {
     Run(Box<RunArgs>),
     /// Envoy with and without the EPP's ext_proc in front of a zero-latency backend.
     Overhead(Box<super::overhead::OverheadArgs>),
+    /// The stack at a fixed rate for a fixed time with replica restarts and bad requests;
+    /// fails when RSS, open FDs or the EPP's /metrics keep growing after the warm-up.
+    Soak(Box<super::soak::SoakArgs>),
 }
 
 /// Scaled presets of the shared-prefix comparison.
@@ -492,6 +495,7 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             Ok(())
         }
         BenchCommand::Overhead(a) => with_ctrl_c(super::overhead::run(*a)).await,
+        BenchCommand::Soak(a) => with_ctrl_c(super::soak::run(*a)).await,
     }
 }
 

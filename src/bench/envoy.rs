@@ -59,6 +59,9 @@ pub enum Routing {
     Plain { lb: LbPolicy },
     /// The repository template: ext_proc to the EPP, ORIGINAL_DST routing on its pick.
     Epp { grpc_port: u16, health_port: u16 },
+    /// The repository template with the override_host pool: the EPP's primary, then its
+    /// fallbacks when a connection fails (`--fallback-endpoints`).
+    EppPool { grpc_port: u16, health_port: u16 },
 }
 
 /// Replaces every `${NAME}` in `template`; an unfilled placeholder is an error.
@@ -157,6 +160,10 @@ pub fn config(
         Routing::Epp {
             grpc_port,
             health_port,
+        }
+        | Routing::EppPool {
+            grpc_port,
+            health_port,
         } => render(
             EPP_TEMPLATE,
             &[
@@ -167,7 +174,14 @@ pub fn config(
                 ("EPP_HEALTH_PORT", health_port.to_string()),
                 ("FAILURE_MODE_ALLOW", "false".to_owned()),
                 ("REQUEST_BODY_MODE", "FULL_DUPLEX_STREAMED".to_owned()),
-                ("ROUTE_CLUSTER", "original_destination".to_owned()),
+                (
+                    "ROUTE_CLUSTER",
+                    match routing {
+                        Routing::EppPool { .. } => "inference_pool",
+                        _ => "original_destination",
+                    }
+                    .to_owned(),
+                ),
                 ("POOL_LB_ENDPOINTS", lb_endpoints(pool)),
             ],
         ),

@@ -6,6 +6,7 @@
 //! - [`stack`] + [`envoy`] + [`procs`]: local sim replicas, the EPP and Envoy as child processes.
 //! - [`routing`]: the same workload under each routing policy; [`report`]: table, JSON, plot.
 //! - [`overhead`]: what the ext_proc hop costs in front of a zero-latency backend.
+//! - [`soak`]: the stack under steady load with churn and bad requests; RSS/FD growth.
 
 pub mod arrivals;
 pub mod cli;
@@ -16,6 +17,7 @@ pub mod overhead;
 pub mod procs;
 pub mod report;
 pub mod routing;
+pub mod soak;
 pub mod stack;
 pub mod stats;
 pub mod workload;

@@ -44,6 +44,13 @@ pub enum Gateway {
         /// `--inflight-accounting` of the EPP.
         inflight_accounting: bool,
     },
+    /// Envoy + ext_proc to the EPP (default config) with `--fallback-endpoints=fallbacks`,
+    /// routed through Envoy's override_host pool so a dead primary is retried on a fallback; the
+    /// EPP gets `epp_args` too (the soak).
+    EppWithFallbacks {
+        fallbacks: u32,
+        epp_args: Vec<String>,
+    },
 }
 
 /// The replicas every policy gets (fresh processes each time, so caches start cold).
@@ -64,8 +71,44 @@ pub struct Stack {
     replicas: Vec<ManagedChild>,
     pub replica_addrs: Vec<SocketAddr>,
     epp: Option<ManagedChild>,
+    /// The EPP's Prometheus address, when there is an EPP.
+    pub epp_metrics: Option<SocketAddr>,
     envoy: Option<EnvoyProc>,
     pub gateway: SocketAddr,
+    /// What [`Stack::restart_replica`] needs to start a replica again.
+    bin: PathBuf,
+    spec: ReplicaSpec,
+    dir: PathBuf,
+    label: String,
+    /// Restarts so far, per replica.
+    restarts: Vec<u32>,
+}
+
+/// Starts replica `i` of `spec` on `port` (not waiting for it).
+fn spawn_replica(
+    bin: &Path,
+    spec: &ReplicaSpec,
+    i: usize,
+    port: u16,
+    dir: &Path,
+    label: &str,
+) -> Result<ManagedChild, ProcError> {
+    let name = format!("{label}-replica{i}");
+    let mut cmd = Command::new(bin);
+    cmd.args(["serve", "--backend", "sim", "--host", "127.0.0.1"])
+        .arg("--port")
+        .arg(port.to_string())
+        .arg("--sim-profile")
+        .arg(&spec.sim_profile)
+        .arg("--time-scale")
+        .arg(spec.time_scale.to_string())
+        .arg("--served-model-name")
+        .arg(&spec.model)
+        .arg("--seed")
+        .arg(i.to_string())
+        .args(&spec.extra_args)
+        .env("RUST_LOG", "warn");
+    ManagedChild::spawn(&name, &mut cmd, &dir.join(format!("{name}.log")))
 }
 
 /// Whether GET `url` answers 200.
@@ -118,26 +161,7 @@ impl Stack {
         let mut replicas = Vec::with_capacity(spec.count);
         let mut replica_addrs = Vec::with_capacity(spec.count);
         for (i, port) in ports.iter().enumerate() {
-            let name = format!("{label}-replica{i}");
-            let mut cmd = Command::new(bin);
-            cmd.args(["serve", "--backend", "sim", "--host", "127.0.0.1"])
-                .arg("--port")
-                .arg(port.to_string())
-                .arg("--sim-profile")
-                .arg(&spec.sim_profile)
-                .arg("--time-scale")
-                .arg(spec.time_scale.to_string())
-                .arg("--served-model-name")
-                .arg(&spec.model)
-                .arg("--seed")
-                .arg(i.to_string())
-                .args(&spec.extra_args)
-                .env("RUST_LOG", "warn");
-            replicas.push(ManagedChild::spawn(
-                &name,
-                &mut cmd,
-                &dir.join(format!("{name}.log")),
-            )?);
+            replicas.push(spawn_replica(bin, spec, i, *port, dir, label)?);
             replica_addrs.push(SocketAddr::from(([127, 0, 0, 1], *port)));
         }
         let http = client::http_client();
@@ -151,15 +175,40 @@ impl Stack {
             replicas,
             replica_addrs,
             epp: None,
+            epp_metrics: None,
             envoy: None,
             gateway: SocketAddr::from(([127, 0, 0, 1], 0)),
+            bin: bin.to_owned(),
+            spec: spec.clone(),
+            dir: dir.to_owned(),
+            label: label.to_owned(),
+            restarts: vec![0; spec.count],
         };
-        let routing = match gateway {
-            Gateway::Envoy(lb) => Routing::Plain { lb: *lb },
+        let (epp_args, fallbacks): (Vec<String>, Option<u32>) = match gateway {
+            Gateway::Envoy(_) => (Vec::new(), None),
             Gateway::Epp {
                 config_text,
                 inflight_accounting,
             } => {
+                let mut args = vec![format!("--inflight-accounting={inflight_accounting}")];
+                if !config_text.is_empty() {
+                    args.push("--config-text".to_owned());
+                    args.push(config_text.clone());
+                }
+                (args, None)
+            }
+            Gateway::EppWithFallbacks {
+                fallbacks,
+                epp_args,
+            } => {
+                let mut args = vec![format!("--fallback-endpoints={fallbacks}")];
+                args.extend(epp_args.iter().cloned());
+                (args, Some(*fallbacks))
+            }
+        };
+        let routing = match gateway {
+            Gateway::Envoy(lb) => Routing::Plain { lb: *lb },
+            Gateway::Epp { .. } | Gateway::EppWithFallbacks { .. } => {
                 let p = procs::free_ports(3)?;
                 let endpoints: Vec<String> =
                     stack.replica_addrs.iter().map(|a| a.to_string()).collect();
@@ -176,24 +225,28 @@ impl Stack {
                     .arg("--metrics-port")
                     .arg(p[2].to_string())
                     .args(["--secure-serving=false", "--metrics-endpoint-auth=false"])
-                    .arg(format!("--inflight-accounting={inflight_accounting}"))
                     .arg(format!(
                         "--refresh-metrics-interval={}us",
                         scrape_interval_us(spec.time_scale)
                     ))
-                    .args(["--v", "1"]);
-                if !config_text.is_empty() {
-                    cmd.arg("--config-text").arg(config_text);
-                }
+                    .args(["--v", "1"])
+                    .args(&epp_args);
                 let mut epp =
                     ManagedChild::spawn(&name, &mut cmd, &dir.join(format!("{name}.log")))?;
                 let url = format!("http://127.0.0.1:{}/metrics", p[2]);
                 epp.wait_ready(START_TIMEOUT, || get_ok(&http, &url))
                     .await?;
                 stack.epp = Some(epp);
-                Routing::Epp {
-                    grpc_port: p[0],
-                    health_port: p[1],
+                stack.epp_metrics = Some(SocketAddr::from(([127, 0, 0, 1], p[2])));
+                match fallbacks {
+                    None => Routing::Epp {
+                        grpc_port: p[0],
+                        health_port: p[1],
+                    },
+                    Some(_) => Routing::EppPool {
+                        grpc_port: p[0],
+                        health_port: p[1],
+                    },
                 }
             }
         };
@@ -265,6 +318,52 @@ impl Stack {
     /// The EPP's pid, when there is one.
     pub fn epp_pid(&self) -> Option<u32> {
         self.epp.as_ref().map(ManagedChild::pid)
+    }
+
+    /// Envoy's pid.
+    pub fn envoy_pid(&self) -> Option<u32> {
+        self.envoy.as_ref().map(|e| e.child.pid())
+    }
+
+    /// The replicas' pids, in replica order.
+    pub fn replica_pids(&self) -> Vec<u32> {
+        self.replicas.iter().map(ManagedChild::pid).collect()
+    }
+
+    /// Stops replica `i` — SIGKILL when `crash` (a crashed pod), else SIGTERM with `grace` to
+    /// drain (a rolling restart) — and starts it again on the same port, waiting until its
+    /// `/health` answers. Each life of a replica logs to its own file (`…-replica<i>.<n>.log`).
+    pub async fn restart_replica(
+        &mut self,
+        i: usize,
+        crash: bool,
+        grace: Duration,
+    ) -> Result<(), ProcError> {
+        let Some(addr) = self.replica_addrs.get(i).copied() else {
+            return Ok(());
+        };
+        if i >= self.replicas.len() {
+            return Ok(());
+        }
+        let old = self.replicas.remove(i);
+        if crash {
+            drop(old); // SIGKILL to the group, reaped
+        } else {
+            old.stop(grace).await;
+        }
+        let life = self.restarts.get(i).copied().unwrap_or(0) + 1;
+        if let Some(r) = self.restarts.get_mut(i) {
+            *r = life;
+        }
+        let label = format!("{}-life{life}", self.label);
+        let mut fresh = spawn_replica(&self.bin, &self.spec, i, addr.port(), &self.dir, &label)?;
+        let http = client::http_client();
+        let url = format!("http://{addr}/health");
+        let ready = fresh
+            .wait_ready(START_TIMEOUT, || get_ok(&http, &url))
+            .await;
+        self.replicas.insert(i, fresh);
+        ready
     }
 
     /// Counters of every replica, in replica order.
