@@ -75,6 +75,7 @@ impl Runner {
         max_seqs: usize,
         format: WeightFormat,
         graphs: bool,
+        gemv_bf16: bool,
     ) -> anyhow::Result<Runner> {
         let store = weights::random_store(&cfg, 1);
         let mut be = CudaBackend::from_store(
@@ -87,6 +88,7 @@ impl Runner {
                 max_model_len: Some(32768),
                 weight_format: format,
                 cuda_graphs: graphs,
+                gemv_bf16,
                 ..CudaOptions::default()
             },
         )?;
@@ -280,53 +282,64 @@ fn main() -> anyhow::Result<()> {
     let ctx = 512;
     let kv_bytes = ctx as f64 * kv_token_bytes_per_layer * 28.0;
     let mut single = Vec::new();
-    for format in [WeightFormat::Bf16, WeightFormat::Fp8] {
+    // (weights, CUDA graphs, bf16 projections through gemv_bf16 instead of cuBLAS at ≤ 8 rows)
+    let variants = [
+        (WeightFormat::Bf16, false, false),
+        (WeightFormat::Bf16, true, false),
+        (WeightFormat::Bf16, true, true),
+        (WeightFormat::Fp8, false, false),
+        (WeightFormat::Fp8, true, false),
+    ];
+    for (format, graphs, gemv) in variants {
         // Bytes a decode step must read: every weight except the embedding table (one row is
         // gathered), plus the context's K/V.
         let weight_bytes = (dims.weight_bytes_as(false, format) - 2 * 152_064 * 3584) as f64;
         let roofline = bw / (weight_bytes + kv_bytes);
-        for graphs in [false, true] {
-            let mut r = Runner::new(cfg.clone(), 4096, 64, format, graphs)?;
-            let t = r.decode_time(1, ctx, steps)?;
+        let label = format!(
+            "{format:?} weights, cuda graphs {}{}",
+            if graphs { "on" } else { "off" },
+            if gemv { ", gemv_bf16" } else { "" }
+        );
+        let mut r = Runner::new(cfg.clone(), 4096, 64, format, graphs, gemv)?;
+        let t = r.decode_time(1, ctx, steps)?;
+        println!(
+            "single-stream decode, Qwen2.5-7B shapes, {label}, context {ctx}: {:.1} tok/s, \
+             roofline {:.1} tok/s ({:.1}%)",
+            1.0 / t,
+            roofline,
+            100.0 / t / roofline
+        );
+        single.push((format, graphs, gemv, t));
+        println!("batched decode, Qwen2.5-7B shapes, {label}, context {ctx}");
+        println!("batch  step_ms  tok/s  step/batch-1-step");
+        let mut t1 = None;
+        for &batch in &[1usize, 2, 4, 8, 16, 32, 64] {
+            let t = r.decode_time(batch, ctx, steps)?;
+            let base = *t1.get_or_insert(t);
             println!(
-                "single-stream decode, Qwen2.5-7B shapes, {format:?} weights, cuda graphs {}, \
-                 context {ctx}: {:.1} tok/s, roofline {:.1} tok/s ({:.1}%)",
-                if graphs { "on " } else { "off" },
-                1.0 / t,
-                roofline,
-                100.0 / t / roofline
+                "{batch:5}  {:7.2}  {:7.1}  {:5.2}x",
+                t * 1e3,
+                batch as f64 / t,
+                t / base
             );
-            single.push((format, graphs, t));
-            println!(
-                "batched decode, Qwen2.5-7B shapes, {format:?} weights, cuda graphs {}, context {ctx}",
-                if graphs { "on" } else { "off" }
-            );
-            println!("batch  step_ms  tok/s  step/batch-1-step");
-            let mut t1 = None;
-            for &batch in &[1usize, 2, 4, 8, 16, 32, 64] {
-                let t = r.decode_time(batch, ctx, steps)?;
-                let base = *t1.get_or_insert(t);
-                println!(
-                    "{batch:5}  {:7.2}  {:7.1}  {:5.2}x",
-                    t * 1e3,
-                    batch as f64 / t,
-                    t / base
-                );
-            }
-            if graphs {
-                println!("  ({} graphs captured)", r.be.graphs_captured());
-            }
+        }
+        if graphs {
+            println!("  ({} graphs captured)", r.be.graphs_captured());
         }
     }
     if let (Some(off), Some(on)) = (
-        single.iter().find(|s| s.0 == WeightFormat::Bf16 && !s.1),
-        single.iter().find(|s| s.0 == WeightFormat::Bf16 && s.1),
+        single
+            .iter()
+            .find(|s| s.0 == WeightFormat::Bf16 && !s.1 && !s.2),
+        single
+            .iter()
+            .find(|s| s.0 == WeightFormat::Bf16 && s.1 && !s.2),
     ) {
         println!(
             "cuda graphs, bf16 single stream: {:.2} -> {:.2} ms per token ({:.2}x)",
-            off.2 * 1e3,
-            on.2 * 1e3,
-            off.2 / on.2
+            off.3 * 1e3,
+            on.3 * 1e3,
+            off.3 / on.3
         );
     }
     println!(

@@ -321,6 +321,7 @@ fn cuda_backend(args: &ServeArgs, dir: &std::path::Path) -> Result<Built, ServeE
             None => backend::cuda::memory::WeightFormat::Bf16,
         },
         cuda_graphs: args.cuda_graphs,
+        gemv_bf16: false,
     };
     let backend = backend::cuda::CudaBackend::load(dir, opts)?;
     Ok(Built {

@@ -31,7 +31,7 @@ pub const ELF_MAGIC: &[u8] = b"\x7fELF";
 pub const KEY_X: usize = 8;
 
 /// Every `extern "C"` entry point the backend loads from the module.
-pub const KERNEL_NAMES: [&str; 16] = [
+pub const KERNEL_NAMES: [&str; 17] = [
     "embedding_gather",
     "rms_norm",
     "fused_add_rms_norm",
@@ -43,6 +43,7 @@ pub const KERNEL_NAMES: [&str; 16] = [
     "gemv_fp8",
     "gemv_fp8_f32",
     "gemv_bf16",
+    "gemv_bf16_f32",
     "fp8_dequant_rows",
     "paged_attention_d64",
     "paged_attention_d128",

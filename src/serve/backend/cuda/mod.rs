@@ -98,6 +98,9 @@ pub struct CudaOptions {
     /// Replay decode steps from CUDA graphs captured per batch-size bucket (`--cuda-graphs`;
     /// off by default until measured on a GPU).
     pub cuda_graphs: bool,
+    /// bf16 projections of ≤ `launch::GEMV_MAX_ROWS` tokens through the `gemv_bf16` kernel
+    /// instead of cuBLAS (no flag yet: `benches/cuda_decode.rs` compares the two on a GPU).
+    pub gemv_bf16: bool,
 }
 
 impl Default for CudaOptions {
@@ -114,6 +117,7 @@ impl Default for CudaOptions {
             kernel_cache_dir: None,
             weight_format: memory::WeightFormat::Bf16,
             cuda_graphs: false,
+            gemv_bf16: false,
         }
     }
 }

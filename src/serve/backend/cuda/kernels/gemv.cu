@@ -113,6 +113,12 @@ extern "C" __global__ void gemv_bf16(bf16* __restrict__ out, const bf16* __restr
                             rows);
 }
 
+extern "C" __global__ void gemv_bf16_f32(float* __restrict__ out, const bf16* __restrict__ w,
+                                         const bf16* __restrict__ x, int n, int k, int rows) {
+    gemv_impl<false, true>(out, reinterpret_cast<const unsigned char*>(w), nullptr, x, n, k,
+                           rows);
+}
+
 // Rows [row0, row0 + rows) of an FP8 weight to bf16 (value × scale rounded once to bf16:
 // relative error ≤ 2^-8, the rounding any bf16 checkpoint carries), for batches above
 // SY_GEMV_MAX_ROWS, which run cuBLAS on a bounded slice of dequantized rows at a time.

@@ -95,13 +95,33 @@ impl Gpu {
         n: usize,
         k: usize,
     ) -> Result<(), CudaError> {
-        let (codes, scales) = match w {
-            Weight::Bf16(w) => {
+        let (n_i, k_i) = (i32_of(n, "linear n")?, i32_of(k, "linear k")?);
+        let (codes, scales) = match (w, &kern.gemv_bf16) {
+            (Weight::Bf16(w), Some((bf, bf_f32)))
+                if tokens <= launch::GEMV_MAX_ROWS && k % 16 == 0 =>
+            {
+                let rows_i = i32_of(tokens, "linear rows")?;
+                // SAFETY: `gemv_bf16(_f32)(out, w, x, n, k, rows)`; w is [n, k], x holds
+                // `tokens` rows of k, out `tokens` rows of n (workspace-sized).
+                unsafe {
+                    stream
+                        .launch_builder(if out_f32 { bf_f32 } else { bf })
+                        .arg(&mut *out)
+                        .arg(w)
+                        .arg(x)
+                        .arg(&n_i)
+                        .arg(&k_i)
+                        .arg(&rows_i)
+                        .launch(cfg(launch::gemv_launch(n, k, tokens)?))
+                        .map_err(drv)?;
+                }
+                return Ok(());
+            }
+            (Weight::Bf16(w), _) => {
                 return Self::gemm(blas, stream, out, out_f32, w, x, tokens, n, k, n)
             }
-            Weight::Fp8 { codes, scales } => (codes, scales),
+            (Weight::Fp8 { codes, scales }, _) => (codes, scales),
         };
-        let (n_i, k_i) = (i32_of(n, "linear n")?, i32_of(k, "linear k")?);
         if tokens <= launch::GEMV_MAX_ROWS {
             let rows_i = i32_of(tokens, "linear rows")?;
             let f = if out_f32 {

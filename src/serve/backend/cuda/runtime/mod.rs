@@ -71,6 +71,9 @@ struct Kernels {
     gemv_fp8: CudaFunction,
     gemv_fp8_f32: CudaFunction,
     fp8_dequant_rows: CudaFunction,
+    /// `gemv_bf16` / `gemv_bf16_f32`, when `CudaOptions::gemv_bf16` routes small bf16 batches
+    /// to them.
+    gemv_bf16: Option<(CudaFunction, CudaFunction)>,
     _module: Arc<CudaModule>,
 }
 
@@ -216,6 +219,11 @@ impl Gpu {
             gemv_fp8: f("gemv_fp8")?,
             gemv_fp8_f32: f("gemv_fp8_f32")?,
             fp8_dequant_rows: f("fp8_dequant_rows")?,
+            gemv_bf16: if opts.gemv_bf16 {
+                Some((f("gemv_bf16")?, f("gemv_bf16_f32")?))
+            } else {
+                None
+            },
             _module: module,
         };
         let blas =
