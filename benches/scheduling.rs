@@ -1,6 +1,8 @@
 //! Scheduling hot path: prefix hashing + index match for 1k/10k/100k-token prompts, and one full
-//! `Scheduler::schedule` (default config: prefix 3, queue 2, kv 2) over 10/100/1000 endpoints
-//! with an 8k-token (32 KB) prompt. Target: < 50 µs for 100 endpoints.
+//! `Scheduler::schedule` over 10/100/1000 endpoints with an 8k-token (32 KB) prompt, under the
+//! reference default config (prefix 3, queue 2, kv 2) and the work-aware profile (freshness
+//! filter + predicted-TTFT scorer, 1024-block prefix matching). Target: < 50 µs for 100
+//! endpoints.
 //!
 //! Run: `cargo bench --bench scheduling` (add `-- --quick` for a short run).
 
@@ -9,9 +11,12 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use prometheus_client::registry::Registry;
-use switchyard::epp::endpoint::{Endpoint, EndpointMetrics, EndpointSnapshot};
+use std::time::Instant;
+use switchyard::bench::routing::WORK_AWARE_CONFIG;
+use switchyard::epp::endpoint::{DispatchCounters, Endpoint, EndpointMetrics, EndpointSnapshot};
 use switchyard::epp::prefix::{hash_prompt, PrefixIndex, PrefixIndexConfig};
 use switchyard::epp::scheduling::{parse_config, Scheduler, SchedulingRequest, DEFAULT_CONFIG};
+use switchyard::epp::work::WorkGuard;
 
 /// Deterministic pseudo-text: `tokens × 4` bytes, distinct per `seed`.
 fn prompt(tokens: usize, seed: u64) -> Vec<u8> {
@@ -38,6 +43,8 @@ fn endpoints(n: usize) -> Vec<Arc<EndpointSnapshot>> {
                     waiting_queue_size: (i % 7) as u32,
                     running_requests: (i % 5) as u32,
                     kv_cache_usage: (i % 10) as f64 / 10.0,
+                    dispatch: Some(Arc::new(DispatchCounters::default())),
+                    updated_at: Some(Instant::now()),
                     ..Default::default()
                 },
             })
@@ -74,11 +81,29 @@ fn hash_and_match(c: &mut Criterion) {
 }
 
 fn schedule(c: &mut Criterion) {
-    let mut g = c.benchmark_group("schedule_8k_prompt");
-    let config = parse_config(DEFAULT_CONFIG).unwrap();
+    schedule_with(c, "schedule_8k_prompt", DEFAULT_CONFIG);
+    schedule_with(c, "schedule_8k_prompt_work_aware", WORK_AWARE_CONFIG);
+}
+
+fn schedule_with(c: &mut Criterion, group: &str, config_text: &str) {
+    let mut g = c.benchmark_group(group);
+    let config = parse_config(config_text).unwrap();
     for n in [10usize, 100, 1000] {
         let scheduler = Scheduler::new(&config, &mut Registry::default());
         let eps = endpoints(n);
+        // Outstanding work on every endpoint, as the work-aware scorer reads it.
+        let _work: Vec<WorkGuard> = eps
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| {
+                let d = e.metrics.dispatch.as_ref()?;
+                Some(WorkGuard::dispatch(
+                    d,
+                    100 * (i % 13) as u64,
+                    Instant::now(),
+                ))
+            })
+            .collect();
         // Warm the index: 64 distinct 8k-token conversations spread over the pool.
         let prompts: Vec<Vec<u8>> = (0..64).map(|s| prompt(8192, s)).collect();
         for (i, p) in prompts.iter().enumerate() {

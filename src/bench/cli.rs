@@ -183,17 +183,19 @@ impl WorkloadArgs {
             WorkloadKind::BurstyChat => (
                 Workload::BurstyChat {
                     requests: self.requests.unwrap_or(300),
-                    prompt_tokens_min: self.prompt_tokens_min.unwrap_or(100),
-                    prompt_tokens_max: self.prompt_tokens_max.unwrap_or(800),
+                    prompt_tokens_min: self.prompt_tokens_min.unwrap_or(300),
+                    prompt_tokens_max: self.prompt_tokens_max.unwrap_or(3000),
                     output_tokens: self.output_tokens.unwrap_or(128),
                 },
+                // Bursts of ~40 requests in 2 s (10 per replica, ~16k prefill tokens each:
+                // seconds of queueing) over 1 req/s.
                 RateShape::Bursts {
                     base: 1.0,
-                    burst: 12.0,
+                    burst: 20.0,
                     period_s: 20.0,
-                    burst_s: 4.0,
+                    burst_s: 2.0,
                 },
-                Some(0.05),
+                Some(0.1),
             ),
             WorkloadKind::MultiTurn => (
                 Workload::MultiTurn {

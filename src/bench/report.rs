@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::routing::{Policy, PolicyResult};
+use super::stats::Quantiles;
 
 /// Where and on what a run happened.
 #[derive(Debug, Clone, Serialize)]
@@ -118,8 +119,8 @@ pub struct RunInfo {
 /// The results table in markdown.
 pub fn markdown_table(results: &[PolicyResult]) -> String {
     let mut s = String::new();
-    s.push_str("| policy | ok / sent | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | e2e p50 | output tok/s | prefix hit rate | load share per replica | errors |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| policy | ok / sent | TTFT p50 | TTFT p90 | TTFT p95 | TTFT p99 | ITL p50 | e2e p50 | e2e p99 | output tok/s | prefix hit rate | load share per replica | errors |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in results {
         let share: Vec<String> = r
             .replica_share
@@ -128,15 +129,17 @@ pub fn markdown_table(results: &[PolicyResult]) -> String {
             .collect();
         let _ = writeln!(
             s,
-            "| {} | {}/{} | {} | {} | {} | {:.1} ms | {} | {:.0} | {:.1}% | {}% | {} |",
+            "| {} | {}/{} | {} | {} | {} | {} | {:.1} ms | {} | {} | {:.0} | {:.1}% | {}% | {} |",
             r.name,
             r.ok,
             r.requests,
             fmt_ms(r.ttft_ms.p50),
             fmt_ms(r.ttft_ms.p90),
+            fmt_ms(r.ttft_ms.p95),
             fmt_ms(r.ttft_ms.p99),
             r.itl_p50_ms,
             fmt_ms(r.e2e_ms.p50),
+            fmt_ms(r.e2e_ms.p99),
             r.output_tokens_per_s,
             100.0 * r.prefix_hit_rate,
             share.join("/"),
@@ -161,6 +164,57 @@ pub fn markdown_table(results: &[PolicyResult]) -> String {
                 }
             );
         }
+    }
+    s.push_str(&ratio_to_best_envoy(results));
+    s
+}
+
+/// The better (lower) of round-robin and least-request at each percentile, when both ran.
+fn best_envoy(results: &[PolicyResult]) -> Option<(Quantiles, Quantiles)> {
+    let get = |p: Policy| results.iter().find(|r| r.policy == p);
+    let (rr, lr) = (get(Policy::RoundRobin)?, get(Policy::LeastRequest)?);
+    let best = |a: &Quantiles, b: &Quantiles| Quantiles {
+        p50: a.p50.min(b.p50),
+        p90: a.p90.min(b.p90),
+        p95: a.p95.min(b.p95),
+        p99: a.p99.min(b.p99),
+    };
+    Some((best(&rr.ttft_ms, &lr.ttft_ms), best(&rr.e2e_ms, &lr.e2e_ms)))
+}
+
+/// Each EPP policy's TTFT and e2e percentiles as a ratio to the better of round-robin and
+/// least-request at that percentile (≤ 1.00 means the EPP is never the wrong choice there).
+pub fn ratio_to_best_envoy(results: &[PolicyResult]) -> String {
+    let Some((ttft, e2e)) = best_envoy(results) else {
+        return String::new();
+    };
+    let ratio = |new: f64, base: f64| {
+        if base > 0.0 {
+            format!("{:.2}", new / base)
+        } else {
+            "n/a".to_owned()
+        }
+    };
+    let mut s = String::from(
+        "\nRatio to the better of envoy round-robin / least-request at each percentile:\n\n\
+         | policy | TTFT p50 | TTFT p90 | TTFT p95 | TTFT p99 | e2e p50 | e2e p99 |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for r in results
+        .iter()
+        .filter(|r| r.policy != Policy::RoundRobin && r.policy != Policy::LeastRequest)
+    {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.name,
+            ratio(r.ttft_ms.p50, ttft.p50),
+            ratio(r.ttft_ms.p90, ttft.p90),
+            ratio(r.ttft_ms.p95, ttft.p95),
+            ratio(r.ttft_ms.p99, ttft.p99),
+            ratio(r.e2e_ms.p50, e2e.p50),
+            ratio(r.e2e_ms.p99, e2e.p99),
+        );
     }
     s
 }
@@ -402,6 +456,7 @@ mod tests {
             ttft_ms: Quantiles {
                 p50,
                 p90: 2.0 * p50,
+                p95: 2.5 * p50,
                 p99: 3.0 * p50,
             },
             itl_p50_ms: 50.0,
@@ -422,9 +477,9 @@ mod tests {
             result(Policy::EppDefault, 400.0, 0.6),
         ];
         let md = markdown_table(&rs);
-        assert!(
-            md.contains("| envoy round-robin | 10/10 | 1000 ms | 2000 ms | 3000 ms | 50.0 ms |")
-        );
+        assert!(md.contains(
+            "| envoy round-robin | 10/10 | 1000 ms | 2000 ms | 2500 ms | 3000 ms | 50.0 ms |"
+        ));
         assert!(md.contains("| 20.0% | 50/50% | 0 |"));
         assert!(md.contains("epp default (3:2:2) vs envoy round-robin: TTFT p50 -60%, p90 -60%, p99 -60%; prefix hit rate ×3.00"));
         assert_eq!(change(0.0, 1.0), "n/a");
@@ -434,6 +489,23 @@ mod tests {
             result(Policy::EppDefault, 400.0, 0.0),
         ];
         assert!(markdown_table(&rs).contains("p99 -60%; prefix hit rate 0.0% (round-robin 0%)"));
+    }
+
+    #[test]
+    fn ratio_is_to_the_better_envoy_policy_per_percentile() {
+        let mut lr = result(Policy::LeastRequest, 800.0, 0.0);
+        // Least-request better at p50, round-robin (3000 ms) better at p99.
+        lr.ttft_ms.p99 = 4000.0;
+        let rs = [
+            result(Policy::RoundRobin, 1000.0, 0.0),
+            lr,
+            result(Policy::EppDefault, 400.0, 0.0),
+        ];
+        assert!(ratio_to_best_envoy(&rs)
+            .contains("| epp default (3:2:2) | 0.50 | 0.50 | 0.50 | 0.40 | n/a | n/a |"));
+        assert!(!ratio_to_best_envoy(&rs).contains("| envoy"));
+        // Without both envoy policies there is nothing to compare to.
+        assert_eq!(ratio_to_best_envoy(&rs[1..]), "");
     }
 
     #[test]

@@ -44,6 +44,42 @@ schedulingProfiles:
   - pluginRef: max-score-picker
 ";
 
+/// The work-aware profile: stale/unscraped endpoints filtered, then the predicted-TTFT scorer
+/// (queued prefill work + this prompt's uncached part, over the learned prefill rate) with the
+/// prefix index supplying the cached part.
+pub const WORK_AWARE_CONFIG: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: scrape-freshness-filter
+- type: approx-prefix-cache-producer
+  parameters:
+    maxPrefixBlocksToMatch: 1024
+- type: predicted-ttft-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: scrape-freshness-filter
+  - pluginRef: predicted-ttft-scorer
+    weight: 1
+  - pluginRef: max-score-picker
+";
+
+/// Work-aware load alone: the predicted-TTFT scorer without a prefix index (every prompt
+/// counts as uncached), so no affinity.
+const WORK_ONLY_CONFIG: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: predicted-ttft-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: predicted-ttft-scorer
+    weight: 1
+  - pluginRef: max-score-picker
+";
+
 /// A routing policy under comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 pub enum Policy {
@@ -66,6 +102,12 @@ pub enum Policy {
     /// reference's behaviour): shows what counting the EPP's own in-flight requests buys.
     #[value(name = "epp-default-scraped-only")]
     EppDefaultScrapedOnly,
+    /// EPP work-aware profile: freshness filter + predicted-TTFT scorer with prefix credit.
+    #[value(name = "epp-work-aware")]
+    EppWorkAware,
+    /// EPP predicted-TTFT scorer without the prefix index: work-aware load alone.
+    #[value(name = "epp-work-only")]
+    EppWorkOnly,
 }
 
 impl Policy {
@@ -85,6 +127,8 @@ impl Policy {
             Policy::EppDefault => "epp default (3:2:2)",
             Policy::Epp352 => "epp 3:5:2",
             Policy::EppDefaultScrapedOnly => "epp default, scraped only",
+            Policy::EppWorkAware => "epp work-aware",
+            Policy::EppWorkOnly => "epp work-aware load only",
         }
     }
 
@@ -97,6 +141,8 @@ impl Policy {
             Policy::EppDefault => "epp-default",
             Policy::Epp352 => "epp-3-5-2",
             Policy::EppDefaultScrapedOnly => "epp-default-scraped-only",
+            Policy::EppWorkAware => "epp-work-aware",
+            Policy::EppWorkOnly => "epp-work-only",
         }
     }
 
@@ -119,6 +165,14 @@ impl Policy {
             Policy::EppDefaultScrapedOnly => Gateway::Epp {
                 config_text: String::new(),
                 inflight_accounting: false,
+            },
+            Policy::EppWorkAware => Gateway::Epp {
+                config_text: WORK_AWARE_CONFIG.to_owned(),
+                inflight_accounting: true,
+            },
+            Policy::EppWorkOnly => Gateway::Epp {
+                config_text: WORK_ONLY_CONFIG.to_owned(),
+                inflight_accounting: true,
             },
         }
     }

@@ -21,11 +21,12 @@ pub fn sort(values: &mut [f64]) {
     values.sort_by(|a, b| a.total_cmp(b));
 }
 
-/// p50/p90/p99 of one metric, in milliseconds.
+/// p50/p90/p95/p99 of one metric, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Quantiles {
     pub p50: f64,
     pub p90: f64,
+    pub p95: f64,
     pub p99: f64,
 }
 
@@ -37,6 +38,7 @@ impl Quantiles {
         Quantiles {
             p50: percentile(&v, 50.0).unwrap_or(0.0),
             p90: percentile(&v, 90.0).unwrap_or(0.0),
+            p95: percentile(&v, 95.0).unwrap_or(0.0),
             p99: percentile(&v, 99.0).unwrap_or(0.0),
         }
     }

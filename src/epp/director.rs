@@ -105,6 +105,9 @@ pub struct Decision {
     pub target_label: String,
     pub priority: i32,
     pub stream: bool,
+    /// Predicted prefill tokens at the primary (prompt less its expected cached prefix), what
+    /// the work-aware accounting charges it until the first response bytes.
+    pub prefill_tokens: u64,
 }
 
 /// Static knobs of the director, from flags.
@@ -219,6 +222,7 @@ impl Director {
             target_label: String::new(),
             priority: 0,
             stream: false,
+            prefill_tokens: result.prefill_tokens,
         })
     }
 
@@ -300,6 +304,7 @@ impl Director {
             target_label,
             priority,
             stream: inspected.stream,
+            prefill_tokens: result.prefill_tokens,
         })
     }
 

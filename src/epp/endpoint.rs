@@ -135,6 +135,8 @@ impl EndpointMetrics {
 pub struct DispatchCounters {
     in_flight: AtomicU32,
     since_scrape: AtomicU32,
+    /// Outstanding prefill/decode work and the learned prefill rate (`work-aware` scoring).
+    pub work: crate::epp::work::WorkCounters,
 }
 
 /// Identity: two handles are equal when they count for the same endpoint slot.

@@ -18,6 +18,7 @@ pub mod scheduling;
 pub mod scrape;
 pub mod server;
 pub mod tls;
+pub mod work;
 
 /// Runs `switchyard epp` until SIGTERM.
 pub async fn run(args: args::EppArgs) -> anyhow::Result<()> {

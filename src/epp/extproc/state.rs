@@ -21,6 +21,7 @@ use crate::epp::director::{split_subset, Decision, ErrorCode, RequestMeta, Routi
 use crate::epp::endpoint::InflightGuard;
 use crate::epp::metrics::{EppMetrics, ModelNameLabel, ModelPriorityLabels};
 use crate::epp::request::ApiType;
+use crate::epp::work::WorkGuard;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
@@ -110,6 +111,8 @@ pub struct StreamState {
     running: Option<RunningGuard>,
     /// This request's share of its primary endpoint's in-flight count; released on drop.
     inflight: Option<InflightGuard>,
+    /// This request's predicted prefill (then decode) work at its primary; released on drop.
+    work: Option<WorkGuard>,
     response: ResponseState,
 }
 
@@ -127,6 +130,7 @@ impl StreamState {
             decision: None,
             running: None,
             inflight: None,
+            work: None,
             response: ResponseState::default(),
         }
     }
@@ -351,6 +355,11 @@ impl StreamState {
                 .first()
                 .and_then(|e| e.metrics.dispatch.as_ref())
                 .map(|d| d.dispatch());
+            self.work = decision
+                .endpoints
+                .first()
+                .and_then(|e| e.metrics.dispatch.as_ref())
+                .map(|d| WorkGuard::dispatch(d, decision.prefill_tokens, Instant::now()));
         }
         self.response.streaming = decision.stream;
         self.decision = Some(decision);
@@ -430,6 +439,9 @@ impl StreamState {
         let chunk = body.body;
         let eos = body.end_of_stream;
         self.response.size += chunk.len();
+        if let Some(work) = self.work.as_mut().filter(|_| !chunk.is_empty() || eos) {
+            work.first_token(Instant::now());
+        }
         if !self.response_full_duplex {
             // Envoy keeps ownership of the body in non-duplex modes; we only observe it.
             self.observe_response_chunk(&chunk, eos);

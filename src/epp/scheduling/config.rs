@@ -12,6 +12,8 @@ use std::time::Duration;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
+use super::plugins::freshness::DEFAULT_STALENESS;
+pub use super::plugins::predicted_ttft::PredictedTtftParams;
 use crate::epp::endpoint::EngineType;
 
 pub const API_VERSION: &str = "inference.networking.x-k8s.io/v1alpha1";
@@ -208,6 +210,9 @@ pub enum PluginKind {
     MetricsDataSource(MetricsDataSourceParams),
     CoreMetricsExtractor(MetricsExtractorParams),
     OpenAiParser,
+    PredictedTtftScorer(PredictedTtftParams),
+    /// `metricsStalenessThreshold`.
+    ScrapeFreshnessFilter(Duration),
 }
 
 /// What a plugin does in a scheduling profile.
@@ -239,6 +244,8 @@ impl PluginKind {
             PluginKind::MetricsDataSource(_) => "metrics-data-source",
             PluginKind::CoreMetricsExtractor(_) => "core-metrics-extractor",
             PluginKind::OpenAiParser => "openai-parser",
+            PluginKind::PredictedTtftScorer(_) => "predicted-ttft-scorer",
+            PluginKind::ScrapeFreshnessFilter(_) => "scrape-freshness-filter",
         }
     }
 
@@ -248,7 +255,9 @@ impl PluginKind {
             | PluginKind::RunningRequestsSizeScorer
             | PluginKind::KvCacheUtilizationScorer
             | PluginKind::LoraAffinityScorer
-            | PluginKind::PrefixCacheScorer(_) => PluginRole::Scorer,
+            | PluginKind::PrefixCacheScorer(_)
+            | PluginKind::PredictedTtftScorer(_) => PluginRole::Scorer,
+            PluginKind::ScrapeFreshnessFilter(_) => PluginRole::Filter,
             PluginKind::MaxScorePicker(_)
             | PluginKind::RandomPicker(_)
             | PluginKind::WeightedRandomPicker(_) => PluginRole::Picker,
@@ -403,6 +412,8 @@ enum TypeTag {
     MetricsSource,
     MetricsExtractor,
     OpenAiParser,
+    PredictedTtft,
+    Freshness,
 }
 
 impl TypeTag {
@@ -422,6 +433,8 @@ impl TypeTag {
             "metrics-data-source" => TypeTag::MetricsSource,
             "core-metrics-extractor" => TypeTag::MetricsExtractor,
             "openai-parser" => TypeTag::OpenAiParser,
+            "predicted-ttft-scorer" => TypeTag::PredictedTtft,
+            "scrape-freshness-filter" => TypeTag::Freshness,
             "" => return Err("plugin is missing a type".into()),
             other if UNSUPPORTED_REFERENCE_TYPES.contains(&other) => {
                 return Err(format!(
@@ -618,6 +631,55 @@ impl WireExtractorParams {
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WirePredictedTtftParams {
+    initial_prefill_tokens_per_second: Option<f64>,
+    request_overhead_tokens: Option<i64>,
+}
+
+impl WirePredictedTtftParams {
+    fn validate(self) -> Result<PredictedTtftParams, String> {
+        let d = PredictedTtftParams::default();
+        let rate = self
+            .initial_prefill_tokens_per_second
+            .unwrap_or(d.initial_prefill_tokens_per_s);
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(format!(
+                "initialPrefillTokensPerSecond must be a finite number > 0, got {rate}"
+            ));
+        }
+        let overhead = match self.request_overhead_tokens {
+            Some(v) => non_negative("requestOverheadTokens", v)? as u64,
+            None => d.request_overhead_tokens,
+        };
+        Ok(PredictedTtftParams {
+            initial_prefill_tokens_per_s: rate,
+            request_overhead_tokens: overhead,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WireFreshnessParams {
+    metrics_staleness_threshold: Option<String>,
+}
+
+impl WireFreshnessParams {
+    fn validate(self) -> Result<Duration, String> {
+        let staleness = match self.metrics_staleness_threshold {
+            Some(s) => crate::flagfmt::parse_go_duration(&s)
+                .map_err(|e| format!("metricsStalenessThreshold {s:?}: {e}"))?,
+            None => DEFAULT_STALENESS,
+        };
+        if staleness.is_zero() {
+            return Err("metricsStalenessThreshold must be > 0".into());
+        }
+        Ok(staleness)
+    }
+}
+
 /// Decodes `parameters` for one plugin type (with serde_yaml's location on errors).
 struct ParamsSeed(TypeTag);
 
@@ -680,6 +742,18 @@ impl<'de> DeserializeSeed<'de> for ParamsSeed {
                     None => MetricsExtractorParams::default(),
                 })
             }
+            TypeTag::PredictedTtft => {
+                PluginKind::PredictedTtftScorer(match opt::<WirePredictedTtftParams, D>(d)? {
+                    Some(w) => w.validate().map_err(custom)?,
+                    None => PredictedTtftParams::default(),
+                })
+            }
+            TypeTag::Freshness => {
+                PluginKind::ScrapeFreshnessFilter(match opt::<WireFreshnessParams, D>(d)? {
+                    Some(w) => w.validate().map_err(custom)?,
+                    None => DEFAULT_STALENESS,
+                })
+            }
         })
     }
 }
@@ -702,6 +776,8 @@ fn kind_with_defaults(tag: TypeTag) -> PluginKind {
         TypeTag::MetricsSource => PluginKind::MetricsDataSource(Default::default()),
         TypeTag::MetricsExtractor => PluginKind::CoreMetricsExtractor(Default::default()),
         TypeTag::OpenAiParser => PluginKind::OpenAiParser,
+        TypeTag::PredictedTtft => PluginKind::PredictedTtftScorer(PredictedTtftParams::default()),
+        TypeTag::Freshness => PluginKind::ScrapeFreshnessFilter(DEFAULT_STALENESS),
     }
 }
 

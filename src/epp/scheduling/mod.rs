@@ -26,7 +26,9 @@ pub use config::{
     parse_config, ConfigError, PluginKind, PrefixCacheParams, ProfileSpec, SchedulerConfig,
     DEFAULT_CONFIG,
 };
+use plugins::freshness::ScrapeFreshnessFilter;
 use plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
+use plugins::predicted_ttft::PredictedTtftScorer;
 use plugins::profile::SingleProfileHandler;
 use plugins::scorers::{
     KvCacheUtilizationScorer, LoraAffinityScorer, PrefixCacheScorer, QueueScorer,
@@ -59,6 +61,8 @@ pub struct ScheduleResult {
     /// Prefix blocks the primary endpoint was estimated to hold, and the request's block count.
     pub prefix_matched_blocks: usize,
     pub prefix_total_blocks: usize,
+    /// The primary's predicted prefill work: prompt tokens (bytes / 4) less its matched prefix.
+    pub prefill_tokens: u64,
     /// Total weighted score of each entry of `endpoints`.
     pub scores: Vec<f64>,
 }
@@ -351,6 +355,7 @@ impl std::fmt::Debug for Scheduler {
 }
 
 enum Instance {
+    Filter(Arc<dyn Filter>),
     Scorer(Arc<dyn Scorer>),
     Picker(Arc<dyn Picker>),
     Handler(Arc<dyn ProfileHandler>),
@@ -411,6 +416,19 @@ impl Scheduler {
                     PluginKind::SingleProfileHandler => {
                         Instance::Handler(Arc::new(SingleProfileHandler { name }))
                     }
+                    PluginKind::PredictedTtftScorer(params) => {
+                        Instance::Scorer(Arc::new(PredictedTtftScorer {
+                            name,
+                            index: prefix.as_ref().map(|p| p.index.clone()),
+                            params: *params,
+                        }))
+                    }
+                    PluginKind::ScrapeFreshnessFilter(staleness) => {
+                        Instance::Filter(Arc::new(ScrapeFreshnessFilter {
+                            name,
+                            staleness: *staleness,
+                        }))
+                    }
                     PluginKind::ApproxPrefixCacheProducer(_)
                     | PluginKind::UtilizationDetector(_)
                     | PluginKind::MetricsDataSource(_)
@@ -455,11 +473,20 @@ impl Scheduler {
                     }),
                 };
                 let picker_hist = metrics.plugin(EP_PICKER, picker.plugin_type(), picker.name());
+                let filters = spec
+                    .filters
+                    .iter()
+                    .filter_map(|name| match find(name) {
+                        Some(Instance::Filter(f)) => Some((
+                            f.clone(),
+                            metrics.plugin(EP_FILTER, f.plugin_type(), f.name()),
+                        )),
+                        _ => None,
+                    })
+                    .collect();
                 Profile {
                     name: spec.name.clone(),
-                    // No filter plugin types are configurable yet (`spec.filters` is always
-                    // empty); code adds filters with `push_filter`.
-                    filters: Vec::new(),
+                    filters,
                     scorers,
                     picker: (picker, picker_hist),
                 }
@@ -570,7 +597,10 @@ impl Scheduler {
                     .observe(matched as f64 / hashes.len() as f64);
             }
         }
+        let prompt_tokens = plugins::predicted_ttft::prompt_tokens(req.prompt);
+        let cached = (matched as u64).saturating_mul(block_tokens as u64);
         Ok(ScheduleResult {
+            prefill_tokens: prompt_tokens.saturating_sub(cached),
             endpoints: run.endpoints,
             profile: self.profile_names.get(primary).cloned().unwrap_or_default(),
             prefix_matched_blocks: matched,

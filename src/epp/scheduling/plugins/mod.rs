@@ -13,7 +13,9 @@ use rand::RngCore;
 use super::SchedulingRequest;
 use crate::epp::endpoint::EndpointSnapshot;
 
+pub mod freshness;
 pub mod pickers;
+pub mod predicted_ttft;
 pub mod profile;
 pub mod scorers;
 
