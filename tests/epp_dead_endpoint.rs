@@ -174,9 +174,9 @@ async fn a_replica_killed_under_load_fails_no_request_and_recovers() {
     let dead = mocks.remove(0);
     let dead_addr = dead.addr;
     dead.stop().await;
-    // Past the 300 ms staleness threshold (plus a scrape): the dead replica is filtered, so
-    // Envoy stops retrying away from it.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Well past the 300 ms staleness threshold (plus scrapes delayed on a busy machine): the
+    // dead replica is filtered, so Envoy stops retrying away from it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let retries_after_filter = envoy
         .stat("cluster.inference_pool.upstream_rq_retry")
         .await
