@@ -19,9 +19,21 @@ use switchyard::serve::backend::cuda::{self, weights, CudaBackend, CudaOptions};
 use switchyard::serve::backend::{Backend, BackendError, SeqSlice, StepBatch, StepOutput};
 use switchyard::serve::model::testing::{write_tiny_qwen2_with, TinyDtype, TinyQwen2};
 
-/// Tolerance on logits: the CPU runs f32 activations, the GPU rounds activations to bf16
-/// between ops (relative error 2^-8 per rounding), over 1–2 layers.
-const LOGIT_TOL: f32 = 0.06;
+/// Tolerance on logits, relative to the row's largest |logit| (the CPU's). Both backends use the
+/// same bf16 weights; the CPU computes in f32, the GPU rounds activations to bf16 (unit roundoff
+/// u = 2^-8) at each op output: per layer the norm, QKV, RoPE'd K/V in the cache, attention, o_proj,
+/// the second norm, gate/up, SiLU·mul and down (9; the residual stream and the lm_head output
+/// stay f32), plus the final norm: k = 19 roundings for 2 layers, 10 for 1. Roundings are
+/// independent (relative error within ±u, RMS u/√3) and add in quadrature through GEMMs over
+/// 256–1280 terms, so the logits' error has RMS ≈ √k·u/√3 ≈ 0.01 of their RMS, which is ≈ 1.0
+/// for these models (measured on the CPU: RMS 1.02–1.08, max|logit| 2.9–4.0). The largest of 300
+/// such errors is ≈ 3σ ≈ 0.03 ≈ 0.01 × max|logit|; 0.02 leaves a factor 2. (All k roundings
+/// aligned, k·u ≈ 0.074, would need errors correlated across every GEMM term.) The previous
+/// 0.06 × max(1, max|logit|) let through ≈ 0.2 absolute, a fifth of a logit's RMS. Evidence at
+/// the H100 run (2026-11-22): `cuda_serve` agreed on all 24 greedy tokens with CPU top-2 gaps down
+/// to 0.0085, consistent with errors well under this bound; this value itself has not yet run
+/// on a GPU.
+const LOGIT_TOL: f32 = 0.02;
 const BLOCK: usize = 16;
 
 fn spec(layers: usize, heads: usize, kv_heads: usize, head: usize) -> TinyQwen2 {
@@ -162,7 +174,9 @@ fn check(cpu: &[f32], gpu: &[f32], what: &str) -> u32 {
         .zip(gpu)
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    let scale = cpu.iter().fold(1f32, |m, v| m.max(v.abs()));
+    // No floor at 1: these models' logits reach 2.9–4.0, and a floor would loosen the bound
+    // for a row of small logits instead of failing it.
+    let scale = cpu.iter().fold(0f32, |m, v| m.max(v.abs()));
     assert!(
         max_diff <= LOGIT_TOL * scale,
         "{what}: max |Δlogit| {max_diff} > {LOGIT_TOL} × {scale}"

@@ -277,6 +277,10 @@ fn max_diff(a: &[f32], b: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Bound on |CPU backend logit − naive f64 logit| (the README states it): the f32 kernels sum
+/// in another order than the f64 reference; the worst measured is 5.0e-6 (tied bf16 weights).
+const NAIVE_TOL: f64 = 1e-5;
+
 fn assert_matches_naive(got: &[Vec<f32>], want: &[Vec<f64>], tol: f64) {
     assert_eq!(got.len(), want.len());
     let mut worst = 0f64;
@@ -347,7 +351,7 @@ fn forward_matches_naive_reference_for_every_format() {
         let table: Vec<u32> = (0..10).collect();
         let got = run_chunked(&mut be, &tokens, &[37], &table);
         eprintln!("{what}: ok");
-        assert_matches_naive(&got, &want, 1e-4);
+        assert_matches_naive(&got, &want, NAIVE_TOL);
     }
 }
 
@@ -360,7 +364,7 @@ fn chunked_prefill_and_decode_give_the_same_logits() {
     let table: Vec<u32> = (0..8).collect();
     let mut be = backend(dir.path(), 8);
     let whole = run_chunked(&mut be, &tokens, &[29], &table);
-    assert_matches_naive(&whole, &want, 1e-4);
+    assert_matches_naive(&whole, &want, NAIVE_TOL);
     for chunks in [vec![5, 11, 3, 10], vec![4, 4, 4, 4, 13], vec![1; 29]] {
         let mut be = backend(dir.path(), 8);
         let got = run_chunked(&mut be, &tokens, &chunks, &table);
@@ -462,7 +466,7 @@ fn ragged_batch_equals_sequences_run_alone() {
     expected.extend(wc[8..].iter());
     for (r, want) in expected.into_iter().enumerate() {
         let d = max_diff(out.row(r).unwrap(), want);
-        assert!(d < 1e-4, "row {r}: {d:e}");
+        assert!(d < NAIVE_TOL, "row {r}: {d:e}");
     }
 }
 
