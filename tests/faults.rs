@@ -657,7 +657,8 @@ async fn until_served_by(client: &HttpClient, url: &str, tag: &str, want: usize)
 ///   without re-listing, and a pod added after the cut is routed to;
 /// - the watch expires (410 Gone, compaction): the EPP re-lists, routes to the pod added
 ///   meanwhile and never again to the pod deleted meanwhile;
-/// - the API server fails (500) while the watch is down: routing to the known pods carries on.
+/// - the API server fails (500) while the watch is down: routing to the known pods carries on,
+///   and a pod added during the outage is routed to once the API server answers again.
 #[tokio::test]
 async fn kubernetes_watch_dropped_relists_and_picks_up_new_pods() {
     let envoy_bin = require_tool!(tools::envoy(), "envoy");
@@ -747,14 +748,24 @@ async fn kubernetes_watch_dropped_relists_and_picks_up_new_pods() {
         "the deleted pod was routed to"
     );
 
-    // 3. The API server fails while the watch is down: routing carries on with what it knew.
+    // 3. The API server fails while the watch is down: routing carries on with what it knew,
+    // and once the API server is back a change made meanwhile arrives.
     fake.set_failing(POD, true);
     fake.close_watches();
+    wait_until("the EPP to hit the failing API server", || {
+        fake.requests("failed /pods") > 0
+    })
+    .await;
     let served = served_counts(&mocks);
     let during = load(&client, &url, "API down", 12, 3).await;
     assert_eq!(failures(&during), 0, "{}", describe(&during));
     let after = served_counts(&mocks);
     assert_eq!(after[0], served[0]);
     assert_eq!((1..4).map(|i| after[i] - served[i]).sum::<usize>(), 12);
+    // p0 comes back idle, the others are busy: it is the pick as soon as the EPP knows it.
+    mocks[3].set_metrics(50, 8, 0.9);
+    mocks[0].set_metrics(0, 0, 0.0);
+    fake.apply(pod("p0", "127.0.0.1", &[APP], true));
     fake.set_failing(POD, false);
+    until_served_by(&client, &url, "API back", 0).await;
 }

@@ -463,7 +463,8 @@ impl FakeApiServer {
         }
     }
 
-    /// Requests seen, by `"<verb> <group/plural>"` (verbs: list, watch, get, create, update).
+    /// Requests seen, by `"<verb> <group/plural>"` (verbs: list, watch, get, create, update;
+    /// `failed` counts the requests [`FakeApiServer::set_failing`] refused, of any verb).
     pub fn requests(&self, what: &str) -> usize {
         self.shared
             .inner
@@ -510,6 +511,7 @@ async fn handle(
         );
     };
     if shared.inner.lock().failing.contains(&target.resource) {
+        shared.count(format!("failed {}", target.resource));
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "InternalError",
