@@ -12,6 +12,8 @@
 //! sequence) replay; prefill and mixed steps run eagerly.
 
 use super::launch::{choose_partition_size, PARTITION_SIZE};
+use super::pack::PackedBatch;
+use super::CudaError;
 
 /// Most graphs kept at once; a step whose key is new when the cache is full runs eagerly
 /// (bounded device memory; a long-running server sees few distinct keys: buckets × partition
@@ -98,9 +100,142 @@ pub fn graph_key(
     })
 }
 
+/// Rows of a packed step if it is a decode step a graph can replay: one row per sequence, in
+/// sequence order, each row's logits wanted in row order.
+pub fn decode_rows(p: &PackedBatch) -> Option<usize> {
+    let rows = p.token_ids.len();
+    let decode = rows > 0
+        && p.row_seq.len() == rows
+        && p.logits_rows.len() == rows
+        && p.row_seq.iter().enumerate().all(|(i, &s)| s as usize == i)
+        && p.logits_rows
+            .iter()
+            .enumerate()
+            .all(|(i, &r)| r as usize == i);
+    decode.then_some(rows)
+}
+
+/// Host arrays of a decode step padded to its graph bucket (reused between steps).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PaddedStep {
+    pub token_ids: Vec<u32>,
+    pub positions: Vec<i32>,
+    pub slots: Vec<i32>,
+    pub row_seq: Vec<i32>,
+    pub row_keys: Vec<i32>,
+    pub logits_rows: Vec<i32>,
+    /// `[rows of the step, stride]`: each sequence's block table at the fixed graph stride
+    /// (only the real rows: padding rows read no keys, so no table).
+    pub tables: Vec<i32>,
+}
+
+impl PaddedStep {
+    /// Fills from decode step `p` padded to `rows` rows: padding rows are token 0 at position
+    /// 0 with no cache slot (−1) and 0 keys, read sequence 0's table (never dereferenced), and
+    /// every row's logits are computed (rows 0..`rows`; the caller copies out the real ones).
+    pub fn fill(&mut self, p: &PackedBatch, rows: usize, stride: usize) -> Result<(), CudaError> {
+        let n = p.token_ids.len();
+        if n > rows || p.max_blocks > stride || p.block_tables.len() != n * p.max_blocks {
+            return Err(CudaError::Launch(format!(
+                "decode step of {n} rows (table width {}) does not fit a {rows}-row graph of \
+                 stride {stride}",
+                p.max_blocks
+            )));
+        }
+        let pad = |v: &mut Vec<i32>, src: &[i32], fill: i32| {
+            v.clear();
+            v.extend_from_slice(src);
+            v.resize(rows, fill);
+        };
+        self.token_ids.clear();
+        self.token_ids.extend_from_slice(&p.token_ids);
+        self.token_ids.resize(rows, 0);
+        pad(&mut self.positions, &p.positions, 0);
+        pad(&mut self.slots, &p.slot_mapping, -1);
+        pad(&mut self.row_seq, &p.row_seq, 0);
+        pad(&mut self.row_keys, &p.row_keys, 0);
+        self.logits_rows.clear();
+        self.logits_rows.extend(0..rows as i32);
+        self.tables.clear();
+        self.tables.resize(n * stride, 0);
+        if p.max_blocks > 0 {
+            for (dst, src) in self
+                .tables
+                .chunks_exact_mut(stride)
+                .zip(p.block_tables.chunks_exact(p.max_blocks))
+            {
+                dst[..p.max_blocks].copy_from_slice(src);
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn decode_step(tables: &[&[i32]], keys: &[i32]) -> PackedBatch {
+        let n = keys.len();
+        let max_blocks = tables.iter().map(|t| t.len()).max().unwrap_or(0);
+        PackedBatch {
+            token_ids: (0..n as u32).map(|i| 100 + i).collect(),
+            positions: keys.iter().map(|k| k - 1).collect(),
+            slot_mapping: (0..n as i32).map(|i| 1000 + i).collect(),
+            row_seq: (0..n as i32).collect(),
+            row_keys: keys.to_vec(),
+            block_tables: tables
+                .iter()
+                .flat_map(|t| {
+                    let mut row = t.to_vec();
+                    row.resize(max_blocks, 0);
+                    row
+                })
+                .collect(),
+            max_blocks,
+            max_keys: keys.iter().copied().max().unwrap_or(0) as usize,
+            logits_rows: (0..n as i32).collect(),
+        }
+    }
+
+    #[test]
+    fn padding_a_decode_step_to_its_bucket() {
+        let p = decode_step(&[&[7, 3], &[9], &[4, 5, 6]], &[20, 5, 40]);
+        assert_eq!(decode_rows(&p), Some(3));
+        let mut s = PaddedStep::default();
+        s.fill(&p, 4, 5).unwrap();
+        assert_eq!(s.token_ids, vec![100, 101, 102, 0]);
+        assert_eq!(s.positions, vec![19, 4, 39, 0]);
+        assert_eq!(s.slots, vec![1000, 1001, 1002, -1]);
+        assert_eq!(s.row_seq, vec![0, 1, 2, 0]);
+        assert_eq!(s.row_keys, vec![20, 5, 40, 0]);
+        assert_eq!(s.logits_rows, vec![0, 1, 2, 3]);
+        assert_eq!(s.tables, vec![7, 3, 0, 0, 0, 9, 0, 0, 0, 0, 4, 5, 6, 0, 0]);
+        // Reuse shrinks and regrows cleanly.
+        let q = decode_step(&[&[1]], &[3]);
+        s.fill(&q, 1, 5).unwrap();
+        assert_eq!(
+            (s.token_ids.len(), &s.tables[..]),
+            (1, &[1, 0, 0, 0, 0][..])
+        );
+        // Too many rows or too wide a table is an error, not an out-of-bounds write.
+        assert!(s.fill(&p, 2, 5).is_err());
+        assert!(s.fill(&p, 4, 2).is_err());
+    }
+
+    #[test]
+    fn only_decode_steps_replay() {
+        let mut p = decode_step(&[&[1], &[2]], &[3, 4]);
+        assert_eq!(decode_rows(&p), Some(2));
+        // A prefill chunk (two rows of one sequence) is not a decode step.
+        p.row_seq = vec![0, 0];
+        assert_eq!(decode_rows(&p), None);
+        // Logits wanted for only one of two sequences: not a decode step either.
+        let mut p = decode_step(&[&[1], &[2]], &[3, 4]);
+        p.logits_rows = vec![1];
+        assert_eq!(decode_rows(&p), None);
+        assert_eq!(decode_rows(&PackedBatch::default()), None);
+    }
 
     #[test]
     fn capture_sizes_follow_vllm() {

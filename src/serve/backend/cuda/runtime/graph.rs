@@ -8,20 +8,8 @@ use std::time::Instant;
 use cudarc::driver::{sys as drv_sys, CudaGraph, CudaSlice};
 
 use super::{drv, AttnMode, Gpu};
-use crate::serve::backend::cuda::graphs::{self, GraphKey, GraphLimits};
+use crate::serve::backend::cuda::graphs::{self, GraphKey, GraphLimits, PaddedStep};
 use crate::serve::backend::cuda::CudaError;
-
-/// Host arrays of a padded decode step (reused).
-#[derive(Default)]
-pub(super) struct PaddedStep {
-    pub(super) token_ids: Vec<u32>,
-    pub(super) positions: Vec<i32>,
-    pub(super) slots: Vec<i32>,
-    pub(super) row_seq: Vec<i32>,
-    pub(super) row_keys: Vec<i32>,
-    pub(super) logits_rows: Vec<i32>,
-    pub(super) tables: Vec<i32>,
-}
 
 /// A captured graph, movable to the engine thread with the rest of the backend.
 pub(super) struct Graph(pub(super) CudaGraph);
@@ -50,14 +38,8 @@ impl Gpu {
     pub(super) fn graph_key(&self) -> Option<GraphKey> {
         let g = self.graph.as_ref()?;
         let p = &self.packed;
-        let rows = p.token_ids.len();
-        let decode = p.logits_rows.len() == rows
-            && p.row_seq.iter().enumerate().all(|(i, &s)| s as usize == i)
-            && p.logits_rows
-                .iter()
-                .enumerate()
-                .all(|(i, &r)| r as usize == i);
-        if !decode || p.max_blocks > g.stride {
+        let rows = graphs::decode_rows(p)?;
+        if p.max_blocks > g.stride {
             return None;
         }
         graphs::graph_key(rows, p.max_keys, &g.sizes, &g.lim)
@@ -72,26 +54,7 @@ impl Gpu {
         let p = &self.packed;
         let (n, b, w) = (p.token_ids.len(), key.rows, g.stride);
         let h = &mut g.host;
-        let pad = |v: &mut Vec<i32>, src: &[i32], fill: i32| {
-            v.clear();
-            v.extend_from_slice(src);
-            v.resize(b, fill);
-        };
-        h.token_ids.clear();
-        h.token_ids.extend_from_slice(&p.token_ids);
-        h.token_ids.resize(b, 0);
-        pad(&mut h.positions, &p.positions, 0);
-        pad(&mut h.slots, &p.slot_mapping, -1);
-        pad(&mut h.row_seq, &p.row_seq, 0);
-        pad(&mut h.row_keys, &p.row_keys, 0);
-        h.logits_rows.clear();
-        h.logits_rows.extend(0..b as i32);
-        h.tables.clear();
-        h.tables.resize(n * w, 0);
-        for i in 0..n {
-            h.tables[i * w..i * w + p.max_blocks]
-                .copy_from_slice(&p.block_tables[i * p.max_blocks..(i + 1) * p.max_blocks]);
-        }
+        h.fill(p, b, w)?;
         let s = &self.stream;
         let d = &mut self.buf;
         s.memcpy_htod(&h.token_ids, &mut d.token_ids.slice_mut(..b))

@@ -25,12 +25,12 @@ mod forward;
 mod graph;
 mod linear;
 
-use graph::{GraphState, PaddedStep};
+use graph::GraphState;
 use linear::Weight;
 
 use super::compile::{compile_cubin, ComputeCapability, KernelCache};
 use super::fp8::Fp8Matrix;
-use super::graphs::{self, GraphKey, GraphLimits};
+use super::graphs::{self, GraphKey, GraphLimits, PaddedStep};
 use super::launch::Launch;
 use super::memory::{self, Dims, WeightFormat, Workspace};
 use super::pack::{PackLimits, PackedBatch};
