@@ -98,15 +98,15 @@ impl Harness {
 /// consistent.
 fn check_blocks(core: &EngineCore) {
     let sched = core.scheduler();
-    let pool = sched.kv.pool();
+    let pool = sched.kv().pool();
     pool.check_invariants().unwrap();
     let mut holders = vec![0u32; pool.num_total()];
-    for seq in &sched.running {
+    for seq in sched.running() {
         for &b in &seq.block_table {
             holders[b as usize] += 1;
         }
     }
-    for seq in &sched.waiting {
+    for seq in sched.waiting() {
         assert!(
             seq.block_table.is_empty(),
             "waiting sequence {} holds blocks",
@@ -179,7 +179,7 @@ fn prefix_hits_are_counted_exactly_and_evicted_lru() {
     let mut rx = h.submit(a.clone(), greedy(1));
     h.run();
     assert_eq!(drain(&mut rx).cached_tokens, Some(4));
-    let pool = h.core.scheduler().kv.pool();
+    let pool = h.core.scheduler().kv().pool();
     assert_eq!(pool.num_free(), 8);
 }
 
@@ -308,7 +308,7 @@ fn check_tight_kv(jobs: &[Job], per_step: usize, blocks: usize) -> Result<f64, T
     let outs = run_jobs(&mut tight, jobs, per_step, true);
     // One more step lets the engine notice the last disconnects.
     tight.core.step().unwrap();
-    let pool = tight.core.scheduler().kv.pool();
+    let pool = tight.core.scheduler().kv().pool();
     prop_assert_eq!(pool.num_free(), pool.num_total());
     prop_assert_eq!(
         tight

@@ -4,6 +4,17 @@
 //! [`start`] wires backend → engine thread → HTTP (and optionally the KV-event gRPC stream) and
 //! returns the bound addresses, so tests run the real server on `127.0.0.1:0`; [`run`] is the
 //! `switchyard serve` entry point.
+//!
+//! ```text
+//! protocol   shared vocabulary (SamplingParams, EngineRequest, SeqEvent, FinishReason,
+//!            SubmitError); a leaf every other part may import
+//! api/       HTTP routes, OpenAI types, detokenising + stop strings, the one error → reply point
+//! engine/    one thread: scheduler (schedule → update, owns all queue and KV state), block pool
+//!            + prefix cache, sampling; talks to the model only through backend::Backend
+//! backend/   the Backend trait and its cpu, sim and cuda implementations
+//! model/     config, weights, tokenizer, chat template
+//! metrics    vLLM-named Prometheus metrics (written by the engine, encoded by /metrics)
+//! ```
 
 pub mod api;
 pub mod approx_codec;
@@ -13,6 +24,7 @@ pub mod engine;
 pub mod kv_events;
 pub mod metrics;
 pub mod model;
+pub mod protocol;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

@@ -5,7 +5,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::serve::engine::SubmitError;
+use crate::serve::protocol::SubmitError;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ApiError {

@@ -5,10 +5,9 @@
 use std::sync::Arc;
 
 use crate::serve::codec::TextCodec;
-use crate::serve::engine::{
-    EngineHandle, FinishReason, RequestStream, SamplingParams, SeqEvent, TokenLogprobs,
-};
+use crate::serve::engine::{EngineHandle, RequestStream};
 use crate::serve::metrics::ServeMetrics;
+use crate::serve::protocol::{FinishReason, SamplingParams, SeqEvent, TokenLogprobs};
 
 use super::detok::{Detokenizer, StopMatcher};
 use super::error::ApiError;

@@ -1,5 +1,7 @@
-//! The engine loop: schedule → build the batch → execute on the backend → sample → emit tokens,
-//! once per step, by the single owner of scheduler, KV manager and backend.
+//! The engine loop, once per step: schedule → build the batch → execute on the backend → sample
+//! → [`Scheduler::update`] → report (events to clients, metrics). One owner for scheduler, KV
+//! manager and backend; the scheduler makes every state change, this loop only drives it and
+//! tells the outside world. It talks to the backend through the [`Backend`] trait alone.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,16 +11,14 @@ use tokio::sync::mpsc;
 
 use super::block_pool::BlockPool;
 use super::kv_manager::KvManager;
-use super::sampling::{request_rng, Sampler, TokenLogprobs};
-use super::scheduler::{Scheduler, SchedulerConfig, StepPlan};
-use super::sequence::{Sequence, Timing};
-use super::{
-    Command, EngineConfig, EngineError, EngineInfo, EngineRequest, EngineShared, FinishReason,
-    SeqEvent,
-};
+use super::sampling::{request_rng, Sampler};
+use super::scheduler::{MissingRow, Sampled, Scheduler, SchedulerConfig, StepPlan, TokenUpdate};
+use super::sequence::Sequence;
+use super::{Command, EngineConfig, EngineError, EngineInfo, EngineShared};
 use crate::serve::backend::{Backend, BackendError, SeqSlice, StepBatch, StepOutput};
 use crate::serve::kv_events::KvEventLog;
 use crate::serve::metrics::{CacheConfigInfo, ServeMetrics};
+use crate::serve::protocol::{EngineRequest, FinishReason, SeqEvent, TokenLogprobs};
 
 /// Scheduler, KV manager and backend with the buffers one step reuses.
 pub struct EngineCore {
@@ -29,6 +29,7 @@ pub struct EngineCore {
     batch: StepBatch,
     out: StepOutput,
     plan: StepPlan,
+    sampled: Vec<Sampled>,
     sampler: Sampler,
     metrics: Arc<ServeMetrics>,
     kv_events: Option<Arc<KvEventLog>>,
@@ -96,6 +97,8 @@ impl EngineCore {
             SchedulerConfig {
                 max_num_seqs: cfg.max_num_seqs,
                 max_num_batched_tokens: cfg.max_num_batched_tokens,
+                max_model_len: cfg.max_model_len,
+                eos_token_ids: cfg.eos_token_ids.clone(),
             },
             kv,
         );
@@ -124,6 +127,7 @@ impl EngineCore {
             batch: StepBatch::default(),
             out: StepOutput::default(),
             plan: StepPlan::default(),
+            sampled: Vec::new(),
             sampler: Sampler::default(),
             metrics,
             kv_events,
@@ -197,8 +201,8 @@ impl EngineCore {
         match cmd {
             Command::Submit(req) => self.submit(req),
             Command::Stop { id } => {
-                if let Some(mut seq) = self.sched.abort(id) {
-                    self.finish(&mut seq, FinishReason::Stop, None, Instant::now());
+                if let Some(seq) = self.sched.abort(id) {
+                    self.finish(&seq, FinishReason::Stop, None, Instant::now());
                 }
             }
         }
@@ -223,53 +227,27 @@ impl EngineCore {
             prompt_tokens = req.prompt.len(),
             "request queued"
         );
-        let mut tokens = Vec::with_capacity(total);
-        tokens.extend_from_slice(&req.prompt);
         let rng = request_rng(&req.params, self.cfg.seed, req.id);
-        self.sched.add(Sequence {
-            id: req.id,
-            prompt_len: tokens.len(),
-            tokens,
-            num_computed: 0,
-            block_table: Vec::new(),
-            block_hashes: Vec::new(),
-            num_registered: 0,
-            params: req.params,
-            rng,
-            events: req.events,
-            timing: Timing {
-                arrival: req.arrival,
-                first_scheduled: None,
-                first_token: None,
-                last_token: None,
-            },
-            cached_tokens: None,
-            finished: None,
-            num_preemptions: 0,
-        });
+        self.sched.add(Sequence::new(req, rng));
         self.shared
             .num_waiting
-            .store(self.sched.waiting.len(), Ordering::Relaxed);
+            .store(self.sched.num_waiting(), Ordering::Relaxed);
     }
 
     /// One engine step. Returns the number of tokens the backend processed.
     pub fn step(&mut self) -> Result<usize, EngineError> {
-        if self
-            .sched
-            .running
-            .iter()
-            .chain(self.sched.waiting.iter())
-            .any(Sequence::client_gone)
-        {
-            let now = Instant::now();
-            let mut gone = Vec::new();
-            self.sched
-                .remove_where(Sequence::client_gone, |s| gone.push(s));
-            for mut seq in gone {
-                tracing::debug!(request_id = seq.id, "client gone; request aborted");
-                self.finish(&mut seq, FinishReason::Abort, None, now);
-            }
-        }
+        let (metrics, scale) = (&self.metrics, self.cfg.latency_scale);
+        self.sched.remove_where(Sequence::client_gone, |seq| {
+            tracing::debug!(request_id = seq.id, "client gone; request aborted");
+            finish_seq(
+                metrics,
+                scale,
+                &seq,
+                FinishReason::Abort,
+                None,
+                Instant::now(),
+            );
+        });
         let now = Instant::now();
         self.sched.schedule(&mut self.plan, now);
         // Publish the new queue sizes before this step's tokens reach clients, so a client that
@@ -288,7 +266,14 @@ impl EngineCore {
         self.out.clear();
         self.backend.execute(&self.batch, &mut self.out)?;
         let num_tokens = self.batch.num_tokens();
-        self.process_output()?;
+        self.sample()?;
+        let now = Instant::now();
+        let (metrics, scale) = (&self.metrics, self.cfg.latency_scale);
+        self.sched
+            .update(&self.plan, &mut self.sampled, now, |u| {
+                report_token(metrics, scale, u, now)
+            })
+            .map_err(missing_row)?;
         self.publish();
         Ok(num_tokens)
     }
@@ -302,7 +287,9 @@ impl EngineCore {
         b.slot_mapping.clear();
         b.logits_rows.clear();
         for (k, s) in self.plan.scheduled.iter().enumerate() {
-            let seq = &self.sched.running[s.idx];
+            let Some(seq) = self.sched.running().get(s.idx) else {
+                continue;
+            };
             let start = seq.num_computed;
             let end = start + s.num_new;
             let query_start = b.token_ids.len();
@@ -332,92 +319,40 @@ impl EngineCore {
         b.block_tables.truncate(self.plan.scheduled.len());
     }
 
-    fn process_output(&mut self) -> Result<(), EngineError> {
-        let now = Instant::now();
-        let use_sampled = !self.out.sampled.is_empty();
-        let scale = self.cfg.latency_scale;
-        let mut row = 0usize;
-        let mut any_finished = false;
-        for i in 0..self.plan.scheduled.len() {
-            let s = self.plan.scheduled[i];
-            let seq = &mut self.sched.running[s.idx];
-            seq.num_computed += s.num_new;
-            self.sched.kv.commit(seq);
-            if seq.num_computed < seq.num_tokens() {
-                continue; // a prefill chunk that does not reach the end yet
-            }
-            let r = row;
-            row += 1;
-            let (token, logprobs) = if use_sampled {
-                let token = *self.out.sampled.get(r).ok_or_else(|| missing_row(r))?;
-                let logprobs = seq.params.logprobs.map(|n| TokenLogprobs {
-                    // The sim backend has no distribution: its pick is certain.
-                    logprob: 0.0,
-                    top: if n > 0 {
-                        vec![(token, 0.0)]
-                    } else {
-                        Vec::new()
-                    },
-                });
-                (token, logprobs)
-            } else {
-                let logits = self.out.row(r).ok_or_else(|| missing_row(r))?;
-                let token = self.sampler.sample(logits, &seq.params, &mut seq.rng);
-                let logprobs = seq
-                    .params
-                    .logprobs
-                    .map(|n| self.sampler.logprobs(logits, token, n));
-                (token, logprobs)
-            };
-            seq.tokens.push(token);
-            match seq.timing.last_token {
-                None => {
-                    seq.timing.first_token = Some(now);
-                    self.metrics
-                        .time_to_first_token
-                        .observe(secs(now - seq.timing.arrival, scale));
-                    self.metrics.prompt_tokens.inc_by(seq.prompt_len as u64);
-                    seq.send(SeqEvent::Started {
-                        prompt_tokens: seq.prompt_len,
-                        cached_tokens: seq.cached_tokens.unwrap_or(0),
+    /// Picks one token per logits row into `self.sampled`: the backend's own pick when it made
+    /// one (it has no distribution, so the pick is certain), else sampled from the logits with
+    /// the request's parameters and RNG.
+    fn sample(&mut self) -> Result<(), EngineError> {
+        self.sampled.clear();
+        let (out, sampler, sampled) = (&self.out, &mut self.sampler, &mut self.sampled);
+        let use_picked = !out.sampled.is_empty();
+        self.sched
+            .for_each_sampling_row(&self.plan, |params, rng| {
+                let row = sampled.len();
+                let next = if use_picked {
+                    let token = *out.sampled.get(row).ok_or(MissingRow { row })?;
+                    let logprobs = params.logprobs.map(|n| TokenLogprobs {
+                        logprob: 0.0,
+                        top: if n > 0 {
+                            vec![(token, 0.0)]
+                        } else {
+                            Vec::new()
+                        },
                     });
-                }
-                Some(last) => self
-                    .metrics
-                    .inter_token_latency
-                    .observe(secs(now - last, scale)),
-            }
-            seq.timing.last_token = Some(now);
-            self.metrics.generation_tokens.inc();
-            seq.send(SeqEvent::Token {
-                id: token,
-                logprobs,
-            });
-            let p = &seq.params;
-            let end = if !p.ignore_eos && self.cfg.eos_token_ids.contains(&token) {
-                Some((FinishReason::Stop, None))
-            } else if p.stop_token_ids.contains(&token) {
-                Some((FinishReason::Stop, Some(token)))
-            } else if seq.num_generated() >= p.max_tokens
-                || seq.num_tokens() >= self.cfg.max_model_len
-            {
-                Some((FinishReason::Length, None))
-            } else {
-                None
-            };
-            if let Some((reason, stop_token)) = end {
-                any_finished = true;
-                let seq = &mut self.sched.running[s.idx];
-                finish_seq(&self.metrics, scale, seq, reason, stop_token, now);
-            }
-        }
-        if any_finished {
-            self.sched.remove_where(|s| s.finished.is_some(), drop);
-        }
-        Ok(())
+                    Sampled { token, logprobs }
+                } else {
+                    let logits = out.row(row).ok_or(MissingRow { row })?;
+                    let token = sampler.sample(logits, params, rng);
+                    let logprobs = params.logprobs.map(|n| sampler.logprobs(logits, token, n));
+                    Sampled { token, logprobs }
+                };
+                sampled.push(next);
+                Ok(())
+            })
+            .map_err(missing_row)
     }
 
-    fn finish(&self, seq: &mut Sequence, reason: FinishReason, stop: Option<u32>, now: Instant) {
+    fn finish(&self, seq: &Sequence, reason: FinishReason, stop: Option<u32>, now: Instant) {
         finish_seq(
             &self.metrics,
             self.cfg.latency_scale,
@@ -429,7 +364,7 @@ impl EngineCore {
     }
 
     fn publish_queue_sizes(&self) {
-        let (running, waiting) = (self.sched.running.len(), self.sched.waiting.len());
+        let (running, waiting) = (self.sched.num_running(), self.sched.num_waiting());
         self.metrics.num_requests_running.set(running as i64);
         self.metrics.num_requests_waiting.set(waiting as i64);
         self.shared.num_running.store(running, Ordering::Relaxed);
@@ -438,37 +373,60 @@ impl EngineCore {
 
     fn publish(&mut self) {
         self.publish_queue_sizes();
-        let pool = self.sched.kv.pool();
+        let pool = self.sched.kv().pool();
         self.metrics.kv_cache_usage_perc.set(pool.usage());
         self.shared
             .num_free_blocks
             .store(pool.num_free(), Ordering::Relaxed);
         if let Some(log) = &self.kv_events {
-            log.publish(self.sched.kv.pool_mut().drain_events());
+            log.publish(self.sched.drain_kv_events());
         }
     }
 }
 
-fn missing_row(row: usize) -> EngineError {
-    EngineError::Backend(BackendError::Failed(format!(
-        "backend returned no output for row {row}"
-    )))
+fn missing_row(e: MissingRow) -> EngineError {
+    EngineError::Backend(BackendError::Failed(e.to_string()))
 }
 
 fn secs(d: Duration, scale: f64) -> f64 {
     d.as_secs_f64() * scale
 }
 
-/// Marks `seq` finished, tells the client and records the per-request metrics.
+/// Tells the client about a new token and records the per-token metrics (and the per-request
+/// ones when the token ended the request).
+fn report_token(m: &ServeMetrics, scale: f64, u: TokenUpdate<'_>, now: Instant) {
+    let seq = u.seq;
+    match u.prev_token_at {
+        None => {
+            m.time_to_first_token
+                .observe(secs(now - seq.timing.arrival, scale));
+            m.prompt_tokens.inc_by(seq.prompt_len as u64);
+            seq.send(SeqEvent::Started {
+                prompt_tokens: seq.prompt_len,
+                cached_tokens: seq.cached_tokens.unwrap_or(0),
+            });
+        }
+        Some(last) => m.inter_token_latency.observe(secs(now - last, scale)),
+    }
+    m.generation_tokens.inc();
+    seq.send(SeqEvent::Token {
+        id: u.token,
+        logprobs: u.logprobs,
+    });
+    if let Some((reason, stop_token)) = u.finish {
+        finish_seq(m, scale, seq, reason, stop_token, now);
+    }
+}
+
+/// Tells the client `seq` ended and records the per-request metrics.
 fn finish_seq(
     m: &ServeMetrics,
     scale: f64,
-    seq: &mut Sequence,
+    seq: &Sequence,
     reason: FinishReason,
     stop_token: Option<u32>,
     now: Instant,
 ) {
-    seq.finished = Some(reason);
     seq.send(SeqEvent::Finished { reason, stop_token });
     tracing::trace!(
         request_id = seq.id,

@@ -24,50 +24,9 @@ use crate::serve::kv_events::KvEventLog;
 use crate::serve::metrics::ServeMetrics;
 
 pub use self::core::EngineCore;
-pub use sampling::{SamplingParams, TokenLogprobs};
-
-/// Why a request ended (the `finished_reason` label and the API's `finish_reason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// EOS, a stop token or a stop string.
-    Stop,
-    /// `max_tokens` or the model's context length.
-    Length,
-    /// The client went away.
-    Abort,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-            FinishReason::Abort => "abort",
-        }
-    }
-}
-
-/// Output of one request, in order: `Started`, then `Token`s, then `Finished` (or `Failed`).
-#[derive(Debug, Clone, PartialEq)]
-pub enum SeqEvent {
-    /// First admitted: prompt length and how many prompt tokens came from the prefix cache.
-    Started {
-        prompt_tokens: usize,
-        cached_tokens: usize,
-    },
-    Token {
-        id: u32,
-        logprobs: Option<TokenLogprobs>,
-    },
-    /// `stop_token` is the stop token id that ended generation, if any (not EOS).
-    Finished {
-        reason: FinishReason,
-        stop_token: Option<u32>,
-    },
-    Failed {
-        message: String,
-    },
-}
+pub use crate::serve::protocol::{
+    EngineRequest, FinishReason, SamplingParams, SeqEvent, SubmitError, TokenLogprobs,
+};
 
 /// Engine settings (validated by `serve::run` from the flags).
 #[derive(Debug, Clone)]
@@ -112,14 +71,6 @@ pub enum EngineError {
     Spawn(#[source] std::io::Error),
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SubmitError {
-    #[error("server overloaded: {waiting} requests waiting (limit {max})")]
-    Overloaded { waiting: usize, max: usize },
-    #[error("engine is not running")]
-    EngineDead,
-}
-
 /// Live engine state for the API (health, admission). Written by the engine loop.
 #[derive(Debug, Default)]
 pub struct EngineShared {
@@ -155,16 +106,6 @@ pub struct EngineInfo {
     pub max_waiting: usize,
     pub eos_token_ids: Vec<u32>,
     pub vocab_size: usize,
-}
-
-/// A request handed to the engine.
-#[derive(Debug)]
-pub struct EngineRequest {
-    pub id: u64,
-    pub prompt: Vec<u32>,
-    pub params: SamplingParams,
-    pub arrival: Instant,
-    pub events: mpsc::UnboundedSender<SeqEvent>,
 }
 
 #[derive(Debug)]

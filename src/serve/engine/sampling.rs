@@ -3,48 +3,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// Per-request sampling parameters, already validated by the API layer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SamplingParams {
-    /// 0 means greedy.
-    pub temperature: f32,
-    /// In (0, 1]; 1 disables nucleus filtering.
-    pub top_p: f32,
-    /// 0 disables top-k filtering.
-    pub top_k: usize,
-    pub seed: Option<u64>,
-    /// Generated tokens at most (at least 1).
-    pub max_tokens: usize,
-    /// Generation ends when one of these is sampled (it is included in the output).
-    pub stop_token_ids: Vec<u32>,
-    /// Do not end on the model's EOS tokens.
-    pub ignore_eos: bool,
-    /// Number of top alternatives to return per token; `None` returns no logprobs.
-    pub logprobs: Option<usize>,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        Self {
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: None,
-            max_tokens: 16,
-            stop_token_ids: Vec::new(),
-            ignore_eos: false,
-            logprobs: None,
-        }
-    }
-}
-
-/// Log-probability of the chosen token and the top alternatives (from the raw logits, before
-/// temperature and filtering, as vLLM reports them by default).
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenLogprobs {
-    pub logprob: f32,
-    pub top: Vec<(u32, f32)>,
-}
+use crate::serve::protocol::{SamplingParams, TokenLogprobs};
 
 /// Reusable scratch space for sampling (one per engine, no per-token allocation on the hot path).
 #[derive(Debug, Default)]

@@ -10,18 +10,57 @@
 //! ```
 //! A preempted sequence drops its blocks and later recomputes prompt + generated tokens; its full
 //! blocks usually survive in the prefix cache, so recompute is mostly prefix hits.
+//!
+//! The scheduler owns every state change of a step (vLLM's schedule → execute → update):
+//! [`Scheduler::schedule`] decides, the engine executes the batch and samples, and
+//! [`Scheduler::update`] applies the result (KV commit, new tokens, stop checks, removal of
+//! finished sequences). Everything else reads the queues through accessors.
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use super::block_pool::PoolError;
+use rand::rngs::StdRng;
+
+use super::block_pool::{PoolError, PoolEvent};
 use super::kv_manager::KvManager;
 use super::sequence::Sequence;
+use crate::serve::protocol::{FinishReason, SamplingParams, TokenLogprobs};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchedulerConfig {
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
+    /// Context length: a sequence that reaches it ends with `length`.
+    pub max_model_len: usize,
+    /// End generation (reason `stop`) unless the request sets `ignore_eos`.
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// The token picked for one sequence in one step (one per logits row, in plan order).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+/// One new token as [`Scheduler::update`] applied it, for the engine to report (events, metrics).
+#[derive(Debug)]
+pub struct TokenUpdate<'a> {
+    /// The sequence after the update (token appended, timing updated, `finished` set).
+    pub seq: &'a Sequence,
+    pub token: u32,
+    pub logprobs: Option<TokenLogprobs>,
+    /// When the sequence's previous token came; `None` when this is its first.
+    pub prev_token_at: Option<Instant>,
+    /// Set when this token ended the sequence: why, and the stop token id if one did.
+    pub finish: Option<(FinishReason, Option<u32>)>,
+}
+
+/// A step's output does not match its plan.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("backend returned no output for row {row}")]
+pub struct MissingRow {
+    pub row: usize,
 }
 
 /// One sequence's share of a step.
@@ -54,9 +93,9 @@ impl StepPlan {
 #[derive(Debug)]
 pub struct Scheduler {
     cfg: SchedulerConfig,
-    pub kv: KvManager,
-    pub waiting: VecDeque<Sequence>,
-    pub running: Vec<Sequence>,
+    kv: KvManager,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
     hits: Vec<u32>,
 }
 
@@ -71,8 +110,8 @@ impl Scheduler {
         }
     }
 
-    pub fn config(&self) -> SchedulerConfig {
-        self.cfg
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
     }
 
     pub fn add(&mut self, seq: Sequence) {
@@ -81,6 +120,33 @@ impl Scheduler {
 
     pub fn has_work(&self) -> bool {
         !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// Running sequences, oldest first ([`Scheduled::idx`] indexes this).
+    pub fn running(&self) -> &[Sequence] {
+        &self.running
+    }
+
+    /// Waiting sequences, next to admit first.
+    pub fn waiting(&self) -> impl ExactSizeIterator<Item = &Sequence> {
+        self.waiting.iter()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn kv(&self) -> &KvManager {
+        &self.kv
+    }
+
+    /// KV-cache events (blocks stored/removed) since the last call.
+    pub fn drain_kv_events(&mut self) -> impl Iterator<Item = PoolEvent> + '_ {
+        self.kv.pool_mut().drain_events()
     }
 
     /// Plans one step into `plan`.
@@ -145,6 +211,87 @@ impl Scheduler {
             });
             budget -= num_new;
         }
+    }
+
+    /// Calls `f` with the sampling parameters and RNG of each sequence of `plan` that produces
+    /// a token this step, in logits-row order (the order [`Scheduler::update`] expects them).
+    pub fn for_each_sampling_row<E>(
+        &mut self,
+        plan: &StepPlan,
+        mut f: impl FnMut(&SamplingParams, &mut StdRng) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for s in &plan.scheduled {
+            let Some(seq) = self.running.get_mut(s.idx) else {
+                continue;
+            };
+            if seq.num_computed + s.num_new == seq.num_tokens() {
+                f(&seq.params, &mut seq.rng)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies an executed step (vLLM's `update_from_output`). Every scheduled sequence's new
+    /// tokens are now in the KV cache (its full blocks enter the prefix cache); a sequence that
+    /// reached its end takes the next of `sampled` (one per logits row, in plan order) and ends on
+    /// EOS (unless ignored), a stop token id, `max_tokens` or the context length. `on_token` sees
+    /// each new token with its sequence; finished sequences then leave `running` and free their
+    /// blocks.
+    ///
+    /// Logprobs are moved out of `sampled`. Fails (changing nothing more) when `sampled` is
+    /// shorter than the plan needs.
+    pub fn update(
+        &mut self,
+        plan: &StepPlan,
+        sampled: &mut [Sampled],
+        now: Instant,
+        mut on_token: impl FnMut(TokenUpdate<'_>),
+    ) -> Result<(), MissingRow> {
+        let mut row = 0usize;
+        let mut any_finished = false;
+        for s in &plan.scheduled {
+            let Some(seq) = self.running.get_mut(s.idx) else {
+                continue;
+            };
+            seq.num_computed += s.num_new;
+            self.kv.commit(seq);
+            if seq.num_computed < seq.num_tokens() {
+                continue; // a prefill chunk that does not reach the end yet
+            }
+            let out = sampled.get_mut(row).ok_or(MissingRow { row })?;
+            row += 1;
+            let token = out.token;
+            seq.tokens.push(token);
+            let prev_token_at = seq.timing.last_token.replace(now);
+            seq.timing.first_token.get_or_insert(now);
+            let p = &seq.params;
+            let finish = if !p.ignore_eos && self.cfg.eos_token_ids.contains(&token) {
+                Some((FinishReason::Stop, None))
+            } else if p.stop_token_ids.contains(&token) {
+                Some((FinishReason::Stop, Some(token)))
+            } else if seq.num_generated() >= p.max_tokens
+                || seq.num_tokens() >= self.cfg.max_model_len
+            {
+                Some((FinishReason::Length, None))
+            } else {
+                None
+            };
+            if let Some((reason, _)) = finish {
+                seq.finished = Some(reason);
+                any_finished = true;
+            }
+            on_token(TokenUpdate {
+                seq,
+                token,
+                logprobs: out.logprobs.take(),
+                prev_token_at,
+                finish,
+            });
+        }
+        if any_finished {
+            self.remove_where(|s| s.finished.is_some(), drop);
+        }
+        Ok(())
     }
 
     fn preempt(&mut self, seq: &mut Sequence) {

@@ -6,8 +6,7 @@ use std::time::Instant;
 use rand::rngs::StdRng;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::sampling::SamplingParams;
-use super::{FinishReason, SeqEvent};
+use crate::serve::protocol::{EngineRequest, FinishReason, SamplingParams, SeqEvent};
 
 /// Lifecycle timestamps used for the latency histograms.
 #[derive(Debug, Clone, Copy)]
@@ -43,6 +42,34 @@ pub struct Sequence {
 }
 
 impl Sequence {
+    /// A new, waiting sequence for `req` (its token buffer sized for the whole output).
+    pub fn new(req: EngineRequest, rng: StdRng) -> Self {
+        let capacity = req.prompt.len().saturating_add(req.params.max_tokens);
+        let mut tokens = Vec::with_capacity(capacity);
+        tokens.extend_from_slice(&req.prompt);
+        Self {
+            id: req.id,
+            prompt_len: tokens.len(),
+            tokens,
+            num_computed: 0,
+            block_table: Vec::new(),
+            block_hashes: Vec::new(),
+            num_registered: 0,
+            params: req.params,
+            rng,
+            events: req.events,
+            timing: Timing {
+                arrival: req.arrival,
+                first_scheduled: None,
+                first_token: None,
+                last_token: None,
+            },
+            cached_tokens: None,
+            finished: None,
+            num_preemptions: 0,
+        }
+    }
+
     pub fn num_tokens(&self) -> usize {
         self.tokens.len()
     }
