@@ -329,14 +329,33 @@ async fn replica_killed_under_load_fails_only_its_in_flight_requests() {
     eprintln!("after the kill: 30 requests, {retries} retried off the dead replica");
 }
 
-/// Expected: once a killed replica's metrics are stale (its scrapes fail), the EPP stops naming
-/// it as anyone's primary, so later requests do not even try it (no Envoy retry) and all
-/// succeed.
-#[tokio::test]
-#[ignore = "on main the EPP keeps a dead static endpoint as primary for 1 request in 3 (each costs a \
-            refused connection and a retry); enable once stale endpoints are down-ranked (issue 11)"]
-async fn killed_replica_is_avoided_once_its_metrics_are_stale() {
-    let envoy_bin = require_tool!(tools::envoy(), "envoy");
+/// The reference default profile plus the `scrape-freshness-filter` (threshold 500 ms).
+const FRESHNESS_CONFIG: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: scrape-freshness-filter
+  parameters:
+    metricsStalenessThreshold: 500ms
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: scrape-freshness-filter
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+";
+
+/// Kills one of three replicas (`--fallback-endpoints=2`), waits 2 s (its metrics are stale by
+/// then), sends 30 requests 6 at a time and returns how many Envoy retried, having asserted
+/// that none failed and none reached the dead replica.
+async fn retries_after_a_replica_died(config: Option<&str>) -> Option<u64> {
+    let envoy_bin = tools::envoy()?;
     let mocks = mocks(3).await;
     let mut proxies = Vec::new();
     for m in &mocks {
@@ -349,7 +368,7 @@ async fn killed_replica_is_avoided_once_its_metrics_are_stale() {
     let pool: Vec<SocketAddr> = proxies.iter().map(|p| p.addr).collect();
     let mut opts = EppOptions::new(pool.clone());
     opts.fallback_endpoints = 2;
-    opts.extra_args = vec!["--metrics-staleness-threshold=500ms".into()];
+    opts.config = config.map(str::to_owned);
     let epp = EppProcess::start(&opts).await.unwrap();
     let envoy = envoy(
         &envoy_bin,
@@ -364,7 +383,6 @@ async fn killed_replica_is_avoided_once_its_metrics_are_stale() {
     let client = HttpClient::new();
     let url = envoy.url("/v1/completions");
     proxies[0].kill().await;
-    // Well past the staleness threshold.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let retries = || async {
         envoy
@@ -374,12 +392,34 @@ async fn killed_replica_is_avoided_once_its_metrics_are_stale() {
             .unwrap_or(0)
     };
     let before = retries().await;
-    let later = load(&client, &url, "stale", 30, 6).await;
+    let served = mocks[0].requests_served();
+    let later = load(&client, &url, "after the kill", 30, 6).await;
     assert_eq!(failures(&later), 0, "{}", describe(&later));
-    assert_eq!(
-        retries().await - before,
-        0,
-        "requests still tried the dead replica first"
+    assert_eq!(mocks[0].requests_served(), served);
+    Some(retries().await - before)
+}
+
+/// Expected: with the `scrape-freshness-filter` in the profile, once a killed replica's
+/// metrics are stale the EPP names it for nobody, so later requests do not even try it: no
+/// Envoy retry, no failure.
+#[tokio::test]
+async fn killed_replica_is_avoided_once_stale_with_the_freshness_filter() {
+    let retries = require_tool!(
+        retries_after_a_replica_died(Some(FRESHNESS_CONFIG)).await,
+        "envoy"
+    );
+    assert_eq!(retries, 0, "requests still tried the dead replica first");
+}
+
+/// Expected with the reference default profile (no freshness filter): the dead replica keeps
+/// its last scraped numbers and stays some requests' primary, so it costs Envoy retries — and
+/// still no failure, because the fallbacks take those requests.
+#[tokio::test]
+async fn killed_replica_costs_retries_not_failures_with_the_default_profile() {
+    let retries = require_tool!(retries_after_a_replica_died(None).await, "envoy");
+    assert!(
+        retries > 0,
+        "no request tried the dead replica: the fallbacks went untested"
     );
 }
 
