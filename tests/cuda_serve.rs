@@ -198,3 +198,77 @@ async fn greedy_chat_matches_cpu_over_http() {
     );
     println!("cpu and cuda agree on {same} of {MAX_TOKENS} greedy tokens ({decisive} had to)");
 }
+
+/// The cuda-only flags are refused on other backends with a message naming them (no GPU
+/// needed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cuda_only_flags_are_refused_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_qwen2_with(dir.path(), &TinyQwen2::default()).unwrap();
+    for (quant, graphs) in [(Some(serve::Quantization::Fp8), false), (None, true)] {
+        let mut args = ServeArgs::sim_for_tests("l4-qwen2.5-7b", 0.0);
+        args.backend = BackendKind::Cpu;
+        args.model = Some(dir.path().to_path_buf());
+        args.quantization = quant;
+        args.cuda_graphs = graphs;
+        match serve::start(args).await {
+            Ok(h) => {
+                h.shutdown(std::time::Duration::from_secs(5)).await;
+                panic!("--quantization {quant:?} / --cuda-graphs {graphs} accepted on cpu");
+            }
+            Err(e) => assert!(
+                e.to_string()
+                    .contains("--quantization and --cuda-graphs apply to --backend cuda only"),
+                "{e}"
+            ),
+        }
+    }
+}
+
+/// `switchyard serve --backend cuda --quantization fp8 --cuda-graphs` serves the same tiny
+/// model end to end: a full greedy completion, FP8 weights quantized at load, decode steps
+/// from graphs; the first position's top-5 log-probabilities close to the bf16 eager server's:
+/// within `2 × 0.1 × max(1, max |logprob|)` — the FP8 logit tolerance of tests/cuda_backend.rs
+/// (`FP8_LOGIT_TOL`) once for the logit and once for the log-sum-exp it is shifted by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fp8_with_cuda_graphs_serves_over_http() {
+    if let Err(why) = cuda::gpu_available() {
+        println!("SKIPPED: no CUDA device ({why})");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinyQwen2 {
+        hidden: 256,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 256,
+        dtype: TinyDtype::BF16,
+        ..TinyQwen2::default()
+    };
+    write_tiny_qwen2_with(dir.path(), &spec).unwrap();
+    let mut firsts = Vec::new();
+    for (quant, graphs) in [(None, false), (Some(serve::Quantization::Fp8), true)] {
+        let mut args = ServeArgs::sim_for_tests("l4-qwen2.5-7b", 0.0);
+        args.backend = BackendKind::Cuda;
+        args.model = Some(dir.path().to_path_buf());
+        args.served_model_name = vec!["tiny".into()];
+        args.gpu_memory_utilization = 0.5;
+        args.quantization = quant;
+        args.cuda_graphs = graphs;
+        let h = serve::start(args).await.unwrap();
+        let base = format!("http://{}", h.http_addr);
+        let (positions, v) = chat(&base).await;
+        assert_eq!(positions.len(), MAX_TOKENS, "{quant:?}/{graphs}: {v}");
+        h.shutdown(std::time::Duration::from_secs(5)).await;
+        firsts.push(positions[0].top.clone());
+    }
+    let scale = firsts[0].iter().fold(1f64, |m, v| m.max(v.abs()));
+    for (a, b) in firsts[0].iter().zip(&firsts[1]) {
+        assert!(
+            (a - b).abs() <= 2.0 * 0.1 * scale,
+            "first position top-5: bf16 {:?} vs fp8+graphs {:?}",
+            firsts[0],
+            firsts[1]
+        );
+    }
+}
