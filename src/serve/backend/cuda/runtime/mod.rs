@@ -378,14 +378,32 @@ impl Gpu {
                 memory::kv_blocks_for_budget(total, used, opts.gpu_memory_utilization, block_bytes)?
             }
         };
+        // What the context, cuBLAS and the allocator took beyond our own buffers: the figure
+        // `memory::CONTEXT_RESERVE_BYTES` estimates for planning (logged to calibrate it).
+        let weight_bytes = dims.weight_bytes_as(lm_head.is_none(), format);
+        let graph_bytes = if opts.cuda_graphs {
+            BLAS_WORKSPACE_BYTES + 4 * max_logits * max_model_len.div_ceil(opts.block_size)
+        } else {
+            0
+        };
+        let overhead = used.saturating_sub(weight_bytes + ws.bytes() + graph_bytes);
+        let planned = memory::kv_blocks_for_budget(
+            total,
+            weight_bytes + ws.bytes() + graph_bytes + memory::CONTEXT_RESERVE_BYTES,
+            opts.gpu_memory_utilization,
+            block_bytes,
+        )
+        .unwrap_or(0);
         tracing::info!(
             device = opts.device,
             arch = %cc.arch(),
             sm_count,
+            total_mib = total >> 20,
             weights = ?format,
-            weights_gib = dims.weight_bytes_as(lm_head.is_none(), format) as f64
-                / (1u64 << 30) as f64,
+            weights_gib = weight_bytes as f64 / (1u64 << 30) as f64,
             workspace_mib = ws.bytes() >> 20,
+            context_overhead_mib = overhead >> 20,
+            planned_kv_blocks = planned,
             kv_blocks = budget_blocks,
             cuda_graphs = opts.cuda_graphs,
             elapsed_ms = started.elapsed().as_millis() as u64,
