@@ -1,7 +1,9 @@
 //! Fault injection through real Envoy (`deploy/envoy/envoy.yaml`) and the real `switchyard epp`
-//! binary: a replica killed under load, the EPP restarted under load (fail-closed and fail-open),
-//! a model server whose `/metrics` hangs, and the Kubernetes watch dropped and expired (fake API
-//! server). Each test states the outcome it expects and asserts it with exact counts.
+//! binary: a replica killed under load (and whether later requests still try it, with and
+//! without the `scrape-freshness-filter`), the EPP restarted under load (fail-closed and
+//! fail-open), a model server whose `/metrics` hangs, and the Kubernetes watch cut, expired and
+//! failing (fake API server). Each test states the outcome it expects and asserts it with exact
+//! counts.
 //!
 //! Requests in flight are made exact with the mock's hold: completions park (a non-streamed one
 //! before its response, a streamed one after its first event) until released, so the test knows
