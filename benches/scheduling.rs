@@ -13,9 +13,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use prometheus_client::registry::Registry;
 use std::time::Instant;
 use switchyard::bench::routing::WORK_AWARE_CONFIG;
+use switchyard::epp::config::{parse_config, DEFAULT_CONFIG};
 use switchyard::epp::endpoint::{DispatchCounters, Endpoint, EndpointMetrics, EndpointSnapshot};
 use switchyard::epp::prefix::{hash_prompt, PrefixIndex, PrefixIndexConfig};
-use switchyard::epp::scheduling::{parse_config, Scheduler, SchedulingRequest, DEFAULT_CONFIG};
+use switchyard::epp::scheduling::{ScheduleResult, Scheduler, SchedulingRequest};
 use switchyard::epp::work::WorkGuard;
 
 /// Deterministic pseudo-text: `tokens × 4` bytes, distinct per `seed`.
@@ -43,10 +44,10 @@ fn endpoints(n: usize) -> Vec<Arc<EndpointSnapshot>> {
                     waiting_queue_size: (i % 7) as u32,
                     running_requests: (i % 5) as u32,
                     kv_cache_usage: (i % 10) as f64 / 10.0,
-                    dispatch: Some(Arc::new(DispatchCounters::default())),
                     updated_at: Some(Instant::now()),
                     ..Default::default()
                 },
+                dispatch: Some(Arc::new(DispatchCounters::default())),
             })
         })
         .collect()
@@ -80,6 +81,20 @@ fn hash_and_match(c: &mut Criterion) {
     g.finish();
 }
 
+/// One routing decision as the director makes it: schedule, then record the prompt for the
+/// primary endpoint (the same work `schedule` alone did before recording moved out of it).
+fn route(
+    scheduler: &Scheduler,
+    req: &SchedulingRequest<'_>,
+    eps: &[Arc<EndpointSnapshot>],
+) -> ScheduleResult {
+    let result = scheduler.schedule(req, eps).unwrap();
+    if let Some(prefix) = scheduler.prefix_cache() {
+        prefix.record(&result);
+    }
+    result
+}
+
 fn schedule(c: &mut Criterion) {
     schedule_with(c, "schedule_8k_prompt", DEFAULT_CONFIG);
     schedule_with(c, "schedule_8k_prompt_work_aware", WORK_AWARE_CONFIG);
@@ -87,7 +102,7 @@ fn schedule(c: &mut Criterion) {
 
 fn schedule_with(c: &mut Criterion, group: &str, config_text: &str) {
     let mut g = c.benchmark_group(group);
-    let config = parse_config(config_text).unwrap();
+    let config = parse_config(config_text).unwrap().scheduling;
     for n in [10usize, 100, 1000] {
         let scheduler = Scheduler::new(&config, &mut Registry::default());
         let eps = endpoints(n);
@@ -96,7 +111,7 @@ fn schedule_with(c: &mut Criterion, group: &str, config_text: &str) {
             .iter()
             .enumerate()
             .filter_map(|(i, e)| {
-                let d = e.metrics.dispatch.as_ref()?;
+                let d = e.dispatch.as_ref()?;
                 Some(WorkGuard::dispatch(
                     d,
                     100 * (i % 13) as u64,
@@ -115,7 +130,7 @@ fn schedule_with(c: &mut Criterion, group: &str, config_text: &str) {
                 fallbacks: 0,
             };
             let one = [eps[i % n].clone()];
-            scheduler.schedule(&req, &one).unwrap();
+            route(&scheduler, &req, &one);
         }
         let mut i = 0usize;
         g.bench_function(BenchmarkId::from_parameter(n), |b| {
@@ -128,7 +143,7 @@ fn schedule_with(c: &mut Criterion, group: &str, config_text: &str) {
                     cache_salt: b"",
                     fallbacks: 0,
                 };
-                black_box(scheduler.schedule(&req, &eps).unwrap());
+                black_box(route(&scheduler, &req, &eps));
             })
         });
     }

@@ -4,11 +4,18 @@
 //! - [`serve`]: decode server with an OpenAI-compatible API and vLLM-compatible metrics.
 //! - [`bench`]: load generator, routing benchmarks and the local demo.
 //! - [`promtext`]: Prometheus text-format parsing shared by the scraper and tests.
+//! - [`process`]: logging setup and the shutdown signal, shared by every subcommand.
+//!
+//! In the EPP: a config field takes effect where `epp::config` hands its slice to an owner
+//! (`config/mod.rs` lists them); an error becomes an ext_proc reply in `epp::extproc::replies`;
+//! a routed request is remembered in `Director::remember` (`epp/director.rs`). See
+//! `docs/architecture.md`.
 #![deny(unsafe_code)]
 
 pub mod bench;
 pub mod epp;
 pub mod flagfmt;
+pub mod process;
 pub mod promencode;
 pub mod promtext;
 pub mod serve;

@@ -31,7 +31,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Epp(args) => runtime.block_on(switchyard::epp::run(*args)),
+        Command::Epp(args) => Ok(runtime.block_on(switchyard::epp::run(*args))?),
         Command::Serve(args) => runtime.block_on(switchyard::serve::run(*args)),
         Command::Bench(args) => runtime.block_on(switchyard::bench::run_bench(*args)),
         Command::Demo(args) => runtime.block_on(switchyard::bench::run_demo(*args)),

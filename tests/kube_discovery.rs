@@ -22,7 +22,7 @@ const WAIT: Duration = Duration::from_secs(10);
 struct Running {
     ds: Arc<Datastore>,
     shutdown: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    task: tokio::task::JoinHandle<Result<(), switchyard::epp::discovery::DiscoveryError>>,
 }
 
 impl Running {

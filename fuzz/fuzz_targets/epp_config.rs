@@ -1,7 +1,7 @@
-//! Fuzzes the EndpointPickerConfig loader (`epp::scheduling::parse_config`, YAML from
+//! Fuzzes the EndpointPickerConfig loader (`epp::config::parse_config`, YAML from
 //! `--config-file`/`--config-text`) and, for every config it accepts, the scheduler built from it:
-//! `Scheduler::new` and two scheduling cycles over three endpoints (the second hits the prefix
-//! index the first filled). Any accepted config must schedule without panicking.
+//! `Scheduler::new` and two scheduling cycles over three endpoints, each recorded as the director
+//! does (the second hits the prefix index the first filled). Any accepted config must schedule without panicking.
 #![no_main]
 
 use std::time::Instant;
@@ -10,7 +10,8 @@ use libfuzzer_sys::fuzz_target;
 use prometheus_client::registry::Registry;
 use switchyard::epp::datastore::{Datastore, DiscoveryEvent};
 use switchyard::epp::endpoint::{Endpoint, EndpointMetrics};
-use switchyard::epp::scheduling::{parse_config, Scheduler, SchedulingRequest};
+use switchyard::epp::config::parse_config;
+use switchyard::epp::scheduling::{Scheduler, SchedulingRequest};
 
 const PROMPT: &[u8] = b"You are a helpful assistant. Summarise the following review in one \
 sentence, then rate it from one to five stars. The food was great but the service was slow \
@@ -24,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut registry = Registry::default();
-    let scheduler = Scheduler::new(&config, &mut registry);
+    let scheduler = Scheduler::new(&config.scheduling, &mut registry);
 
     let ds = Datastore::new();
     ds.apply(DiscoveryEvent::Reset(
@@ -65,6 +66,9 @@ fuzz_target!(|data: &[u8]| {
             names.dedup();
             assert_eq!(names.len(), result.endpoints.len(), "duplicate picks");
             assert!(result.prefix_matched_blocks <= result.prefix_total_blocks);
+            if let Some(prefix) = scheduler.prefix_cache() {
+                prefix.record(&result);
+            }
         }
     }
 });

@@ -28,7 +28,8 @@ use switchyard::epp::endpoint::{Endpoint, EndpointMetrics};
 use switchyard::epp::extproc::{ExtProcConfig, Shared, StreamState, BODY_CHUNK_LIMIT};
 use switchyard::epp::metrics::{EppMetrics, ModelNameLabel};
 use switchyard::epp::saturation::SaturationDetector;
-use switchyard::epp::scheduling::{parse_config, Scheduler, DEFAULT_CONFIG};
+use switchyard::epp::config::{parse_config, DEFAULT_CONFIG};
+use switchyard::epp::scheduling::Scheduler;
 
 const MODELS: [&str; 5] = ["m", "food-review", "rewrite-me", "", "sql-lora"];
 const HEADER_KEYS: [&str; 12] = [
@@ -264,7 +265,9 @@ fn shared(setup: &Setup) -> Arc<Shared> {
     let mut registry = Registry::default();
     let metrics = EppMetrics::new(&mut registry);
     let scheduler = Arc::new(Scheduler::new(
-        &parse_config(DEFAULT_CONFIG).expect("default config"),
+        &parse_config(DEFAULT_CONFIG)
+            .expect("default config")
+            .scheduling,
         &mut registry,
     ));
     let ds = Arc::new(Datastore::new());
@@ -307,6 +310,7 @@ fn shared(setup: &Setup) -> Arc<Shared> {
             fallback_endpoints: usize::from(setup.fallback_endpoints % 4),
             disable_subset_filter: setup.disable_subset_filter,
             known_models: Default::default(),
+            inflight_accounting: true,
         },
     );
     let max = usize::from(setup.max_body).max(1);
@@ -316,7 +320,6 @@ fn shared(setup: &Setup) -> Arc<Shared> {
         ExtProcConfig {
             max_body_bytes: max,
             max_response_buffer_bytes: max,
-            inflight_accounting: true,
             stream_timeout: None,
         },
     )

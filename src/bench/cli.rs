@@ -13,6 +13,7 @@ use super::report::{self, Machine, RunInfo};
 use super::routing::{self, Comparison, Policy, PolicyResult};
 use super::stack::{self, ReplicaSpec};
 use super::workload::{completion_body, Workload};
+use crate::process::{self, LogFormat, Signal};
 
 /// Flags of `switchyard bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -524,25 +525,19 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
 async fn with_ctrl_c<T>(
     fut: impl std::future::Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<T> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = fut => r,
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!("interrupted: stopping everything started");
-            anyhow::bail!("interrupted")
-        }
-        _ = term.recv() => {
-            eprintln!("terminated: stopping everything started");
-            anyhow::bail!("terminated")
+        signal = process::shutdown_signal() => {
+            let what = match signal {
+                Signal::Interrupt => "interrupted",
+                Signal::Terminate => "terminated",
+            };
+            eprintln!("{what}: stopping everything started");
+            anyhow::bail!(what)
         }
     }
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    process::init_logging("warn", LogFormat::Console);
 }

@@ -273,6 +273,41 @@ async fn run(
     Ok(())
 }
 
+/// Whether GET `url` answers 200.
+pub async fn get_ok(client: &HttpClient, url: &str) -> bool {
+    let Ok(req) = http::Request::get(url).body(Full::new(Bytes::new())) else {
+        return false;
+    };
+    match tokio::time::timeout(Duration::from_secs(2), client.request(req)).await {
+        Ok(Ok(resp)) => {
+            let ok = resp.status() == http::StatusCode::OK;
+            let _ = resp.into_body().collect().await;
+            ok
+        }
+        _ => false,
+    }
+}
+
+/// GET `url` as text, bounded to 8 MiB.
+pub async fn get_text(client: &HttpClient, url: &str) -> Result<String, String> {
+    let req = http::Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    if resp.status() != http::StatusCode::OK {
+        return Err(format!("HTTP {}", resp.status()));
+    }
+    let body = http_body_util::Limited::new(resp.into_body(), 8 << 20)
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -280,7 +280,7 @@ impl EnvoyProc {
         let client = super::client::http_client();
         let url = format!("http://127.0.0.1:{admin}/ready");
         child
-            .wait_ready(READY_TIMEOUT, || super::stack::get_ok(&client, &url))
+            .wait_ready(READY_TIMEOUT, || super::client::get_ok(&client, &url))
             .await?;
         Ok(Self {
             child,

@@ -3,7 +3,8 @@
 //! - [`arrivals`]: open-loop Poisson schedules (fixed rate, ramp, bursts).
 //! - [`workload`]: the synthetic workloads (shared-prefix, bursty chat, multi-turn, coding agent).
 //! - [`client`] + [`load`]: the streaming OpenAI client and the open-loop driver.
-//! - [`stack`] + [`envoy`] + [`procs`]: local sim replicas, the EPP and Envoy as child processes.
+//! - [`stack`] + [`epp`] + [`envoy`] + [`procs`]: local sim replicas, the EPP and Envoy as child
+//!   processes ([`epp`] builds the one EPP command line; HTTP probes live in [`client`]).
 //! - [`routing`]: the same workload under each routing policy; [`report`]: table, JSON, plot.
 //! - [`overhead`]: what the ext_proc hop costs in front of a zero-latency backend.
 //! - [`soak`]: the stack under steady load with churn and bad requests; RSS/FD growth.
@@ -12,6 +13,7 @@ pub mod arrivals;
 pub mod cli;
 pub mod client;
 pub mod envoy;
+pub mod epp;
 pub mod load;
 pub mod overhead;
 pub mod procs;

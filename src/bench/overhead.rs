@@ -6,7 +6,6 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -18,7 +17,8 @@ use tokio::task::JoinSet;
 use super::arrivals::{Arrivals, RateShape};
 use super::client::{self, HttpClient};
 use super::envoy::{self, EnvoyProc, LbPolicy, Routing};
-use super::procs::{self, ManagedChild, ScratchDir};
+use super::epp::{self, EppOptions};
+use super::procs::{self, ScratchDir};
 use super::report::Machine;
 use super::stats::Quantiles;
 
@@ -210,31 +210,19 @@ pub async fn run(args: OverheadArgs) -> anyhow::Result<()> {
     let (backend, _server_tasks) = zero_latency_backend().await?;
     let http = client::http_client();
 
-    let p = procs::free_ports(3)?;
-    let endpoints: Vec<String> = backend.iter().map(|a| a.to_string()).collect();
-    let mut cmd = Command::new(&bin);
-    cmd.arg("epp")
-        .arg("--endpoints")
-        .arg(endpoints.join(","))
-        .args(["--bind-address", "127.0.0.1"])
-        .arg("--grpc-port")
-        .arg(p[0].to_string())
-        .arg("--grpc-health-port")
-        .arg(p[1].to_string())
-        .arg("--metrics-port")
-        .arg(p[2].to_string())
-        .args([
-            "--secure-serving=false",
-            "--metrics-endpoint-auth=false",
-            "--v",
-            "1",
-        ])
-        .arg(format!("--max-body-bytes={}", 64 << 20));
-    let mut epp = ManagedChild::spawn("epp", &mut cmd, &dir.join("epp.log"))?;
-    let url = format!("http://127.0.0.1:{}/metrics", p[2]);
-    epp.wait_ready(Duration::from_secs(60), || {
-        super::stack::get_ok(&http, &url)
-    })
+    let options = EppOptions {
+        max_body_bytes: Some(64 << 20),
+        ..EppOptions::default()
+    };
+    let (mut epp, ports) = epp::start(
+        &bin,
+        &backend,
+        &options,
+        "epp",
+        &dir.join("epp.log"),
+        Duration::from_secs(60),
+        &http,
+    )
     .await?;
     let direct = EnvoyProc::start(
         &envoy_bin,
@@ -249,8 +237,8 @@ pub async fn run(args: OverheadArgs) -> anyhow::Result<()> {
     let with_epp = EnvoyProc::start(
         &envoy_bin,
         &Routing::Epp {
-            grpc_port: p[0],
-            health_port: p[1],
+            grpc_port: ports.grpc,
+            health_port: ports.health,
         },
         &backend,
         dir,
@@ -469,7 +457,7 @@ mod tests {
         .await
         .unwrap();
         assert!(ms >= 0.0);
-        let text = super::super::stack::get_text(&http, &format!("http://{}/metrics", addrs[0]))
+        let text = super::super::client::get_text(&http, &format!("http://{}/metrics", addrs[0]))
             .await
             .unwrap();
         assert!(text.contains("vllm:kv_cache_usage_perc"));

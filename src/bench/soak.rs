@@ -442,7 +442,7 @@ async fn sample_loop(
             }
         }
         if let Some(url) = &metrics_url {
-            match stack::get_text(&http, url).await {
+            match client::get_text(&http, url).await {
                 Ok(text) => metrics.sizes.push((t_s, text.len() as u64)),
                 Err(e) => {
                     metrics.errors += 1;
@@ -461,7 +461,7 @@ async fn sample_loop(
 pub struct MetricsScrapes {
     /// (seconds since start, bytes) of each successful scrape.
     pub sizes: Vec<(f64, u64)>,
-    /// Scrapes that failed (the limit is 8 MiB and 5 s, as `bench::stack::get_text` reads).
+    /// Scrapes that failed (the limit is 8 MiB and 5 s, as `bench::client::get_text` reads).
     pub errors: u64,
     pub first_error: Option<String>,
 }

@@ -7,11 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-
-use super::client::{self, HttpClient};
+use super::client::{self, get_ok, get_text, HttpClient};
 use super::envoy::{EnvoyError, EnvoyProc, LbPolicy, Routing};
+use super::epp::{self, EppOptions};
 use super::procs::{self, ManagedChild, ProcError};
 use crate::promtext;
 
@@ -111,41 +109,6 @@ fn spawn_replica(
     ManagedChild::spawn(&name, &mut cmd, &dir.join(format!("{name}.log")))
 }
 
-/// Whether GET `url` answers 200.
-pub async fn get_ok(client: &HttpClient, url: &str) -> bool {
-    let Ok(req) = http::Request::get(url).body(Full::new(Bytes::new())) else {
-        return false;
-    };
-    match tokio::time::timeout(Duration::from_secs(2), client.request(req)).await {
-        Ok(Ok(resp)) => {
-            let ok = resp.status() == http::StatusCode::OK;
-            let _ = resp.into_body().collect().await;
-            ok
-        }
-        _ => false,
-    }
-}
-
-/// GET `url` as text, bounded to 8 MiB.
-pub async fn get_text(client: &HttpClient, url: &str) -> Result<String, String> {
-    let req = http::Request::get(url)
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| e.to_string())?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
-        .await
-        .map_err(|_| "timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
-    if resp.status() != http::StatusCode::OK {
-        return Err(format!("HTTP {}", resp.status()));
-    }
-    let body = http_body_util::Limited::new(resp.into_body(), 8 << 20)
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok(String::from_utf8_lossy(&body).into_owned())
-}
-
 impl Stack {
     /// Starts the replicas, the EPP (for [`Gateway::Epp`]) and Envoy, then sends one tiny
     /// request through the gateway until it succeeds.
@@ -184,68 +147,59 @@ impl Stack {
             label: label.to_owned(),
             restarts: vec![0; spec.count],
         };
-        let (epp_args, fallbacks): (Vec<String>, Option<u32>) = match gateway {
-            Gateway::Envoy(_) => (Vec::new(), None),
+        let (options, fallbacks): (EppOptions, Option<u32>) = match gateway {
+            Gateway::Envoy(_) => (EppOptions::default(), None),
             Gateway::Epp {
                 config_text,
                 inflight_accounting,
-            } => {
-                let mut args = vec![format!("--inflight-accounting={inflight_accounting}")];
-                if !config_text.is_empty() {
-                    args.push("--config-text".to_owned());
-                    args.push(config_text.clone());
-                }
-                (args, None)
-            }
+            } => (
+                EppOptions {
+                    inflight_accounting: Some(*inflight_accounting),
+                    config_text: config_text.clone(),
+                    ..EppOptions::default()
+                },
+                None,
+            ),
             Gateway::EppWithFallbacks {
                 fallbacks,
                 epp_args,
-            } => {
-                let mut args = vec![format!("--fallback-endpoints={fallbacks}")];
-                args.extend(epp_args.iter().cloned());
-                (args, Some(*fallbacks))
-            }
+            } => (
+                EppOptions {
+                    fallback_endpoints: Some(*fallbacks),
+                    extra_args: epp_args.clone(),
+                    ..EppOptions::default()
+                },
+                Some(*fallbacks),
+            ),
         };
         let routing = match gateway {
             Gateway::Envoy(lb) => Routing::Plain { lb: *lb },
             Gateway::Epp { .. } | Gateway::EppWithFallbacks { .. } => {
-                let p = procs::free_ports(3)?;
-                let endpoints: Vec<String> =
-                    stack.replica_addrs.iter().map(|a| a.to_string()).collect();
                 let name = format!("{label}-epp");
-                let mut cmd = Command::new(bin);
-                cmd.arg("epp")
-                    .arg("--endpoints")
-                    .arg(endpoints.join(","))
-                    .args(["--bind-address", "127.0.0.1"])
-                    .arg("--grpc-port")
-                    .arg(p[0].to_string())
-                    .arg("--grpc-health-port")
-                    .arg(p[1].to_string())
-                    .arg("--metrics-port")
-                    .arg(p[2].to_string())
-                    .args(["--secure-serving=false", "--metrics-endpoint-auth=false"])
-                    .arg(format!(
-                        "--refresh-metrics-interval={}us",
-                        scrape_interval_us(spec.time_scale)
-                    ))
-                    .args(["--v", "1"])
-                    .args(&epp_args);
-                let mut epp =
-                    ManagedChild::spawn(&name, &mut cmd, &dir.join(format!("{name}.log")))?;
-                let url = format!("http://127.0.0.1:{}/metrics", p[2]);
-                epp.wait_ready(START_TIMEOUT, || get_ok(&http, &url))
-                    .await?;
+                let options = EppOptions {
+                    refresh_metrics_interval_us: Some(scrape_interval_us(spec.time_scale)),
+                    ..options
+                };
+                let (epp, ports) = epp::start(
+                    bin,
+                    &stack.replica_addrs,
+                    &options,
+                    &name,
+                    &dir.join(format!("{name}.log")),
+                    START_TIMEOUT,
+                    &http,
+                )
+                .await?;
                 stack.epp = Some(epp);
-                stack.epp_metrics = Some(SocketAddr::from(([127, 0, 0, 1], p[2])));
+                stack.epp_metrics = Some(SocketAddr::from(([127, 0, 0, 1], ports.metrics)));
                 match fallbacks {
                     None => Routing::Epp {
-                        grpc_port: p[0],
-                        health_port: p[1],
+                        grpc_port: ports.grpc,
+                        health_port: ports.health,
                     },
                     Some(_) => Routing::EppPool {
-                        grpc_port: p[0],
-                        health_port: p[1],
+                        grpc_port: ports.grpc,
+                        health_port: ports.health,
                     },
                 }
             }

@@ -31,13 +31,19 @@ pub struct EndpointSlot {
 }
 
 impl EndpointSlot {
-    /// A slot starting from `metrics`; keeps the counters `metrics` carries (an endpoint that
-    /// was replaced keeps counting the requests still in flight to it), else starts new ones.
-    fn new(endpoint: Arc<Endpoint>, mut metrics: EndpointMetrics) -> Self {
-        let dispatch = metrics.dispatch.take().unwrap_or_default();
-        metrics.dispatch = Some(dispatch.clone());
+    /// A slot starting from `metrics` and `dispatch` (an endpoint that was replaced keeps its
+    /// counters, so the requests still in flight to it keep counting).
+    fn new(
+        endpoint: Arc<Endpoint>,
+        metrics: EndpointMetrics,
+        dispatch: Arc<DispatchCounters>,
+    ) -> Self {
         EndpointSlot {
-            current: ArcSwap::from_pointee(EndpointSnapshot { endpoint, metrics }),
+            current: ArcSwap::from_pointee(EndpointSnapshot {
+                endpoint,
+                metrics,
+                dispatch: Some(dispatch.clone()),
+            }),
             dispatch,
         }
     }
@@ -69,11 +75,13 @@ impl EndpointSlot {
         self.dispatch.scraped(mark);
     }
 
-    fn store(&self, mut metrics: EndpointMetrics) {
+    fn store(&self, metrics: EndpointMetrics) {
         let endpoint = self.current.load().endpoint.clone();
-        metrics.dispatch = Some(self.dispatch.clone());
-        self.current
-            .store(Arc::new(EndpointSnapshot { endpoint, metrics }));
+        self.current.store(Arc::new(EndpointSnapshot {
+            endpoint,
+            metrics,
+            dispatch: Some(self.dispatch.clone()),
+        }));
     }
 }
 
@@ -144,10 +152,12 @@ impl Datastore {
                     Some(slot) => Arc::new(EndpointSlot::new(
                         Arc::new(ep.clone()),
                         slot.load().metrics.clone(),
+                        slot.dispatch().clone(),
                     )),
                     None => Arc::new(EndpointSlot::new(
                         Arc::new(ep.clone()),
                         EndpointMetrics::default(),
+                        Arc::default(),
                     )),
                 };
                 by_name.retain(|s| s.endpoint().name != ep.name);

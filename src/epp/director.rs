@@ -1,7 +1,8 @@
 //! One routing decision: parse → admission → candidates → schedule → reply data.
 //!
-//! A function of (request, datastore snapshot); no protocol details live here (those are in
-//! `extproc`). Error texts and codes are the reference EPP's (GIE v1.5.0
+//! Deciding is a function of (request, datastore snapshot); what a decision teaches (prefix
+//! index, in-flight counts) is recorded right after it in [`Director::remember`]. No protocol
+//! details live here (those are in `extproc`). Error texts and codes are the reference EPP's (GIE v1.5.0
 //! `pkg/epp/requestcontrol/director.go`).
 
 use std::collections::HashSet;
@@ -12,65 +13,54 @@ use std::time::Instant;
 use rand::Rng;
 
 use super::datastore::{Datastore, RequestPolicy, RewriteTarget};
-use super::endpoint::EndpointSnapshot;
+use super::endpoint::{EndpointSnapshot, InflightGuard};
 use super::request::{self, ApiType, RequestError};
 use super::saturation::SaturationDetector;
-use super::scheduling::{Scheduler, SchedulingRequest};
+use super::scheduling::{ScheduleError, ScheduleResult, Scheduler, SchedulingRequest};
+use super::work::WorkGuard;
 
-/// Error classes the reference maps to HTTP statuses in an ImmediateResponse.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    BadRequest,
-    PayloadTooLarge,
-    ResourceExhausted,
-    Internal,
-    ServiceUnavailable,
+/// Why a request cannot be routed. Which HTTP status and reply text each reason gets is decided
+/// in one place, `extproc::replies` (the texts are the reference's, GIE v1.5.0 `director.go`).
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The body is not a JSON object with a string `model`.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error("no pods available in datastore")]
+    NoPods,
+    #[error("system saturated, sheddable request dropped")]
+    Saturated,
+    /// No endpoint left after the subset hint.
+    #[error("failed to find endpoint candidates for serving the request")]
+    NoCandidates,
+    #[error("failed to find target endpoint: {0}")]
+    Schedule(#[from] ScheduleError),
 }
 
-impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::BadRequest => "BadRequest",
-            ErrorCode::PayloadTooLarge => "PayloadTooLarge",
-            ErrorCode::ResourceExhausted => "ResourceExhausted",
-            ErrorCode::Internal => "Internal",
-            ErrorCode::ServiceUnavailable => "ServiceUnavailable",
-        }
-    }
-
-    pub fn http_status(self) -> u16 {
-        match self {
-            ErrorCode::BadRequest => 400,
-            ErrorCode::PayloadTooLarge => 413,
-            ErrorCode::ResourceExhausted => 429,
-            ErrorCode::Internal => 500,
-            ErrorCode::ServiceUnavailable => 503,
-        }
-    }
-}
-
-/// A request that cannot be routed. Displays as the reference's `inference error: <Code> - <Msg>`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("inference error: {} - {msg}", code.as_str())]
+/// A [`RouteError`] with the model labels of the error metric (empty when the body was not
+/// parsed).
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
 pub struct RoutingError {
-    pub code: ErrorCode,
-    pub msg: String,
+    #[source]
+    pub reason: RouteError,
     /// Model label values for the error metric (empty when the body was not parsed; allow-listed
     /// by [`label_for_model`], so never request text the configuration does not name).
     pub model: String,
     pub target_model: String,
 }
 
-impl RoutingError {
-    pub fn new(code: ErrorCode, msg: impl Into<String>) -> Self {
+impl From<RouteError> for RoutingError {
+    fn from(reason: RouteError) -> Self {
         RoutingError {
-            code,
-            msg: msg.into(),
+            reason,
             model: String::new(),
             target_model: String::new(),
         }
     }
+}
 
+impl RoutingError {
     fn with_models(mut self, model: &str, target: &str) -> Self {
         self.model = model.to_string();
         self.target_model = target.to_string();
@@ -90,10 +80,16 @@ pub struct RequestMeta {
 }
 
 /// Where to send the request and what to send.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Decision {
-    /// Primary first, then fallbacks.
+    /// Primary first, then fallbacks; never empty.
     pub endpoints: Vec<Arc<EndpointSnapshot>>,
+    /// This request's share of its primary endpoint's in-flight count (`--inflight-accounting`),
+    /// released when the decision is dropped (the stream ends, however it ends).
+    pub inflight: Option<InflightGuard>,
+    /// This request's predicted prefill (then decode) work at the primary, for the work-aware
+    /// scorer (`--inflight-accounting`); the response side marks the first token on it.
+    pub work: Option<WorkGuard>,
     /// `ip:port[,ip:port...]` for the destination header and metadata.
     pub destination: String,
     /// The body to forward when the model was rewritten; `None` forwards the original bytes.
@@ -110,6 +106,13 @@ pub struct Decision {
     pub prefill_tokens: u64,
 }
 
+impl Decision {
+    /// The endpoint the request goes to first (the one in-flight accounting counts).
+    pub fn primary(&self) -> Option<&Arc<EndpointSnapshot>> {
+        self.endpoints.first()
+    }
+}
+
 /// Static knobs of the director, from flags.
 #[derive(Debug, Clone)]
 pub struct DirectorConfig {
@@ -120,6 +123,9 @@ pub struct DirectorConfig {
     /// Model names allowed as metric label values besides those the policy names
     /// (`--known-models`).
     pub known_models: HashSet<String>,
+    /// Count each routed request against its primary endpoint until its stream ends
+    /// (`--inflight-accounting`), so scorers see load the last scrape could not show yet.
+    pub inflight_accounting: bool,
 }
 
 /// The label value every model name not allow-listed is counted under.
@@ -186,21 +192,14 @@ impl Director {
         }
     }
 
-    pub fn datastore(&self) -> &Arc<Datastore> {
-        &self.datastore
-    }
-
     /// Routes a request that has no body (header-only). The reference picks a random endpoint;
     /// we run the scheduler with an empty prompt, so queue and KV load still count.
     pub fn route_headers_only(&self, meta: &RequestMeta) -> Result<Decision, RoutingError> {
         let snapshot = self.datastore.snapshot();
         if snapshot.is_empty() {
-            return Err(RoutingError::new(
-                ErrorCode::Internal,
-                "no pods available in datastore",
-            ));
+            return Err(RouteError::NoPods.into());
         }
-        let candidates = non_empty(self.subset(snapshot, meta))?;
+        let candidates = non_empty(self.subset(snapshot, meta)).map_err(RoutingError::from)?;
         let req = SchedulingRequest {
             request_id: &meta.request_id,
             target_model: "",
@@ -211,10 +210,13 @@ impl Director {
         let result = self
             .scheduler
             .schedule(&req, &candidates)
-            .map_err(|e| schedule_error(&e))?;
+            .map_err(RouteError::from)?;
+        let (inflight, work) = self.remember(&result);
         Ok(Decision {
             destination: destination_value(&result.endpoints),
             endpoints: result.endpoints,
+            inflight,
+            work,
             rewritten_body: None,
             incoming_model: String::new(),
             target_model: String::new(),
@@ -228,13 +230,7 @@ impl Director {
 
     /// Routes a request with its complete body.
     pub fn route(&self, meta: &RequestMeta, body: &[u8]) -> Result<Decision, RoutingError> {
-        let inspected = request::inspect(body, meta.api).map_err(|e| match e {
-            RequestError::InvalidJson(msg) => RoutingError::new(ErrorCode::BadRequest, msg),
-            RequestError::MissingModel => RoutingError::new(
-                ErrorCode::BadRequest,
-                RequestError::MissingModel.to_string(),
-            ),
-        })?;
+        let inspected = request::inspect(body, meta.api).map_err(RouteError::from)?;
         let policy = self.datastore.policy();
 
         // Target model: rewrite header, else the body's model; a rewrite rule for the incoming
@@ -269,15 +265,13 @@ impl Director {
         } else {
             label_for_model(&target_model, &policy, known, &snapshot).to_string()
         };
-        let label_err = |e: RoutingError| e.with_models(&model_label, &target_label);
+        let label_err =
+            |e: RouteError| RoutingError::from(e).with_models(&model_label, &target_label);
         // Admission looks at the subset-filtered candidates, as the reference's admission
         // controller does; an empty subset therefore counts as saturated for sheddable requests.
         let candidates = self.subset(snapshot, meta);
         if priority < 0 && self.saturation.is_saturated(&candidates, Instant::now()) {
-            return Err(label_err(RoutingError::new(
-                ErrorCode::ResourceExhausted,
-                "system saturated, sheddable request dropped",
-            )));
+            return Err(label_err(RouteError::Saturated));
         }
         let candidates = non_empty(candidates).map_err(label_err)?;
         let req = SchedulingRequest {
@@ -290,13 +284,16 @@ impl Director {
         let result = self
             .scheduler
             .schedule(&req, &candidates)
-            .map_err(|e| label_err(schedule_error(&e)))?;
+            .map_err(|e| label_err(e.into()))?;
+        let (inflight, work) = self.remember(&result);
 
         let rewritten_body =
             (target_model != incoming_model).then(|| inspected.rewrite_model(body, &target_model));
         Ok(Decision {
             destination: destination_value(&result.endpoints),
             endpoints: result.endpoints,
+            inflight,
+            work,
             rewritten_body,
             incoming_model,
             target_model,
@@ -306,6 +303,30 @@ impl Director {
             stream: inspected.stream,
             prefill_tokens: result.prefill_tokens,
         })
+    }
+
+    /// What is learnt from a decision, in one place: the prefix index remembers that the prompt
+    /// now sits on the primary endpoint, and (with `--inflight-accounting`) the primary counts
+    /// the request and its predicted prefill work until the returned guards are dropped.
+    /// Fallbacks are only tried if the primary fails, so they count nothing.
+    fn remember(&self, result: &ScheduleResult) -> (Option<InflightGuard>, Option<WorkGuard>) {
+        if let Some(prefix) = self.scheduler.prefix_cache() {
+            prefix.record(result);
+        }
+        if !self.config.inflight_accounting {
+            return (None, None);
+        }
+        let Some(counters) = result.primary().and_then(|e| e.dispatch.as_ref()) else {
+            return (None, None);
+        };
+        (
+            Some(counters.dispatch()),
+            Some(WorkGuard::dispatch(
+                counters,
+                result.prefill_tokens,
+                Instant::now(),
+            )),
+        )
     }
 
     /// Applies the subset hint (unless disabled).
@@ -330,24 +351,14 @@ impl Director {
     }
 }
 
-/// No candidate left is the reference's 503.
+/// No candidate left after the subset hint.
 fn non_empty(
     candidates: Vec<Arc<EndpointSnapshot>>,
-) -> Result<Vec<Arc<EndpointSnapshot>>, RoutingError> {
+) -> Result<Vec<Arc<EndpointSnapshot>>, RouteError> {
     if candidates.is_empty() {
-        return Err(RoutingError::new(
-            ErrorCode::ServiceUnavailable,
-            "failed to find endpoint candidates for serving the request",
-        ));
+        return Err(RouteError::NoCandidates);
     }
     Ok(candidates)
-}
-
-fn schedule_error(e: &impl std::fmt::Display) -> RoutingError {
-    RoutingError::new(
-        ErrorCode::ResourceExhausted,
-        format!("failed to find target endpoint: {e}"),
-    )
 }
 
 fn destination_value(endpoints: &[Arc<EndpointSnapshot>]) -> String {
@@ -452,6 +463,7 @@ mod tests {
                 }),
                 ..Default::default()
             },
+            dispatch: None,
         })];
         let long = "x".repeat(MAX_MODEL_LABEL_BYTES + 1);
         let cases = [
@@ -527,12 +539,5 @@ mod tests {
             .collect();
         assert_eq!(picks.len(), 2);
         assert_eq!(pick_weighted(&[], &mut rng), None);
-    }
-
-    #[test]
-    fn error_text_is_the_reference_format() {
-        let e = RoutingError::new(ErrorCode::ServiceUnavailable, "x y");
-        assert_eq!(e.to_string(), "inference error: ServiceUnavailable - x y");
-        assert_eq!(e.code.http_status(), 503);
     }
 }

@@ -99,10 +99,6 @@ pub struct EndpointMetrics {
     pub kv_num_blocks: Option<u64>,
     pub lora: Option<LoraInfo>,
     pub updated_at: Option<Instant>,
-    /// The EPP's own live dispatch counters for this endpoint (not scraped). The datastore
-    /// attaches its slot's counters to every snapshot it publishes; `None` (metrics built
-    /// without a datastore, e.g. in tests) scores exactly like the reference.
-    pub dispatch: Option<Arc<DispatchCounters>>,
 }
 
 impl EndpointMetrics {
@@ -112,13 +108,6 @@ impl EndpointMetrics {
             Some(t) => now.saturating_duration_since(t) > threshold,
             None => true,
         }
-    }
-
-    /// Requests this EPP dispatched to the endpoint that the scraped numbers do not include
-    /// yet and that may still be running (see [`DispatchCounters::unscraped`]); 0 without
-    /// counters.
-    pub fn unscraped(&self) -> u32 {
-        self.dispatch.as_ref().map_or(0, |d| d.unscraped())
     }
 }
 
@@ -221,7 +210,27 @@ impl Drop for InflightGuard {
 #[derive(Debug, Clone)]
 pub struct EndpointSnapshot {
     pub endpoint: Arc<Endpoint>,
+    /// Last scraped metrics.
     pub metrics: EndpointMetrics,
+    /// The EPP's own live dispatch counters for this endpoint (not scraped). The datastore's
+    /// slot owns them and attaches them to every snapshot it publishes; `None` (snapshots built
+    /// without a datastore, e.g. in tests) scores exactly like the reference.
+    pub dispatch: Option<Arc<DispatchCounters>>,
+}
+
+impl EndpointSnapshot {
+    /// Requests this EPP dispatched to the endpoint that the scraped numbers do not include
+    /// yet and that may still be running (see [`DispatchCounters::unscraped`]); 0 without
+    /// counters.
+    pub fn unscraped(&self) -> u32 {
+        self.dispatch.as_ref().map_or(0, |d| d.unscraped())
+    }
+
+    /// Counts one request routed here until the returned guard is dropped; `None` without
+    /// counters.
+    pub fn dispatch(&self) -> Option<InflightGuard> {
+        self.dispatch.as_ref().map(|d| d.dispatch())
+    }
 }
 
 #[cfg(test)]
@@ -259,12 +268,12 @@ mod tests {
         assert_eq!(d.dispatched_since_scrape(), 0);
     }
 
-    /// Metrics without counters (`dispatch: None`, as in tests and the reference) and with
+    /// Snapshots without counters (`dispatch: None`, as in tests and the reference) and with
     /// zeroed counters score identically, and exactly as the reference formula on the scraped
     /// numbers alone; live counters then move the scores, so a scorer that ignored them, or
     /// counted zeroed counters as load, fails here.
     #[test]
-    fn metrics_without_counters_score_like_the_reference() {
+    fn snapshots_without_counters_score_like_the_reference() {
         use crate::epp::scheduling::plugins::scorers::{QueueScorer, RunningRequestsScorer};
         use crate::epp::scheduling::plugins::{CycleState, Scorer};
         use crate::epp::scheduling::SchedulingRequest;
@@ -283,9 +292,9 @@ mod tests {
                         metrics: EndpointMetrics {
                             waiting_queue_size: waiting,
                             running_requests: running,
-                            dispatch: dispatch.clone(),
                             ..EndpointMetrics::default()
                         },
+                        dispatch: dispatch.clone(),
                     })
                 })
                 .collect()
@@ -298,14 +307,14 @@ mod tests {
                 cache_salt: b"",
                 fallbacks: 0,
             };
-            let mut cycle = CycleState {
+            let cycle = CycleState {
                 request: &request,
                 prefix_hashes: &[],
                 prefix_block_tokens: 16,
-                prefix_matches: Vec::new(),
+                prefix_matches: &[],
             };
             let mut out = vec![f64::NAN; eps.len()];
-            scorer.score(&mut cycle, eps, &mut out);
+            scorer.score(&cycle, eps, &mut out);
             out
         };
         let queue = QueueScorer { name: "q".into() };

@@ -1,7 +1,15 @@
 //! Endpoint Picker: an Envoy ext_proc server that routes each inference request to the model
 //! replica where it is cheapest (prefix-cache affinity, queue depth, KV-cache utilisation).
+//!
+//! - [`args`] (flags) and [`config`] (EndpointPickerConfig: wire → registry → resolved slices);
+//!   [`server`] wires the parts and hands each its slice.
+//! - [`discovery`] → [`datastore`] ← [`scrape`]: endpoints and their metrics snapshots.
+//! - [`extproc`]: the per-stream phase machine and the one error → reply mapping.
+//! - [`director`]: parse → admit ([`saturation`]) → [`scheduling`] → remember (prefix index,
+//!   in-flight counts).
 
 pub mod args;
+pub mod config;
 pub mod datastore;
 pub mod director;
 pub mod discovery;
@@ -21,6 +29,6 @@ pub mod tls;
 pub mod work;
 
 /// Runs `switchyard epp` until SIGTERM.
-pub async fn run(args: args::EppArgs) -> anyhow::Result<()> {
+pub async fn run(args: args::EppArgs) -> Result<(), server::StartError> {
     server::run(args).await
 }

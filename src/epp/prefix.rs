@@ -268,6 +268,32 @@ struct Interner {
     free: Vec<u16>,
 }
 
+/// Parameters of the approximate prefix index (`prefix-cache-scorer` /
+/// `approx-prefix-cache-producer`; GIE `approximateprefix/types.go`), validated by
+/// `epp::config`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrefixCacheParams {
+    /// Take block size and LRU capacity from the endpoints' reported KV-cache config when known.
+    pub auto_tune: bool,
+    pub block_size_tokens: usize,
+    pub max_prefix_blocks_to_match: usize,
+    /// When > 0, overrides `max_prefix_blocks_to_match` as `this / block size`.
+    pub max_prefix_tokens_to_match: usize,
+    pub lru_capacity_per_server: usize,
+}
+
+impl Default for PrefixCacheParams {
+    fn default() -> Self {
+        PrefixCacheParams {
+            auto_tune: true,
+            block_size_tokens: 16,
+            max_prefix_blocks_to_match: 256,
+            max_prefix_tokens_to_match: 0,
+            lru_capacity_per_server: 31250,
+        }
+    }
+}
+
 /// Settings of a [`PrefixIndex`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PrefixIndexConfig {

@@ -34,11 +34,14 @@ impl ApiType {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum RequestError {
-    /// The body is not valid JSON (or not a JSON object); carries serde's description.
-    #[error("{0}")]
-    InvalidJson(String),
+    /// The body is not valid JSON, or a field has the wrong type; serde's description.
+    #[error(transparent)]
+    InvalidJson(#[from] serde_json::Error),
+    /// The body is a JSON array (serde's derived visitor would accept it as a struct).
+    #[error("invalid type: sequence, expected a JSON object")]
+    NotAnObject,
     #[error("model not found in request body")]
     MissingModel,
 }
@@ -136,12 +139,9 @@ pub struct InspectedBody<'a> {
 pub fn inspect(body: &[u8], api: ApiType) -> Result<InspectedBody<'_>, RequestError> {
     // serde's derived struct visitor also accepts a JSON array; only an object is a request.
     if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
-        return Err(RequestError::InvalidJson(
-            "invalid type: sequence, expected a JSON object".to_string(),
-        ));
+        return Err(RequestError::NotAnObject);
     }
-    let fields: BodyFields<'_> =
-        serde_json::from_slice(body).map_err(|e| RequestError::InvalidJson(e.to_string()))?;
+    let fields: BodyFields<'_> = serde_json::from_slice(body)?;
     let raw_model = fields.model.ok_or(RequestError::MissingModel)?;
     // `model` must be a JSON string; anything else is the reference's "model not found".
     let model: Cow<'_, str> =
@@ -304,18 +304,20 @@ mod tests {
             inspect(b"no healthy upstream", ApiType::Completions),
             Err(RequestError::InvalidJson(_))
         ));
-        assert_eq!(
+        assert!(matches!(
             inspect(br#"{"prompt":"hello world"}"#, ApiType::Completions),
             Err(RequestError::MissingModel)
-        );
-        assert_eq!(
+        ));
+        assert!(matches!(
             inspect(br#"{"model":7}"#, ApiType::Completions),
             Err(RequestError::MissingModel)
-        );
-        assert!(matches!(
-            inspect(b"[1,2]", ApiType::Completions),
-            Err(RequestError::InvalidJson(_))
         ));
+        let e = inspect(b"[1,2]", ApiType::Completions).err();
+        assert!(matches!(e, Some(RequestError::NotAnObject)), "{e:?}");
+        assert_eq!(
+            e.map(|e| e.to_string()).unwrap_or_default(),
+            "invalid type: sequence, expected a JSON object"
+        );
         assert!(matches!(
             inspect(b"", ApiType::Completions),
             Err(RequestError::InvalidJson(_))

@@ -18,20 +18,7 @@ pub const DEFAULT_KV_CACHE_UTIL_THRESHOLD: f64 = 0.8;
 /// Reference default for `metricsStalenessThreshold`.
 pub const DEFAULT_METRICS_STALENESS_THRESHOLD: Duration = Duration::from_millis(200);
 
-/// Why a detector configuration was rejected; names the offending parameter.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum SaturationConfigError {
-    #[error("queueDepthThreshold must be strictly positive, got {0}")]
-    QueueDepthThreshold(i64),
-    #[error("kvCacheUtilThreshold must be in (0.0, 1.0], got {0}")]
-    KvCacheUtilThreshold(f64),
-    #[error("metricsStalenessThreshold must be a positive duration, got {0:?}")]
-    MetricsStalenessThreshold(String),
-    #[error("headroom must be a non-negative number, got {0}")]
-    Headroom(f64),
-}
-
-/// Validated detector settings.
+/// Validated detector settings (`utilization-detector` parameters, validated by `epp::config`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SaturationConfig {
     /// Waiting requests at which one endpoint counts as full (> 0).
@@ -40,7 +27,8 @@ pub struct SaturationConfig {
     pub kv_cache_util_threshold: f64,
     /// Metrics older than this make an endpoint count as full (> 0).
     pub metrics_staleness_threshold: Duration,
-    /// Burst allowance above the thresholds used by [`SaturationDetector::filter`] (≥ 0).
+    /// Burst allowance above the thresholds (≥ 0). Validated and logged; the reference uses it
+    /// in its scheduling-filter role, which Switchyard does not have.
     pub headroom: f64,
 }
 
@@ -52,29 +40,6 @@ impl Default for SaturationConfig {
             metrics_staleness_threshold: DEFAULT_METRICS_STALENESS_THRESHOLD,
             headroom: 0.0,
         }
-    }
-}
-
-impl SaturationConfig {
-    /// Checks the ranges the reference enforces.
-    pub fn validate(&self) -> Result<(), SaturationConfigError> {
-        if self.queue_depth_threshold == 0 {
-            return Err(SaturationConfigError::QueueDepthThreshold(0));
-        }
-        let kv = self.kv_cache_util_threshold;
-        // Written as a negated range check so NaN is rejected too.
-        if !(kv > 0.0 && kv <= 1.0) {
-            return Err(SaturationConfigError::KvCacheUtilThreshold(kv));
-        }
-        if self.metrics_staleness_threshold.is_zero() {
-            return Err(SaturationConfigError::MetricsStalenessThreshold(
-                "0s".to_string(),
-            ));
-        }
-        if !(self.headroom >= 0.0 && self.headroom.is_finite()) {
-            return Err(SaturationConfigError::Headroom(self.headroom));
-        }
-        Ok(())
     }
 }
 
@@ -91,7 +56,6 @@ impl Default for SaturationDetector {
 }
 
 impl SaturationDetector {
-    /// Takes a config that passed [`SaturationConfig::validate`] (or the defaults).
     pub fn new(config: SaturationConfig) -> Self {
         tracing::info!(
             queue_depth_threshold = config.queue_depth_threshold,
@@ -139,37 +103,6 @@ impl SaturationDetector {
     pub fn is_saturated(&self, endpoints: &[Arc<EndpointSnapshot>], now: Instant) -> bool {
         self.saturation(endpoints, now) >= 1.0
     }
-
-    /// Whether one endpoint may take more work: fresh metrics and below the thresholds relaxed by
-    /// `headroom` (the reference detector's scheduling-filter role).
-    pub fn has_capacity(&self, metrics: &EndpointMetrics, now: Instant) -> bool {
-        if self.is_stale(metrics, now) {
-            return false;
-        }
-        let scale = 1.0 + self.config.headroom;
-        let queue_limit = f64::from(self.config.queue_depth_threshold) * scale;
-        let kv_limit = self.config.kv_cache_util_threshold * scale;
-        f64::from(metrics.waiting_queue_size) < queue_limit && metrics.kv_cache_usage < kv_limit
-    }
-
-    /// The endpoints with capacity; fails open (returns all of them) when none has any, so that
-    /// the scorers can still pick the least-bad one.
-    pub fn filter(
-        &self,
-        endpoints: &[Arc<EndpointSnapshot>],
-        now: Instant,
-    ) -> Vec<Arc<EndpointSnapshot>> {
-        let kept: Vec<Arc<EndpointSnapshot>> = endpoints
-            .iter()
-            .filter(|e| self.has_capacity(&e.metrics, now))
-            .cloned()
-            .collect();
-        if kept.is_empty() {
-            endpoints.to_vec()
-        } else {
-            kept
-        }
-    }
 }
 
 #[cfg(test)]
@@ -186,6 +119,7 @@ mod tests {
                 updated_at: age.map(|a| now - a),
                 ..Default::default()
             },
+            dispatch: None,
         })
     }
 
@@ -259,27 +193,5 @@ mod tests {
         });
         let e = snapshot(5, 0.25, Some(Duration::from_secs(1)), now);
         assert_eq!(d.endpoint_score(&e.metrics, now), 0.5);
-    }
-
-    #[test]
-    fn filter_uses_headroom_and_fails_open() {
-        let now = Instant::now();
-        let fresh = Some(Duration::from_millis(5));
-        let d = SaturationDetector::new(SaturationConfig {
-            headroom: 0.2,
-            ..Default::default()
-        });
-        // Limits: queue < 6, kv < 0.96.
-        let pool = [
-            snapshot(5, 0.95, fresh, now),
-            snapshot(6, 0.1, fresh, now),
-            snapshot(0, 0.96, fresh, now),
-            snapshot(0, 0.0, None, now),
-        ];
-        let kept = d.filter(&pool, now);
-        assert_eq!(kept.len(), 1);
-        assert!(Arc::ptr_eq(&kept[0], &pool[0]));
-        let none_fit = [pool[1].clone(), pool[3].clone()];
-        assert_eq!(d.filter(&none_fit, now).len(), 2);
     }
 }

@@ -248,7 +248,6 @@ pub fn extract_metrics(engine: EngineType, text: &str) -> Result<EndpointMetrics
         kv_num_blocks,
         lora,
         updated_at: None,
-        dispatch: None,
     })
 }
 
@@ -344,6 +343,66 @@ fn adapter_list(csv: Option<&str>) -> Vec<String> {
         }
     }
     out
+}
+
+/// `metrics-data-source` parameters: how model-server metrics are fetched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsSourceConfig {
+    /// `http` or `https`.
+    pub scheme: String,
+    pub path: String,
+    pub insecure_skip_verify: bool,
+}
+
+impl Default for MetricsSourceConfig {
+    fn default() -> Self {
+        MetricsSourceConfig {
+            scheme: "http".into(),
+            path: "/metrics".into(),
+            insecure_skip_verify: true,
+        }
+    }
+}
+
+/// `core-metrics-extractor` parameters: which engine's metric names apply to a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsExtractorConfig {
+    pub engine_label_key: String,
+    pub default_engine: EngineType,
+}
+
+impl Default for MetricsExtractorConfig {
+    fn default() -> Self {
+        MetricsExtractorConfig {
+            engine_label_key: EngineType::LABEL.into(),
+            default_engine: EngineType::Vllm,
+        }
+    }
+}
+
+/// The EndpointPickerConfig's data layer (its `dataLayer` section, or the first declared
+/// source and extractor, or the defaults), resolved by `epp::config`.
+///
+/// The scraper reads `http://<pod>/metrics` with the built-in per-engine metric names; a data
+/// layer asking for anything else is accepted for compatibility and reported once at startup
+/// by [`DataLayerConfig::warn_unused`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DataLayerConfig {
+    pub source: MetricsSourceConfig,
+    pub extractor: MetricsExtractorConfig,
+}
+
+impl DataLayerConfig {
+    /// Logs a warning when the configuration asks for something the scraper does not do.
+    pub fn warn_unused(&self) {
+        if *self != DataLayerConfig::default() {
+            tracing::warn!(
+                source = ?self.source,
+                extractor = ?self.extractor,
+                "dataLayer settings other than the defaults are accepted but not used: metrics are scraped from http://<pod>/metrics"
+            );
+        }
+    }
 }
 
 /// Poller settings (`--refresh-metrics-interval`, scrape timeout).
@@ -446,15 +505,43 @@ impl Scraper {
     }
 }
 
+/// Where a poller gets one endpoint's metrics: the HTTP [`Scraper`] in production; tests use
+/// an in-memory source so pollers run under paused time.
+pub trait MetricsSource: Clone + Send + Sync + 'static {
+    /// Fetches and extracts the endpoint's metrics (`updated_at` unset).
+    fn scrape(
+        &self,
+        endpoint: &Endpoint,
+    ) -> impl std::future::Future<Output = Result<EndpointMetrics, ScrapeError>> + Send;
+}
+
+impl MetricsSource for Scraper {
+    fn scrape(
+        &self,
+        endpoint: &Endpoint,
+    ) -> impl std::future::Future<Output = Result<EndpointMetrics, ScrapeError>> + Send {
+        Scraper::scrape(self, endpoint)
+    }
+}
+
 /// Starts the task that runs exactly one poller per endpoint slot, following the datastore's
 /// endpoint set until `shutdown` turns true (or its sender is dropped).
 pub fn spawn_scrape_manager(
     datastore: Arc<Datastore>,
     config: ScrapeConfig,
+    shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    spawn_scrape_manager_with(datastore, config, Scraper::new(config.timeout), shutdown)
+}
+
+/// [`spawn_scrape_manager`] with the metrics coming from `scraper`.
+pub fn spawn_scrape_manager_with<S: MetricsSource>(
+    datastore: Arc<Datastore>,
+    config: ScrapeConfig,
+    scraper: S,
     mut shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let scraper = Scraper::new(config.timeout);
         let mut versions = datastore.subscribe();
         // Keyed by slot identity: the datastore keeps the same slot for an unchanged endpoint and
         // makes a new one when it changes, so a replaced endpoint gets a fresh poller. Holding the
@@ -485,10 +572,10 @@ fn slot_key(slot: &Arc<EndpointSlot>) -> usize {
     Arc::as_ptr(slot) as usize
 }
 
-fn reconcile(
+fn reconcile<S: MetricsSource>(
     datastore: &Datastore,
     pollers: &mut HashMap<usize, (Arc<EndpointSlot>, JoinHandle<()>)>,
-    scraper: &Scraper,
+    scraper: &S,
     config: ScrapeConfig,
 ) {
     let slots = datastore.slots();
@@ -515,7 +602,11 @@ fn reconcile(
 /// How often a persistently failing endpoint's error is logged.
 const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 
-async fn poll_endpoint(slot: Arc<EndpointSlot>, scraper: Scraper, config: ScrapeConfig) {
+async fn poll_endpoint<S: MetricsSource>(
+    slot: Arc<EndpointSlot>,
+    scraper: S,
+    config: ScrapeConfig,
+) {
     let endpoint = slot.endpoint();
     let interval = config.interval.max(Duration::from_millis(1));
     // Spread pollers over one interval so that many endpoints are not scraped in lockstep.

@@ -6,7 +6,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
@@ -17,19 +16,26 @@ use tokio::task::JoinHandle;
 use tonic_health::ServingStatus;
 
 pub use super::args::EppArgs;
-use super::args::{EndpointSource, LogEncoder};
+use super::args::{ArgsError, EndpointSource, LogEncoder};
+use super::config::ConfigError;
+use super::config::{self, EppConfig};
 use super::datastore::Datastore;
 use super::director::{Director, DirectorConfig};
 use super::discovery::file::FileDiscovery;
+use super::discovery::kubernetes::KubeDiscoveryError;
 use super::discovery::kubernetes::{KubeDiscoveryConfig, KubernetesDiscovery};
 use super::discovery::static_list::{parse_endpoint_list, StaticDiscovery};
 use super::discovery::Discovery;
+use super::discovery::DiscoveryError;
 use super::extproc::{ExtProcConfig, ExtProcService, Shared};
+use super::kube_client::KubeClientError;
 use super::metrics::{self, EppMetrics};
 use super::metrics_auth::{AuthCacheConfig, MetricsAuth};
-use super::saturation::{SaturationConfig, SaturationDetector};
-use super::scheduling::{self, Scheduler};
+use super::saturation::SaturationDetector;
+use super::scheduling::Scheduler;
 use super::scrape::{spawn_scrape_manager, ScrapeConfig};
+use super::tls::TlsError;
+use crate::process::{self, LogFormat};
 
 /// Health services the reference answers on (REFERENCE.md §1 "Health").
 const READINESS_SERVICES: [&str; 4] = [
@@ -39,8 +45,52 @@ const READINESS_SERVICES: [&str; 4] = [
     "",
 ];
 
+/// Why the EPP could not start (or `--check-config` failed). `Display` is the first line `main`
+/// prints; the `source` chain follows.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Args(#[from] ArgsError),
+    #[error("reading --config-file {path}")]
+    ReadConfig {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid EndpointPickerConfig ({origin})")]
+    Config {
+        origin: String,
+        #[source]
+        source: ConfigError,
+    },
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+    #[error(transparent)]
+    Kubernetes(#[from] KubeDiscoveryError),
+    #[error(transparent)]
+    KubeClient(#[from] KubeClientError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("binding {what} port {port}")]
+    Bind {
+        what: &'static str,
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Binds `port` on the configured address.
+async fn bind(args: &EppArgs, what: &'static str, port: u16) -> Result<TcpListener, StartError> {
+    TcpListener::bind((args.bind_address, port))
+        .await
+        .map_err(|source| StartError::Bind { what, port, source })
+}
+
 /// Runs the EPP until SIGTERM/SIGINT.
-pub async fn run(args: EppArgs) -> anyhow::Result<()> {
+pub async fn run(args: EppArgs) -> Result<(), StartError> {
     init_logging(&args);
     if args.check_config {
         check_config(&args)?;
@@ -48,59 +98,45 @@ pub async fn run(args: EppArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let epp = start(args).await?;
-    shutdown_signal().await;
-    tracing::info!("shutdown requested; draining open streams");
+    let signal = process::shutdown_signal().await;
+    tracing::info!(?signal, "shutdown requested; draining open streams");
     epp.shutdown().await;
     Ok(())
 }
 
 fn init_logging(args: &EppArgs) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(args.log_filter()));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second init (tests starting several EPPs in one process) is harmless; ignore it.
-    let _ = match args.zap_encoder {
-        LogEncoder::Json => builder.json().try_init(),
-        LogEncoder::Console => builder.try_init(),
+    let format = match args.zap_encoder {
+        LogEncoder::Json => LogFormat::Json,
+        LogEncoder::Console => LogFormat::Console,
     };
+    process::init_logging(args.log_filter(), format);
 }
 
-/// Scheduler configuration from `--config-text`, `--config-file` or the built-in default.
-fn load_scheduler_config(args: &EppArgs) -> anyhow::Result<scheduling::SchedulerConfig> {
+/// The EndpointPickerConfig from `--config-text`, `--config-file` or the built-in default.
+fn load_config(args: &EppArgs) -> Result<EppConfig, StartError> {
     let (text, origin) = if !args.config_text.is_empty() {
         (args.config_text.clone(), "--config-text".to_string())
     } else if !args.config_file.is_empty() {
-        let text = std::fs::read_to_string(&args.config_file)
-            .with_context(|| format!("reading --config-file {}", args.config_file))?;
+        let text = std::fs::read_to_string(&args.config_file).map_err(|source| {
+            StartError::ReadConfig {
+                path: args.config_file.clone(),
+                source,
+            }
+        })?;
         (text, args.config_file.clone())
     } else {
         (
-            scheduling::DEFAULT_CONFIG.to_string(),
+            config::DEFAULT_CONFIG.to_string(),
             "built-in default".to_string(),
         )
     };
-    scheduling::parse_config(&text)
-        .with_context(|| format!("invalid EndpointPickerConfig ({origin})"))
-}
-
-/// The `utilization-detector` parameters from the EndpointPickerConfig (reference defaults when
-/// the config does not name one).
-fn saturation_config(config: &scheduling::SchedulerConfig) -> SaturationConfig {
-    let p = &config.saturation_detector.1;
-    SaturationConfig {
-        queue_depth_threshold: p.queue_depth_threshold,
-        kv_cache_util_threshold: p.kv_cache_util_threshold,
-        metrics_staleness_threshold: p.metrics_staleness_threshold,
-        headroom: p.headroom,
-    }
+    config::parse_config(&text).map_err(|source| StartError::Config { origin, source })
 }
 
 /// `--check-config`: everything `start` would reject, without binding ports or calling APIs.
-fn check_config(args: &EppArgs) -> anyhow::Result<()> {
+fn check_config(args: &EppArgs) -> Result<(), StartError> {
     let source = args.validate()?;
-    load_scheduler_config(args)?;
+    load_config(args)?;
     match source {
         EndpointSource::Static(list) => {
             parse_endpoint_list(&list)?;
@@ -188,12 +224,13 @@ impl RunningEpp {
 }
 
 /// Starts every part of the EPP and returns once all ports are bound.
-pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
+pub async fn start(args: EppArgs) -> Result<RunningEpp, StartError> {
     let source = args.validate()?;
-    let sched_config = load_scheduler_config(&args)?;
+    let config = load_config(&args)?;
+    config.data_layer.warn_unused();
     let mut registry = Registry::default();
     let epp_metrics = EppMetrics::new(&mut registry);
-    let scheduler = Arc::new(Scheduler::new(&sched_config, &mut registry));
+    let scheduler = Arc::new(Scheduler::new(&config.scheduling, &mut registry));
     let datastore = Arc::new(Datastore::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -279,11 +316,12 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
     let director = Arc::new(Director::new(
         datastore.clone(),
         scheduler,
-        SaturationDetector::new(saturation_config(&sched_config)),
+        SaturationDetector::new(config.saturation),
         DirectorConfig {
             fallback_endpoints: args.fallback_endpoints,
             disable_subset_filter: args.disable_endpoint_subset_filter,
             known_models: args.known_models.iter().cloned().collect(),
+            inflight_accounting: args.inflight_accounting,
         },
     ));
     let shared = Shared::new(
@@ -292,7 +330,6 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
         ExtProcConfig {
             max_body_bytes: args.max_body_bytes,
             max_response_buffer_bytes: args.max_response_buffer_bytes,
-            inflight_accounting: args.inflight_accounting,
             stream_timeout: (!args.grpc_stream_timeout.is_zero())
                 .then_some(args.grpc_stream_timeout),
         },
@@ -308,9 +345,7 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
             .set_service_status(svc, ServingStatus::NotServing)
             .await;
     }
-    let health_listener = TcpListener::bind((args.bind_address, args.grpc_health_port))
-        .await
-        .with_context(|| format!("binding health port {}", args.grpc_health_port))?;
+    let health_listener = bind(&args, "health", args.grpc_health_port).await?;
     let health_addr = health_listener.local_addr()?;
     tasks.push(tokio::spawn(async move {
         let incoming =
@@ -330,9 +365,7 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
     ));
 
     // Metrics HTTP.
-    let metrics_listener = TcpListener::bind((args.bind_address, args.metrics_port))
-        .await
-        .with_context(|| format!("binding metrics port {}", args.metrics_port))?;
+    let metrics_listener = bind(&args, "metrics", args.metrics_port).await?;
     let metrics_addr = metrics_listener.local_addr()?;
     let app = axum::Router::new()
         .route("/metrics", axum::routing::get(serve_metrics))
@@ -347,9 +380,7 @@ pub async fn start(args: EppArgs) -> anyhow::Result<RunningEpp> {
     }));
 
     // ext_proc.
-    let grpc_listener = TcpListener::bind((args.bind_address, args.grpc_port))
-        .await
-        .with_context(|| format!("binding ext_proc port {}", args.grpc_port))?;
+    let grpc_listener = bind(&args, "ext_proc", args.grpc_port).await?;
     let grpc_addr = grpc_listener.local_addr()?;
     let service = ExtProcService::new(shared.clone()).into_server();
     let mut stop = shutdown_rx.clone();
@@ -530,26 +561,4 @@ async fn serve_metrics(
         metrics::encode(&state.registry),
     )
         .into_response()
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

@@ -329,7 +329,7 @@ impl Discovery for FileDiscovery {
         self: Box<Self>,
         datastore: Arc<Datastore>,
         mut shutdown: watch::Receiver<bool>,
-    ) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>> {
+    ) -> Pin<Box<dyn Future<Output = Result<(), DiscoveryError>> + Send>> {
         Box::pin(async move {
             let shown = self.path.display().to_string();
             let bytes = read_capped(&self.path)

@@ -31,7 +31,7 @@ use kube::runtime::WatchStreamExt;
 use kube::ResourceExt;
 use tokio::sync::watch;
 
-use super::Discovery;
+use super::{Discovery, DiscoveryError};
 use crate::epp::datastore::{Datastore, DiscoveryEvent};
 use crate::epp::endpoint::Endpoint;
 use policy::{Objective, PoolRef, Rewrite};
@@ -113,7 +113,7 @@ impl Discovery for KubernetesDiscovery {
         self: Box<Self>,
         datastore: Arc<Datastore>,
         shutdown: watch::Receiver<bool>,
-    ) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>> {
+    ) -> Pin<Box<dyn Future<Output = Result<(), DiscoveryError>> + Send>> {
         Box::pin(async move {
             self.config.validate()?;
             Runner::new(*self, datastore).run(shutdown).await?;

@@ -21,7 +21,7 @@ pub trait Discovery: Send + 'static {
         self: Box<Self>,
         datastore: Arc<Datastore>,
         shutdown: watch::Receiver<bool>,
-    ) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+    ) -> Pin<Box<dyn Future<Output = Result<(), DiscoveryError>> + Send>>;
 }
 
 /// Why an endpoint list or pool file was rejected.
@@ -54,4 +54,7 @@ pub enum DiscoveryError {
     },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
+    /// The Kubernetes source failed (bad flags, a watch error, a watch that ended).
+    #[error(transparent)]
+    Kubernetes(#[from] kubernetes::KubeDiscoveryError),
 }

@@ -68,7 +68,7 @@ impl Discovery for StaticDiscovery {
         self: Box<Self>,
         datastore: Arc<Datastore>,
         mut shutdown: watch::Receiver<bool>,
-    ) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>> {
+    ) -> Pin<Box<dyn Future<Output = Result<(), DiscoveryError>> + Send>> {
         Box::pin(async move {
             let names: Vec<&str> = self.endpoints.iter().map(|e| e.name.as_str()).collect();
             tracing::info!(count = names.len(), endpoints = ?names, "static endpoints applied");

@@ -29,8 +29,17 @@ use tonic::{Request, Response, Status, Streaming};
 pub use replies::BODY_CHUNK_LIMIT;
 pub use state::StreamState;
 
-use super::director::Director;
+use super::director::{Director, RoutingError};
 use super::metrics::EppMetrics;
+
+/// Why a stream ends with an error reply. Mapped to status and text in `replies`.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error(transparent)]
+    Route(#[from] RoutingError),
+    #[error("request body exceeds the limit of {limit} bytes (--max-body-bytes)")]
+    BodyTooLarge { limit: usize },
+}
 
 /// Knobs of the ext_proc handler, from flags.
 #[derive(Debug, Clone)]
@@ -39,9 +48,6 @@ pub struct ExtProcConfig {
     pub max_body_bytes: usize,
     /// Largest JSON response body buffered for usage parsing; larger is passed through unparsed.
     pub max_response_buffer_bytes: usize,
-    /// Count each routed request against its primary endpoint until its stream ends
-    /// (`--inflight-accounting`), so scorers see load the last scrape could not show yet.
-    pub inflight_accounting: bool,
     /// Longest a stream may stay open (`--grpc-stream-timeout`); `None`: no limit.
     pub stream_timeout: Option<std::time::Duration>,
 }
@@ -51,7 +57,6 @@ impl Default for ExtProcConfig {
         ExtProcConfig {
             max_body_bytes: 16 << 20,
             max_response_buffer_bytes: 16 << 20,
-            inflight_accounting: true,
             stream_timeout: None,
         }
     }

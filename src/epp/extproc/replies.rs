@@ -1,5 +1,7 @@
 //! Builders for the ext_proc replies the EPP sends, shaped exactly like the reference's
-//! (GIE v1.5.0 `pkg/epp/handlers`, `pkg/common/envoy`).
+//! (GIE v1.5.0 `pkg/epp/handlers`, `pkg/common/envoy`), and the one place where an error
+//! becomes a reply: [`error_code`] picks the status for each [`StreamError`], and
+//! [`immediate_error`] writes `inference error: <Code> - <message>`.
 
 use envoy_types::pb::envoy::config::core::v3::{
     header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption,
@@ -12,7 +14,54 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 
-use super::super::director::RoutingError;
+use super::StreamError;
+use crate::epp::director::RouteError;
+
+/// Error classes the reference maps to HTTP statuses in an ImmediateResponse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadRequest,
+    PayloadTooLarge,
+    ResourceExhausted,
+    Internal,
+    ServiceUnavailable,
+}
+
+impl ErrorCode {
+    /// The code's name in the reply body and the `error_code` metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "BadRequest",
+            ErrorCode::PayloadTooLarge => "PayloadTooLarge",
+            ErrorCode::ResourceExhausted => "ResourceExhausted",
+            ErrorCode::Internal => "Internal",
+            ErrorCode::ServiceUnavailable => "ServiceUnavailable",
+        }
+    }
+
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest => 400,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::ResourceExhausted => 429,
+            ErrorCode::Internal => 500,
+            ErrorCode::ServiceUnavailable => 503,
+        }
+    }
+}
+
+/// The reference's error class for each way a stream can fail (REFERENCE.md §1).
+pub fn error_code(err: &StreamError) -> ErrorCode {
+    match err {
+        StreamError::BodyTooLarge { .. } => ErrorCode::PayloadTooLarge,
+        StreamError::Route(e) => match &e.reason {
+            RouteError::Request(_) => ErrorCode::BadRequest,
+            RouteError::NoPods => ErrorCode::Internal,
+            RouteError::Saturated | RouteError::Schedule(_) => ErrorCode::ResourceExhausted,
+            RouteError::NoCandidates => ErrorCode::ServiceUnavailable,
+        },
+    }
+}
 
 /// Largest body chunk sent back in one StreamedBodyResponse (the reference's `BodyByteLimit`).
 pub const BODY_CHUNK_LIMIT: usize = 62_000;
@@ -183,12 +232,86 @@ fn streamed_chunk(direction: Direction, body: Vec<u8>, end_of_stream: bool) -> P
 }
 
 /// The reference's error reply: status code and body `inference error: <Code> - <Msg>`.
-pub fn immediate_error(err: &RoutingError) -> ProcessingResponse {
+pub fn immediate_error(err: &StreamError) -> ProcessingResponse {
+    let code = error_code(err);
     wrap(Response::ImmediateResponse(ImmediateResponse {
         status: Some(HttpStatus {
-            code: i32::from(err.code.http_status()),
+            code: i32::from(code.http_status()),
         }),
-        body: err.to_string().into_bytes(),
+        body: format!("inference error: {} - {err}", code.as_str()).into_bytes(),
         ..Default::default()
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::epp::director::RoutingError;
+    use crate::epp::request::RequestError;
+    use crate::epp::scheduling::ScheduleError;
+
+    fn reply(err: StreamError) -> (i32, String) {
+        match immediate_error(&err).response {
+            Some(Response::ImmediateResponse(r)) => (
+                r.status.map_or(0, |s| s.code),
+                String::from_utf8(r.body).unwrap_or_default(),
+            ),
+            other => panic!("not an immediate response: {other:?}"),
+        }
+    }
+
+    fn route(reason: RouteError) -> StreamError {
+        StreamError::Route(RoutingError::from(reason))
+    }
+
+    /// Every error's status and body, byte for byte as REFERENCE.md lists them.
+    #[test]
+    fn each_error_maps_to_the_reference_status_and_text() {
+        let bad_json = serde_json::from_slice::<serde_json::Value>(b"no healthy upstream")
+            .err()
+            .map(RequestError::InvalidJson);
+        let cases = [
+            (
+                StreamError::BodyTooLarge { limit: 10 },
+                413,
+                "inference error: PayloadTooLarge - request body exceeds the limit of 10 bytes (--max-body-bytes)",
+            ),
+            (
+                route(RouteError::Request(RequestError::MissingModel)),
+                400,
+                "inference error: BadRequest - model not found in request body",
+            ),
+            (
+                route(RouteError::NoPods),
+                500,
+                "inference error: Internal - no pods available in datastore",
+            ),
+            (
+                route(RouteError::Saturated),
+                429,
+                "inference error: ResourceExhausted - system saturated, sheddable request dropped",
+            ),
+            (
+                route(RouteError::NoCandidates),
+                503,
+                "inference error: ServiceUnavailable - failed to find endpoint candidates for serving the request",
+            ),
+            (
+                route(RouteError::Schedule(ScheduleError::ProfileFailed {
+                    profile: "default".into(),
+                })),
+                429,
+                "inference error: ResourceExhausted - failed to find target endpoint: failed to run scheduler profile 'default'",
+            ),
+        ];
+        for (err, status, body) in cases {
+            assert_eq!(reply(err), (status, body.to_string()));
+        }
+        let (status, body) = reply(route(RouteError::Request(bad_json.unwrap())));
+        assert_eq!(status, 400);
+        assert_eq!(
+            body,
+            "inference error: BadRequest - expected ident at line 1 column 2"
+        );
+    }
 }

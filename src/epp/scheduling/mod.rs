@@ -1,40 +1,50 @@
 //! Scheduling: picks the endpoint(s) for one request by running the configured profile's
 //! filters → scorers (weighted sum of clamped scores) → picker, as configured by an
-//! EndpointPickerConfig, and teaches the prefix index where the request went.
+//! EndpointPickerConfig (resolved into [`SchedulerConfig`] by `epp::config`).
 //!
-//! Ported from GIE v1.5.0 `pkg/epp/scheduling/{scheduler,scheduler_profile}.go`; the prefix
-//! index's PrepareData/PreRequest hooks are folded in: the prompt is hashed once per request,
-//! the hashes are shared by the prefix scorer and the recording step.
+//! Ported from GIE v1.5.0 `pkg/epp/scheduling/{scheduler,scheduler_profile}.go`. Deciding is
+//! separate from learning: the prompt is hashed and looked up once per request before scoring
+//! (the reference's PrepareData), scorers are pure, and the director records the routed request
+//! afterwards with [`PrefixCache::record`] (the reference's PreRequest).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use rand::RngCore;
 
 use crate::epp::endpoint::EndpointSnapshot;
-use crate::epp::prefix::{self, PrefixIndex, PrefixIndexConfig};
+use crate::epp::prefix::PrefixIndex;
 
-pub mod config;
 pub mod plugins;
+mod prefix_cache;
 
-pub use config::{
-    parse_config, ConfigError, PluginKind, PrefixCacheParams, ProfileSpec, SchedulerConfig,
-    DEFAULT_CONFIG,
-};
-use plugins::freshness::ScrapeFreshnessFilter;
-use plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
-use plugins::predicted_ttft::PredictedTtftScorer;
-use plugins::profile::SingleProfileHandler;
-use plugins::scorers::{
-    KvCacheUtilizationScorer, LoraAffinityScorer, PrefixCacheScorer, QueueScorer,
-    RunningRequestsScorer,
-};
+pub use prefix_cache::PrefixCache;
+
+pub use crate::epp::prefix::PrefixCacheParams;
 use plugins::{CycleState, Filter, Picker, ProfileHandler, ProfileOutcome, Scored, Scorer};
+
+/// The scheduling slice of the EPP configuration, resolved by `epp::config`: profiles with
+/// their plugin instances already built, the profile handler, and the prefix index parameters
+/// (present when any prefix plugin is configured).
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub profiles: Vec<ProfileConfig>,
+    pub handler: Arc<dyn ProfileHandler>,
+    pub prefix_cache: Option<PrefixCacheParams>,
+}
+
+/// One scheduling profile: filters in order, weighted scorers, one picker.
+#[derive(Debug, Clone)]
+pub struct ProfileConfig {
+    pub name: String,
+    pub filters: Vec<Arc<dyn Filter>>,
+    pub scorers: Vec<(Arc<dyn Scorer>, f64)>,
+    pub picker: Arc<dyn Picker>,
+}
 
 /// What scheduling needs to know about one request.
 #[derive(Debug, Clone, Copy)]
@@ -63,8 +73,19 @@ pub struct ScheduleResult {
     pub prefix_total_blocks: usize,
     /// The primary's predicted prefill work: prompt tokens (bytes / 4) less its matched prefix.
     pub prefill_tokens: u64,
+    /// The request's prefix-block hashes and their block size (tokens), for
+    /// [`PrefixCache::record`]; empty without a prefix plugin.
+    pub prefix_hashes: Vec<u64>,
+    pub prefix_block_tokens: usize,
     /// Total weighted score of each entry of `endpoints`.
     pub scores: Vec<f64>,
+}
+
+impl ScheduleResult {
+    /// The endpoint the request goes to first.
+    pub fn primary(&self) -> Option<&Arc<EndpointSnapshot>> {
+        self.endpoints.first()
+    }
 }
 
 /// Why no endpoint was picked. `Display` is the text after "failed to find target endpoint: ".
@@ -90,11 +111,6 @@ const EP_PROCESS_RESULTS: &str = "ProcessProfilesResults";
 const LATENCY_BUCKETS: [f64; 10] = [
     0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
 ];
-const HIT_RATIO_BUCKETS: [f64; 11] = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
-const HIT_BYTES_BUCKETS: [f64; 14] = [
-    0.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0,
-    65536.0,
-];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PluginLabels {
@@ -111,21 +127,28 @@ fn latency_histogram() -> Histogram {
 struct Metrics {
     plugin_duration: Family<PluginLabels, Histogram, fn() -> Histogram>,
     e2e: Histogram,
-    hit_ratio: Histogram,
-    hit_bytes: Histogram,
     handler_pick: Histogram,
     handler_process: Histogram,
 }
 
 impl Metrics {
-    fn new(registry: &mut Registry, index_size: Gauge, handler: &dyn ProfileHandler) -> Self {
+    fn new(
+        registry: &mut Registry,
+        prefix: Option<&PrefixCache>,
+        handler: &dyn ProfileHandler,
+    ) -> Self {
+        let index_size = prefix
+            .map(|p| p.index().size_gauge().clone())
+            .unwrap_or_default();
+        let (hit_ratio, hit_bytes) = match prefix {
+            Some(p) => (p.hit_ratio.clone(), p.hit_bytes.clone()),
+            None => PrefixCache::empty_histograms(),
+        };
         let plugin_duration =
             Family::<PluginLabels, Histogram, fn() -> Histogram>::new_with_constructor(
                 latency_histogram,
             );
         let e2e = latency_histogram();
-        let hit_ratio = Histogram::new(HIT_RATIO_BUCKETS);
-        let hit_bytes = Histogram::new(HIT_BYTES_BUCKETS);
         registry.register(
             "inference_extension_scheduler_e2e_duration_seconds",
             "End-to-end scheduling latency distribution in seconds.",
@@ -144,18 +167,16 @@ impl Metrics {
         registry.register(
             "inference_extension_prefix_indexer_hit_ratio",
             "Ratio of prefix length matched to total prefix length in the cache lookup.",
-            hit_ratio.clone(),
+            hit_ratio,
         );
         registry.register(
             "inference_extension_prefix_indexer_hit_bytes",
             "Length of the prefix match in number of bytes in the cache lookup.",
-            hit_bytes.clone(),
+            hit_bytes,
         );
         let mut m = Metrics {
             plugin_duration,
             e2e,
-            hit_ratio,
-            hit_bytes,
             handler_pick: latency_histogram(),
             handler_process: latency_histogram(),
         };
@@ -185,6 +206,8 @@ struct Profile {
     filters: Vec<(Arc<dyn Filter>, Histogram)>,
     scorers: Vec<(Arc<dyn Scorer>, f64, Histogram)>,
     picker: (Arc<dyn Picker>, Histogram),
+    /// Whether a scorer reads prefix matches (then they are looked up before scoring).
+    uses_prefix_matches: bool,
 }
 
 /// A successful profile run.
@@ -203,7 +226,8 @@ enum ProfileFailure {
 impl Profile {
     fn run(
         &self,
-        cycle: &mut CycleState<'_>,
+        req: &SchedulingRequest<'_>,
+        prepared: &Prepared<'_>,
         candidates: &[Arc<EndpointSnapshot>],
         fallbacks: usize,
         rng: &mut dyn RngCore,
@@ -215,7 +239,7 @@ impl Profile {
             let mut kept = candidates.to_vec();
             for (filter, hist) in &self.filters {
                 let t = Instant::now();
-                filter.filter(cycle, &mut kept);
+                filter.filter(req, &mut kept);
                 observe_since(hist, t);
                 if kept.is_empty() {
                     tracing::debug!(profile = %self.name, filter = filter.name(),
@@ -231,13 +255,28 @@ impl Profile {
         }
 
         let n = endpoints.len();
-        cycle.prefix_matches.clear();
+        let mut matches = Vec::new();
+        if self.uses_prefix_matches {
+            if let Some(index) = prepared.index {
+                index.match_prefix(
+                    prepared.hashes,
+                    endpoints.iter().map(|e| e.endpoint.name.as_str()),
+                    &mut matches,
+                );
+            }
+        }
+        let cycle = CycleState {
+            request: req,
+            prefix_hashes: prepared.hashes,
+            prefix_block_tokens: prepared.block_tokens,
+            prefix_matches: &matches,
+        };
         let mut total = vec![0.0f64; n];
         let mut buf = vec![0.0f64; n];
         for (scorer, weight, hist) in &self.scorers {
             buf.fill(0.0);
             let t = Instant::now();
-            scorer.score(cycle, endpoints, &mut buf);
+            scorer.score(&cycle, endpoints, &mut buf);
             observe_since(hist, t);
             for (acc, s) in total.iter_mut().zip(&buf) {
                 // Clamp to [0, 1]; a NaN score counts as 0.
@@ -261,9 +300,9 @@ impl Profile {
             scored[picked..].sort_by(|a, b| b.score.total_cmp(&a.score));
         }
         let take = picked.max(wanted);
-        let primary_prefix_match = cycle.prefix_matches.get(scored[0].index).copied();
+        let primary_prefix_match = matches.get(scored[0].index).copied();
         if tracing::enabled!(tracing::Level::TRACE) {
-            tracing::trace!(request_id = cycle.request.request_id, profile = %self.name,
+            tracing::trace!(request_id = req.request_id, profile = %self.name,
                 picked = ?scored[..take].iter().map(|s| (&endpoints[s.index].endpoint.name, s.score)).collect::<Vec<_>>(),
                 "profile picked endpoints");
         }
@@ -278,61 +317,11 @@ impl Profile {
     }
 }
 
-/// The prefix index and how requests are hashed for it.
-struct PrefixRuntime {
-    index: Arc<PrefixIndex>,
-    params: PrefixCacheParams,
-}
-
-impl PrefixRuntime {
-    /// Block size (tokens): the first candidate's reported KV block size under autoTune.
-    fn block_tokens(&self, candidates: &[Arc<EndpointSnapshot>]) -> usize {
-        if self.params.auto_tune {
-            if let Some(b) = candidates
-                .first()
-                .and_then(|c| c.metrics.kv_block_size)
-                .filter(|&b| b > 0)
-            {
-                return b as usize;
-            }
-        }
-        self.params.block_size_tokens
-    }
-
-    fn hash(
-        &self,
-        req: &SchedulingRequest<'_>,
-        candidates: &[Arc<EndpointSnapshot>],
-        out: &mut Vec<u64>,
-    ) -> usize {
-        let block = self.block_tokens(candidates);
-        let max_blocks = if self.params.max_prefix_tokens_to_match > 0 && block > 0 {
-            self.params.max_prefix_tokens_to_match / block
-        } else {
-            self.params.max_prefix_blocks_to_match
-        };
-        prefix::hash_prompt(
-            req.target_model.as_bytes(),
-            req.cache_salt,
-            req.prompt,
-            block,
-            max_blocks,
-            out,
-        );
-        block
-    }
-
-    /// LRU capacity for a newly seen endpoint: its KV block count under autoTune.
-    fn capacity_hint(&self, endpoint: &EndpointSnapshot) -> Option<usize> {
-        if !self.params.auto_tune {
-            return None;
-        }
-        endpoint
-            .metrics
-            .kv_num_blocks
-            .filter(|&n| n > 0)
-            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
-    }
+/// Per-request data prepared once before the profiles run.
+struct Prepared<'a> {
+    hashes: &'a [u64],
+    block_tokens: usize,
+    index: Option<&'a PrefixIndex>,
 }
 
 /// Runs scheduling cycles for the configured profiles. Shared by all request tasks.
@@ -340,7 +329,7 @@ pub struct Scheduler {
     profiles: Vec<Profile>,
     profile_names: Vec<String>,
     handler: Arc<dyn ProfileHandler>,
-    prefix: Option<PrefixRuntime>,
+    prefix: Option<Arc<PrefixCache>>,
     metrics: Metrics,
 }
 
@@ -349,147 +338,46 @@ impl std::fmt::Debug for Scheduler {
         f.debug_struct("Scheduler")
             .field("profiles", &self.profile_names)
             .field("handler", &self.handler.name())
-            .field("prefix_index", &self.prefix.as_ref().map(|p| &p.index))
+            .field("prefix_cache", &self.prefix)
             .finish()
     }
 }
 
-enum Instance {
-    Filter(Arc<dyn Filter>),
-    Scorer(Arc<dyn Scorer>),
-    Picker(Arc<dyn Picker>),
-    Handler(Arc<dyn ProfileHandler>),
-    Other,
-}
-
 impl Scheduler {
+    /// Takes the resolved scheduling slice of the configuration; registers the scheduler and
+    /// prefix-index metrics.
     pub fn new(config: &SchedulerConfig, registry: &mut Registry) -> Self {
-        let prefix = config.prefix_cache.map(|params| PrefixRuntime {
-            index: Arc::new(PrefixIndex::new(PrefixIndexConfig {
-                lru_capacity_per_endpoint: params.lru_capacity_per_server,
-            })),
-            params,
-        });
-        let index_size = prefix
-            .as_ref()
-            .map(|p| p.index.size_gauge().clone())
-            .unwrap_or_default();
-
-        let instances: Vec<(&str, Instance)> = config
-            .plugins
-            .iter()
-            .map(|spec| {
-                let name = spec.name.clone();
-                let inst = match &spec.kind {
-                    PluginKind::QueueScorer => Instance::Scorer(Arc::new(QueueScorer { name })),
-                    PluginKind::RunningRequestsSizeScorer => {
-                        Instance::Scorer(Arc::new(RunningRequestsScorer { name }))
-                    }
-                    PluginKind::KvCacheUtilizationScorer => {
-                        Instance::Scorer(Arc::new(KvCacheUtilizationScorer { name }))
-                    }
-                    PluginKind::LoraAffinityScorer => {
-                        Instance::Scorer(Arc::new(LoraAffinityScorer { name }))
-                    }
-                    PluginKind::PrefixCacheScorer(_) => match &prefix {
-                        Some(p) => Instance::Scorer(Arc::new(PrefixCacheScorer {
-                            name,
-                            index: p.index.clone(),
-                        })),
-                        // Unreachable: a prefix scorer always yields prefix parameters.
-                        None => Instance::Other,
-                    },
-                    PluginKind::MaxScorePicker(p) => Instance::Picker(Arc::new(MaxScorePicker {
-                        name,
-                        max_num_of_endpoints: p.max_num_of_endpoints,
-                    })),
-                    PluginKind::RandomPicker(p) => Instance::Picker(Arc::new(RandomPicker {
-                        name,
-                        max_num_of_endpoints: p.max_num_of_endpoints,
-                    })),
-                    PluginKind::WeightedRandomPicker(p) => {
-                        Instance::Picker(Arc::new(WeightedRandomPicker {
-                            name,
-                            max_num_of_endpoints: p.max_num_of_endpoints,
-                        }))
-                    }
-                    PluginKind::SingleProfileHandler => {
-                        Instance::Handler(Arc::new(SingleProfileHandler { name }))
-                    }
-                    PluginKind::PredictedTtftScorer(params) => {
-                        Instance::Scorer(Arc::new(PredictedTtftScorer {
-                            name,
-                            index: prefix.as_ref().map(|p| p.index.clone()),
-                            params: *params,
-                        }))
-                    }
-                    PluginKind::ScrapeFreshnessFilter(staleness) => {
-                        Instance::Filter(Arc::new(ScrapeFreshnessFilter {
-                            name,
-                            staleness: *staleness,
-                        }))
-                    }
-                    PluginKind::ApproxPrefixCacheProducer(_)
-                    | PluginKind::UtilizationDetector(_)
-                    | PluginKind::MetricsDataSource(_)
-                    | PluginKind::CoreMetricsExtractor(_)
-                    | PluginKind::OpenAiParser => Instance::Other,
-                };
-                (spec.name.as_str(), inst)
-            })
-            .collect();
-        let find = |name: &str| instances.iter().find(|(n, _)| *n == name).map(|(_, i)| i);
-
-        let handler: Arc<dyn ProfileHandler> = match find(&config.profile_handler) {
-            Some(Instance::Handler(h)) => h.clone(),
-            // A validated config always names a handler; fall back to the only kind there is.
-            _ => Arc::new(SingleProfileHandler {
-                name: config.profile_handler.clone(),
-            }),
-        };
-        let metrics = Metrics::new(registry, index_size, handler.as_ref());
-
+        let prefix = config
+            .prefix_cache
+            .map(|params| Arc::new(PrefixCache::new(params)));
+        let handler = config.handler.clone();
+        let metrics = Metrics::new(registry, prefix.as_deref(), handler.as_ref());
         let profiles: Vec<Profile> = config
             .profiles
             .iter()
-            .map(|spec| {
-                let scorers = spec
-                    .scorers
-                    .iter()
-                    .filter_map(|(name, weight)| match find(name) {
-                        Some(Instance::Scorer(s)) => Some((
-                            s.clone(),
-                            *weight,
-                            metrics.plugin(EP_SCORER, s.plugin_type(), s.name()),
-                        )),
-                        _ => None,
-                    })
-                    .collect();
-                let picker: Arc<dyn Picker> = match find(&spec.picker) {
-                    Some(Instance::Picker(p)) => p.clone(),
-                    _ => Arc::new(MaxScorePicker {
-                        name: spec.picker.clone(),
-                        max_num_of_endpoints: 1,
-                    }),
-                };
-                let picker_hist = metrics.plugin(EP_PICKER, picker.plugin_type(), picker.name());
-                let filters = spec
+            .map(|spec| Profile {
+                name: spec.name.clone(),
+                filters: spec
                     .filters
                     .iter()
-                    .filter_map(|name| match find(name) {
-                        Some(Instance::Filter(f)) => Some((
-                            f.clone(),
-                            metrics.plugin(EP_FILTER, f.plugin_type(), f.name()),
-                        )),
-                        _ => None,
+                    .map(|f| {
+                        let h = metrics.plugin(EP_FILTER, f.plugin_type(), f.name());
+                        (f.clone(), h)
                     })
-                    .collect();
-                Profile {
-                    name: spec.name.clone(),
-                    filters,
-                    scorers,
-                    picker: (picker, picker_hist),
-                }
+                    .collect(),
+                scorers: spec
+                    .scorers
+                    .iter()
+                    .map(|(s, weight)| {
+                        let h = metrics.plugin(EP_SCORER, s.plugin_type(), s.name());
+                        (s.clone(), *weight, h)
+                    })
+                    .collect(),
+                picker: (
+                    spec.picker.clone(),
+                    metrics.plugin(EP_PICKER, spec.picker.plugin_type(), spec.picker.name()),
+                ),
+                uses_prefix_matches: spec.scorers.iter().any(|(s, _)| s.uses_prefix_matches()),
             })
             .collect();
         let profile_names = profiles.iter().map(|p| p.name.clone()).collect();
@@ -507,8 +395,8 @@ impl Scheduler {
         }
     }
 
-    /// Runs profiles → filters → scorers → picker over `candidates` and, on success, records the
-    /// request's prefix hashes for the primary endpoint (the reference does this in PreRequest).
+    /// Runs profiles → filters → scorers → picker over `candidates`. Reads shared state only:
+    /// remembering where the request went ([`PrefixCache::record`]) is the caller's next step.
     pub fn schedule(
         &self,
         req: &SchedulingRequest<'_>,
@@ -520,11 +408,10 @@ impl Scheduler {
             Some(p) => p.hash(req, candidates, &mut hashes),
             None => 0,
         };
-        let mut cycle = CycleState {
-            request: req,
-            prefix_hashes: &hashes,
-            prefix_block_tokens: block_tokens,
-            prefix_matches: Vec::new(),
+        let prepared = Prepared {
+            hashes: &hashes,
+            block_tokens,
+            index: self.prefix.as_ref().map(|p| p.index().as_ref()),
         };
         let mut rng = rand::rng();
         let n = self.profiles.len();
@@ -543,7 +430,7 @@ impl Scheduler {
             }
             for &i in &next {
                 let profile = &self.profiles[i];
-                match profile.run(&mut cycle, candidates, req.fallbacks, &mut rng) {
+                match profile.run(req, &prepared, candidates, req.fallbacks, &mut rng) {
                     Ok(run) => {
                         outcomes[i] = ProfileOutcome::Picked;
                         runs[i] = Some(run);
@@ -577,9 +464,10 @@ impl Scheduler {
         if let (Some(p), Some(first)) = (&self.prefix, run.endpoints.first()) {
             matched = match run.primary_prefix_match {
                 Some(m) => m,
+                // No scorer of the primary profile looked the prefix up: look up the primary.
                 None => {
                     let mut out = Vec::new();
-                    p.index.match_prefix(
+                    p.index().match_prefix(
                         &hashes,
                         std::iter::once(first.endpoint.name.as_str()),
                         &mut out,
@@ -587,15 +475,6 @@ impl Scheduler {
                     out.first().copied().unwrap_or(0)
                 }
             };
-            p.index
-                .record(&hashes, &first.endpoint.name, p.capacity_hint(first));
-            let chars = prefix::AVERAGE_CHARS_PER_TOKEN * block_tokens;
-            self.metrics.hit_bytes.observe((matched * chars) as f64);
-            if !hashes.is_empty() {
-                self.metrics
-                    .hit_ratio
-                    .observe(matched as f64 / hashes.len() as f64);
-            }
         }
         let prompt_tokens = plugins::predicted_ttft::prompt_tokens(req.prompt);
         let cached = (matched as u64).saturating_mul(block_tokens as u64);
@@ -605,40 +484,16 @@ impl Scheduler {
             profile: self.profile_names.get(primary).cloned().unwrap_or_default(),
             prefix_matched_blocks: matched,
             prefix_total_blocks: hashes.len(),
+            prefix_hashes: hashes,
+            prefix_block_tokens: block_tokens,
             scores: run.scores,
         })
-    }
-
-    /// Appends a filter built in code (no filter plugin types are configurable yet) to the
-    /// named profile. Returns false when there is no such profile.
-    pub fn push_filter(&mut self, profile: &str, filter: Arc<dyn Filter>) -> bool {
-        let hist = self
-            .metrics
-            .plugin(EP_FILTER, filter.plugin_type(), filter.name());
-        match self.profiles.iter_mut().find(|p| p.name == profile) {
-            Some(p) => {
-                p.filters.push((filter, hist));
-                true
-            }
-            None => false,
-        }
     }
 
     /// Forget everything about an endpoint that left the pool.
     pub fn remove_endpoint(&self, name: &str) {
         if let Some(p) = &self.prefix {
-            p.index.remove_endpoint(name);
-        }
-    }
-
-    /// Forgets every endpoint for which `live` is false (periodic sync with the pool).
-    pub fn retain_endpoints(&self, live: impl Fn(&str) -> bool) {
-        if let Some(p) = &self.prefix {
-            for name in p.index.endpoints() {
-                if !live(&name) {
-                    p.index.remove_endpoint(&name);
-                }
-            }
+            p.index().remove_endpoint(name);
         }
     }
 
@@ -652,7 +507,7 @@ impl Scheduler {
         if let Some(p) = &self.prefix {
             let mut hashes = Vec::new();
             p.hash(req, candidates, &mut hashes);
-            p.index.match_prefix(
+            p.index().match_prefix(
                 &hashes,
                 candidates.iter().map(|c| c.endpoint.name.as_str()),
                 &mut out,
@@ -663,7 +518,13 @@ impl Scheduler {
 
     /// The shared prefix index, when a prefix plugin is configured.
     pub fn prefix_index(&self) -> Option<&Arc<PrefixIndex>> {
-        self.prefix.as_ref().map(|p| &p.index)
+        self.prefix.as_ref().map(|p| p.index())
+    }
+
+    /// The prefix cache, when a prefix plugin is configured: the director records each routed
+    /// request in it.
+    pub fn prefix_cache(&self) -> Option<&Arc<PrefixCache>> {
+        self.prefix.as_ref()
     }
 }
 

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use super::plugins::Plugin;
 use super::*;
+use crate::epp::config::{parse_config, DEFAULT_CONFIG};
 use crate::epp::endpoint::{Endpoint, EndpointMetrics, LoraInfo};
 
 fn ep(i: u8, metrics: EndpointMetrics) -> Arc<EndpointSnapshot> {
@@ -12,6 +13,7 @@ fn ep(i: u8, metrics: EndpointMetrics) -> Arc<EndpointSnapshot> {
     Arc::new(EndpointSnapshot {
         endpoint: Arc::new(Endpoint::from_addr(addr)),
         metrics,
+        dispatch: None,
     })
 }
 
@@ -35,8 +37,21 @@ fn req(prompt: &[u8]) -> SchedulingRequest<'_> {
 
 fn scheduler(yaml: &str) -> (Scheduler, Registry) {
     let mut registry = Registry::default();
-    let s = Scheduler::new(&parse_config(yaml).unwrap(), &mut registry);
+    let s = Scheduler::new(&parse_config(yaml).unwrap().scheduling, &mut registry);
     (s, registry)
+}
+
+/// Schedules and then records the decision, as the director does.
+fn route(
+    s: &Scheduler,
+    r: &SchedulingRequest<'_>,
+    pods: &[Arc<EndpointSnapshot>],
+) -> Result<ScheduleResult, ScheduleError> {
+    let out = s.schedule(r, pods)?;
+    if let Some(p) = s.prefix_cache() {
+        p.record(&out);
+    }
+    Ok(out)
 }
 
 fn names(r: &ScheduleResult) -> Vec<String> {
@@ -67,7 +82,7 @@ fn reference_worked_example() {
     let pods = [ep(1, p0), ep(2, m(0, 0.85)), ep(3, m(10, 0.9))];
     let mut r = req(b"hello");
     r.fallbacks = 2;
-    let out = s.schedule(&r, &pods).unwrap();
+    let out = route(&s, &r, &pods).unwrap();
     assert_eq!(
         names(&out),
         ["192.168.1.1:8000", "192.168.1.2:8000", "192.168.1.3:8000"]
@@ -85,7 +100,7 @@ fn reference_worked_example() {
 fn default_config_prefers_lower_queue_and_kv() {
     let (s, _) = scheduler(DEFAULT_CONFIG);
     let pods = [ep(1, m(3, 0.2)), ep(2, m(0, 0.1)), ep(3, m(10, 0.2))];
-    let out = s.schedule(&req(b"test"), &pods).unwrap();
+    let out = route(&s, &req(b"test"), &pods).unwrap();
     assert_eq!(names(&out), ["192.168.1.2:8000"]);
 }
 
@@ -94,13 +109,13 @@ fn shared_prefix_sticks_to_the_first_choice() {
     let (s, _) = scheduler(DEFAULT_CONFIG);
     let pods = [ep(1, m(0, 0.0)), ep(2, m(0, 0.0)), ep(3, m(0, 0.0))];
     let prompt = "You are a helpful assistant. ".repeat(40); // 1160 bytes → 18 blocks of 64
-    let first = s.schedule(&req(prompt.as_bytes()), &pods).unwrap();
+    let first = route(&s, &req(prompt.as_bytes()), &pods).unwrap();
     assert_eq!(first.prefix_total_blocks, 18);
     assert_eq!(first.prefix_matched_blocks, 0);
     let chosen = first.endpoints[0].endpoint.name.clone();
     let longer = format!("{prompt}And now a new question?");
     for _ in 0..20 {
-        let out = s.schedule(&req(longer.as_bytes()), &pods).unwrap();
+        let out = route(&s, &req(longer.as_bytes()), &pods).unwrap();
         assert_eq!(out.endpoints[0].endpoint.name, chosen);
         assert_eq!(out.prefix_matched_blocks, 18);
     }
@@ -123,12 +138,39 @@ fn shared_prefix_sticks_to_the_first_choice() {
     assert_eq!(s.prefix_index().unwrap().len(), 0);
 }
 
+/// Deciding does not learn: only `PrefixCache::record` changes what later requests see.
+#[test]
+fn scheduling_alone_leaves_the_prefix_index_untouched() {
+    let (s, registry) = scheduler(DEFAULT_CONFIG);
+    let pods = [ep(1, m(0, 0.0)), ep(2, m(0, 0.0))];
+    let prompt = "z".repeat(64 * 3);
+    let out = s.schedule(&req(prompt.as_bytes()), &pods).unwrap();
+    assert_eq!(out.prefix_total_blocks, 3);
+    assert_eq!(out.prefix_hashes.len(), 3);
+    assert_eq!(out.prefix_block_tokens, 16);
+    assert_eq!(s.prefix_index().unwrap().len(), 0);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("inference_extension_prefix_indexer_hit_ratio_count 0"),
+        "{text}"
+    );
+    s.prefix_cache().unwrap().record(&out);
+    assert_eq!(s.prefix_index().unwrap().len(), 3);
+    let again = s.schedule(&req(prompt.as_bytes()), &pods).unwrap();
+    assert_eq!(
+        again.endpoints[0].endpoint.name,
+        out.endpoints[0].endpoint.name
+    );
+    assert_eq!(again.prefix_matched_blocks, 3);
+}
+
 #[test]
 fn load_outweighs_a_partial_prefix_hit() {
     let (s, _) = scheduler(DEFAULT_CONFIG);
     let prompt = "x".repeat(64 * 4);
     let pods = [ep(1, m(0, 0.0)), ep(2, m(0, 0.0))];
-    let first = s.schedule(&req(prompt.as_bytes()), &pods).unwrap();
+    let first = route(&s, &req(prompt.as_bytes()), &pods).unwrap();
     let hot = first.endpoints[0].endpoint.name.clone();
     // The prefix holder becomes the busiest and fullest: 3×1 < 2×1 + 2×1.
     let loaded: Vec<_> = (1..=2u8)
@@ -137,7 +179,7 @@ fn load_outweighs_a_partial_prefix_hit() {
             ep(i, if name == hot { m(10, 1.0) } else { m(0, 0.0) })
         })
         .collect();
-    let out = s.schedule(&req(prompt.as_bytes()), &loaded).unwrap();
+    let out = route(&s, &req(prompt.as_bytes()), &loaded).unwrap();
     assert_ne!(out.endpoints[0].endpoint.name, hot);
     assert!((out.scores[0] - 4.0).abs() < 1e-9, "{:?}", out.scores);
 }
@@ -148,7 +190,7 @@ fn equal_scores_are_spread_across_endpoints() {
     let pods: Vec<_> = (1..=3).map(|i| ep(i, m(2, 0.5))).collect();
     let mut counts: HashMap<String, usize> = HashMap::new();
     for _ in 0..3000 {
-        let out = s.schedule(&req(b""), &pods).unwrap();
+        let out = route(&s, &req(b""), &pods).unwrap();
         *counts
             .entry(out.endpoints[0].endpoint.name.clone())
             .or_default() += 1;
@@ -171,13 +213,13 @@ fn fallbacks_are_distinct_in_descending_score_order() {
     ];
     let mut r = req(b"");
     r.fallbacks = 2;
-    let out = s.schedule(&r, &pods).unwrap();
+    let out = route(&s, &r, &pods).unwrap();
     assert_eq!(
         names(&out),
         ["192.168.1.2:8000", "192.168.1.4:8000", "192.168.1.1:8000"]
     );
     r.fallbacks = 10;
-    let out = s.schedule(&r, &pods).unwrap();
+    let out = route(&s, &r, &pods).unwrap();
     assert_eq!(out.endpoints.len(), 4);
     assert!(
         out.scores.windows(2).all(|w| w[0] >= w[1]),
@@ -198,7 +240,7 @@ plugins:
 ",
     );
     let pods = [ep(1, m(5, 0.0)), ep(2, m(0, 0.0)), ep(3, m(10, 0.0))];
-    let out = s.schedule(&req(b""), &pods).unwrap();
+    let out = route(&s, &req(b""), &pods).unwrap();
     assert_eq!(names(&out), ["192.168.1.2:8000", "192.168.1.1:8000"]);
 }
 
@@ -215,20 +257,21 @@ impl Plugin for DropAll {
 }
 
 impl Filter for DropAll {
-    fn filter(&self, _: &CycleState<'_>, endpoints: &mut Vec<Arc<EndpointSnapshot>>) {
+    fn filter(&self, _: &SchedulingRequest<'_>, endpoints: &mut Vec<Arc<EndpointSnapshot>>) {
         endpoints.clear();
     }
 }
 
 #[test]
 fn no_endpoints_or_empty_filter_fails_the_profile() {
-    let (mut s, _) = scheduler(DEFAULT_CONFIG);
-    let e = s.schedule(&req(b"hi"), &[]).unwrap_err();
+    let (s, _) = scheduler(DEFAULT_CONFIG);
+    let e = route(&s, &req(b"hi"), &[]).unwrap_err();
     assert_eq!(e.to_string(), "failed to run scheduler profile 'default'");
-    assert!(s.push_filter("default", Arc::new(DropAll)));
-    assert!(!s.push_filter("nope", Arc::new(DropAll)));
+    let mut config = parse_config(DEFAULT_CONFIG).unwrap().scheduling;
+    config.profiles[0].filters.push(Arc::new(DropAll));
+    let s = Scheduler::new(&config, &mut Registry::default());
     let pods = [ep(1, m(0, 0.0))];
-    let e = s.schedule(&req(b"hi"), &pods).unwrap_err();
+    let e = route(&s, &req(b"hi"), &pods).unwrap_err();
     assert_eq!(
         e,
         ScheduleError::ProfileFailed {
@@ -253,7 +296,7 @@ plugins:
     metrics.kv_block_size = Some(1); // 4-byte blocks
     metrics.kv_num_blocks = Some(2); // LRU capacity 2
     let pods = [ep(1, metrics)];
-    let out = s.schedule(&req(b"aaaabbbbcccc"), &pods).unwrap();
+    let out = route(&s, &req(b"aaaabbbbcccc"), &pods).unwrap();
     assert_eq!(out.prefix_total_blocks, 3);
     let index = s.prefix_index().unwrap();
     assert_eq!(index.endpoint_capacity("192.168.1.1:8000"), 2);
@@ -267,8 +310,8 @@ fn metrics_are_registered_and_observed() {
     let (s, registry) = scheduler(DEFAULT_CONFIG);
     let pods = [ep(1, m(0, 0.0)), ep(2, m(1, 0.5))];
     let prompt = "y".repeat(64 * 2);
-    s.schedule(&req(prompt.as_bytes()), &pods).unwrap();
-    s.schedule(&req(prompt.as_bytes()), &pods).unwrap();
+    route(&s, &req(prompt.as_bytes()), &pods).unwrap();
+    route(&s, &req(prompt.as_bytes()), &pods).unwrap();
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     for needle in [
@@ -298,15 +341,15 @@ schedulingProfiles:
   - pluginRef: max-score-picker
 ";
 
-/// Endpoints whose metrics carry live dispatch counters, as the datastore publishes them.
+/// Endpoints whose snapshots carry live dispatch counters, as the datastore publishes them.
 fn counted(queues: &[u32]) -> Vec<Arc<EndpointSnapshot>> {
     queues
         .iter()
         .zip(1u8..)
         .map(|(&q, i)| {
-            let mut metrics = m(q, 0.0);
-            metrics.dispatch = Some(Arc::default());
-            ep(i, metrics)
+            let mut snapshot = (*ep(i, m(q, 0.0))).clone();
+            snapshot.dispatch = Some(Arc::default());
+            Arc::new(snapshot)
         })
         .collect()
 }
@@ -321,30 +364,23 @@ fn picks_between_scrapes_spread_by_inflight_counts() {
     let pods = counted(&[0, 1, 1]);
     let mut guards = Vec::new();
     for _ in 0..9 {
-        let out = s.schedule(&req(b"x"), &pods).unwrap();
-        guards.push(
-            out.endpoints[0]
-                .metrics
-                .dispatch
-                .as_ref()
-                .unwrap()
-                .dispatch(),
-        );
+        let out = route(&s, &req(b"x"), &pods).unwrap();
+        guards.push(out.primary().unwrap().dispatch().unwrap());
     }
     let mut loads: Vec<u32> = pods
         .iter()
-        .map(|p| p.metrics.waiting_queue_size + p.metrics.unscraped())
+        .map(|p| p.metrics.waiting_queue_size + p.unscraped())
         .collect();
     loads.sort_unstable();
     assert_eq!(loads, [3, 4, 4]);
     // Finished requests stop counting even before the next scrape.
     guards.clear();
-    assert!(pods.iter().all(|p| p.metrics.unscraped() == 0));
+    assert!(pods.iter().all(|p| p.unscraped() == 0));
 
     // The reference behaviour (no counting): every pick goes to the same endpoint.
     let pods = counted(&[0, 1, 1]);
     for _ in 0..9 {
-        let out = s.schedule(&req(b"x"), &pods).unwrap();
+        let out = route(&s, &req(b"x"), &pods).unwrap();
         assert_eq!(names(&out), ["192.168.1.1:8000"]);
     }
 }

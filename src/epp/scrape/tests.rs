@@ -1,6 +1,9 @@
 //! Extraction tests: each engine's exposition text to exact `EndpointMetrics`, and the error paths.
 
+use std::collections::HashMap;
+
 use super::*;
+use crate::epp::datastore::DiscoveryEvent;
 
 /// A vLLM v1 page: HELP/TYPE lines, histograms interleaved with the gauges, escaped labels,
 /// a two-series LoRA family where the later-created series (larger value) is current.
@@ -52,7 +55,6 @@ fn vllm_page_gives_exact_metrics() {
                 waiting: vec!["sql-lora-1fdg2".into()],
             }),
             updated_at: None,
-            dispatch: None,
         }
     );
 }
@@ -135,7 +137,6 @@ sglang:cache_config_info{num_pages="5000",page_size="64"} 1.0
             kv_num_blocks: Some(5000),
             lora: None,
             updated_at: None,
-            dispatch: None,
         }
     );
 }
@@ -164,7 +165,6 @@ fn trtllm_serve_page() {
             kv_num_blocks: Some(81920),
             lora: None,
             updated_at: None,
-            dispatch: None,
         }
     );
 }
@@ -200,7 +200,6 @@ nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="fraction",model="tensorrt
             kv_num_blocks: Some(4000),
             lora: None,
             updated_at: None,
-            dispatch: None,
         }
     );
 }
@@ -364,7 +363,6 @@ proptest::proptest! {
                 kv_num_blocks: Some(blocks),
                 lora: None,
                 updated_at: None,
-                dispatch: None,
             }
         );
     }
@@ -417,4 +415,186 @@ fn planted_families(
         format!("# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{{block_size=\"{block_size}\",num_gpu_blocks=\"{blocks}\"}} 1.0\n"),
         "# TYPE vllm:e2e_request_latency_seconds histogram\nvllm:e2e_request_latency_seconds_bucket{le=\"+Inf\"} 3.0\nvllm:e2e_request_latency_seconds_count 3.0\nvllm:e2e_request_latency_seconds_sum 1.5\n".to_owned(),
     ]
+}
+
+/// An in-memory metrics source: counts scrapes per endpoint and answers with a queue depth equal
+/// to the count so far, or fails for endpoints marked down.
+#[derive(Clone, Default)]
+struct FakeSource {
+    scrapes: Arc<parking_lot::Mutex<HashMap<String, u32>>>,
+    down: Arc<parking_lot::Mutex<Vec<String>>>,
+}
+
+impl FakeSource {
+    fn count(&self, name: &str) -> u32 {
+        self.scrapes.lock().get(name).copied().unwrap_or(0)
+    }
+}
+
+impl MetricsSource for FakeSource {
+    fn scrape(
+        &self,
+        endpoint: &Endpoint,
+    ) -> impl std::future::Future<Output = Result<EndpointMetrics, ScrapeError>> + Send {
+        let result = if self.down.lock().contains(&endpoint.name) {
+            Err(ScrapeError::Status {
+                uri: endpoint.name.clone(),
+                status: 503,
+            })
+        } else {
+            let mut scrapes = self.scrapes.lock();
+            let n = scrapes.entry(endpoint.name.clone()).or_default();
+            *n += 1;
+            Ok(EndpointMetrics {
+                waiting_queue_size: *n,
+                ..Default::default()
+            })
+        };
+        std::future::ready(result)
+    }
+}
+
+fn endpoint(i: u8) -> Endpoint {
+    Endpoint::from_addr(format!("10.0.0.{i}:8000").parse().unwrap())
+}
+
+/// Lets every spawned task run to its next await (paused time does not move).
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Under paused time a poller scrapes exactly once per interval: re-listing an endpoint keeps
+/// its one poller, a new endpoint gets one, a replaced endpoint's poller is swapped, a removed
+/// endpoint's poller stops, and shutdown stops them all.
+#[tokio::test(start_paused = true)]
+async fn one_poller_per_endpoint_scrapes_once_per_interval() {
+    let interval = Duration::from_millis(100);
+    let config = ScrapeConfig {
+        interval,
+        timeout: Duration::from_secs(1),
+    };
+    let datastore = Arc::new(Datastore::new());
+    let (a, b) = (endpoint(1), endpoint(2));
+    datastore.apply(DiscoveryEvent::Reset(vec![a.clone()]));
+    let source = FakeSource::default();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let manager = spawn_scrape_manager_with(datastore.clone(), config, source.clone(), stop_rx);
+    settle().await;
+    // The first tick comes within one interval (a random offset spreads pollers).
+    tokio::time::sleep(interval).await;
+    settle().await;
+    assert_eq!(source.count(&a.name), 1);
+
+    // Exactly one scrape per interval from now on, whatever happens to the endpoint set.
+    let per_second = |before: u32, after: u32| after - before;
+    let before = source.count(&a.name);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    settle().await;
+    assert_eq!(per_second(before, source.count(&a.name)), 10);
+
+    datastore.apply(DiscoveryEvent::Reset(vec![a.clone()]));
+    datastore.apply(DiscoveryEvent::Reset(vec![a.clone()]));
+    settle().await;
+    let before = source.count(&a.name);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    settle().await;
+    assert_eq!(
+        per_second(before, source.count(&a.name)),
+        10,
+        "re-listing adds no poller"
+    );
+    assert_eq!(source.count(&b.name), 0);
+
+    datastore.apply(DiscoveryEvent::Upsert(b.clone()));
+    settle().await;
+    tokio::time::sleep(interval).await;
+    settle().await;
+    let (before_a, before_b) = (source.count(&a.name), source.count(&b.name));
+    assert_eq!(before_b, 1);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    settle().await;
+    assert_eq!(source.count(&a.name) - before_a, 10);
+    assert_eq!(source.count(&b.name) - before_b, 10);
+    // The slot publishes what was scraped last.
+    let slot_b = datastore.slot(&b.name).unwrap();
+    assert_eq!(
+        slot_b.load().metrics.waiting_queue_size,
+        source.count(&b.name)
+    );
+    assert!(slot_b.load().metrics.updated_at.is_some());
+
+    // Replacing a (same name, new labels) swaps its poller: still one scrape per interval.
+    let mut replaced = a.clone();
+    replaced.labels.insert("zone".into(), "z".into());
+    datastore.apply(DiscoveryEvent::Upsert(replaced));
+    settle().await;
+    tokio::time::sleep(interval).await;
+    settle().await;
+    let before = source.count(&a.name);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    settle().await;
+    assert_eq!(source.count(&a.name) - before, 10, "a after replace");
+
+    // Removing a stops its poller.
+    datastore.apply(DiscoveryEvent::Remove(a.name.clone()));
+    settle().await;
+    let before = source.count(&a.name);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    settle().await;
+    assert_eq!(source.count(&a.name), before, "a is no longer polled");
+
+    // Shutdown stops every poller.
+    stop_tx.send(true).unwrap();
+    manager.await.unwrap();
+    let before = source.count(&b.name);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    settle().await;
+    assert_eq!(source.count(&b.name), before, "b stopped on shutdown");
+}
+
+/// A failing endpoint keeps its last metrics, and stays polled once per interval, so it is
+/// published again as soon as it recovers.
+#[tokio::test(start_paused = true)]
+async fn failed_scrapes_keep_the_last_metrics_until_recovery() {
+    let interval = Duration::from_millis(50);
+    let config = ScrapeConfig {
+        interval,
+        timeout: Duration::from_secs(1),
+    };
+    let datastore = Arc::new(Datastore::new());
+    let a = endpoint(1);
+    datastore.apply(DiscoveryEvent::Reset(vec![a.clone()]));
+    let source = FakeSource::default();
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    let _manager = spawn_scrape_manager_with(datastore.clone(), config, source.clone(), stop_rx);
+    settle().await;
+    tokio::time::sleep(interval * 3).await;
+    settle().await;
+    let slot = datastore.slot(&a.name).unwrap();
+    let last = slot.load();
+    assert_eq!(last.metrics.waiting_queue_size, 3);
+
+    source.down.lock().push(a.name.clone());
+    tokio::time::sleep(interval * 10).await;
+    settle().await;
+    let during = slot.load();
+    assert_eq!(
+        during.metrics.waiting_queue_size, 3,
+        "previous metrics kept"
+    );
+    assert_eq!(
+        during.metrics.updated_at, last.metrics.updated_at,
+        "not republished"
+    );
+
+    source.down.lock().clear();
+    tokio::time::sleep(interval).await;
+    settle().await;
+    assert_eq!(
+        slot.load().metrics.waiting_queue_size,
+        4,
+        "published again on recovery"
+    );
 }

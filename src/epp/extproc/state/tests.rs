@@ -13,22 +13,27 @@ use proptest::prelude::*;
 
 use super::super::{ExtProcConfig, Shared};
 use super::StreamState;
+use crate::epp::config::{parse_config, DEFAULT_CONFIG};
 use crate::epp::datastore::{Datastore, DiscoveryEvent};
 use crate::epp::director::{Director, DirectorConfig};
 use crate::epp::endpoint::{Endpoint, EndpointMetrics};
 use crate::epp::metrics::EppMetrics;
 use crate::epp::saturation::SaturationDetector;
-use crate::epp::scheduling::{parse_config, Scheduler, DEFAULT_CONFIG};
+use crate::epp::scheduling::Scheduler;
 
-fn shared(endpoints: usize, max_body: usize) -> Arc<Shared> {
+fn shared(endpoints: usize, max_body: usize) -> (Arc<Shared>, Arc<Datastore>) {
     shared_with(endpoints, max_body, true)
 }
 
-fn shared_with(endpoints: usize, max_body: usize, inflight_accounting: bool) -> Arc<Shared> {
+fn shared_with(
+    endpoints: usize,
+    max_body: usize,
+    inflight_accounting: bool,
+) -> (Arc<Shared>, Arc<Datastore>) {
     let mut registry = Registry::default();
     let metrics = EppMetrics::new(&mut registry);
     let scheduler = Arc::new(Scheduler::new(
-        &parse_config(DEFAULT_CONFIG).unwrap(),
+        &parse_config(DEFAULT_CONFIG).unwrap().scheduling,
         &mut registry,
     ));
     let ds = Arc::new(Datastore::new());
@@ -43,25 +48,26 @@ fn shared_with(endpoints: usize, max_body: usize, inflight_accounting: bool) -> 
         });
     }
     let director = Director::new(
-        ds,
+        ds.clone(),
         scheduler,
         SaturationDetector::default(),
         DirectorConfig {
             fallback_endpoints: 1,
             disable_subset_filter: false,
             known_models: Default::default(),
+            inflight_accounting,
         },
     );
-    Shared::new(
+    let shared = Shared::new(
         Arc::new(director),
         metrics,
         ExtProcConfig {
             max_body_bytes: max_body,
             max_response_buffer_bytes: max_body,
-            inflight_accounting,
             stream_timeout: None,
         },
-    )
+    );
+    (shared, ds)
 }
 
 fn arb_headers() -> impl Strategy<Value = HttpHeaders> {
@@ -130,7 +136,7 @@ proptest! {
         msgs in prop::collection::vec(arb_msg(), 0..12),
         endpoints in 0usize..3,
     ) {
-        let shared = shared(endpoints, 256);
+        let (shared, ds) = shared(endpoints, 256);
         let mut state = StreamState::new(shared.clone());
         let mut routed_headers = 0;
         let mut out = Vec::new();
@@ -167,15 +173,13 @@ proptest! {
             let label = crate::epp::metrics::ModelNameLabel { model_name: model.to_string() };
             prop_assert_eq!(shared.metrics.running_requests.get_or_create(&label).get(), 0);
         }
-        prop_assert_eq!(in_flight(&shared), vec![0; endpoints]);
+        prop_assert_eq!(in_flight(&ds), vec![0; endpoints]);
     }
 }
 
 /// Each endpoint's in-flight count as the datastore's counters hold it.
-fn in_flight(shared: &Shared) -> Vec<u32> {
-    shared
-        .director
-        .datastore()
+fn in_flight(datastore: &Datastore) -> Vec<u32> {
+    datastore
         .slots()
         .iter()
         .map(|s| s.dispatch().in_flight())
@@ -228,24 +232,24 @@ fn route_one(shared: &Arc<Shared>) -> StreamState {
 
 #[test]
 fn routed_request_counts_in_flight_until_the_stream_ends() {
-    let shared = shared(3, 1024);
+    let (shared, ds) = shared(3, 1024);
     let a = route_one(&shared);
     let b = route_one(&shared);
-    let mut counts = in_flight(&shared);
+    let mut counts = in_flight(&ds);
     counts.sort_unstable();
     // Two requests, two different endpoints (the second sees the first's count), the fallback
     // endpoint is not counted.
     assert_eq!(counts, [0, 1, 1]);
     // A stream that breaks mid-response releases its count like one that completes.
     drop(a);
-    assert_eq!(in_flight(&shared).iter().sum::<u32>(), 1);
+    assert_eq!(in_flight(&ds).iter().sum::<u32>(), 1);
     drop(b);
-    assert_eq!(in_flight(&shared), [0, 0, 0]);
+    assert_eq!(in_flight(&ds), [0, 0, 0]);
 }
 
 #[test]
 fn inflight_accounting_off_counts_nothing() {
-    let shared = shared_with(3, 1024, false);
+    let (shared, ds) = shared_with(3, 1024, false);
     let _a = route_one(&shared);
-    assert_eq!(in_flight(&shared), [0, 0, 0]);
+    assert_eq!(in_flight(&ds), [0, 0, 0]);
 }

@@ -7,8 +7,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{CycleState, Filter, Plugin};
+use super::{Filter, Plugin};
 use crate::epp::endpoint::EndpointSnapshot;
+use crate::epp::scheduling::SchedulingRequest;
 
 /// Default `metricsStalenessThreshold`: 20 scrapes at the default 50 ms interval.
 pub const DEFAULT_STALENESS: Duration = Duration::from_secs(1);
@@ -46,7 +47,7 @@ impl ScrapeFreshnessFilter {
 }
 
 impl Filter for ScrapeFreshnessFilter {
-    fn filter(&self, _: &CycleState<'_>, endpoints: &mut Vec<Arc<EndpointSnapshot>>) {
+    fn filter(&self, _: &SchedulingRequest<'_>, endpoints: &mut Vec<Arc<EndpointSnapshot>>) {
         self.apply(endpoints, Instant::now());
     }
 }
@@ -65,6 +66,7 @@ mod tests {
                 updated_at,
                 ..Default::default()
             },
+            dispatch: None,
         })
     }
 

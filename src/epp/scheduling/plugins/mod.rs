@@ -25,8 +25,10 @@ pub trait Plugin: Send + Sync + fmt::Debug {
     fn name(&self) -> &str;
 }
 
-/// State shared by the plugins of one scheduling cycle (one request).
-#[derive(Debug)]
+/// What the scorers of one profile see for one request: the request and the data prepared for
+/// it before scoring (the reference's PrepareData step). Read-only: a score is a pure function
+/// of (request, endpoints, this); what was routed is recorded by the director afterwards.
+#[derive(Debug, Clone, Copy)]
 pub struct CycleState<'a> {
     pub request: &'a SchedulingRequest<'a>,
     /// The request's chained prefix-block hashes (empty without a prefix plugin, or when the
@@ -34,26 +36,28 @@ pub struct CycleState<'a> {
     pub prefix_hashes: &'a [u64],
     /// Block size (tokens) the hashes were computed with.
     pub prefix_block_tokens: usize,
-    /// Matched prefix blocks per endpoint of the profile being scored, written by the
-    /// prefix-cache scorer (empty if it did not run).
-    pub prefix_matches: Vec<usize>,
+    /// Matched prefix blocks per endpoint of the slice being scored, looked up in the prefix
+    /// index when a scorer of the profile [asks for them](Scorer::uses_prefix_matches); else
+    /// empty.
+    pub prefix_matches: &'a [usize],
 }
 
 /// Removes endpoints that must not serve the request. Runs in profile order; a filter that
 /// leaves no endpoint fails the profile.
 pub trait Filter: Plugin {
-    fn filter(&self, cycle: &CycleState<'_>, endpoints: &mut Vec<Arc<EndpointSnapshot>>);
+    fn filter(&self, request: &SchedulingRequest<'_>, endpoints: &mut Vec<Arc<EndpointSnapshot>>);
 }
 
 /// Scores each endpoint; `out[i]` is the score of `endpoints[i]` (expected in 0..=1; values
 /// outside are clamped by the caller). `out.len() == endpoints.len()`; every element must be set.
 pub trait Scorer: Plugin {
-    fn score(
-        &self,
-        cycle: &mut CycleState<'_>,
-        endpoints: &[Arc<EndpointSnapshot>],
-        out: &mut [f64],
-    );
+    fn score(&self, cycle: &CycleState<'_>, endpoints: &[Arc<EndpointSnapshot>], out: &mut [f64]);
+
+    /// Whether this scorer reads [`CycleState::prefix_matches`] (the lookup is skipped for
+    /// profiles where no scorer does).
+    fn uses_prefix_matches(&self) -> bool {
+        false
+    }
 }
 
 /// An endpoint's position in the profile's endpoint list and its weighted score.

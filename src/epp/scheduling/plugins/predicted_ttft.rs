@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use super::{CycleState, Plugin, Scorer};
 use crate::epp::endpoint::EndpointSnapshot;
-use crate::epp::prefix::{PrefixIndex, AVERAGE_CHARS_PER_TOKEN};
+use crate::epp::prefix::AVERAGE_CHARS_PER_TOKEN;
 use crate::epp::work::{WorkView, DEFAULT_PREFILL_TOKENS_PER_S};
 
 /// Validated parameters (`plugins[].parameters` of `predicted-ttft-scorer`).
@@ -43,11 +43,11 @@ impl Default for PredictedTtftParams {
     }
 }
 
+/// Reads the prefix matches the scheduler prepared ([`CycleState::prefix_matches`]); without
+/// a prefix index every prompt counts as uncached.
 #[derive(Debug)]
 pub struct PredictedTtftScorer {
     pub name: String,
-    /// The shared prefix index; without one every prompt counts as uncached.
-    pub index: Option<Arc<PrefixIndex>>,
     pub params: PredictedTtftParams,
 }
 
@@ -66,16 +66,19 @@ pub fn prompt_tokens(prompt: &[u8]) -> u64 {
 }
 
 fn work_of(e: &EndpointSnapshot, now: Instant) -> WorkView {
-    e.metrics
-        .dispatch
+    e.dispatch
         .as_ref()
         .map(|d| d.work.view(now))
         .unwrap_or_default()
 }
 
 impl Scorer for PredictedTtftScorer {
-    fn score(&self, cycle: &mut CycleState<'_>, eps: &[Arc<EndpointSnapshot>], out: &mut [f64]) {
+    fn score(&self, cycle: &CycleState<'_>, eps: &[Arc<EndpointSnapshot>], out: &mut [f64]) {
         self.score_at(cycle, eps, out, Instant::now());
+    }
+
+    fn uses_prefix_matches(&self) -> bool {
+        true
     }
 }
 
@@ -83,24 +86,11 @@ impl PredictedTtftScorer {
     /// [`Scorer::score`] as of `now` (tests pin the clock).
     pub fn score_at(
         &self,
-        cycle: &mut CycleState<'_>,
+        cycle: &CycleState<'_>,
         eps: &[Arc<EndpointSnapshot>],
         out: &mut [f64],
         now: Instant,
     ) {
-        let n = eps.len();
-        // Reuse the prefix scorer's matches when it ran first in this profile.
-        if cycle.prefix_matches.len() != n {
-            cycle.prefix_matches.clear();
-            match &self.index {
-                Some(index) => index.match_prefix(
-                    cycle.prefix_hashes,
-                    eps.iter().map(|e| e.endpoint.name.as_str()),
-                    &mut cycle.prefix_matches,
-                ),
-                None => cycle.prefix_matches.resize(n, 0),
-            }
-        }
         let prompt = prompt_tokens(cycle.request.prompt);
         let block = cycle.prefix_block_tokens as u64;
 
@@ -162,7 +152,6 @@ impl PredictedTtftScorer {
 mod tests {
     use super::*;
     use crate::epp::endpoint::{DispatchCounters, Endpoint, EndpointMetrics};
-    use crate::epp::prefix::PrefixIndexConfig;
     use crate::epp::scheduling::SchedulingRequest;
     use crate::epp::work::WorkGuard;
     use std::time::Duration;
@@ -172,18 +161,29 @@ mod tests {
         endpoint.name = name.to_string();
         Arc::new(EndpointSnapshot {
             endpoint: Arc::new(endpoint),
-            metrics: EndpointMetrics {
-                dispatch: Some(d.clone()),
-                ..Default::default()
-            },
+            metrics: EndpointMetrics::default(),
+            dispatch: Some(d.clone()),
         })
     }
 
-    /// Scores as of the moment `at` (work dispatched at `at` has had no time to drain).
+    /// Scores as of the moment `at` (work dispatched at `at` has had no time to drain), with
+    /// no prefix matches.
     fn score_at(
         s: &PredictedTtftScorer,
         eps: &[Arc<EndpointSnapshot>],
         prompt: &[u8],
+        at: Instant,
+    ) -> Vec<f64> {
+        score_matched(s, eps, prompt, &[], at)
+    }
+
+    /// Scores with `matches[i]` 16-token blocks of the prompt cached on `eps[i]`, as the
+    /// scheduler's prefix lookup prepares them.
+    fn score_matched(
+        s: &PredictedTtftScorer,
+        eps: &[Arc<EndpointSnapshot>],
+        prompt: &[u8],
+        matches: &[usize],
         at: Instant,
     ) -> Vec<f64> {
         let req = SchedulingRequest {
@@ -195,14 +195,14 @@ mod tests {
         };
         // Four 16-token blocks (64 tokens = 256 bytes) of hashes.
         let hashes = [1u64, 2, 3, 4];
-        let mut cycle = CycleState {
+        let cycle = CycleState {
             request: &req,
             prefix_hashes: &hashes,
             prefix_block_tokens: 16,
-            prefix_matches: Vec::new(),
+            prefix_matches: matches,
         };
         let mut out = vec![f64::NAN; eps.len()];
-        s.score_at(&mut cycle, eps, &mut out, at);
+        s.score_at(&cycle, eps, &mut out, at);
         out
     }
 
@@ -214,10 +214,9 @@ mod tests {
         }
     }
 
-    fn scorer(index: Option<Arc<PrefixIndex>>) -> PredictedTtftScorer {
+    fn scorer() -> PredictedTtftScorer {
         PredictedTtftScorer {
             name: "t".into(),
-            index,
             params: PredictedTtftParams {
                 initial_prefill_tokens_per_s: 1000.0,
                 request_overhead_tokens: 0,
@@ -234,29 +233,30 @@ mod tests {
         let _h: Vec<_> = (0..3).map(|_| WorkGuard::dispatch(&b, 100, t)).collect();
         let eps = [ep("a", &a), ep("b", &b)];
         // 100-token prompt: a predicts 3100, b 400 tokens of work.
-        let got = score_at(&scorer(None), &eps, &[b'x'; 400], t);
+        let got = score_at(&scorer(), &eps, &[b'x'; 400], t);
         assert_close(&got, &[400.0 / 3100.0, 1.0]);
     }
 
     #[test]
     fn a_prefix_hit_wins_only_while_it_saves_more_than_the_extra_queue() {
-        let index = Arc::new(PrefixIndex::new(PrefixIndexConfig {
-            lru_capacity_per_endpoint: 100,
-        }));
-        index.record(&[1, 2, 3, 4], "holder", None);
+        // The holder has all four 16-token blocks of the prompt's head cached.
+        let matches = [4, 0];
         let (h, o) = (Arc::default(), Arc::default());
         let eps = [ep("holder", &h), ep("other", &o)];
-        let s = scorer(Some(index));
+        let s = scorer();
         let t = Instant::now();
         // 80-token prompt, 64 cached on the holder: 16 vs 80 tokens, holder wins.
         let prompt = [b'x'; 320];
-        assert_close(&score_at(&s, &eps, &prompt, t), &[1.0, 16.0 / 80.0]);
+        let got = score_matched(&s, &eps, &prompt, &matches, t);
+        assert_close(&got, &[1.0, 16.0 / 80.0]);
         // 40 tokens queued at the holder: 56 vs 80, still the holder.
         let _q = WorkGuard::dispatch(&h, 40, t);
-        assert_close(&score_at(&s, &eps, &prompt, t), &[1.0, 56.0 / 80.0]);
+        let got = score_matched(&s, &eps, &prompt, &matches, t);
+        assert_close(&got, &[1.0, 56.0 / 80.0]);
         // 100 queued: 116 vs 80 — the hit saves less than the queue costs; go elsewhere.
         let _r = WorkGuard::dispatch(&h, 60, t);
-        assert_close(&score_at(&s, &eps, &prompt, t), &[80.0 / 116.0, 1.0]);
+        let got = score_matched(&s, &eps, &prompt, &matches, t);
+        assert_close(&got, &[80.0 / 116.0, 1.0]);
     }
 
     #[test]
@@ -267,12 +267,7 @@ mod tests {
         let _g = WorkGuard::dispatch(&a, 7000, t);
         let _h = WorkGuard::dispatch(&b, 5000, t + Duration::from_secs(3));
         let eps = [ep("a", &a), ep("b", &b)];
-        let got = score_at(
-            &scorer(None),
-            &eps,
-            &[b'x'; 4000],
-            t + Duration::from_secs(3),
-        );
+        let got = score_at(&scorer(), &eps, &[b'x'; 4000], t + Duration::from_secs(3));
         // a: 4000 + 1000 own; b: 5000 + 1000.
         assert_close(&got, &[1.0, 5000.0 / 6000.0]);
     }
@@ -286,7 +281,7 @@ mod tests {
         WorkGuard::dispatch(&slow, 1000, t).first_token(t + Duration::from_secs(1));
         let eps = [ep("fast", &fast), ep("slow", &slow), ep("new", &new)];
         // 1000-token prompt: 0.25 s, 1 s, and 1000 / 2500 = 0.4 s at the mean rate.
-        let got = score_at(&scorer(None), &eps, &[b'x'; 4000], t);
+        let got = score_at(&scorer(), &eps, &[b'x'; 4000], t);
         assert_close(&got, &[1.0, 0.25, 0.25 / 0.4]);
     }
 
@@ -302,7 +297,7 @@ mod tests {
         // 2 foreign waiting with none of ours: charged like this 100-token request.
         other.metrics.waiting_queue_size = 2;
         let eps = [Arc::new(busy), Arc::new(other)];
-        let got = score_at(&scorer(None), &eps, &[b'x'; 400], t);
+        let got = score_at(&scorer(), &eps, &[b'x'; 400], t);
         // a: 600 + 300 + 100 = 1000; b: 200 + 100 = 300.
         assert_close(&got, &[0.3, 1.0]);
     }
@@ -311,7 +306,7 @@ mod tests {
     fn idle_endpoints_tie_and_request_overhead_breaks_it() {
         let (a, b) = (Arc::default(), Arc::default());
         let eps = [ep("a", &a), ep("b", &b)];
-        let mut s = scorer(None);
+        let mut s = scorer();
         let t = Instant::now();
         assert_eq!(score_at(&s, &eps, &[b'x'; 40], t), vec![1.0, 1.0]);
         assert_eq!(score_at(&s, &eps, b"", t), vec![1.0, 1.0]);

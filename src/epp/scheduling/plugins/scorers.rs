@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use super::{CycleState, Plugin, Scorer};
 use crate::epp::endpoint::{EndpointMetrics, EndpointSnapshot};
-use crate::epp::prefix::PrefixIndex;
 
 macro_rules! plugin_impl {
     ($t:ty, $type_name:literal) => {
@@ -46,7 +45,7 @@ fn min_max_inverse_with_unscraped(
 ) {
     min_max_inverse(
         eps.iter()
-            .map(|e| scraped(&e.metrics).saturating_add(e.metrics.unscraped())),
+            .map(|e| scraped(&e.metrics).saturating_add(e.unscraped())),
         out,
     );
 }
@@ -59,7 +58,7 @@ pub struct QueueScorer {
 plugin_impl!(QueueScorer, "queue-scorer");
 
 impl Scorer for QueueScorer {
-    fn score(&self, _: &mut CycleState<'_>, eps: &[Arc<EndpointSnapshot>], out: &mut [f64]) {
+    fn score(&self, _: &CycleState<'_>, eps: &[Arc<EndpointSnapshot>], out: &mut [f64]) {
         min_max_inverse_with_unscraped(eps, |m| m.waiting_queue_size, out);
     }
 }
@@ -72,7 +71,7 @@ pub struct RunningRequestsScorer {
 plugin_impl!(RunningRequestsScorer, "running-requests-size-scorer");
 
 impl Scorer for RunningRequestsScorer {
-    fn score(&self, _: &mut CycleState<'_>, eps: &[Arc<EndpointSnapshot>], out: &mut [f64]) {
+    fn score(&self, _: &CycleState<'_>, eps: &[Arc<EndpointSnapshot>], out: &mut [f64]) {
         min_max_inverse_with_unscraped(eps, |m| m.running_requests, out);
     }
 }
@@ -85,7 +84,7 @@ pub struct KvCacheUtilizationScorer {
 plugin_impl!(KvCacheUtilizationScorer, "kv-cache-utilization-scorer");
 
 impl Scorer for KvCacheUtilizationScorer {
-    fn score(&self, _: &mut CycleState<'_>, eps: &[Arc<EndpointSnapshot>], out: &mut [f64]) {
+    fn score(&self, _: &CycleState<'_>, eps: &[Arc<EndpointSnapshot>], out: &mut [f64]) {
         for (o, e) in out.iter_mut().zip(eps) {
             *o = 1.0 - e.metrics.kv_cache_usage;
         }
@@ -101,7 +100,7 @@ pub struct LoraAffinityScorer {
 plugin_impl!(LoraAffinityScorer, "lora-affinity-scorer");
 
 impl Scorer for LoraAffinityScorer {
-    fn score(&self, cycle: &mut CycleState<'_>, eps: &[Arc<EndpointSnapshot>], out: &mut [f64]) {
+    fn score(&self, cycle: &CycleState<'_>, eps: &[Arc<EndpointSnapshot>], out: &mut [f64]) {
         let target = cycle.request.target_model;
         for (o, e) in out.iter_mut().zip(eps) {
             *o = match &e.metrics.lora {
@@ -137,24 +136,19 @@ fn distinct(running: &[String], waiting: &[String]) -> usize {
     count(running) + count(waiting)
 }
 
-/// `prefix-cache-scorer`: `matched_blocks / total_blocks` from the shared prefix index (0 when
-/// the prompt has no full block). Leaves the per-endpoint matches in the cycle state.
+/// `prefix-cache-scorer`: `matched_blocks / total_blocks`, from the matches the scheduler looked
+/// up in the shared prefix index before scoring (0 when the prompt has no full block).
 #[derive(Debug)]
 pub struct PrefixCacheScorer {
     pub name: String,
-    pub index: Arc<PrefixIndex>,
 }
 plugin_impl!(PrefixCacheScorer, "prefix-cache-scorer");
 
 impl Scorer for PrefixCacheScorer {
-    fn score(&self, cycle: &mut CycleState<'_>, eps: &[Arc<EndpointSnapshot>], out: &mut [f64]) {
+    fn score(&self, cycle: &CycleState<'_>, eps: &[Arc<EndpointSnapshot>], out: &mut [f64]) {
         let total = cycle.prefix_hashes.len();
-        self.index.match_prefix(
-            cycle.prefix_hashes,
-            eps.iter().map(|e| e.endpoint.name.as_str()),
-            &mut cycle.prefix_matches,
-        );
-        for (o, &m) in out.iter_mut().zip(&cycle.prefix_matches) {
+        for (i, o) in out.iter_mut().enumerate().take(eps.len()) {
+            let m = cycle.prefix_matches.get(i).copied().unwrap_or(0);
             *o = if total == 0 {
                 0.0
             } else {
@@ -162,13 +156,16 @@ impl Scorer for PrefixCacheScorer {
             };
         }
     }
+
+    fn uses_prefix_matches(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::epp::endpoint::{Endpoint, EndpointMetrics, LoraInfo};
-    use crate::epp::prefix::PrefixIndexConfig;
     use crate::epp::scheduling::SchedulingRequest;
 
     pub(crate) fn ep(name: &str, metrics: EndpointMetrics) -> Arc<EndpointSnapshot> {
@@ -178,6 +175,7 @@ mod tests {
         Arc::new(EndpointSnapshot {
             endpoint: Arc::new(endpoint),
             metrics,
+            dispatch: None,
         })
     }
 
@@ -192,15 +190,24 @@ mod tests {
     }
 
     fn run(s: &dyn Scorer, eps: &[Arc<EndpointSnapshot>], hashes: &[u64]) -> Vec<f64> {
+        run_with(s, eps, hashes, &[])
+    }
+
+    fn run_with(
+        s: &dyn Scorer,
+        eps: &[Arc<EndpointSnapshot>],
+        hashes: &[u64],
+        matches: &[usize],
+    ) -> Vec<f64> {
         let r = req();
-        let mut cycle = CycleState {
+        let cycle = CycleState {
             request: &r,
             prefix_hashes: hashes,
             prefix_block_tokens: 16,
-            prefix_matches: Vec::new(),
+            prefix_matches: matches,
         };
         let mut out = vec![f64::NAN; eps.len()];
-        s.score(&mut cycle, eps, &mut out);
+        s.score(&cycle, eps, &mut out);
         out
     }
 
@@ -267,17 +274,15 @@ mod tests {
 
     #[test]
     fn prefix_scorer_is_matched_over_total() {
-        let index = Arc::new(PrefixIndex::new(PrefixIndexConfig {
-            lru_capacity_per_endpoint: 100,
-        }));
-        index.record(&[1, 2, 3, 4], "a", None);
-        index.record(&[1], "b", None);
-        let s = PrefixCacheScorer {
-            name: "p".into(),
-            index,
-        };
+        let s = PrefixCacheScorer { name: "p".into() };
+        assert!(s.uses_prefix_matches());
         let eps = [ep("a", queue(0)), ep("b", queue(0)), ep("c", queue(0))];
-        assert_eq!(run(&s, &eps, &[1, 2, 3, 4]), vec![1.0, 0.25, 0.0]);
-        assert_eq!(run(&s, &eps, &[]), vec![0.0, 0.0, 0.0]);
+        assert_eq!(
+            run_with(&s, &eps, &[1, 2, 3, 4], &[4, 1, 0]),
+            vec![1.0, 0.25, 0.0]
+        );
+        assert_eq!(run_with(&s, &eps, &[], &[]), vec![0.0, 0.0, 0.0]);
+        // Missing matches count as none.
+        assert_eq!(run_with(&s, &eps, &[1, 2], &[2]), vec![1.0, 0.0, 0.0]);
     }
 }

@@ -1,11 +1,16 @@
 //! EndpointPickerConfig decoding, defaulting and rejection tests.
 
+use std::time::Duration;
+
 use super::*;
+use crate::epp::endpoint::EngineType;
+use crate::epp::prefix::PrefixCacheParams;
+use crate::epp::scrape::MetricsSourceConfig;
 
 const HEAD: &str =
     "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n";
 
-fn cfg(body: &str) -> Result<SchedulerConfig, ConfigError> {
+fn cfg(body: &str) -> Result<EppConfig, ConfigError> {
     parse_config(&format!("{HEAD}{body}"))
 }
 
@@ -16,10 +21,36 @@ fn err(body: &str) -> String {
     }
 }
 
-fn names(c: &SchedulerConfig) -> Vec<(&str, &str)> {
+fn names(c: &EppConfig) -> Vec<(&str, &str)> {
     c.plugins
         .iter()
         .map(|p| (p.name.as_str(), p.kind.type_name()))
+        .collect()
+}
+
+/// A profile as names: (name, filters, (scorer, weight)s, picker).
+#[derive(Debug, PartialEq)]
+struct ProfileSpec {
+    name: String,
+    filters: Vec<String>,
+    scorers: Vec<(String, f64)>,
+    picker: String,
+}
+
+fn profiles(c: &EppConfig) -> Vec<ProfileSpec> {
+    c.scheduling
+        .profiles
+        .iter()
+        .map(|p| ProfileSpec {
+            name: p.name.clone(),
+            filters: p.filters.iter().map(|f| f.name().to_string()).collect(),
+            scorers: p
+                .scorers
+                .iter()
+                .map(|(s, w)| (s.name().to_string(), *w))
+                .collect(),
+            picker: p.picker.name().to_string(),
+        })
         .collect()
 }
 
@@ -40,7 +71,7 @@ fn default_config_is_the_reference_chart() {
         ]
     );
     assert_eq!(
-        c.profiles,
+        profiles(&c),
         vec![ProfileSpec {
             name: "default".into(),
             filters: vec![],
@@ -52,9 +83,9 @@ fn default_config_is_the_reference_chart() {
             picker: "max-score-picker".into(),
         }]
     );
-    assert_eq!(c.profile_handler, "single-profile-handler");
+    assert_eq!(c.scheduling.handler.name(), "single-profile-handler");
     assert_eq!(
-        c.prefix_cache,
+        c.scheduling.prefix_cache,
         Some(PrefixCacheParams {
             auto_tune: true,
             block_size_tokens: 16,
@@ -63,23 +94,20 @@ fn default_config_is_the_reference_chart() {
             lru_capacity_per_server: 31250,
         })
     );
-    assert_eq!(c.metrics_source, MetricsDataSourceParams::default());
-    assert_eq!(
-        c.saturation_detector,
-        (
-            "utilization-detector".into(),
-            UtilizationDetectorParams::default()
-        )
-    );
+    assert_eq!(c.data_layer.source, MetricsSourceConfig::default());
+    assert_eq!(c.saturation_detector, "utilization-detector");
+    assert_eq!(c.saturation, SaturationConfig::default());
     // Empty text means the default, as in the reference.
-    assert_eq!(parse_config("  \n").unwrap(), c);
+    let empty = parse_config("  \n").unwrap();
+    assert_eq!(names(&empty), names(&c));
+    assert_eq!(profiles(&empty), profiles(&c));
 }
 
 #[test]
 fn no_profiles_makes_a_default_profile_of_all_scheduling_plugins() {
     let c = cfg("plugins:\n- type: queue-scorer\n- type: lora-affinity-scorer\n  name: lora\n- type: random-picker\n- type: metrics-data-source\n").unwrap();
     assert_eq!(
-        c.profiles,
+        profiles(&c),
         vec![ProfileSpec {
             name: "default".into(),
             filters: vec![],
@@ -87,15 +115,15 @@ fn no_profiles_makes_a_default_profile_of_all_scheduling_plugins() {
             picker: "random-picker".into(),
         }]
     );
-    assert_eq!(c.profile_handler, "single-profile-handler");
-    assert_eq!(c.prefix_cache, None);
+    assert_eq!(c.scheduling.handler.name(), "single-profile-handler");
+    assert_eq!(c.scheduling.prefix_cache, None);
 }
 
 #[test]
 fn missing_picker_and_weight_get_defaults() {
     let c = cfg("plugins:\n- type: kv-cache-utilization-scorer\n  name: kv\nschedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: kv\n").unwrap();
-    assert_eq!(c.profiles[0].scorers, vec![("kv".into(), 1.0)]);
-    assert_eq!(c.profiles[0].picker, "max-score-picker");
+    assert_eq!(profiles(&c)[0].scorers, vec![("kv".into(), 1.0)]);
+    assert_eq!(profiles(&c)[0].picker, "max-score-picker");
     assert!(matches!(
         c.plugin("max-score-picker").unwrap().kind,
         PluginKind::MaxScorePicker(PickerParams {
@@ -136,7 +164,7 @@ fn two_pickers_in_one_profile_are_rejected() {
 fn prefix_parameters_and_parameters_before_type() {
     let c = cfg("plugins:\n- parameters: {blockSizeTokens: 32, autoTune: false, maxPrefixTokensToMatch: 1024, lruCapacityPerServer: 500}\n  type: prefix-cache-scorer\n").unwrap();
     assert_eq!(
-        c.prefix_cache,
+        c.scheduling.prefix_cache,
         Some(PrefixCacheParams {
             auto_tune: false,
             block_size_tokens: 32,
@@ -176,27 +204,25 @@ flowControl:
 "#)
     .unwrap();
     assert_eq!(c.feature_gates, vec!["dataLayer".to_string()]);
+    assert_eq!(c.saturation_detector, "sat");
     assert_eq!(
-        c.saturation_detector,
-        (
-            "sat".into(),
-            UtilizationDetectorParams {
-                queue_depth_threshold: 8,
-                kv_cache_util_threshold: 0.9,
-                metrics_staleness_threshold: Duration::from_secs(1),
-                headroom: 0.1,
-            }
-        )
+        c.saturation,
+        SaturationConfig {
+            queue_depth_threshold: 8,
+            kv_cache_util_threshold: 0.9,
+            metrics_staleness_threshold: Duration::from_secs(1),
+            headroom: 0.1,
+        }
     );
     assert_eq!(
-        c.metrics_source,
-        MetricsDataSourceParams {
+        c.data_layer.source,
+        MetricsSourceConfig {
             scheme: "https".into(),
             path: "/stats".into(),
             insecure_skip_verify: false,
         }
     );
-    assert_eq!(c.metrics_extractor.default_engine, EngineType::Sglang);
+    assert_eq!(c.data_layer.extractor.default_engine, EngineType::Sglang);
     assert!(c.plugin("utilization-detector").is_none());
 }
 
@@ -357,6 +383,52 @@ fn header_is_checked() {
     let e = parse_config("plugins: [\n").unwrap_err().to_string();
     assert!(
         e.starts_with("invalid EndpointPickerConfig: ") && e.contains("line"),
+        "{e}"
+    );
+}
+
+/// The work-aware plugins (issue 10): parameters decode, defaults apply, and each becomes its
+/// instance in the profile slot its role gives it.
+#[test]
+fn work_aware_plugins_decode_and_take_their_slots() {
+    let c = cfg("plugins:\n- type: scrape-freshness-filter\n  parameters: {metricsStalenessThreshold: 2s}\n- type: predicted-ttft-scorer\n  parameters: {initialPrefillTokensPerSecond: 5000, requestOverheadTokens: 8}\n- type: prefix-cache-scorer\n").unwrap();
+    assert_eq!(
+        c.plugin("scrape-freshness-filter").unwrap().kind,
+        PluginKind::ScrapeFreshnessFilter(Duration::from_secs(2))
+    );
+    assert!(matches!(
+        c.plugin("predicted-ttft-scorer").unwrap().kind,
+        PluginKind::PredictedTtftScorer(p)
+            if p.initial_prefill_tokens_per_s == 5000.0 && p.request_overhead_tokens == 8
+    ));
+    assert_eq!(
+        profiles(&c),
+        vec![ProfileSpec {
+            name: "default".into(),
+            filters: vec!["scrape-freshness-filter".into()],
+            scorers: vec![
+                ("predicted-ttft-scorer".into(), 1.0),
+                ("prefix-cache-scorer".into(), 1.0)
+            ],
+            picker: "max-score-picker".into(),
+        }]
+    );
+    let d = cfg("plugins:\n- type: scrape-freshness-filter\n").unwrap();
+    assert_eq!(
+        d.plugin("scrape-freshness-filter").unwrap().kind,
+        PluginKind::ScrapeFreshnessFilter(Duration::from_secs(1))
+    );
+    let e = err("plugins:\n- type: predicted-ttft-scorer\n  parameters: {initialPrefillTokensPerSecond: 0}\n");
+    assert!(
+        e.contains("initialPrefillTokensPerSecond must be a finite number > 0, got 0"),
+        "{e}"
+    );
+    let e = err("plugins:\n- type: scrape-freshness-filter\n  parameters: {metricsStalenessThreshold: 0s}\n");
+    assert!(e.contains("metricsStalenessThreshold must be > 0"), "{e}");
+    let e =
+        err("plugins:\n- type: predicted-ttft-scorer\n  parameters: {requestOverheadTokens: -1}\n");
+    assert!(
+        e.contains("requestOverheadTokens must be >= 0, got -1"),
         "{e}"
     );
 }

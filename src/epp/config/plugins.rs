@@ -1,0 +1,559 @@
+//! The plugin registry: every `plugins[].type` Switchyard accepts, how its `parameters` decode
+//! and validate, and the instance it becomes.
+//!
+//! Adding a plugin type is a change to this file only: a [`PluginKind`] variant, its arm in
+//! [`decode`] (type name → validated parameters) and, enforced by the compiler, its arms in
+//! [`PluginKind::type_name`] and [`PluginKind::instantiate`]. Resolution (`resolve.rs`) only
+//! sees the built [`Instance`]s and the few kinds it wires outside scheduling.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+use crate::epp::endpoint::EngineType;
+use crate::epp::prefix::PrefixCacheParams;
+use crate::epp::saturation::SaturationConfig;
+use crate::epp::scheduling::plugins::freshness::{ScrapeFreshnessFilter, DEFAULT_STALENESS};
+use crate::epp::scheduling::plugins::pickers::{
+    MaxScorePicker, RandomPicker, WeightedRandomPicker,
+};
+use crate::epp::scheduling::plugins::predicted_ttft::{PredictedTtftParams, PredictedTtftScorer};
+use crate::epp::scheduling::plugins::profile::SingleProfileHandler;
+use crate::epp::scheduling::plugins::scorers::{
+    KvCacheUtilizationScorer, LoraAffinityScorer, PrefixCacheScorer, QueueScorer,
+    RunningRequestsScorer,
+};
+use crate::epp::scheduling::plugins::{Filter, Picker, ProfileHandler, Scorer};
+use crate::epp::scrape::{MetricsExtractorConfig, MetricsSourceConfig};
+
+/// Plugin types the reference registers that Switchyard does not implement (rejected with a
+/// clearer message than "not registered").
+const UNSUPPORTED_REFERENCE_TYPES: &[&str] = &[
+    "token-load-scorer",
+    "latency-scorer",
+    "predicted-latency-scorer",
+    "predicted-latency-producer",
+    "latency-slo-admitter",
+    "prefix-cache-affinity-filter",
+    "slo-headroom-tier-filter",
+    "inflight-load-producer",
+    "header-based-testing-filter",
+    "destination-endpoint-served-verifier",
+    "k8s-notification-source",
+    "endpoint-notification-source",
+    "request-attribute-reporter",
+    "vllmgrpc-parser",
+    "passthrough-parser",
+    "concurrency-detector",
+    "global-strict-fairness-policy",
+    "round-robin-fairness-policy",
+    "fcfs-ordering-policy",
+    "edf-ordering-policy",
+    "slo-deadline-ordering-policy",
+    "static-usage-limit-policy",
+    "eviction-sheddable-filter",
+    "eviction-priority-then-time-ordering",
+];
+
+/// `maxNumOfEndpoints` of a picker (≤ 0 in the config means the default, 1, as in the reference).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PickerParams {
+    pub max_num_of_endpoints: usize,
+}
+
+impl Default for PickerParams {
+    fn default() -> Self {
+        PickerParams {
+            max_num_of_endpoints: 1,
+        }
+    }
+}
+
+/// A configured plugin's type and validated parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PluginKind {
+    QueueScorer,
+    RunningRequestsSizeScorer,
+    KvCacheUtilizationScorer,
+    LoraAffinityScorer,
+    PrefixCacheScorer(PrefixCacheParams),
+    MaxScorePicker(PickerParams),
+    RandomPicker(PickerParams),
+    WeightedRandomPicker(PickerParams),
+    SingleProfileHandler,
+    ApproxPrefixCacheProducer(PrefixCacheParams),
+    UtilizationDetector(SaturationConfig),
+    MetricsDataSource(MetricsSourceConfig),
+    CoreMetricsExtractor(MetricsExtractorConfig),
+    OpenAiParser,
+    PredictedTtftScorer(PredictedTtftParams),
+    /// `metricsStalenessThreshold`.
+    ScrapeFreshnessFilter(Duration),
+}
+
+/// What a plugin instance is to the scheduler.
+#[derive(Debug, Clone)]
+pub enum Instance {
+    Filter(Arc<dyn Filter>),
+    Scorer(Arc<dyn Scorer>),
+    Picker(Arc<dyn Picker>),
+    ProfileHandler(Arc<dyn ProfileHandler>),
+    /// Used outside scheduling (data layer, saturation, parsing, the prefix producer); its
+    /// parameters are read from the [`PluginKind`] by resolution. Ignored in profiles.
+    Other,
+}
+
+impl PluginKind {
+    /// The config `type` string.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            PluginKind::QueueScorer => "queue-scorer",
+            PluginKind::RunningRequestsSizeScorer => "running-requests-size-scorer",
+            PluginKind::KvCacheUtilizationScorer => "kv-cache-utilization-scorer",
+            PluginKind::LoraAffinityScorer => "lora-affinity-scorer",
+            PluginKind::PrefixCacheScorer(_) => "prefix-cache-scorer",
+            PluginKind::MaxScorePicker(_) => "max-score-picker",
+            PluginKind::RandomPicker(_) => "random-picker",
+            PluginKind::WeightedRandomPicker(_) => "weighted-random-picker",
+            PluginKind::SingleProfileHandler => "single-profile-handler",
+            PluginKind::ApproxPrefixCacheProducer(_) => "approx-prefix-cache-producer",
+            PluginKind::UtilizationDetector(_) => "utilization-detector",
+            PluginKind::MetricsDataSource(_) => "metrics-data-source",
+            PluginKind::CoreMetricsExtractor(_) => "core-metrics-extractor",
+            PluginKind::OpenAiParser => "openai-parser",
+            PluginKind::PredictedTtftScorer(_) => "predicted-ttft-scorer",
+            PluginKind::ScrapeFreshnessFilter(_) => "scrape-freshness-filter",
+        }
+    }
+
+    /// Builds the instance named `name`.
+    pub fn instantiate(&self, name: &str) -> Instance {
+        let name = name.to_string();
+        match self {
+            PluginKind::QueueScorer => Instance::Scorer(Arc::new(QueueScorer { name })),
+            PluginKind::RunningRequestsSizeScorer => {
+                Instance::Scorer(Arc::new(RunningRequestsScorer { name }))
+            }
+            PluginKind::KvCacheUtilizationScorer => {
+                Instance::Scorer(Arc::new(KvCacheUtilizationScorer { name }))
+            }
+            PluginKind::LoraAffinityScorer => {
+                Instance::Scorer(Arc::new(LoraAffinityScorer { name }))
+            }
+            PluginKind::PrefixCacheScorer(_) => {
+                Instance::Scorer(Arc::new(PrefixCacheScorer { name }))
+            }
+            PluginKind::MaxScorePicker(p) => Instance::Picker(Arc::new(MaxScorePicker {
+                name,
+                max_num_of_endpoints: p.max_num_of_endpoints,
+            })),
+            PluginKind::RandomPicker(p) => Instance::Picker(Arc::new(RandomPicker {
+                name,
+                max_num_of_endpoints: p.max_num_of_endpoints,
+            })),
+            PluginKind::WeightedRandomPicker(p) => {
+                Instance::Picker(Arc::new(WeightedRandomPicker {
+                    name,
+                    max_num_of_endpoints: p.max_num_of_endpoints,
+                }))
+            }
+            PluginKind::SingleProfileHandler => {
+                Instance::ProfileHandler(Arc::new(SingleProfileHandler { name }))
+            }
+            PluginKind::PredictedTtftScorer(params) => {
+                Instance::Scorer(Arc::new(PredictedTtftScorer {
+                    name,
+                    params: *params,
+                }))
+            }
+            PluginKind::ScrapeFreshnessFilter(staleness) => {
+                Instance::Filter(Arc::new(ScrapeFreshnessFilter {
+                    name,
+                    staleness: *staleness,
+                }))
+            }
+            PluginKind::ApproxPrefixCacheProducer(_)
+            | PluginKind::UtilizationDetector(_)
+            | PluginKind::MetricsDataSource(_)
+            | PluginKind::CoreMetricsExtractor(_)
+            | PluginKind::OpenAiParser => Instance::Other,
+        }
+    }
+}
+
+/// Why a plugin `type` was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TypeError {
+    #[error("plugin is missing a type")]
+    Missing,
+    #[error("plugin type '{0}' is not supported by switchyard")]
+    Unsupported(String),
+    #[error("plugin type '{0}' is not registered")]
+    Unregistered(String),
+}
+
+/// Checks that `type_name` is registered, before its parameters are read.
+pub fn check_type(type_name: &str) -> Result<(), TypeError> {
+    type Probe = de::value::UnitDeserializer<de::value::Error>;
+    match decode::<Probe>(type_name, None) {
+        Ok(Some(_)) => Ok(()),
+        _ if type_name.is_empty() => Err(TypeError::Missing),
+        _ if UNSUPPORTED_REFERENCE_TYPES.contains(&type_name) => {
+            Err(TypeError::Unsupported(type_name.to_string()))
+        }
+        _ => Err(TypeError::Unregistered(type_name.to_string())),
+    }
+}
+
+/// The registry proper: decodes and validates `parameters` (`None` when absent) for the plugin
+/// type `type_name`; `Ok(None)` when the type is not registered. Errors carry serde_yaml's
+/// location of the offending value.
+pub fn decode<'de, D: Deserializer<'de>>(
+    type_name: &str,
+    params: Option<D>,
+) -> Result<Option<PluginKind>, D::Error> {
+    let custom = de::Error::custom;
+    Ok(Some(match type_name {
+        "queue-scorer" => none(params, PluginKind::QueueScorer)?,
+        "running-requests-size-scorer" => none(params, PluginKind::RunningRequestsSizeScorer)?,
+        "kv-cache-utilization-scorer" => none(params, PluginKind::KvCacheUtilizationScorer)?,
+        "lora-affinity-scorer" => none(params, PluginKind::LoraAffinityScorer)?,
+        "single-profile-handler" => none(params, PluginKind::SingleProfileHandler)?,
+        "openai-parser" => none(params, PluginKind::OpenAiParser)?,
+        "prefix-cache-scorer" => PluginKind::PrefixCacheScorer(
+            wire::<WirePrefixParams, D>(params)?
+                .validate()
+                .map_err(custom)?,
+        ),
+        "approx-prefix-cache-producer" => PluginKind::ApproxPrefixCacheProducer(
+            wire::<WirePrefixParams, D>(params)?
+                .validate()
+                .map_err(custom)?,
+        ),
+        "max-score-picker" => {
+            PluginKind::MaxScorePicker(wire::<WirePickerParams, D>(params)?.validate())
+        }
+        "random-picker" => {
+            PluginKind::RandomPicker(wire::<WirePickerParams, D>(params)?.validate())
+        }
+        "weighted-random-picker" => {
+            PluginKind::WeightedRandomPicker(wire::<WirePickerParams, D>(params)?.validate())
+        }
+        "utilization-detector" => PluginKind::UtilizationDetector(
+            wire::<WireUtilizationParams, D>(params)?
+                .validate()
+                .map_err(custom)?,
+        ),
+        "metrics-data-source" => PluginKind::MetricsDataSource(
+            wire::<WireSourceParams, D>(params)?
+                .validate()
+                .map_err(custom)?,
+        ),
+        "core-metrics-extractor" => PluginKind::CoreMetricsExtractor(
+            wire::<WireExtractorParams, D>(params)?
+                .validate()
+                .map_err(custom)?,
+        ),
+        "predicted-ttft-scorer" => PluginKind::PredictedTtftScorer(
+            wire::<WirePredictedTtftParams, D>(params)?
+                .validate()
+                .map_err(custom)?,
+        ),
+        "scrape-freshness-filter" => PluginKind::ScrapeFreshnessFilter(
+            wire::<WireFreshnessParams, D>(params)?
+                .validate()
+                .map_err(custom)?,
+        ),
+        _ => return Ok(None),
+    }))
+}
+
+/// A parameterless type: any key in `parameters` is an error.
+fn none<'de, D: Deserializer<'de>>(
+    params: Option<D>,
+    kind: PluginKind,
+) -> Result<PluginKind, D::Error> {
+    wire::<NoParams, D>(params)?;
+    Ok(kind)
+}
+
+/// Decodes `parameters` as written (all keys optional); absent or `null` is all defaults.
+fn wire<'de, W: Deserialize<'de> + Default, D: Deserializer<'de>>(
+    params: Option<D>,
+) -> Result<W, D::Error> {
+    match params {
+        Some(d) => Ok(Option::<W>::deserialize(d)?.unwrap_or_default()),
+        None => Ok(W::default()),
+    }
+}
+
+/// Why a plugin's parameters were rejected (each names the offending key).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ParamError {
+    #[error(
+        "blockSize ({0}) is deprecated; use blockSizeTokens to set the cache block size in tokens"
+    )]
+    DeprecatedBlockSize(i64),
+    #[error("blockSizeTokens must be > 0 when autoTune is disabled, got {0}")]
+    BlockSizeTokens(i64),
+    #[error("lruCapacityPerServer must be > 0, got {0}")]
+    LruCapacity(i64),
+    #[error("{key} must be >= 0, got {value}")]
+    Negative { key: &'static str, value: i64 },
+    #[error("queueDepthThreshold must be strictly positive, got {0}")]
+    QueueDepthThreshold(i64),
+    #[error("kvCacheUtilThreshold must be in (0.0, 1.0], got {0}")]
+    KvCacheUtilThreshold(f64),
+    #[error("metricsStalenessThreshold: {0}")]
+    StalenessSyntax(String),
+    #[error("metricsStalenessThreshold must be strictly positive, got 0s")]
+    StalenessZero,
+    #[error("headroom must be a non-negative value, got {0}")]
+    Headroom(f64),
+    #[error("scheme must be 'http' or 'https', got '{0}'")]
+    Scheme(String),
+    #[error("path must start with '/', got '{0}'")]
+    Path(String),
+    #[error("engineConfigs is not supported by switchyard (engine metric specs are built in)")]
+    EngineConfigs,
+    #[error("defaultEngine: {0}")]
+    DefaultEngine(String),
+    #[error("initialPrefillTokensPerSecond must be a finite number > 0, got {0}")]
+    PrefillRate(f64),
+    #[error("metricsStalenessThreshold {given:?}: {reason}")]
+    FreshnessSyntax { given: String, reason: String },
+    #[error("metricsStalenessThreshold must be > 0")]
+    FreshnessZero,
+}
+
+/// Rejects any key in a parameterless plugin's `parameters`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WirePrefixParams {
+    auto_tune: Option<bool>,
+    block_size_tokens: Option<i64>,
+    block_size: Option<i64>,
+    max_prefix_blocks_to_match: Option<i64>,
+    max_prefix_tokens_to_match: Option<i64>,
+    lru_capacity_per_server: Option<i64>,
+}
+
+fn non_negative(key: &'static str, value: i64) -> Result<usize, ParamError> {
+    usize::try_from(value).map_err(|_| ParamError::Negative { key, value })
+}
+
+impl WirePrefixParams {
+    fn validate(self) -> Result<PrefixCacheParams, ParamError> {
+        let d = PrefixCacheParams::default();
+        let auto_tune = self.auto_tune.unwrap_or(d.auto_tune);
+        let block_size_tokens = self.block_size_tokens.unwrap_or(d.block_size_tokens as i64);
+        if self.block_size.unwrap_or(0) > 0 && block_size_tokens <= 0 {
+            return Err(ParamError::DeprecatedBlockSize(
+                self.block_size.unwrap_or(0),
+            ));
+        }
+        if !auto_tune && block_size_tokens <= 0 {
+            return Err(ParamError::BlockSizeTokens(block_size_tokens));
+        }
+        let lru = self
+            .lru_capacity_per_server
+            .unwrap_or(d.lru_capacity_per_server as i64);
+        if lru <= 0 {
+            return Err(ParamError::LruCapacity(lru));
+        }
+        Ok(PrefixCacheParams {
+            auto_tune,
+            block_size_tokens: non_negative("blockSizeTokens", block_size_tokens)?,
+            max_prefix_blocks_to_match: non_negative(
+                "maxPrefixBlocksToMatch",
+                self.max_prefix_blocks_to_match
+                    .unwrap_or(d.max_prefix_blocks_to_match as i64),
+            )?,
+            max_prefix_tokens_to_match: non_negative(
+                "maxPrefixTokensToMatch",
+                self.max_prefix_tokens_to_match.unwrap_or(0),
+            )?,
+            lru_capacity_per_server: non_negative("lruCapacityPerServer", lru)?,
+        })
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WirePickerParams {
+    max_num_of_endpoints: Option<i64>,
+}
+
+impl WirePickerParams {
+    fn validate(self) -> PickerParams {
+        // The reference falls back to the default for values <= 0 instead of failing.
+        match self.max_num_of_endpoints {
+            Some(n) if n > 0 => PickerParams {
+                max_num_of_endpoints: usize::try_from(n).unwrap_or(usize::MAX),
+            },
+            _ => PickerParams::default(),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WireUtilizationParams {
+    queue_depth_threshold: Option<i64>,
+    kv_cache_util_threshold: Option<f64>,
+    metrics_staleness_threshold: Option<String>,
+    headroom: Option<f64>,
+}
+
+impl WireUtilizationParams {
+    /// The reference's `utilization-detector` ranges (GIE `saturationdetector/utilization/config.go`).
+    fn validate(self) -> Result<SaturationConfig, ParamError> {
+        let d = SaturationConfig::default();
+        let q = self
+            .queue_depth_threshold
+            .unwrap_or(i64::from(d.queue_depth_threshold));
+        let queue_depth_threshold = u32::try_from(q)
+            .ok()
+            .filter(|&q| q > 0)
+            .ok_or(ParamError::QueueDepthThreshold(q))?;
+        let kv = self
+            .kv_cache_util_threshold
+            .unwrap_or(d.kv_cache_util_threshold);
+        // Written as a negated range check so NaN is rejected too.
+        if !(kv > 0.0 && kv <= 1.0) {
+            return Err(ParamError::KvCacheUtilThreshold(kv));
+        }
+        let staleness: Duration = match self.metrics_staleness_threshold {
+            Some(s) => crate::flagfmt::parse_go_duration(&s)
+                .map_err(|e| ParamError::StalenessSyntax(e.to_string()))?,
+            None => d.metrics_staleness_threshold,
+        };
+        if staleness.is_zero() {
+            return Err(ParamError::StalenessZero);
+        }
+        let headroom = self.headroom.unwrap_or(d.headroom);
+        if !(headroom >= 0.0 && headroom.is_finite()) {
+            return Err(ParamError::Headroom(headroom));
+        }
+        Ok(SaturationConfig {
+            queue_depth_threshold,
+            kv_cache_util_threshold: kv,
+            metrics_staleness_threshold: staleness,
+            headroom,
+        })
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WireSourceParams {
+    scheme: Option<String>,
+    path: Option<String>,
+    insecure_skip_verify: Option<bool>,
+}
+
+impl WireSourceParams {
+    fn validate(self) -> Result<MetricsSourceConfig, ParamError> {
+        let d = MetricsSourceConfig::default();
+        let scheme = self.scheme.filter(|s| !s.is_empty()).unwrap_or(d.scheme);
+        if scheme != "http" && scheme != "https" {
+            return Err(ParamError::Scheme(scheme));
+        }
+        let path = self.path.filter(|s| !s.is_empty()).unwrap_or(d.path);
+        if !path.starts_with('/') {
+            return Err(ParamError::Path(path));
+        }
+        Ok(MetricsSourceConfig {
+            scheme,
+            path,
+            insecure_skip_verify: self.insecure_skip_verify.unwrap_or(d.insecure_skip_verify),
+        })
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WireExtractorParams {
+    engine_label_key: Option<String>,
+    default_engine: Option<String>,
+    engine_configs: Option<serde_yaml::Value>,
+}
+
+impl WireExtractorParams {
+    fn validate(self) -> Result<MetricsExtractorConfig, ParamError> {
+        if self.engine_configs.is_some() {
+            return Err(ParamError::EngineConfigs);
+        }
+        let d = MetricsExtractorConfig::default();
+        let default_engine = match self.default_engine.as_deref() {
+            None | Some("") => d.default_engine,
+            Some(e) => e
+                .parse::<EngineType>()
+                .map_err(|e| ParamError::DefaultEngine(e.to_string()))?,
+        };
+        Ok(MetricsExtractorConfig {
+            engine_label_key: self
+                .engine_label_key
+                .filter(|k| !k.is_empty())
+                .unwrap_or(d.engine_label_key),
+            default_engine,
+        })
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WirePredictedTtftParams {
+    initial_prefill_tokens_per_second: Option<f64>,
+    request_overhead_tokens: Option<i64>,
+}
+
+impl WirePredictedTtftParams {
+    fn validate(self) -> Result<PredictedTtftParams, ParamError> {
+        let d = PredictedTtftParams::default();
+        let rate = self
+            .initial_prefill_tokens_per_second
+            .unwrap_or(d.initial_prefill_tokens_per_s);
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(ParamError::PrefillRate(rate));
+        }
+        let overhead = match self.request_overhead_tokens {
+            Some(v) => non_negative("requestOverheadTokens", v)? as u64,
+            None => d.request_overhead_tokens,
+        };
+        Ok(PredictedTtftParams {
+            initial_prefill_tokens_per_s: rate,
+            request_overhead_tokens: overhead,
+        })
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WireFreshnessParams {
+    metrics_staleness_threshold: Option<String>,
+}
+
+impl WireFreshnessParams {
+    fn validate(self) -> Result<Duration, ParamError> {
+        let staleness = match self.metrics_staleness_threshold {
+            Some(s) => crate::flagfmt::parse_go_duration(&s).map_err(|reason| {
+                ParamError::FreshnessSyntax {
+                    given: s.clone(),
+                    reason,
+                }
+            })?,
+            None => DEFAULT_STALENESS,
+        };
+        if staleness.is_zero() {
+            return Err(ParamError::FreshnessZero);
+        }
+        Ok(staleness)
+    }
+}

@@ -1,0 +1,150 @@
+//! The EndpointPickerConfig as written (GIE v1.5.0 `apix/config/v1alpha1`): serde types with
+//! `deny_unknown_fields`, so serde_yaml reports every unknown key and bad value with its line.
+//! Plugin parameters are decoded by the registry (`plugins.rs`) while the entry is read, so
+//! their errors are located too.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+use super::plugins::{self, PluginKind};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct WireConfig {
+    pub api_version: Option<String>,
+    pub kind: Option<String>,
+    pub feature_gates: Option<Vec<String>>,
+    pub plugins: Option<Vec<WirePlugin>>,
+    pub scheduling_profiles: Option<Vec<WireProfile>>,
+    pub saturation_detector: Option<WireOptionalRef>,
+    pub data_layer: Option<WireDataLayer>,
+    // Only read by the reference when the flowControl gate is on, which Switchyard rejects.
+    #[allow(dead_code)]
+    pub flow_control: Option<serde_yaml::Value>,
+    pub parser: Option<WireRef>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct WireProfile {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub plugins: Option<Vec<WireProfilePlugin>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct WireProfilePlugin {
+    #[serde(default)]
+    pub plugin_ref: String,
+    #[serde(default, deserialize_with = "weight")]
+    pub weight: Option<f64>,
+}
+
+fn weight<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    let w = Option::<f64>::deserialize(d)?;
+    match w {
+        Some(w) if !w.is_finite() || w < 0.0 => Err(de::Error::custom(format!(
+            "weight must be a finite number >= 0, got {w}"
+        ))),
+        _ => Ok(w),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct WireRef {
+    pub plugin_ref: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct WireOptionalRef {
+    #[serde(default)]
+    pub plugin_ref: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct WireDataLayer {
+    #[serde(default)]
+    pub sources: Vec<WireSource>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct WireSource {
+    pub plugin_ref: String,
+    #[serde(default)]
+    pub extractors: Vec<WireRef>,
+}
+
+/// A `plugins[]` entry, decoded with its parameters checked against its type.
+pub(super) struct WirePlugin {
+    pub name: Option<String>,
+    pub kind: PluginKind,
+}
+
+impl<'de> Deserialize<'de> for WirePlugin {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct PluginVisitor;
+        impl<'de> Visitor<'de> for PluginVisitor {
+            type Value = WirePlugin;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a plugin with `type`, optional `name` and `parameters`")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<WirePlugin, A::Error> {
+                const FIELDS: &[&str] = &["name", "type", "parameters"];
+                let mut name: Option<String> = None;
+                let mut type_name: Option<String> = None;
+                let mut kind: Option<PluginKind> = None;
+                // `parameters` written before `type` cannot be decoded yet; keep it as a value.
+                let mut early_params: Option<serde_yaml::Value> = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "name" => name = map.next_value::<Option<String>>()?,
+                        "type" => {
+                            let t: String = map.next_value()?;
+                            plugins::check_type(&t).map_err(de::Error::custom)?;
+                            type_name = Some(t);
+                        }
+                        "parameters" => match &type_name {
+                            Some(t) => kind = Some(map.next_value_seed(ParamsSeed(t))?),
+                            None => early_params = Some(map.next_value()?),
+                        },
+                        other => return Err(de::Error::unknown_field(other, FIELDS)),
+                    }
+                }
+                let type_name = type_name.ok_or_else(|| de::Error::missing_field("type"))?;
+                let kind = match (kind, early_params) {
+                    (Some(k), _) => k,
+                    (None, Some(v)) => plugins::decode(&type_name, Some(v))
+                        .map_err(|e| de::Error::custom(format!("parameters: {e}")))?
+                        .ok_or_else(|| de::Error::custom("plugin type is not registered"))?,
+                    (None, None) => plugins::decode::<serde_yaml::Value>(&type_name, None)
+                        .map_err(de::Error::custom)?
+                        .ok_or_else(|| de::Error::custom("plugin type is not registered"))?,
+                };
+                Ok(WirePlugin { name, kind })
+            }
+        }
+        d.deserialize_map(PluginVisitor)
+    }
+}
+
+/// Decodes `parameters` for one (already checked) plugin type, with serde_yaml's location.
+struct ParamsSeed<'a>(&'a str);
+
+impl<'de> de::DeserializeSeed<'de> for ParamsSeed<'_> {
+    type Value = PluginKind;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<PluginKind, D::Error> {
+        plugins::decode(self.0, Some(d))?
+            .ok_or_else(|| de::Error::custom(format!("plugin type '{}' is not registered", self.0)))
+    }
+}
