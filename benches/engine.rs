@@ -12,7 +12,7 @@ use switchyard::serve::engine::{
     EngineConfig, EngineCore, EngineRequest, EngineShared, SamplingParams, SeqEvent,
 };
 use switchyard::serve::metrics::ServeMetrics;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::{channel, Receiver};
 
 fn block_pool(c: &mut Criterion) {
     let mut g = c.benchmark_group("block_pool");
@@ -55,7 +55,7 @@ fn block_pool(c: &mut Criterion) {
     g.finish();
 }
 
-fn engine(num_seqs: usize) -> (EngineCore, Vec<UnboundedReceiver<SeqEvent>>) {
+fn engine(num_seqs: usize) -> (EngineCore, Vec<Receiver<SeqEvent>>) {
     let cfg = EngineConfig {
         model_name: "bench".into(),
         block_size: 16,
@@ -88,7 +88,7 @@ fn engine(num_seqs: usize) -> (EngineCore, Vec<UnboundedReceiver<SeqEvent>>) {
     .unwrap();
     let mut rxs = Vec::new();
     for i in 0..num_seqs {
-        let (tx, rx) = unbounded_channel();
+        let (tx, rx) = channel(1 << 20);
         let prompt: Vec<u32> = (0..512)
             .map(|t| (t * 31 + i * 7) as u32 % 150_000)
             .collect();

@@ -12,7 +12,7 @@ use switchyard::serve::engine::{
     EngineConfig, EngineCore, EngineRequest, EngineShared, SamplingParams,
 };
 use switchyard::serve::metrics::ServeMetrics;
-use tokio::sync::mpsc::unbounded_channel;
+use tokio::sync::mpsc::channel;
 
 const SEQS: usize = 64;
 const PROMPT: usize = 512;
@@ -52,7 +52,7 @@ fn run_workload(profile_name: &str) -> usize {
     .unwrap();
     let mut rxs = Vec::new();
     for i in 0..SEQS {
-        let (tx, rx) = unbounded_channel();
+        let (tx, rx) = channel(1 << 20);
         let prompt: Vec<u32> = (0..PROMPT)
             .map(|t| ((t * 31 + i * 7) % 150_000) as u32)
             .collect();

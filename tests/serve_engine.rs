@@ -13,7 +13,7 @@ use switchyard::serve::engine::{
     EngineConfig, EngineCore, EngineRequest, EngineShared, FinishReason, SamplingParams, SeqEvent,
 };
 use switchyard::serve::metrics::ServeMetrics;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::{channel, Receiver};
 
 fn config(num_blocks: usize, max_model_len: usize) -> EngineConfig {
     EngineConfig {
@@ -60,8 +60,8 @@ impl Harness {
         }
     }
 
-    fn submit(&mut self, prompt: Vec<u32>, params: SamplingParams) -> UnboundedReceiver<SeqEvent> {
-        let (tx, rx) = unbounded_channel();
+    fn submit(&mut self, prompt: Vec<u32>, params: SamplingParams) -> Receiver<SeqEvent> {
+        let (tx, rx) = channel(1 << 20);
         let id = self.next_id;
         self.next_id += 1;
         self.core.submit(EngineRequest {
@@ -126,7 +126,7 @@ struct Outcome {
     stop_token: Option<u32>,
 }
 
-fn drain(rx: &mut UnboundedReceiver<SeqEvent>) -> Outcome {
+fn drain(rx: &mut Receiver<SeqEvent>) -> Outcome {
     let mut o = Outcome::default();
     while let Ok(ev) = rx.try_recv() {
         match ev {
@@ -197,7 +197,7 @@ fn stop_tokens_eos_and_length() {
     let mut rx = h.submit(
         vec![5, 6, 7],
         SamplingParams {
-            stop_token_ids: vec![stop],
+            stop_token_ids: vec![stop].into(),
             ..greedy(6)
         },
     );
@@ -266,7 +266,7 @@ fn prompt_of(j: &Job) -> Vec<u32> {
 
 /// Runs `jobs` (submitted `per_step` at a time) and returns each job's outcome.
 fn run_jobs(h: &mut Harness, jobs: &[Job], per_step: usize, with_aborts: bool) -> Vec<Outcome> {
-    let mut rxs: Vec<Option<UnboundedReceiver<SeqEvent>>> = Vec::new();
+    let mut rxs: Vec<Option<Receiver<SeqEvent>>> = Vec::new();
     let mut outs = vec![Outcome::default(); jobs.len()];
     let mut step = 0usize;
     let mut next = 0;
@@ -493,6 +493,8 @@ async fn backend_failure_fails_requests_and_marks_the_engine_dead() {
         served_model_names: vec!["m".into()],
         max_body_bytes: 1 << 20,
         created: 0,
+        limits: Default::default(),
+        preprocess: Arc::new(tokio::sync::Semaphore::new(2)),
     });
     let app = switchyard::serve::api::router(state);
     let health = || http::Request::get("/health").body(Body::empty()).unwrap();

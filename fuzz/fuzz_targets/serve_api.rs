@@ -73,6 +73,8 @@ fn server() -> &'static Server {
             served_model_names: vec!["m".into(), "alias".into()],
             max_body_bytes: MAX_BODY,
             created: 0,
+            limits: Default::default(),
+            preprocess: Arc::new(tokio::sync::Semaphore::new(2)),
         });
         Server {
             rt,

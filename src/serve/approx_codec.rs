@@ -33,6 +33,11 @@ impl ApproxCodec {
 }
 
 impl TextCodec for ApproxCodec {
+    fn max_token_bytes(&self) -> usize {
+        // Encoding takes 4 bytes per token; the specials are longer but never produced by it.
+        4
+    }
+
     fn encode(&self, text: &str, _add_special_tokens: bool) -> Result<Vec<u32>, CodecError> {
         Ok(text
             .as_bytes()

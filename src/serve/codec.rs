@@ -27,4 +27,7 @@ pub trait TextCodec: Send + Sync + 'static {
     fn eos_token_ids(&self) -> &[u32];
     /// Renders the chat template with the generation prompt appended.
     fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, CodecError>;
+    /// The most text bytes one token can stand for (the longest vocabulary entry), so a prompt
+    /// longer than `max_model_len` times this cannot fit the context.
+    fn max_token_bytes(&self) -> usize;
 }

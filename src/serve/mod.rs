@@ -20,6 +20,7 @@ pub mod api;
 pub mod approx_codec;
 pub mod backend;
 pub mod codec;
+pub mod conn;
 pub mod engine;
 pub mod kv_events;
 pub mod metrics;
@@ -34,6 +35,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use self::api::generate::RequestLimits;
 use self::api::AppState;
 use self::approx_codec::ApproxCodec;
 use self::backend::sim::{SimBackend, SimOptions};
@@ -130,6 +132,37 @@ pub struct ServeArgs {
     /// Largest accepted request body.
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
     pub max_request_body_bytes: usize,
+    // --- limits against hostile clients (docs/security.md, "Decode server limits") ---
+    /// Most stop strings per request (400 naming `stop` above).
+    #[arg(long, default_value_t = 64)]
+    pub max_stop_strings: usize,
+    /// Longest stop string in bytes (400 naming `stop` above).
+    #[arg(long, default_value_t = 1024)]
+    pub max_stop_string_bytes: usize,
+    /// Most `stop_token_ids` per request (400 naming `stop_token_ids` above).
+    #[arg(long, default_value_t = 1024)]
+    pub max_stop_token_ids: usize,
+    /// Prompt text bytes beyond which a prompt cannot fit the context and is refused before
+    /// tokenising. 0: `--max-model-len` × the longest vocabulary entry in bytes.
+    #[arg(long, default_value_t = 0)]
+    pub max_prompt_bytes: usize,
+    /// Requests decoded, templated and tokenised at once on the blocking pool. 0: one per CPU.
+    #[arg(long, default_value_t = 0)]
+    pub tokenizer_pool_size: usize,
+    /// Most open HTTP connections; more are answered 503 and closed.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// A request head must arrive within this, from connect or from the previous response
+    /// (so it is also the HTTP/1 keep-alive idle limit).
+    #[arg(long, default_value = "60s", value_parser = crate::flagfmt::parse_go_duration)]
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight and no traffic, or whose peer reads nothing the
+    /// server has to send, is closed after this.
+    #[arg(long, default_value = "300s", value_parser = crate::flagfmt::parse_go_duration)]
+    pub idle_timeout: Duration,
+    /// Output events a streaming client may leave unread before its request is aborted.
+    #[arg(long, default_value_t = 8192)]
+    pub max_unread_stream_events: usize,
     /// cpu backend threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -174,6 +207,15 @@ impl ServeArgs {
             tensor_parallel_size: 1,
             kv_events_buffer: 100_000,
             max_request_body_bytes: 32 * 1024 * 1024,
+            max_stop_strings: 64,
+            max_stop_string_bytes: 1024,
+            max_stop_token_ids: 1024,
+            max_prompt_bytes: 0,
+            tokenizer_pool_size: 0,
+            max_connections: 4096,
+            header_read_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(300),
+            max_unread_stream_events: 8192,
             threads: None,
             quantization: None,
             cuda_graphs: false,
@@ -373,6 +415,21 @@ pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
             args.tensor_parallel_size
         )));
     }
+    for (name, value) in [
+        ("--max-connections", args.max_connections),
+        ("--max-unread-stream-events", args.max_unread_stream_events),
+    ] {
+        if !(8..=1 << 20).contains(&value) {
+            return Err(ServeError::InvalidFlag(format!(
+                "{name} must be between 8 and 1048576, got {value}"
+            )));
+        }
+    }
+    if args.header_read_timeout.is_zero() || args.idle_timeout.is_zero() {
+        return Err(ServeError::InvalidFlag(
+            "--header-read-timeout and --idle-timeout must be positive".into(),
+        ));
+    }
     let built = build_backend(&args)?;
     if args.gpu_memory_utilization <= 0.0 || args.gpu_memory_utilization > 1.0 {
         return Err(ServeError::InvalidFlag(format!(
@@ -405,7 +462,8 @@ pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
         latency_scale: built.latency_scale,
         eos_token_ids: built.codec.eos_token_ids().to_vec(),
     };
-    let engine = engine::spawn(config, built.backend, Arc::clone(&metrics), kv_log.clone())?;
+    let engine = engine::spawn(config, built.backend, Arc::clone(&metrics), kv_log.clone())?
+        .with_max_unread_events(args.max_unread_stream_events);
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -416,6 +474,14 @@ pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
     let http_addr = listener
         .local_addr()
         .map_err(|source| ServeError::Bind { addr: http, source })?;
+    let max_prompt_bytes = match args.max_prompt_bytes {
+        0 => max_model_len.saturating_mul(built.codec.max_token_bytes()),
+        n => n,
+    };
+    let pool_size = match args.tokenizer_pool_size {
+        0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        n => n,
+    };
     let state = Arc::new(AppState {
         engine: engine.clone(),
         codec: built.codec,
@@ -425,24 +491,26 @@ pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        limits: RequestLimits {
+            max_stop_strings: args.max_stop_strings,
+            max_stop_string_bytes: args.max_stop_string_bytes,
+            max_stop_token_ids: args.max_stop_token_ids,
+            max_prompt_bytes,
+        },
+        preprocess: Arc::new(tokio::sync::Semaphore::new(pool_size)),
     });
     let app = api::router(state);
-    let mut rx = shutdown_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        let signal = async move {
-            let _ = rx.wait_for(|v| *v).await;
-        };
-        // Nagle would hold back small SSE token chunks behind delayed ACKs.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(signal)
-            .await
-        {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    }));
+    let limits = conn::ConnLimits {
+        max_connections: args.max_connections,
+        header_read_timeout: args.header_read_timeout,
+        idle_timeout: args.idle_timeout,
+    };
+    tasks.push(tokio::spawn(conn::serve(
+        listener,
+        app,
+        limits,
+        shutdown_rx.clone(),
+    )));
 
     let mut kv_events_addr = None;
     if let (Some(port), Some(log)) = (args.kv_events_port, kv_log) {

@@ -5,6 +5,7 @@
 //! A leaf: it imports nothing from the rest of `serve`, so the API, the engine and `metrics` can
 //! all depend on it without depending on each other.
 
+use std::collections::HashSet;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
@@ -60,6 +61,46 @@ pub enum SeqEvent {
     },
 }
 
+/// `stop_token_ids` as the engine checks them once per generated token: a linear scan while the
+/// list is short (typical: a handful of ids), a hash set beyond, so the per-token cost stays O(1)
+/// however many ids the API admitted (`--max-stop-token-ids`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StopTokenIds {
+    #[default]
+    None,
+    Few(Vec<u32>),
+    Many(HashSet<u32>),
+}
+
+impl StopTokenIds {
+    /// Up to this many ids a scan of a `Vec` beats hashing.
+    const SCAN_MAX: usize = 16;
+
+    pub fn new(ids: Vec<u32>) -> Self {
+        if ids.is_empty() {
+            StopTokenIds::None
+        } else if ids.len() <= Self::SCAN_MAX {
+            StopTokenIds::Few(ids)
+        } else {
+            StopTokenIds::Many(ids.into_iter().collect())
+        }
+    }
+
+    pub fn contains(&self, id: u32) -> bool {
+        match self {
+            StopTokenIds::None => false,
+            StopTokenIds::Few(v) => v.contains(&id),
+            StopTokenIds::Many(s) => s.contains(&id),
+        }
+    }
+}
+
+impl From<Vec<u32>> for StopTokenIds {
+    fn from(ids: Vec<u32>) -> Self {
+        StopTokenIds::new(ids)
+    }
+}
+
 /// Per-request sampling parameters, already validated by the API layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -73,7 +114,7 @@ pub struct SamplingParams {
     /// Generated tokens at most (at least 1).
     pub max_tokens: usize,
     /// Generation ends when one of these is sampled (it is included in the output).
-    pub stop_token_ids: Vec<u32>,
+    pub stop_token_ids: StopTokenIds,
     /// Do not end on the model's EOS tokens.
     pub ignore_eos: bool,
     /// Number of top alternatives to return per token; `None` returns no logprobs.
@@ -88,7 +129,7 @@ impl Default for SamplingParams {
             top_k: 0,
             seed: None,
             max_tokens: 16,
-            stop_token_ids: Vec::new(),
+            stop_token_ids: StopTokenIds::None,
             ignore_eos: false,
             logprobs: None,
         }
@@ -102,7 +143,8 @@ pub struct EngineRequest {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub arrival: Instant,
-    pub events: mpsc::UnboundedSender<SeqEvent>,
+    /// Bounded: a client that leaves `capacity - 3` events unread has its request aborted.
+    pub events: mpsc::Sender<SeqEvent>,
 }
 
 /// Why the engine refused a request at submission.
@@ -112,4 +154,22 @@ pub enum SubmitError {
     Overloaded { waiting: usize, max: usize },
     #[error("engine is not running")]
     EngineDead,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_token_ids_small_and_large_agree() {
+        let few = StopTokenIds::new(vec![3, 7, 11]);
+        assert!(matches!(few, StopTokenIds::Few(_)));
+        assert!(few.contains(7));
+        assert!(!few.contains(8));
+        let many = StopTokenIds::new((0..1000).map(|i| i * 2).collect());
+        assert!(matches!(many, StopTokenIds::Many(_)));
+        assert!(many.contains(1998));
+        assert!(!many.contains(1999));
+        assert!(!StopTokenIds::new(Vec::new()).contains(0));
+    }
 }

@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+use aho_corasick::{AhoCorasick, MatchKind};
+
 use crate::serve::codec::{CodecError, TextCodec};
 
 /// Tokens decoded together with the new one, for context.
@@ -77,21 +79,38 @@ impl Detokenizer {
 }
 
 /// Finds stop strings in growing output and says how much text is safe to emit.
+///
+/// One Aho-Corasick automaton per request (leftmost-first: the earliest match wins, ties go to the
+/// stop listed first). Each check searches only the text added since the last check plus the
+/// `longest stop - 1` bytes before it that a stop could straddle, so the work per token is
+/// bounded by the new text and the stop-length cap, not by the output or the number of stops.
 #[derive(Debug, Clone)]
 pub struct StopMatcher {
     stops: Vec<String>,
+    automaton: Option<AhoCorasick>,
     max_len: usize,
     include: bool,
 }
 
 impl StopMatcher {
-    pub fn new(stops: Vec<String>, include: bool) -> Self {
+    /// Fails only when the automaton would be too large (the API's caps keep it far below).
+    pub fn new(stops: Vec<String>, include: bool) -> Result<Self, aho_corasick::BuildError> {
         let max_len = stops.iter().map(String::len).max().unwrap_or(0);
-        Self {
+        let automaton = if stops.is_empty() {
+            None
+        } else {
+            Some(
+                AhoCorasick::builder()
+                    .match_kind(MatchKind::LeftmostFirst)
+                    .build(&stops)?,
+            )
+        };
+        Ok(Self {
             stops,
+            automaton,
             max_len,
             include,
-        }
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -101,22 +120,16 @@ impl StopMatcher {
     /// After `text` grew from `prev_len` bytes: if a stop string now occurs, truncates `text`
     /// (keeping the stop string when `include`) and returns it.
     pub fn check(&self, text: &mut String, prev_len: usize) -> Option<String> {
-        if self.stops.is_empty() {
-            return None;
-        }
+        let automaton = self.automaton.as_ref()?;
         let mut start = prev_len
             .saturating_sub(self.max_len.saturating_sub(1))
             .min(text.len());
         while !text.is_char_boundary(start) {
             start -= 1;
         }
-        let hay = &text[start..];
-        let (pos, stop) = self
-            .stops
-            .iter()
-            .filter_map(|s| hay.find(s.as_str()).map(|p| (start + p, s)))
-            .min_by_key(|(p, _)| *p)?;
-        let stop = stop.clone();
+        let m = automaton.find(&text[start..])?;
+        let stop = self.stops.get(m.pattern().as_usize())?.clone();
+        let pos = start + m.start();
         text.truncate(if self.include { pos + stop.len() } else { pos });
         Some(stop)
     }
@@ -141,19 +154,37 @@ mod tests {
 
     #[test]
     fn stop_strings_truncate_and_hold_back() {
-        let m = StopMatcher::new(vec!["END".into(), "\n\n".into()], false);
+        let m = StopMatcher::new(vec!["END".into(), "\n\n".into()], false).unwrap();
         let mut text = String::from("hello E");
         assert_eq!(m.check(&mut text, 0), None);
         assert_eq!(m.safe_len(&text), 5);
         text.push_str("ND more");
         assert_eq!(m.check(&mut text, 7).as_deref(), Some("END"));
         assert_eq!(text, "hello ");
-        let keep = StopMatcher::new(vec!["END".into()], true);
+        let keep = StopMatcher::new(vec!["END".into()], true).unwrap();
         let mut text = String::from("aENDb");
         assert_eq!(keep.check(&mut text, 0).as_deref(), Some("END"));
         assert_eq!(text, "aEND");
         // Multi-byte text near the hold-back boundary stays on a char boundary.
-        let m = StopMatcher::new(vec!["xyz".into()], false);
+        let m = StopMatcher::new(vec!["xyz".into()], false).unwrap();
         assert_eq!(m.safe_len("aé"), 1);
+    }
+
+    #[test]
+    fn earliest_stop_wins_and_ties_go_to_the_first_listed() {
+        let m = StopMatcher::new(vec!["bcd".into(), "ab".into(), "abc".into()], false).unwrap();
+        let mut text = String::from("xxabcd");
+        assert_eq!(m.check(&mut text, 0).as_deref(), Some("ab"));
+        assert_eq!(text, "xx");
+        // Only the new text and the straddle window are searched: a stop wholly inside text
+        // checked before is not found again (it would have ended the request then).
+        let m = StopMatcher::new(vec!["zz".into()], false).unwrap();
+        let mut text = String::from("zz then more");
+        assert_eq!(m.check(&mut text, 10), None);
+        let mut text = String::from("abcz");
+        assert_eq!(m.check(&mut text, 3), None);
+        text.push('z');
+        assert_eq!(m.check(&mut text, 4).as_deref(), Some("zz"));
+        assert_eq!(text, "abc");
     }
 }

@@ -25,6 +25,18 @@ pub enum ApiError {
         prompt_tokens: usize,
         max_tokens: usize,
     },
+    #[error(
+        "The prompt is {bytes} bytes, more than the {max_bytes} bytes that can fit this model's \
+         maximum context length of {max_model_len} tokens. Please reduce the length of the prompt."
+    )]
+    PromptTooLarge {
+        bytes: usize,
+        max_bytes: usize,
+        max_model_len: usize,
+        param: &'static str,
+    },
+    #[error("Too many open connections (limit {max}). Retry later.")]
+    TooManyConnections { max: usize },
     #[error("The model `{model}` does not exist.")]
     ModelNotFound { model: String },
     #[error("Server overloaded: {waiting} requests waiting (limit {max}). Retry later.")]
@@ -47,11 +59,13 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest { .. } | ApiError::ContextTooLong { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::BadRequest { .. }
+            | ApiError::ContextTooLong { .. }
+            | ApiError::PromptTooLarge { .. } => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
-            ApiError::Overloaded { .. } | ApiError::EngineDead => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Overloaded { .. }
+            | ApiError::EngineDead
+            | ApiError::TooManyConnections { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -59,9 +73,13 @@ impl ApiError {
 
     fn error_type(&self) -> &'static str {
         match self {
-            ApiError::BadRequest { .. } | ApiError::ContextTooLong { .. } => "BadRequestError",
+            ApiError::BadRequest { .. }
+            | ApiError::ContextTooLong { .. }
+            | ApiError::PromptTooLarge { .. } => "BadRequestError",
             ApiError::ModelNotFound { .. } => "NotFoundError",
-            ApiError::Overloaded { .. } | ApiError::EngineDead => "ServiceUnavailableError",
+            ApiError::Overloaded { .. }
+            | ApiError::EngineDead
+            | ApiError::TooManyConnections { .. } => "ServiceUnavailableError",
             ApiError::PayloadTooLarge { .. } => "RequestEntityTooLargeError",
             ApiError::Internal(_) => "InternalServerError",
         }
@@ -71,6 +89,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest { param, .. } => *param,
             ApiError::ContextTooLong { .. } => Some("max_tokens"),
+            ApiError::PromptTooLarge { param, .. } => Some(*param),
             ApiError::ModelNotFound { .. } => Some("model"),
             _ => None,
         }
@@ -116,7 +135,12 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let body = serde_json::to_vec(&self.body()).unwrap_or_default();
         let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
-        if matches!(self, ApiError::Overloaded { .. } | ApiError::EngineDead) {
+        if matches!(
+            self,
+            ApiError::Overloaded { .. }
+                | ApiError::EngineDead
+                | ApiError::TooManyConnections { .. }
+        ) {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::serve::codec::TextCodec;
 use crate::serve::engine::{EngineHandle, RequestStream};
 use crate::serve::metrics::ServeMetrics;
-use crate::serve::protocol::{FinishReason, SamplingParams, SeqEvent, TokenLogprobs};
+use crate::serve::protocol::{FinishReason, SamplingParams, SeqEvent, StopTokenIds, TokenLogprobs};
 
 use super::detok::{Detokenizer, StopMatcher};
 use super::error::ApiError;
@@ -19,6 +19,34 @@ use super::types::{
 /// Largest `logprobs` / `top_logprobs` accepted (OpenAI's limit).
 pub const MAX_LOGPROBS: i64 = 20;
 
+/// Per-request input caps (flags of `switchyard serve`; docs/security.md, "Decode server
+/// limits"). Defaults sit far above what real requests send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// `--max-stop-strings`.
+    pub max_stop_strings: usize,
+    /// `--max-stop-string-bytes`: the longest stop string.
+    pub max_stop_string_bytes: usize,
+    /// `--max-stop-token-ids`.
+    pub max_stop_token_ids: usize,
+    /// Prompt text (or the chat messages' text) above this many bytes cannot fit the context
+    /// (`--max-prompt-bytes`, default `--max-model-len` × the longest token in bytes), and is
+    /// refused before it is templated or tokenised.
+    pub max_prompt_bytes: usize,
+}
+
+/// The flag defaults, with no prompt byte cap (that one depends on the model).
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_stop_strings: 64,
+            max_stop_string_bytes: 1024,
+            max_stop_token_ids: 1024,
+            max_prompt_bytes: usize::MAX,
+        }
+    }
+}
+
 /// Output-side options that are not engine sampling parameters.
 #[derive(Debug, Clone)]
 pub struct OutputSpec {
@@ -27,7 +55,7 @@ pub struct OutputSpec {
     pub include_stop: bool,
     /// Tokens that end generation (EOS unless ignored, and `stop_token_ids`); their text is
     /// left out of the output unless `include_stop_str_in_output`.
-    pub terminal_ids: Vec<u32>,
+    pub terminal_ids: StopTokenIds,
 }
 
 /// Validates the shared parameters against the prompt and the engine's limits.
@@ -35,6 +63,7 @@ pub struct OutputSpec {
 /// `default_max_tokens`: `None` means "the rest of the context" (chat).
 pub fn prepare(
     engine: &EngineHandle,
+    limits: &RequestLimits,
     common: &CommonParams,
     prompt: &[u32],
     max_tokens: Option<i64>,
@@ -125,8 +154,41 @@ pub fn prepare(
             Some("stop"),
         ));
     }
+    if stops.len() > limits.max_stop_strings {
+        return Err(ApiError::bad(
+            format!(
+                "stop has {} strings; at most {} are allowed.",
+                stops.len(),
+                limits.max_stop_strings
+            ),
+            Some("stop"),
+        ));
+    }
+    if let Some(long) = stops
+        .iter()
+        .map(String::len)
+        .find(|&n| n > limits.max_stop_string_bytes)
+    {
+        return Err(ApiError::bad(
+            format!(
+                "A stop string is {long} bytes long; at most {} bytes are allowed.",
+                limits.max_stop_string_bytes
+            ),
+            Some("stop"),
+        ));
+    }
     let ignore_eos = common.ignore_eos.unwrap_or(false);
     let stop_token_ids = common.stop_token_ids.clone().unwrap_or_default();
+    if stop_token_ids.len() > limits.max_stop_token_ids {
+        return Err(ApiError::bad(
+            format!(
+                "stop_token_ids has {} ids; at most {} are allowed.",
+                stop_token_ids.len(),
+                limits.max_stop_token_ids
+            ),
+            Some("stop_token_ids"),
+        ));
+    }
     let mut terminal_ids = stop_token_ids.clone();
     if !ignore_eos {
         terminal_ids.extend_from_slice(&info.eos_token_ids);
@@ -139,15 +201,16 @@ pub fn prepare(
         // Negative seeds are valid in the OpenAI API; reinterpret the bits.
         seed: common.seed.map(|s| s as u64),
         max_tokens,
-        stop_token_ids,
+        stop_token_ids: StopTokenIds::new(stop_token_ids),
         ignore_eos,
         logprobs,
     };
     let spec = OutputSpec {
-        stops: StopMatcher::new(stops, include_stop),
+        stops: StopMatcher::new(stops, include_stop)
+            .map_err(|e| ApiError::bad(format!("Invalid stop strings: {e}"), Some("stop")))?,
         skip_special: common.skip_special_tokens.unwrap_or(true),
         include_stop,
-        terminal_ids,
+        terminal_ids: StopTokenIds::new(terminal_ids),
     };
     Ok((params, spec))
 }
@@ -256,7 +319,7 @@ impl Generation {
                 SeqEvent::Token { id, logprobs } => {
                     self.completion_tokens += 1;
                     delta.tokens.push((id, logprobs));
-                    let terminal = self.spec.terminal_ids.contains(&id);
+                    let terminal = self.spec.terminal_ids.contains(id);
                     if !terminal || self.spec.include_stop {
                         let prev = self.text.len();
                         let piece = self
@@ -299,7 +362,7 @@ impl Generation {
         if !self.engine.stop(self.stream.id) {
             return; // dropping the receiver with `self` aborts the request instead
         }
-        let (_, closed) = tokio::sync::mpsc::unbounded_channel();
+        let (_, closed) = tokio::sync::mpsc::channel(1);
         let mut events = std::mem::replace(&mut self.stream.events, closed);
         tokio::spawn(async move {
             while let Some(ev) = events.recv().await {

@@ -18,11 +18,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+use tokio::sync::Semaphore;
+
 use crate::serve::codec::TextCodec;
 use crate::serve::engine::EngineHandle;
 use crate::serve::metrics::ServeMetrics;
 
 use self::error::ApiError;
+use self::generate::RequestLimits;
 use self::types::{ChatMessageIn, DetokenizeRequest, TokenizeRequest};
 
 /// Everything the handlers share.
@@ -34,6 +37,9 @@ pub struct AppState {
     pub served_model_names: Vec<String>,
     pub max_body_bytes: usize,
     pub created: u64,
+    pub limits: RequestLimits,
+    /// Permits for CPU-heavy request work on the blocking pool (`--tokenizer-pool-size`).
+    pub preprocess: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -56,13 +62,47 @@ impl AppState {
         }
     }
 
+    /// Runs CPU-heavy request work (decoding a large body, templating, tokenising) on tokio's
+    /// blocking pool, at most `--tokenizer-pool-size` jobs at a time, so the async workers stay
+    /// free for `/health`, `/metrics` and streaming responses whatever clients send.
+    pub async fn run_blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let _permit = self
+            .preprocess
+            .acquire()
+            .await
+            .map_err(|_| ApiError::EngineDead)?;
+        let state = Arc::clone(self);
+        tokio::task::spawn_blocking(move || work(&state))
+            .await
+            .map_err(|e| ApiError::Internal(format!("request preparation failed: {e}")))?
+    }
+
+    /// Refuses prompt text that cannot fit the context, before any tokenising.
+    pub fn check_prompt_bytes(&self, bytes: usize, param: &'static str) -> Result<(), ApiError> {
+        if bytes > self.limits.max_prompt_bytes {
+            return Err(ApiError::PromptTooLarge {
+                bytes,
+                max_bytes: self.limits.max_prompt_bytes,
+                max_model_len: self.engine.info().max_model_len,
+                param,
+            });
+        }
+        Ok(())
+    }
+
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ApiError> {
+        self.check_prompt_bytes(text.len(), "prompt")?;
         self.codec
             .encode(text, add_special_tokens)
             .map_err(|e| ApiError::bad(e.to_string(), Some("prompt")))
     }
 
     pub fn encode_chat(&self, messages: &[ChatMessageIn]) -> Result<Vec<u32>, ApiError> {
+        let text_bytes = messages.iter().map(ChatMessageIn::text_len).sum();
+        self.check_prompt_bytes(text_bytes, "messages")?;
         let text = self
             .codec
             .render_chat(&openai::chat_messages(messages))
@@ -140,18 +180,23 @@ async fn tokenize(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let req: TokenizeRequest = openai::parse_body(&state, body)?;
-    state.check_model(req.model.as_deref())?;
-    let tokens = match (&req.prompt, &req.messages) {
-        (Some(prompt), None) => state.encode(prompt, req.add_special_tokens.unwrap_or(true))?,
-        (None, Some(messages)) => state.encode_chat(messages)?,
-        _ => {
-            return Err(ApiError::bad(
-                "Send exactly one of prompt or messages.",
-                Some("prompt"),
-            ))
-        }
-    };
+    let body = openai::read_body(&state, body)?;
+    let tokens = state
+        .run_blocking(move |state| {
+            let req: TokenizeRequest = openai::parse_json(&body)?;
+            state.check_model(req.model.as_deref())?;
+            match (&req.prompt, &req.messages) {
+                (Some(prompt), None) => {
+                    state.encode(prompt, req.add_special_tokens.unwrap_or(true))
+                }
+                (None, Some(messages)) => state.encode_chat(messages),
+                _ => Err(ApiError::bad(
+                    "Send exactly one of prompt or messages.",
+                    Some("prompt"),
+                )),
+            }
+        })
+        .await?;
     Ok(Json(json!({
         "count": tokens.len(),
         "max_model_len": state.engine.info().max_model_len,
@@ -163,18 +208,23 @@ async fn detokenize(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let req: DetokenizeRequest = openai::parse_body(&state, body)?;
-    state.check_model(req.model.as_deref())?;
-    let vocab = state.engine.info().vocab_size;
-    if let Some(&bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
-        return Err(ApiError::bad(
-            format!("Token id {bad} is out of vocabulary (vocabulary size {vocab})."),
-            Some("tokens"),
-        ));
-    }
+    let body = openai::read_body(&state, body)?;
     let prompt = state
-        .codec
-        .decode(&req.tokens, false)
-        .map_err(|e| ApiError::bad(e.to_string(), Some("tokens")))?;
+        .run_blocking(move |state| {
+            let req: DetokenizeRequest = openai::parse_json(&body)?;
+            state.check_model(req.model.as_deref())?;
+            let vocab = state.engine.info().vocab_size;
+            if let Some(&bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(ApiError::bad(
+                    format!("Token id {bad} is out of vocabulary (vocabulary size {vocab})."),
+                    Some("tokens"),
+                ));
+            }
+            state
+                .codec
+                .decode(&req.tokens, false)
+                .map_err(|e| ApiError::bad(e.to_string(), Some("tokens")))
+        })
+        .await?;
     Ok(Json(json!({ "prompt": prompt })))
 }

@@ -11,13 +11,14 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::error::ApiError;
-use super::generate::{prepare, Delta, Generation};
+use super::generate::{prepare, Delta, Generation, OutputSpec};
 use super::types::{
     ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatMessageIn, ChatMessageOut, ChatRequest,
     ChatResponse, CompletionChoice, CompletionRequest, CompletionResponse, MessageContent, Prompt,
 };
 use super::AppState;
 use crate::serve::codec::ChatMessage;
+use crate::serve::protocol::SamplingParams;
 
 /// OpenAI's default `max_tokens` for completions.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
@@ -28,12 +29,12 @@ enum Kind {
     Chat,
 }
 
-/// Decodes a JSON body, turning the body-limit rejection and parse errors into API errors.
-pub(super) fn parse_body<T: serde::de::DeserializeOwned>(
+/// The request body, or the API error for the body-limit rejection.
+pub(super) fn read_body(
     state: &AppState,
     body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    let body = body.map_err(|e| {
+) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
         if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge {
                 limit: state.max_body_bytes,
@@ -41,19 +42,47 @@ pub(super) fn parse_body<T: serde::de::DeserializeOwned>(
         } else {
             ApiError::bad(format!("Could not read the request body: {e}"), None)
         }
-    })?;
-    serde_json::from_slice(&body)
+    })
+}
+
+/// Decodes a JSON body (borrowing from it where the type does).
+pub(super) fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
         .map_err(|e| ApiError::bad(format!("Invalid request body: {e}"), None))
 }
 
-pub async fn completions(
-    State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse_body(&state, body)?;
-    let model = state.check_model(req.common.model.as_deref())?.to_owned();
-    let prompt = match req.prompt {
+/// What a generation handler needs once the body is decoded, validated and tokenised.
+struct Prepared {
+    model: String,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    spec: OutputSpec,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn prepare_completion(state: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
+    let mut req: CompletionRequest<'_> = parse_json(body)?;
+    let common = req.take_common();
+    let model = state.check_model(common.model.as_deref())?.to_owned();
+    let max_model_len = state.engine.info().max_model_len;
+    let (prompt, count) = Prompt::decode(req.prompt, max_model_len)
+        .map_err(|e| ApiError::bad(format!("Invalid request body: {e}"), None))?;
+    let prompt = match prompt {
         Prompt::Text(text) => state.encode(&text, true)?,
+        Prompt::Tokens(ids) if count > ids.len() => {
+            // Only the first max_model_len + 1 ids were kept: it cannot fit.
+            let max_tokens = common
+                .max_tokens
+                .map_or(COMPLETIONS_DEFAULT_MAX_TOKENS, |m| {
+                    usize::try_from(m).unwrap_or(usize::MAX)
+                });
+            return Err(ApiError::ContextTooLong {
+                max_model_len,
+                prompt_tokens: count,
+                max_tokens,
+            });
+        }
         Prompt::Tokens(ids) => ids,
         Prompt::Texts(mut v) if v.len() == 1 => state.encode(&v.remove(0), true)?,
         Prompt::TokenLists(mut v) if v.len() == 1 => v.remove(0),
@@ -66,32 +95,107 @@ pub async fn completions(
     };
     let (params, spec) = prepare(
         &state.engine,
-        &req.common,
+        &state.limits,
+        &common,
         &prompt,
-        req.common.max_tokens,
+        common.max_tokens,
         Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
         req.logprobs,
     )?;
+    Ok(Prepared {
+        model,
+        prompt,
+        params,
+        spec,
+        stream: common.stream.unwrap_or(false),
+        include_usage: common.stream_options.is_some_and(|o| o.include_usage),
+    })
+}
+
+fn prepare_chat(state: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
+    let mut req: ChatRequest = parse_json(body)?;
+    let common = req.take_common();
+    let model = state.check_model(common.model.as_deref())?.to_owned();
+    if req.messages.is_empty() {
+        return Err(ApiError::bad(
+            "messages must not be empty.",
+            Some("messages"),
+        ));
+    }
+    let prompt = state.encode_chat(&req.messages)?;
+    let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+        (true, top) => Some(top.unwrap_or(0)),
+        (false, Some(_)) => {
+            return Err(ApiError::bad(
+                "top_logprobs requires logprobs to be true.",
+                Some("top_logprobs"),
+            ))
+        }
+        (false, None) => None,
+    };
+    let max_tokens = req.max_completion_tokens.or(common.max_tokens);
+    let (params, spec) = prepare(
+        &state.engine,
+        &state.limits,
+        &common,
+        &prompt,
+        max_tokens,
+        None,
+        logprobs,
+    )?;
+    Ok(Prepared {
+        model,
+        prompt,
+        params,
+        spec,
+        stream: common.stream.unwrap_or(false),
+        include_usage: common.stream_options.is_some_and(|o| o.include_usage),
+    })
+}
+
+/// Decoding, templating, tokenising and validation run on the blocking pool; submission and the
+/// response on the async worker.
+async fn generate(
+    state: Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let body = read_body(&state, body)?;
+    let p = state
+        .run_blocking(move |state| match kind {
+            Kind::Completion => prepare_completion(state, &body),
+            Kind::Chat => prepare_chat(state, &body),
+        })
+        .await?;
     let gen = Generation::start(
         &state.engine,
         &state.metrics,
         &state.codec,
-        prompt,
-        params,
-        spec,
+        p.prompt,
+        p.params,
+        p.spec,
     )?;
-    let stream = req.common.stream.unwrap_or(false);
-    let include_usage = req.common.stream_options.is_some_and(|o| o.include_usage);
+    let prefix = match kind {
+        Kind::Completion => "cmpl",
+        Kind::Chat => "chatcmpl",
+    };
     let ctx = Ctx {
-        id: format!("cmpl-{:032x}", rand::random::<u128>()),
-        model,
+        id: format!("{prefix}-{:032x}", rand::random::<u128>()),
+        model: p.model,
         created: now_secs(),
     };
-    if stream {
-        Ok(sse(gen, ctx, Kind::Completion, include_usage))
+    if p.stream {
+        Ok(sse(gen, ctx, kind, p.include_usage))
     } else {
-        collect(gen, ctx, Kind::Completion).await
+        collect(gen, ctx, kind).await
     }
+}
+
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    generate(state, body, Kind::Completion).await
 }
 
 fn message_text(m: &ChatMessageIn) -> String {
@@ -111,54 +215,7 @@ pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse_body(&state, body)?;
-    let model = state.check_model(req.common.model.as_deref())?.to_owned();
-    if req.messages.is_empty() {
-        return Err(ApiError::bad(
-            "messages must not be empty.",
-            Some("messages"),
-        ));
-    }
-    let prompt = state.encode_chat(&req.messages)?;
-    let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
-        (true, top) => Some(top.unwrap_or(0)),
-        (false, Some(_)) => {
-            return Err(ApiError::bad(
-                "top_logprobs requires logprobs to be true.",
-                Some("top_logprobs"),
-            ))
-        }
-        (false, None) => None,
-    };
-    let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
-    let (params, spec) = prepare(
-        &state.engine,
-        &req.common,
-        &prompt,
-        max_tokens,
-        None,
-        logprobs,
-    )?;
-    let gen = Generation::start(
-        &state.engine,
-        &state.metrics,
-        &state.codec,
-        prompt,
-        params,
-        spec,
-    )?;
-    let stream = req.common.stream.unwrap_or(false);
-    let include_usage = req.common.stream_options.is_some_and(|o| o.include_usage);
-    let ctx = Ctx {
-        id: format!("chatcmpl-{:032x}", rand::random::<u128>()),
-        model,
-        created: now_secs(),
-    };
-    if stream {
-        Ok(sse(gen, ctx, Kind::Chat, include_usage))
-    } else {
-        collect(gen, ctx, Kind::Chat).await
-    }
+    generate(state, body, Kind::Chat).await
 }
 
 pub(super) fn chat_messages(messages: &[ChatMessageIn]) -> Vec<ChatMessage> {

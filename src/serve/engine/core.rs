@@ -212,7 +212,7 @@ impl EngineCore {
     pub fn submit(&mut self, req: EngineRequest) {
         let total = req.prompt.len().saturating_add(req.params.max_tokens);
         if req.prompt.is_empty() || req.params.max_tokens == 0 || total > self.cfg.max_model_len {
-            let _ = req.events.send(SeqEvent::Failed {
+            let _ = req.events.try_send(SeqEvent::Failed {
                 message: format!(
                     "invalid request: prompt {} tokens, max_tokens {}, max_model_len {}",
                     req.prompt.len(),
@@ -238,7 +238,10 @@ impl EngineCore {
     pub fn step(&mut self) -> Result<usize, EngineError> {
         let (metrics, scale) = (&self.metrics, self.cfg.latency_scale);
         self.sched.remove_where(Sequence::client_gone, |seq| {
-            tracing::debug!(request_id = seq.id, "client gone; request aborted");
+            tracing::debug!(
+                request_id = seq.id,
+                "client gone or not reading; request aborted"
+            );
             finish_seq(
                 metrics,
                 scale,

@@ -124,18 +124,30 @@ pub struct EngineHandle {
     shared: Arc<EngineShared>,
     next_id: Arc<AtomicU64>,
     info: Arc<EngineInfo>,
+    /// Capacity of each request's event channel (`--max-unread-stream-events`).
+    max_unread_events: usize,
 }
+
+/// Default capacity of a request's event channel.
+pub const DEFAULT_MAX_UNREAD_EVENTS: usize = 8192;
 
 /// A submitted request: its id and the receiver its output arrives on. Dropping it aborts.
 #[derive(Debug)]
 pub struct RequestStream {
     pub id: u64,
-    pub events: mpsc::UnboundedReceiver<SeqEvent>,
+    pub events: mpsc::Receiver<SeqEvent>,
 }
 
 impl EngineHandle {
     pub fn info(&self) -> &EngineInfo {
         &self.info
+    }
+
+    /// Output events a request may have waiting for its client before the engine aborts it
+    /// (at least 8).
+    pub fn with_max_unread_events(mut self, n: usize) -> Self {
+        self.max_unread_events = n.max(8);
+        self
     }
 
     pub fn shared(&self) -> &EngineShared {
@@ -161,7 +173,7 @@ impl EngineHandle {
             });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (events, rx) = mpsc::unbounded_channel();
+        let (events, rx) = mpsc::channel(self.max_unread_events);
         let req = EngineRequest {
             id,
             prompt,
@@ -215,5 +227,6 @@ pub fn spawn(
         shared,
         next_id: Arc::new(AtomicU64::new(1)),
         info,
+        max_unread_events: DEFAULT_MAX_UNREAD_EVENTS,
     })
 }

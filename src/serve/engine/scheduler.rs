@@ -267,7 +267,7 @@ impl Scheduler {
             let p = &seq.params;
             let finish = if !p.ignore_eos && self.cfg.eos_token_ids.contains(&token) {
                 Some((FinishReason::Stop, None))
-            } else if p.stop_token_ids.contains(&token) {
+            } else if p.stop_token_ids.contains(token) {
                 Some((FinishReason::Stop, Some(token)))
             } else if seq.num_generated() >= p.max_tokens
                 || seq.num_tokens() >= self.cfg.max_model_len

@@ -4,9 +4,12 @@
 use std::time::Instant;
 
 use rand::rngs::StdRng;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::Sender;
 
 use crate::serve::protocol::{EngineRequest, FinishReason, SamplingParams, SeqEvent};
+
+/// Most events one step sends a sequence (`Started`, `Token`, `Finished`).
+const EVENTS_PER_STEP: usize = 3;
 
 /// Lifecycle timestamps used for the latency histograms.
 #[derive(Debug, Clone, Copy)]
@@ -33,7 +36,7 @@ pub struct Sequence {
     pub num_registered: usize,
     pub params: SamplingParams,
     pub rng: StdRng,
-    pub events: UnboundedSender<SeqEvent>,
+    pub events: Sender<SeqEvent>,
     pub timing: Timing,
     /// Prompt tokens served from the prefix cache at first admission (reported in usage).
     pub cached_tokens: Option<usize>,
@@ -78,13 +81,16 @@ impl Sequence {
         self.tokens.len() - self.prompt_len
     }
 
-    /// The client dropped its receiver (disconnect or stop string): abort.
+    /// The client dropped its receiver (disconnect or stop string), or stopped reading: its
+    /// channel has no room left for one more step's events (`Started`, `Token`, `Finished`)
+    /// plus the `Finished` that ends it. Either way the request is aborted.
     pub fn client_gone(&self) -> bool {
-        self.events.is_closed()
+        self.events.is_closed() || self.events.capacity() <= EVENTS_PER_STEP
     }
 
+    /// Never blocks the engine: the scan at the start of each step aborts a sequence before its
+    /// channel could be full, so sends fail only when the client has gone.
     pub fn send(&self, event: SeqEvent) {
-        // A failed send means the client went away; the next step's scan aborts the sequence.
-        let _ = self.events.send(event);
+        let _ = self.events.try_send(event);
     }
 }

@@ -17,6 +17,7 @@ pub struct HfCodec {
     tokenizer: Tokenizer,
     template: ChatTemplate,
     eos: Vec<u32>,
+    max_token_bytes: usize,
 }
 
 impl std::fmt::Debug for HfCodec {
@@ -100,10 +101,20 @@ impl HfCodec {
             eos = ?eos,
             "tokenizer loaded"
         );
+        // Byte-level vocabularies spell each byte as one char of up to 2 UTF-8 bytes, so the
+        // UTF-8 length over-counts: a safe bound on the text one token consumes.
+        let max_token_bytes = tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(0)
+            .max(1);
         Ok(HfCodec {
             tokenizer,
             template,
             eos,
+            max_token_bytes,
         })
     }
 
@@ -119,6 +130,10 @@ impl HfCodec {
 }
 
 impl TextCodec for HfCodec {
+    fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
+    }
+
     fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, CodecError> {
         let enc = self
             .tokenizer
