@@ -23,8 +23,10 @@ use super::endpoint::DispatchCounters;
 /// endpoints matter while every endpoint uses it.
 pub const DEFAULT_PREFILL_TOKENS_PER_S: f64 = 4000.0;
 
-/// Samples with less work than this say more about step overhead than prefill rate.
+/// Samples with less work, or a shorter time to first token, than these say more about step,
+/// network and proxy overhead than about the prefill rate.
 const MIN_LEARN_TOKENS: u64 = 512;
+const MIN_LEARN_SECONDS: f64 = 0.02;
 
 /// Weight of a new rate sample in the moving average.
 const RATE_EWMA_ALPHA: f64 = 0.2;
@@ -183,7 +185,7 @@ impl WorkGuard {
         let elapsed = now
             .saturating_duration_since(self.dispatched_at)
             .as_secs_f64();
-        if work >= MIN_LEARN_TOKENS && elapsed > 0.0 {
+        if work >= MIN_LEARN_TOKENS && elapsed >= MIN_LEARN_SECONDS {
             self.counters.work.learn_rate(work as f64 / elapsed);
         }
     }

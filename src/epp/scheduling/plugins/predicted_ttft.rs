@@ -108,11 +108,17 @@ impl PredictedTtftScorer {
         } else {
             self.params.initial_prefill_tokens_per_s
         };
+        // Rates within 25 % of the pool mean are noise between like replicas: use the mean,
+        // or idle traffic would pile onto whichever replica's estimate came out fastest.
+        let rate_of = |learned: Option<f64>| match learned {
+            Some(r) if !(0.8..=1.25).contains(&(r / fallback_rate)) => r,
+            _ => fallback_rate,
+        };
 
         let mut best = f64::INFINITY;
         for (i, (o, e)) in out.iter_mut().zip(eps).enumerate() {
             let w = work_of(e, now);
-            let rate = w.prefill_rate.unwrap_or(fallback_rate).max(1e-9);
+            let rate = rate_of(w.prefill_rate).max(1e-9);
             let cached = cycle
                 .prefix_matches
                 .get(i)
@@ -283,6 +289,20 @@ mod tests {
         // 1000-token prompt: 0.25 s, 1 s, and 1000 / 2500 = 0.4 s at the mean rate.
         let got = score_at(&scorer(), &eps, &[b'x'; 4000], t);
         assert_close(&got, &[1.0, 0.25, 0.25 / 0.4]);
+    }
+
+    #[test]
+    fn rates_close_to_the_mean_count_as_the_mean() {
+        let (a, b) = (Arc::default(), Arc::default());
+        let t = Instant::now();
+        // 1000 and 1100 tokens/s: within 25 % of their mean 1050, so both use 1050.
+        WorkGuard::dispatch(&a, 1000, t).first_token(t + Duration::from_secs(1));
+        WorkGuard::dispatch(&b, 1100, t).first_token(t + Duration::from_secs(1));
+        let eps = [ep("a", &a), ep("b", &b)];
+        assert_eq!(
+            score_at(&scorer(None), &eps, &[b'x'; 4000], t),
+            vec![1.0, 1.0]
+        );
     }
 
     #[test]
