@@ -12,8 +12,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use prometheus_client::registry::Registry;
 use std::time::Instant;
-use switchyard::bench::routing::WORK_AWARE_CONFIG;
-use switchyard::epp::config::{parse_config, DEFAULT_CONFIG};
+use switchyard::epp::config::{parse_config, DEFAULT_CONFIG, REFERENCE_DEFAULT_CONFIG};
 use switchyard::epp::endpoint::{DispatchCounters, Endpoint, EndpointMetrics, EndpointSnapshot};
 use switchyard::epp::prefix::{hash_prompt, PrefixIndex, PrefixIndexConfig};
 use switchyard::epp::scheduling::{ScheduleResult, Scheduler, SchedulingRequest};
@@ -96,8 +95,8 @@ fn route(
 }
 
 fn schedule(c: &mut Criterion) {
-    schedule_with(c, "schedule_8k_prompt", DEFAULT_CONFIG);
-    schedule_with(c, "schedule_8k_prompt_work_aware", WORK_AWARE_CONFIG);
+    schedule_with(c, "schedule_8k_prompt", REFERENCE_DEFAULT_CONFIG);
+    schedule_with(c, "schedule_8k_prompt_work_aware", DEFAULT_CONFIG);
 }
 
 fn schedule_with(c: &mut Criterion, group: &str, config_text: &str) {

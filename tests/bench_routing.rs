@@ -1,6 +1,8 @@
 //! The CI-sized routing comparison: real `switchyard serve --backend sim` replicas, the real EPP
-//! binary and a real Envoy, the shared-prefix workload under every policy. Fails when the EPP's
-//! default profile is not better than Envoy round-robin on TTFT p50 and prefix-cache hit rate.
+//! binary and a real Envoy, the shared-prefix workload under round-robin, least-request and the
+//! EPP's reference and default profiles. Fails when the EPP's default profile is not better than
+//! Envoy round-robin on TTFT p50 and prefix-cache hit rate, or loses the tail (p90/p99) to the
+//! better of round-robin and least-request.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,12 +33,18 @@ async fn ci_preset_epp_default_beats_round_robin_on_shared_prefix() {
         ramp_over: Duration::from_secs(60),
         ..WorkloadArgs::default()
     };
-    let (results, info) = compare(&workload, &setup(), &Policy::ALL, Preset::Ci)
+    let policies = [
+        Policy::RoundRobin,
+        Policy::LeastRequest,
+        Policy::EppReferenceDefault,
+        Policy::EppDefault,
+    ];
+    let (results, info) = compare(&workload, &setup(), &policies, Preset::Ci)
         .await
         .unwrap();
     println!("{}", switchyard::bench::report::markdown_table(&results));
     assert_eq!(info.requests, 80, "16 groups × 5 prompts");
-    assert_eq!(results.len(), 5);
+    assert_eq!(results.len(), 4);
     for r in &results {
         assert_eq!(r.errors, 0, "{}: {:?}", r.name, r.error_samples);
         assert_eq!(r.ok, 80);
@@ -61,6 +69,18 @@ async fn ci_preset_epp_default_beats_round_robin_on_shared_prefix() {
         epp.ttft_ms.p50,
         rr.ttft_ms.p50
     );
+    // The tail: never the wrong choice against the better of round-robin / least-request at
+    // p90 and p99 (issue 10's bars are 1.0x / 1.1x; 15 % here absorbs a shared CI machine).
+    let lr = get(Policy::LeastRequest);
+    for (name, e, best) in [
+        ("p90", epp.ttft_ms.p90, rr.ttft_ms.p90.min(lr.ttft_ms.p90)),
+        ("p99", epp.ttft_ms.p99, rr.ttft_ms.p99.min(lr.ttft_ms.p99)),
+    ] {
+        assert!(
+            e <= 1.15 * best,
+            "EPP default TTFT {name} {e:.0} ms above 1.15x the better of round-robin / least-request ({best:.0} ms)"
+        );
+    }
     assert!(
         epp.prefix_hit_rate > rr.prefix_hit_rate,
         "EPP default hit rate {:.3} not above round-robin {:.3}",

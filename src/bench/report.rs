@@ -481,7 +481,7 @@ mod tests {
             "| envoy round-robin | 10/10 | 1000 ms | 2000 ms | 2500 ms | 3000 ms | 50.0 ms |"
         ));
         assert!(md.contains("| 20.0% | 50/50% | 0 |"));
-        assert!(md.contains("epp default (3:2:2) vs envoy round-robin: TTFT p50 -60%, p90 -60%, p99 -60%; prefix hit rate ×3.00"));
+        assert!(md.contains("epp default (work-aware) vs envoy round-robin: TTFT p50 -60%, p90 -60%, p99 -60%; prefix hit rate ×3.00"));
         assert_eq!(change(0.0, 1.0), "n/a");
         // No shared prefixes: the rate is shown, not an infinite ratio.
         let rs = [
@@ -502,7 +502,7 @@ mod tests {
             result(Policy::EppDefault, 400.0, 0.0),
         ];
         assert!(ratio_to_best_envoy(&rs)
-            .contains("| epp default (3:2:2) | 0.50 | 0.50 | 0.50 | 0.40 | n/a | n/a |"));
+            .contains("| epp default (work-aware) | 0.50 | 0.50 | 0.50 | 0.40 | n/a | n/a |"));
         assert!(!ratio_to_best_envoy(&rs).contains("| envoy"));
         // Without both envoy policies there is nothing to compare to.
         assert_eq!(ratio_to_best_envoy(&rs[1..]), "");

@@ -12,6 +12,7 @@ use super::envoy::LbPolicy;
 use super::load::{self, LoadOptions, Scheduled};
 use super::stack::{Gateway, ReplicaCounters, ReplicaSpec, Stack, StackError};
 use super::stats::{self, Quantiles};
+use crate::epp::config::REFERENCE_DEFAULT_CONFIG;
 
 /// EPP with scorers off and a random picker.
 const RANDOM_CONFIG: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -44,27 +45,6 @@ schedulingProfiles:
   - pluginRef: max-score-picker
 ";
 
-/// The work-aware profile: stale/unscraped endpoints filtered, then the predicted-TTFT scorer
-/// (queued prefill work + this prompt's uncached part, over the learned prefill rate) with the
-/// prefix index supplying the cached part.
-pub const WORK_AWARE_CONFIG: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: scrape-freshness-filter
-- type: approx-prefix-cache-producer
-  parameters:
-    maxPrefixBlocksToMatch: 1024
-- type: predicted-ttft-scorer
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: scrape-freshness-filter
-  - pluginRef: predicted-ttft-scorer
-    weight: 1
-  - pluginRef: max-score-picker
-";
-
 /// Work-aware load alone: the predicted-TTFT scorer without a prefix index (every prompt
 /// counts as uncached), so no affinity.
 const WORK_ONLY_CONFIG: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -92,31 +72,34 @@ pub enum Policy {
     /// EPP with `random-picker` (no scorers).
     #[value(name = "epp-random")]
     EppRandom,
-    /// EPP default profile (prefix 3 : queue 2 : kv-cache 2).
+    /// EPP default profile: freshness filter + predicted-TTFT scorer with prefix credit.
     #[value(name = "epp-default")]
     EppDefault,
+    /// The reference default profile (prefix 3 : queue 2 : kv-cache 2), the EPP's default
+    /// before issue 10.
+    #[value(name = "epp-reference-default")]
+    EppReferenceDefault,
     /// EPP with prefix 3 : queue 5 : kv-cache 2.
     #[value(name = "epp-3-5-2")]
     Epp352,
-    /// EPP default profile scoring scraped numbers alone (`--inflight-accounting=false`, the
-    /// reference's behaviour): shows what counting the EPP's own in-flight requests buys.
-    #[value(name = "epp-default-scraped-only")]
-    EppDefaultScrapedOnly,
-    /// EPP work-aware profile: freshness filter + predicted-TTFT scorer with prefix credit.
-    #[value(name = "epp-work-aware")]
-    EppWorkAware,
+    /// The reference default profile scoring scraped numbers alone
+    /// (`--inflight-accounting=false`, the reference's behaviour).
+    #[value(name = "epp-reference-scraped-only")]
+    EppReferenceScrapedOnly,
     /// EPP predicted-TTFT scorer without the prefix index: work-aware load alone.
     #[value(name = "epp-work-only")]
     EppWorkOnly,
 }
 
 impl Policy {
-    pub const ALL: [Policy; 5] = [
+    pub const ALL: [Policy; 7] = [
         Policy::RoundRobin,
         Policy::LeastRequest,
         Policy::EppRandom,
-        Policy::EppDefault,
+        Policy::EppReferenceDefault,
         Policy::Epp352,
+        Policy::EppWorkOnly,
+        Policy::EppDefault,
     ];
 
     pub fn name(self) -> &'static str {
@@ -124,10 +107,10 @@ impl Policy {
             Policy::RoundRobin => "envoy round-robin",
             Policy::LeastRequest => "envoy least-request",
             Policy::EppRandom => "epp random-picker",
-            Policy::EppDefault => "epp default (3:2:2)",
+            Policy::EppDefault => "epp default (work-aware)",
+            Policy::EppReferenceDefault => "epp reference default (3:2:2)",
             Policy::Epp352 => "epp 3:5:2",
-            Policy::EppDefaultScrapedOnly => "epp default, scraped only",
-            Policy::EppWorkAware => "epp work-aware",
+            Policy::EppReferenceScrapedOnly => "epp reference, scraped only",
             Policy::EppWorkOnly => "epp work-aware load only",
         }
     }
@@ -139,9 +122,9 @@ impl Policy {
             Policy::LeastRequest => "least-request",
             Policy::EppRandom => "epp-random",
             Policy::EppDefault => "epp-default",
+            Policy::EppReferenceDefault => "epp-reference-default",
             Policy::Epp352 => "epp-3-5-2",
-            Policy::EppDefaultScrapedOnly => "epp-default-scraped-only",
-            Policy::EppWorkAware => "epp-work-aware",
+            Policy::EppReferenceScrapedOnly => "epp-reference-scraped-only",
             Policy::EppWorkOnly => "epp-work-only",
         }
     }
@@ -162,13 +145,13 @@ impl Policy {
                 config_text: WEIGHTS_352_CONFIG.to_owned(),
                 inflight_accounting: true,
             },
-            Policy::EppDefaultScrapedOnly => Gateway::Epp {
-                config_text: String::new(),
-                inflight_accounting: false,
-            },
-            Policy::EppWorkAware => Gateway::Epp {
-                config_text: WORK_AWARE_CONFIG.to_owned(),
+            Policy::EppReferenceDefault => Gateway::Epp {
+                config_text: REFERENCE_DEFAULT_CONFIG.to_owned(),
                 inflight_accounting: true,
+            },
+            Policy::EppReferenceScrapedOnly => Gateway::Epp {
+                config_text: REFERENCE_DEFAULT_CONFIG.to_owned(),
+                inflight_accounting: false,
             },
             Policy::EppWorkOnly => Gateway::Epp {
                 config_text: WORK_ONLY_CONFIG.to_owned(),

@@ -32,8 +32,37 @@ pub const API_VERSIONS: &[&str] = &[API_VERSION];
 pub const API_VERSION: &str = "inference.networking.x-k8s.io/v1alpha1";
 pub const KIND: &str = "EndpointPickerConfig";
 
-/// The reference Helm chart's `default-plugins.yaml` (vLLM over HTTP): prefix 3, queue 2, kv 2.
+/// Switchyard's default: stale or never-scraped endpoints filtered, then the predicted-TTFT
+/// scorer (queued prefill tokens + this prompt's uncached part, over the learned prefill rate),
+/// with prefix matching over up to 1024 blocks (16k tokens at 16-token blocks). It keeps the
+/// tail where the reference default loses it (`docs/benchmarks.md`, issue 10).
 pub const DEFAULT_CONFIG: &str = r#"apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: scrape-freshness-filter
+- type: approx-prefix-cache-producer
+  parameters:
+    maxPrefixBlocksToMatch: 1024
+- type: predicted-ttft-scorer
+- type: max-score-picker
+- type: metrics-data-source
+  parameters:
+    scheme: "http"
+    path: "/metrics"
+    insecureSkipVerify: true
+- type: core-metrics-extractor
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: scrape-freshness-filter
+  - pluginRef: predicted-ttft-scorer
+    weight: 1
+  - pluginRef: max-score-picker
+"#;
+
+/// The reference Helm chart's `default-plugins.yaml` (vLLM over HTTP): prefix 3, queue 2, kv 2.
+/// Selectable with `--config-text` / `--config-file`; the default before issue 10.
+pub const REFERENCE_DEFAULT_CONFIG: &str = r#"apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
 plugins:
 - type: queue-scorer
@@ -186,7 +215,7 @@ impl EppConfig {
     }
 }
 
-/// Parses and validates an EndpointPickerConfig. Empty text means the reference default config.
+/// Parses and validates an EndpointPickerConfig. Empty text means [`DEFAULT_CONFIG`].
 pub fn parse_config(yaml: &str) -> Result<EppConfig, ConfigError> {
     let yaml = if yaml.trim().is_empty() {
         DEFAULT_CONFIG

@@ -55,8 +55,8 @@ fn profiles(c: &EppConfig) -> Vec<ProfileSpec> {
 }
 
 #[test]
-fn default_config_is_the_reference_chart() {
-    let c = parse_config(DEFAULT_CONFIG).unwrap();
+fn reference_default_config_is_the_reference_chart() {
+    let c = parse_config(REFERENCE_DEFAULT_CONFIG).unwrap();
     assert_eq!(
         names(&c),
         vec![
@@ -97,10 +97,26 @@ fn default_config_is_the_reference_chart() {
     assert_eq!(c.data_layer.source, MetricsSourceConfig::default());
     assert_eq!(c.saturation_detector, "utilization-detector");
     assert_eq!(c.saturation, SaturationConfig::default());
-    // Empty text means the default, as in the reference.
+    // Empty text means Switchyard's default (the work-aware profile), not this one.
+    let empty = parse_config("  \n").unwrap();
+    assert_ne!(profiles(&empty), profiles(&c));
+}
+
+#[test]
+fn default_config_is_the_work_aware_profile() {
+    let c = parse_config(DEFAULT_CONFIG).unwrap();
     let empty = parse_config("  \n").unwrap();
     assert_eq!(names(&empty), names(&c));
     assert_eq!(profiles(&empty), profiles(&c));
+    assert_eq!(
+        profiles(&c),
+        vec![ProfileSpec {
+            name: "default".into(),
+            filters: vec!["scrape-freshness-filter".into()],
+            scorers: vec![("predicted-ttft-scorer".into(), 1.0)],
+            picker: "max-score-picker".into(),
+        }]
+    );
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use super::plugins::Plugin;
 use super::*;
-use crate::epp::config::{parse_config, DEFAULT_CONFIG};
+use crate::epp::config::{parse_config, REFERENCE_DEFAULT_CONFIG};
 use crate::epp::endpoint::{Endpoint, EndpointMetrics, LoraInfo};
 
 fn ep(i: u8, metrics: EndpointMetrics) -> Arc<EndpointSnapshot> {
@@ -98,7 +98,7 @@ fn reference_worked_example() {
 /// REFERENCE.md §5 "lower queue and kv wins" with the default config.
 #[test]
 fn default_config_prefers_lower_queue_and_kv() {
-    let (s, _) = scheduler(DEFAULT_CONFIG);
+    let (s, _) = scheduler(REFERENCE_DEFAULT_CONFIG);
     let pods = [ep(1, m(3, 0.2)), ep(2, m(0, 0.1)), ep(3, m(10, 0.2))];
     let out = route(&s, &req(b"test"), &pods).unwrap();
     assert_eq!(names(&out), ["192.168.1.2:8000"]);
@@ -106,7 +106,7 @@ fn default_config_prefers_lower_queue_and_kv() {
 
 #[test]
 fn shared_prefix_sticks_to_the_first_choice() {
-    let (s, _) = scheduler(DEFAULT_CONFIG);
+    let (s, _) = scheduler(REFERENCE_DEFAULT_CONFIG);
     let pods = [ep(1, m(0, 0.0)), ep(2, m(0, 0.0)), ep(3, m(0, 0.0))];
     let prompt = "You are a helpful assistant. ".repeat(40); // 1160 bytes → 18 blocks of 64
     let first = route(&s, &req(prompt.as_bytes()), &pods).unwrap();
@@ -141,7 +141,7 @@ fn shared_prefix_sticks_to_the_first_choice() {
 /// Deciding does not learn: only `PrefixCache::record` changes what later requests see.
 #[test]
 fn scheduling_alone_leaves_the_prefix_index_untouched() {
-    let (s, registry) = scheduler(DEFAULT_CONFIG);
+    let (s, registry) = scheduler(REFERENCE_DEFAULT_CONFIG);
     let pods = [ep(1, m(0, 0.0)), ep(2, m(0, 0.0))];
     let prompt = "z".repeat(64 * 3);
     let out = s.schedule(&req(prompt.as_bytes()), &pods).unwrap();
@@ -167,7 +167,7 @@ fn scheduling_alone_leaves_the_prefix_index_untouched() {
 
 #[test]
 fn load_outweighs_a_partial_prefix_hit() {
-    let (s, _) = scheduler(DEFAULT_CONFIG);
+    let (s, _) = scheduler(REFERENCE_DEFAULT_CONFIG);
     let prompt = "x".repeat(64 * 4);
     let pods = [ep(1, m(0, 0.0)), ep(2, m(0, 0.0))];
     let first = route(&s, &req(prompt.as_bytes()), &pods).unwrap();
@@ -264,10 +264,10 @@ impl Filter for DropAll {
 
 #[test]
 fn no_endpoints_or_empty_filter_fails_the_profile() {
-    let (s, _) = scheduler(DEFAULT_CONFIG);
+    let (s, _) = scheduler(REFERENCE_DEFAULT_CONFIG);
     let e = route(&s, &req(b"hi"), &[]).unwrap_err();
     assert_eq!(e.to_string(), "failed to run scheduler profile 'default'");
-    let mut config = parse_config(DEFAULT_CONFIG).unwrap().scheduling;
+    let mut config = parse_config(REFERENCE_DEFAULT_CONFIG).unwrap().scheduling;
     config.profiles[0].filters.push(Arc::new(DropAll));
     let s = Scheduler::new(&config, &mut Registry::default());
     let pods = [ep(1, m(0, 0.0))];
@@ -307,7 +307,7 @@ plugins:
 
 #[test]
 fn metrics_are_registered_and_observed() {
-    let (s, registry) = scheduler(DEFAULT_CONFIG);
+    let (s, registry) = scheduler(REFERENCE_DEFAULT_CONFIG);
     let pods = [ep(1, m(0, 0.0)), ep(2, m(1, 0.5))];
     let prompt = "y".repeat(64 * 2);
     route(&s, &req(prompt.as_bytes()), &pods).unwrap();

@@ -13,7 +13,7 @@ use proptest::prelude::*;
 
 use super::super::{ExtProcConfig, Shared};
 use super::StreamState;
-use crate::epp::config::{parse_config, DEFAULT_CONFIG};
+use crate::epp::config::{parse_config, REFERENCE_DEFAULT_CONFIG};
 use crate::epp::datastore::{Datastore, DiscoveryEvent};
 use crate::epp::director::{Director, DirectorConfig};
 use crate::epp::endpoint::{Endpoint, EndpointMetrics};
@@ -33,7 +33,7 @@ fn shared_with(
     let mut registry = Registry::default();
     let metrics = EppMetrics::new(&mut registry);
     let scheduler = Arc::new(Scheduler::new(
-        &parse_config(DEFAULT_CONFIG).unwrap().scheduling,
+        &parse_config(REFERENCE_DEFAULT_CONFIG).unwrap().scheduling,
         &mut registry,
     ));
     let ds = Arc::new(Datastore::new());

@@ -299,10 +299,7 @@ mod tests {
         WorkGuard::dispatch(&a, 1000, t).first_token(t + Duration::from_secs(1));
         WorkGuard::dispatch(&b, 1100, t).first_token(t + Duration::from_secs(1));
         let eps = [ep("a", &a), ep("b", &b)];
-        assert_eq!(
-            score_at(&scorer(None), &eps, &[b'x'; 4000], t),
-            vec![1.0, 1.0]
-        );
+        assert_eq!(score_at(&scorer(), &eps, &[b'x'; 4000], t), vec![1.0, 1.0]);
     }
 
     #[test]
