@@ -199,3 +199,102 @@ async fn stored_removed_and_resume_over_grpc() {
     drop((stream, live, client));
     h.shutdown(Duration::from_secs(2)).await;
 }
+
+/// The stream reveals prompt token ids: with `--kv-events-token-file` only a subscriber with the
+/// bearer token gets it, and `--kv-events-max-subscribers` caps concurrent subscribers (the slot
+/// frees when a subscriber goes away).
+#[tokio::test]
+async fn token_and_subscriber_cap_guard_the_stream() {
+    use tonic::metadata::MetadataValue;
+    use tonic::Code;
+
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let mut args = ServeArgs::sim_for_tests("l4-qwen2.5-7b", 0.001);
+    args.kv_events_port = Some(0);
+    args.kv_events_token_file = Some(token_file);
+    args.kv_events_max_subscribers = 1;
+    let h = serve::start(args).await.unwrap();
+    let url = format!("http://{}", h.kv_events_addr.unwrap());
+    let mut client = KvEventsClient::connect(url).await.unwrap();
+
+    let with_auth = |value: Option<&str>| {
+        let mut req = tonic::Request::new(SubscribeRequest { from_sequence: 0 });
+        if let Some(v) = value {
+            req.metadata_mut()
+                .insert("authorization", MetadataValue::try_from(v).unwrap());
+        }
+        req
+    };
+    let err = client.subscribe(with_auth(None)).await.unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::Unauthenticated, "missing bearer token")
+    );
+    let err = client
+        .subscribe(with_auth(Some("Bearer wrong")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::Unauthenticated, "invalid bearer token")
+    );
+
+    let mut first = client
+        .subscribe(with_auth(Some("Bearer s3cret-token")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(next(&mut first).await, Message::Info(_)));
+    let err = client
+        .subscribe(with_auth(Some("Bearer s3cret-token")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::ResourceExhausted, "too many KV-event subscribers")
+    );
+
+    // The first subscriber leaves; its slot frees once the server notices the closed stream.
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match client
+            .subscribe(with_auth(Some("Bearer s3cret-token")))
+            .await
+        {
+            Ok(resp) => {
+                let mut s = resp.into_inner();
+                assert!(matches!(next(&mut s).await, Message::Info(_)));
+                break;
+            }
+            Err(e) if e.code() == Code::ResourceExhausted => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "slot never freed after the subscriber left"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn empty_token_file_is_a_startup_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "  \n").unwrap();
+    let mut args = ServeArgs::sim_for_tests("l4-qwen2.5-7b", 0.001);
+    args.kv_events_port = Some(0);
+    args.kv_events_token_file = Some(token_file.clone());
+    let err = serve::start(args).await.expect_err("must fail");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "invalid flag: --kv-events-token-file {} is empty",
+            token_file.display()
+        )
+    );
+}

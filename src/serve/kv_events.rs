@@ -4,6 +4,10 @@
 //! The engine appends once per step ([`KvEventLog::publish`]); each subscriber task reads from the
 //! log at its own cursor and waits on a `watch` channel when caught up, so a slow subscriber never
 //! blocks the engine: if it falls behind the retained window it gets `OUT_OF_RANGE` and resyncs.
+//!
+//! The stream carries the token ids of every cached prompt block, so it is guarded
+//! ([`SubscriberPolicy`]): an optional bearer token (`--kv-events-token-file`, compared by SHA-256
+//! digest in constant time) and a cap on concurrent subscribers (`--kv-events-max-subscribers`).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +15,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -187,18 +191,69 @@ impl KvEventLog {
         }
     }
 
-    /// The tonic service serving this log.
-    pub fn service(self: &Arc<Self>) -> pb::kv_events_server::KvEventsServer<KvEventsService> {
+    /// The tonic service serving this log to subscribers admitted by `policy`.
+    pub fn service(
+        self: &Arc<Self>,
+        policy: SubscriberPolicy,
+    ) -> pb::kv_events_server::KvEventsServer<KvEventsService> {
         pb::kv_events_server::KvEventsServer::new(KvEventsService {
             log: Arc::clone(self),
+            token_digest: policy.token.as_deref().map(|t| sha256(t.as_bytes())),
+            slots: Arc::new(Semaphore::new(policy.max_subscribers)),
         })
     }
+}
+
+/// Who may subscribe: the stream reveals prompt token ids, so it is not for everyone who can
+/// reach the port.
+#[derive(Debug, Clone)]
+pub struct SubscriberPolicy {
+    /// Required `authorization: Bearer <token>` value; `None` admits any client (a warning is
+    /// logged at startup when the port is not on loopback).
+    pub token: Option<String>,
+    /// Concurrent subscribers; one more gets `RESOURCE_EXHAUSTED`.
+    pub max_subscribers: usize,
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// Compares fixed-size digests without an early exit, so timing says nothing about the token.
+fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// gRPC front of a [`KvEventLog`].
 #[derive(Debug, Clone)]
 pub struct KvEventsService {
     log: Arc<KvEventLog>,
+    token_digest: Option<[u8; 32]>,
+    slots: Arc<Semaphore>,
+}
+
+impl KvEventsService {
+    /// Checks the bearer token (when one is configured) and takes a subscriber slot.
+    fn admit<T>(&self, request: &Request<T>) -> Result<OwnedSemaphorePermit, Status> {
+        if let Some(want) = &self.token_digest {
+            let presented = request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            match presented {
+                Some(token) if digests_equal(&sha256(token.as_bytes()), want) => {}
+                Some(_) => return Err(Status::unauthenticated("invalid bearer token")),
+                None => return Err(Status::unauthenticated("missing bearer token")),
+            }
+        }
+        Arc::clone(&self.slots)
+            .try_acquire_owned()
+            .map_err(|_| Status::resource_exhausted("too many KV-event subscribers"))
+    }
 }
 
 fn status_of(e: &KvEventsError) -> Status {
@@ -213,6 +268,7 @@ impl pb::kv_events_server::KvEvents for KvEventsService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let permit = self.admit(&request)?;
         let from = request.into_inner().from_sequence;
         let mut next_rx = self.log.next_tx.subscribe();
         let (oldest, next) = self.log.bounds();
@@ -233,6 +289,8 @@ impl pb::kv_events_server::KvEvents for KvEventsService {
         let (tx, rx) = mpsc::channel(READ_BATCH);
         let log = Arc::clone(&self.log);
         tokio::spawn(async move {
+            // Held for the subscriber's lifetime: the slot frees when this task ends.
+            let _permit = permit;
             let info = pb::SubscribeResponse {
                 message: Some(pb::subscribe_response::Message::Info(log.info())),
             };

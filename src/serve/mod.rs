@@ -129,6 +129,14 @@ pub struct ServeArgs {
     /// Events the KV-event log retains for resuming subscribers.
     #[arg(long, default_value_t = 100_000)]
     pub kv_events_buffer: usize,
+    /// File holding the bearer token KV-event subscribers must send
+    /// (`authorization: Bearer <token>`); without it any client that reaches the port may
+    /// subscribe (the stream carries prompt token ids).
+    #[arg(long)]
+    pub kv_events_token_file: Option<std::path::PathBuf>,
+    /// Concurrent KV-event subscribers; one more gets RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 64)]
+    pub kv_events_max_subscribers: usize,
     /// Largest accepted request body.
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
     pub max_request_body_bytes: usize,
@@ -206,6 +214,8 @@ impl ServeArgs {
             kv_events_port: None,
             tensor_parallel_size: 1,
             kv_events_buffer: 100_000,
+            kv_events_token_file: None,
+            kv_events_max_subscribers: 64,
             max_request_body_bytes: 32 * 1024 * 1024,
             max_stop_strings: 64,
             max_stop_string_bytes: 1024,
@@ -407,6 +417,35 @@ fn cpu_backend(args: &ServeArgs, dir: &std::path::Path) -> Result<Built, ServeEr
 }
 
 /// Starts the engine and the listeners; returns once they are bound.
+/// The KV-event subscriber policy from the flags: the token file is read once at startup.
+fn kv_events_policy(args: &ServeArgs) -> Result<kv_events::SubscriberPolicy, ServeError> {
+    if args.kv_events_max_subscribers == 0 {
+        return Err(ServeError::InvalidFlag(
+            "--kv-events-max-subscribers must be at least 1".into(),
+        ));
+    }
+    let token = match &args.kv_events_token_file {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ServeError::InvalidFlag(format!("--kv-events-token-file {}: {e}", path.display()))
+            })?;
+            let token = text.trim();
+            if token.is_empty() {
+                return Err(ServeError::InvalidFlag(format!(
+                    "--kv-events-token-file {} is empty",
+                    path.display()
+                )));
+            }
+            Some(token.to_string())
+        }
+    };
+    Ok(kv_events::SubscriberPolicy {
+        token,
+        max_subscribers: args.kv_events_max_subscribers,
+    })
+}
+
 pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
     if args.tensor_parallel_size != 1 {
         return Err(ServeError::InvalidFlag(format!(
@@ -523,8 +562,16 @@ pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
                 .local_addr()
                 .map_err(|source| ServeError::Bind { addr, source })?,
         );
+        let policy = kv_events_policy(&args)?;
+        if policy.token.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(
+                %addr,
+                "KV-event stream has no --kv-events-token-file: any client that reaches this \
+                 port can read the token ids of cached prompts"
+            );
+        }
         let mut rx = shutdown_rx.clone();
-        let service = log.service();
+        let service = log.service(policy);
         tasks.push(tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             let signal = async move {
