@@ -417,6 +417,9 @@ fn report_token(m: &ServeMetrics, scale: f64, u: TokenUpdate<'_>, now: Instant) 
         logprobs: u.logprobs,
     });
     if let Some((reason, stop_token)) = u.finish {
+        // The client may scrape the moment it has its last byte: leave the running gauge
+        // without this request first (`publish` sets the exact count after the update).
+        m.num_requests_running.dec();
         finish_seq(m, scale, seq, reason, stop_token, now);
     }
 }
