@@ -606,30 +606,10 @@ pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
 
 /// Runs the decode server until SIGTERM/SIGINT.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::process::init_logging("info", crate::process::LogFormat::Console);
     let handle = start(args).await?;
-    shutdown_signal().await;
-    tracing::info!("shutting down");
+    let signal = crate::process::shutdown_signal().await;
+    tracing::info!(?signal, "shutting down");
     handle.shutdown(Duration::from_secs(10)).await;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
