@@ -8,7 +8,6 @@
 mod support;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 
 use std::time::{Duration, Instant};
 
@@ -66,34 +65,6 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     })
 }
 
-/// Runs `promtool check metrics` on `text`; returns (exit code, output). Exit code 3 means
-/// "parsed, but lint problems" (printed one per line), 1 a parse error.
-fn promtool_check(promtool: &PathBuf, text: &str) -> (i32, String) {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 // ---------------------------------------------------------------------------------------------
 // The mock model server itself (what every other test leans on).
 
@@ -126,7 +97,7 @@ async fn mock_metrics_are_valid_vllm_prometheus_text() {
     );
     // vLLM's real names contain ':', which promtool's linter flags (exit code 3); that is the
     // only complaint allowed.
-    let (code, out) = promtool_check(&promtool, &text);
+    let (code, out) = tools::promtool_check(&promtool, &text);
     let lint_only_colons = code == 3
         && out
             .lines()
@@ -1065,7 +1036,7 @@ async fn epp_metrics_pass_promtool() {
     assert_eq!(value("inference_objective_output_tokens_sum", &model), 20.0);
     assert_eq!(value("inference_pool_ready_pods", &[]), 3.0);
 
-    let (code, out) = promtool_check(&promtool, &text);
+    let (code, out) = tools::promtool_check(&promtool, &text);
     assert_eq!(
         code, 0,
         "promtool check metrics failed (exit 3 = lint problems):\n{out}\n{text}"

@@ -15,7 +15,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -25,9 +24,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request as Msg, processing_response::Response as Reply, HttpBody,
     HttpHeaders, ProcessingRequest, ProcessingResponse,
 };
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
 use support::{EppOptions, EppProcess, HttpClient};
 use switchyard::epp::args::EppArgs;
 use switchyard::epp::server::{start, RunningEpp};
@@ -167,57 +164,6 @@ fn metrics_url(epp: &RunningEpp) -> String {
 
 // ---------------------------------------------------------------- item 1: TLS accept
 
-/// Accepts any certificate (the EPP's is self-signed).
-#[derive(Debug)]
-struct AcceptAny;
-
-impl ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-fn tls_client_config() -> Arc<rustls::ClientConfig> {
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .dangerous()
-    .with_custom_certificate_verifier(Arc::new(AcceptAny))
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(config)
-}
-
 /// A header-only ext_proc request over a fresh TLS connection; returns the destination and the
 /// time from connect to reply.
 async fn grpc_over_tls(addr: SocketAddr) -> (String, Duration) {
@@ -225,7 +171,7 @@ async fn grpc_over_tls(addr: SocketAddr) -> (String, Duration) {
     let channel = tonic::transport::Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| async move {
             let tcp = TcpStream::connect(addr).await?;
-            let tls = tokio_rustls::TlsConnector::from(tls_client_config())
+            let tls = tokio_rustls::TlsConnector::from(support::tls_client::insecure_h2_config())
                 .connect(ServerName::try_from("localhost").unwrap(), tcp)
                 .await?;
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
@@ -395,27 +341,8 @@ async fn model_labels_are_allow_listed_and_escaped() {
 
     // And promtool accepts it.
     if let Some(promtool) = support::tools::promtool() {
-        let mut child = std::process::Command::new(promtool)
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "promtool: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (code, report) = support::tools::promtool_check(&promtool, &text);
+        assert_eq!(code, 0, "promtool: {report}");
     } else {
         support::tools::missing_dependency(
             "promtool not found for the promtool part (run scripts/install-test-deps.sh)",

@@ -2,7 +2,9 @@
 //! default, or the one in `--cert-path` (reloaded with `--enable-cert-reload`), and real gRPC
 //! works over it. SIGTERM-style shutdown drains open streams.
 
-use std::sync::Arc;
+mod support;
+
+use rustls::pki_types::ServerName;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -12,9 +14,6 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request as Msg, processing_response::Response as Reply, HttpHeaders,
     ProcessingRequest,
 };
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use switchyard::epp::args::EppArgs;
 use switchyard::epp::server::{start, RunningEpp};
 use tokio::net::TcpStream;
@@ -25,61 +24,10 @@ struct Cli {
     args: EppArgs,
 }
 
-/// Accepts any certificate: the test inspects what the server presented instead.
-#[derive(Debug)]
-struct AcceptAny;
-
-impl ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-fn client_config() -> Arc<rustls::ClientConfig> {
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .dangerous()
-    .with_custom_certificate_verifier(Arc::new(AcceptAny))
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(config)
-}
-
 /// Handshakes and returns (negotiated ALPN, leaf certificate DER).
 async fn handshake(epp: &RunningEpp) -> (Option<Vec<u8>>, Vec<u8>) {
     let tcp = TcpStream::connect(epp.grpc_addr).await.unwrap();
-    let connector = tokio_rustls::TlsConnector::from(client_config());
+    let connector = tokio_rustls::TlsConnector::from(support::tls_client::insecure_h2_config());
     let tls = connector
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
@@ -136,7 +84,7 @@ async fn grpc_over_tls(epp: &RunningEpp) -> Reply {
     let channel = tonic::transport::Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| async move {
             let tcp = TcpStream::connect(addr).await?;
-            let tls = tokio_rustls::TlsConnector::from(client_config())
+            let tls = tokio_rustls::TlsConnector::from(support::tls_client::insecure_h2_config())
                 .connect(ServerName::try_from("localhost").unwrap(), tcp)
                 .await?;
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))

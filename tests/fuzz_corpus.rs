@@ -74,27 +74,12 @@ fn metrics_encode_pages_pass_promtool() {
     };
     for file in corpus("metrics_encode") {
         let page = metrics_encode::page(&std::fs::read(&file).unwrap());
-        let mut child = std::process::Command::new(&promtool)
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(page.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}: promtool rejects the page: {}{}\n{page}",
-            file.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        let (code, report) = support::tools::promtool_check(&promtool, &page);
+        assert_eq!(
+            code,
+            0,
+            "{}: promtool rejects the page: {report}\n{page}",
+            file.display()
         );
     }
 }

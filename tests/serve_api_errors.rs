@@ -306,27 +306,7 @@ async fn metrics_have_every_vllm_name_and_pass_promtool() {
         h.shutdown(Duration::from_secs(2)).await;
         return;
     };
-    use std::io::Write as _;
-    let mut child = std::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let code = out.status.code().unwrap_or(-1);
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, report) = tools::promtool_check(&promtool, &text);
     // vLLM's names contain ':', which promtool's linter flags (exit 3); nothing else may be.
     let colons_only = code == 3
         && report

@@ -11,6 +11,7 @@ pub mod fault_proxy;
 pub mod http_client;
 pub mod mock_model_server;
 pub mod ports;
+pub mod tls_client;
 pub mod tools;
 
 pub use envoy::{BodyMode, EnvoyConfig, EnvoyProcess, RouteCluster};

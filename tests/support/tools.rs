@@ -83,3 +83,31 @@ pub fn promtool() -> Option<PathBuf> {
         "promtool",
     )
 }
+
+/// Runs `promtool check metrics` on `text`; returns its exit code (0 clean, 3 parsed with lint
+/// problems printed one per line, 1 a parse error) and its stdout + stderr.
+pub fn promtool_check(promtool: &std::path::Path, text: &str) -> (i32, String) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool starts");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(text.as_bytes())
+        .expect("promtool reads the page");
+    let out = child.wait_with_output().expect("promtool exits");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
