@@ -103,10 +103,7 @@ mod tests {
             " aaa baa<|im_end|>"
         );
         assert_eq!(c.decode(&[151_645], true).unwrap(), "");
-        let chat = c.render_chat(&[ChatMessage {
-            role: "user".into(),
-            content: "hi".into(),
-        }]);
+        let chat = c.render_chat(&[ChatMessage::text("user", "hi")]);
         assert_eq!(
             chat.unwrap(),
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

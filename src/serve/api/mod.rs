@@ -4,7 +4,11 @@
 pub mod detok;
 pub mod error;
 pub mod generate;
+pub mod messages;
 pub mod openai;
+pub mod params;
+pub mod structured;
+pub mod tools;
 pub mod types;
 
 use std::sync::Arc;
@@ -20,7 +24,7 @@ use serde_json::json;
 
 use tokio::sync::Semaphore;
 
-use crate::serve::codec::TextCodec;
+use crate::serve::codec::{ChatExtras, TextCodec};
 use crate::serve::engine::EngineHandle;
 use crate::serve::metrics::ServeMetrics;
 
@@ -100,15 +104,21 @@ impl AppState {
             .map_err(|e| ApiError::bad(e.to_string(), Some("prompt")))
     }
 
-    pub fn encode_chat(&self, messages: &[ChatMessageIn]) -> Result<Vec<u32>, ApiError> {
+    /// Renders and tokenises a conversation. `add_special_tokens` adds the tokenizer's own
+    /// special tokens on top of what the template wrote (vLLM's chat default: false).
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessageIn],
+        extras: &ChatExtras<'_>,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>, ApiError> {
         let text_bytes = messages.iter().map(ChatMessageIn::text_len).sum();
         self.check_prompt_bytes(text_bytes, "messages")?;
         let text = self
             .codec
-            .render_chat(&openai::chat_messages(messages))
+            .render_chat_with(&messages::chat_messages(messages)?, extras)
             .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
-        // The template already wrote the special tokens.
-        self.encode(&text, false)
+        self.encode(&text, add_special_tokens)
     }
 }
 
@@ -189,7 +199,9 @@ async fn tokenize(
                 (Some(prompt), None) => {
                     state.encode(prompt, req.add_special_tokens.unwrap_or(true))
                 }
-                (None, Some(messages)) => state.encode_chat(messages),
+                (None, Some(messages)) => {
+                    state.encode_chat(messages, &ChatExtras::default(), false)
+                }
                 _ => Err(ApiError::bad(
                     "Send exactly one of prompt or messages.",
                     Some("prompt"),

@@ -12,12 +12,17 @@ use serde::Serialize;
 
 use super::error::ApiError;
 use super::generate::{prepare, Delta, Generation, OutputSpec};
+use super::messages::{resolve_tools, ToolChoice, Tools};
+use super::params::{check_unsupported, Endpoint};
+use super::structured::{self, ConstraintSpec};
+use super::tools::{ToolEvent, ToolParser};
 use super::types::{
-    ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatMessageIn, ChatMessageOut, ChatRequest,
-    ChatResponse, CompletionChoice, CompletionRequest, CompletionResponse, MessageContent, Prompt,
+    ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatMessageOut, ChatRequest, ChatResponse,
+    CommonParams, CompletionChoice, CompletionRequest, CompletionResponse, FunctionDelta,
+    FunctionOut, Prompt, ToolCallDelta, ToolCallOut,
 };
 use super::AppState;
-use crate::serve::codec::ChatMessage;
+use crate::serve::codec::ChatExtras;
 use crate::serve::protocol::SamplingParams;
 
 /// OpenAI's default `max_tokens` for completions.
@@ -51,6 +56,45 @@ pub(super) fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Resul
         .map_err(|e| ApiError::bad(format!("Invalid request body: {e}"), None))
 }
 
+/// How a chat response reports tool calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ToolMode {
+    /// `auto` (or `required`, whose output is a JSON list of calls): calls are parsed out of
+    /// the text, and a response with calls finishes with `tool_calls`.
+    Parse { names: Vec<String>, parallel: bool },
+    /// `tool_choice` names the function: the output is its arguments; finishes with `stop`
+    /// (as OpenAI does for a forced function).
+    Named(String),
+}
+
+impl ToolMode {
+    fn from_tools(tools: &Tools) -> Option<Self> {
+        match &tools.choice {
+            ToolChoice::None => None,
+            ToolChoice::Auto | ToolChoice::Required => Some(ToolMode::Parse {
+                names: tools.names(),
+                parallel: tools.parallel,
+            }),
+            ToolChoice::Named(name) => Some(ToolMode::Named(name.clone())),
+        }
+    }
+
+    fn parser(&self) -> ToolParser {
+        match self {
+            ToolMode::Parse { names, parallel } => ToolParser::new(names.clone(), *parallel),
+            ToolMode::Named(name) => ToolParser::named(name.clone()),
+        }
+    }
+
+    /// The response's `finish_reason` given the engine's and whether calls were found.
+    fn finish_reason(&self, engine: Option<&'static str>, calls: bool) -> Option<&'static str> {
+        match (self, engine) {
+            (ToolMode::Parse { .. }, Some("stop")) if calls => Some("tool_calls"),
+            _ => engine,
+        }
+    }
+}
+
 /// What a generation handler needs once the body is decoded, validated and tokenised.
 struct Prepared {
     model: String,
@@ -59,17 +103,60 @@ struct Prepared {
     spec: OutputSpec,
     stream: bool,
     include_usage: bool,
+    request_id: Option<String>,
+    tools: Option<ToolMode>,
+}
+
+/// Checks shared by both endpoints before anything is tokenised.
+fn check_common(common: &CommonParams) -> Result<(), ApiError> {
+    if common.stream_options.is_some() && !common.stream.unwrap_or(false) {
+        return Err(ApiError::bad(
+            "Stream options can only be defined when `stream=True`.",
+            Some("stream_options"),
+        ));
+    }
+    Ok(())
+}
+
+/// The request's output constraint, or the 400 for it while this server cannot apply one.
+fn constraint(
+    state: &AppState,
+    common: &CommonParams,
+    tools: Option<&Tools>,
+) -> Result<Option<ConstraintSpec>, ApiError> {
+    let spec = structured::plan(
+        common.response_format.as_ref(),
+        common.structured_outputs.as_ref(),
+        tools,
+    )?;
+    match spec {
+        None => Ok(None),
+        Some(spec) => {
+            let _ = state;
+            Err(ApiError::bad(
+                format!(
+                    "{}: constrained decoding (structured outputs, forced tool calls) is not \
+                     available on this server.",
+                    spec.param
+                ),
+                Some(spec.param),
+            ))
+        }
+    }
 }
 
 fn prepare_completion(state: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
+    check_unsupported(body, Endpoint::Completion)?;
     let mut req: CompletionRequest<'_> = parse_json(body)?;
     let common = req.take_common();
     let model = state.check_model(common.model.as_deref())?.to_owned();
+    check_common(&common)?;
+    let add_special = req.add_special_tokens.unwrap_or(true);
     let max_model_len = state.engine.info().max_model_len;
     let (prompt, count) = Prompt::decode(req.prompt, max_model_len)
         .map_err(|e| ApiError::bad(format!("Invalid request body: {e}"), None))?;
     let prompt = match prompt {
-        Prompt::Text(text) => state.encode(&text, true)?,
+        Prompt::Text(text) => state.encode(&text, add_special)?,
         Prompt::Tokens(ids) if count > ids.len() => {
             // Only the first max_model_len + 1 ids were kept: it cannot fit.
             let max_tokens = common
@@ -84,7 +171,7 @@ fn prepare_completion(state: &AppState, body: &[u8]) -> Result<Prepared, ApiErro
             });
         }
         Prompt::Tokens(ids) => ids,
-        Prompt::Texts(mut v) if v.len() == 1 => state.encode(&v.remove(0), true)?,
+        Prompt::Texts(mut v) if v.len() == 1 => state.encode(&v.remove(0), add_special)?,
         Prompt::TokenLists(mut v) if v.len() == 1 => v.remove(0),
         _ => {
             return Err(ApiError::bad(
@@ -102,6 +189,7 @@ fn prepare_completion(state: &AppState, body: &[u8]) -> Result<Prepared, ApiErro
         Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
         req.logprobs,
     )?;
+    let _constraint = constraint(state, &common, None)?;
     Ok(Prepared {
         model,
         prompt,
@@ -109,20 +197,45 @@ fn prepare_completion(state: &AppState, body: &[u8]) -> Result<Prepared, ApiErro
         spec,
         stream: common.stream.unwrap_or(false),
         include_usage: common.stream_options.is_some_and(|o| o.include_usage),
+        request_id: common.request_id,
+        tools: None,
     })
 }
 
 fn prepare_chat(state: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
+    check_unsupported(body, Endpoint::Chat)?;
     let mut req: ChatRequest = parse_json(body)?;
     let common = req.take_common();
     let model = state.check_model(common.model.as_deref())?.to_owned();
+    check_common(&common)?;
     if req.messages.is_empty() {
         return Err(ApiError::bad(
             "messages must not be empty.",
             Some("messages"),
         ));
     }
-    let prompt = state.encode_chat(&req.messages)?;
+    let tools = resolve_tools(
+        req.tools.as_deref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )?;
+    if tools.is_some() && !state.codec.supports_tools() {
+        return Err(ApiError::bad(
+            "This model's chat template does not support tools.",
+            Some("tools"),
+        ));
+    }
+    let extras = ChatExtras {
+        // vLLM renders the tools even with `tool_choice: "none"`.
+        tools: req.tools.as_deref().filter(|_| tools.is_some()),
+        add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
+        kwargs: req.chat_template_kwargs.as_ref(),
+    };
+    let prompt = state.encode_chat(
+        &req.messages,
+        &extras,
+        req.add_special_tokens.unwrap_or(false),
+    )?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (true, top) => Some(top.unwrap_or(0)),
         (false, Some(_)) => {
@@ -143,6 +256,7 @@ fn prepare_chat(state: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
         None,
         logprobs,
     )?;
+    let _constraint = constraint(state, &common, tools.as_ref())?;
     Ok(Prepared {
         model,
         prompt,
@@ -150,6 +264,8 @@ fn prepare_chat(state: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
         spec,
         stream: common.stream.unwrap_or(false),
         include_usage: common.stream_options.is_some_and(|o| o.include_usage),
+        request_id: common.request_id,
+        tools: tools.as_ref().and_then(ToolMode::from_tools),
     })
 }
 
@@ -179,15 +295,19 @@ async fn generate(
         Kind::Completion => "cmpl",
         Kind::Chat => "chatcmpl",
     };
+    let id = match &p.request_id {
+        Some(rid) => format!("{prefix}-{rid}"),
+        None => format!("{prefix}-{:032x}", rand::random::<u128>()),
+    };
     let ctx = Ctx {
-        id: format!("{prefix}-{:032x}", rand::random::<u128>()),
+        id,
         model: p.model,
         created: now_secs(),
     };
     if p.stream {
-        Ok(sse(gen, ctx, kind, p.include_usage))
+        Ok(sse(gen, ctx, kind, p.include_usage, p.tools))
     } else {
-        collect(gen, ctx, kind).await
+        collect(gen, ctx, kind, p.tools).await
     }
 }
 
@@ -198,34 +318,11 @@ pub async fn completions(
     generate(state, body, Kind::Completion).await
 }
 
-fn message_text(m: &ChatMessageIn) -> String {
-    match &m.content {
-        None => String::new(),
-        Some(MessageContent::Text(s)) => s.clone(),
-        Some(MessageContent::Parts(parts)) => parts
-            .iter()
-            .filter(|p| p.kind == "text")
-            .filter_map(|p| p.text.as_deref())
-            .collect::<Vec<_>>()
-            .join("\n"),
-    }
-}
-
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     generate(state, body, Kind::Chat).await
-}
-
-pub(super) fn chat_messages(messages: &[ChatMessageIn]) -> Vec<ChatMessage> {
-    messages
-        .iter()
-        .map(|m| ChatMessage {
-            role: m.role.clone(),
-            content: message_text(m),
-        })
-        .collect()
 }
 
 fn now_secs() -> u64 {
@@ -246,7 +343,12 @@ fn json_response<T: Serialize>(value: &T) -> Result<Response, ApiError> {
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-async fn collect(mut gen: Generation, ctx: Ctx, kind: Kind) -> Result<Response, ApiError> {
+async fn collect(
+    mut gen: Generation,
+    ctx: Ctx,
+    kind: Kind,
+    tools: Option<ToolMode>,
+) -> Result<Response, ApiError> {
     let mut tokens = Vec::new();
     while let Some(delta) = gen.next().await? {
         tokens.extend(delta.tokens);
@@ -274,11 +376,43 @@ async fn collect(mut gen: Generation, ctx: Ctx, kind: Kind) -> Result<Response, 
         }
         Kind::Chat => {
             let logprobs = gen.chat_logprobs(&tokens);
+            let (content, calls, finish) = match &tools {
+                None => (Some(gen.text.clone()), Vec::new(), finish),
+                Some(mode) => {
+                    let mut parser = mode.parser();
+                    let mut events = parser.feed(&gen.text);
+                    events.extend(parser.finish());
+                    let content: String = events
+                        .iter()
+                        .filter_map(|e| match e {
+                            ToolEvent::Content(t) => Some(t.as_str()),
+                            _ => None,
+                        })
+                        .collect();
+                    let calls = parser.reported_calls().to_vec();
+                    let finish = mode.finish_reason(finish, !calls.is_empty());
+                    // vLLM: content is null when the model only called tools.
+                    let content = (!content.is_empty() || calls.is_empty()).then_some(content);
+                    (content, calls, finish)
+                }
+            };
+            let calls_out: Vec<ToolCallOut<'_>> = calls
+                .iter()
+                .map(|c| ToolCallOut {
+                    id: &c.id,
+                    kind: "function",
+                    function: FunctionOut {
+                        name: &c.name,
+                        arguments: &c.arguments,
+                    },
+                })
+                .collect();
             let choice = ChatChoice {
                 index: 0,
                 message: ChatMessageOut {
                     role: "assistant",
-                    content: &gen.text,
+                    content: content.as_deref(),
+                    tool_calls: &calls_out,
                 },
                 logprobs: logprobs.as_ref(),
                 finish_reason: finish,
@@ -314,6 +448,47 @@ struct SseState {
     phase: Phase,
     /// Text bytes sent so far (completions `text_offset`).
     sent: usize,
+    /// Chat with tools: the parser turning text into content and call deltas.
+    tools: Option<(ToolMode, ToolParser)>,
+}
+
+/// Content and call deltas of parser events, merged per call (a call's start and its first
+/// argument fragments in one entry).
+fn tool_deltas(events: Vec<ToolEvent>) -> (String, Vec<ToolCallDelta>) {
+    let mut content = String::new();
+    let mut calls: Vec<ToolCallDelta> = Vec::new();
+    for e in events {
+        match e {
+            ToolEvent::Content(t) => content.push_str(&t),
+            ToolEvent::Start { index, id, name } => calls.push(ToolCallDelta {
+                index,
+                id: Some(id),
+                kind: Some("function"),
+                function: FunctionDelta {
+                    name: Some(name),
+                    arguments: None,
+                },
+            }),
+            ToolEvent::Args { index, fragment } => match calls.last_mut() {
+                Some(last) if last.index == index => {
+                    last.function
+                        .arguments
+                        .get_or_insert_with(String::new)
+                        .push_str(&fragment)
+                }
+                _ => calls.push(ToolCallDelta {
+                    index,
+                    id: None,
+                    kind: None,
+                    function: FunctionDelta {
+                        name: None,
+                        arguments: Some(fragment),
+                    },
+                }),
+            },
+        }
+    }
+    (content, calls)
 }
 
 fn event<T: Serialize>(value: &T) -> Bytes {
@@ -357,6 +532,27 @@ impl SseState {
             }
             Kind::Chat => {
                 let logprobs = self.gen.chat_logprobs(&delta.tokens);
+                let (content, calls, finish) = match &mut self.tools {
+                    None => (Some(delta.text.clone()), Vec::new(), finish),
+                    Some((mode, parser)) => {
+                        let mut events = parser.feed(&delta.text);
+                        if delta.finished {
+                            events.extend(parser.finish());
+                        }
+                        let (content, calls) = tool_deltas(events);
+                        let finish = if delta.finished {
+                            mode.finish_reason(finish, !parser.reported_calls().is_empty())
+                        } else {
+                            finish
+                        };
+                        if content.is_empty() && calls.is_empty() && finish.is_none() && logprobs.is_none() {
+                            // The parser holds this text back: nothing to send yet.
+                            self.sent += delta.text.len();
+                            return Bytes::new();
+                        }
+                        ((!content.is_empty()).then_some(content), calls, finish)
+                    }
+                };
                 event(&ChatChunk {
                     id: &self.ctx.id,
                     object: "chat.completion.chunk",
@@ -366,7 +562,8 @@ impl SseState {
                         index: 0,
                         delta: ChatDelta {
                             role: None,
-                            content: Some(&delta.text),
+                            content: content.as_deref(),
+                            tool_calls: (!calls.is_empty()).then_some(calls.as_slice()),
                         },
                         logprobs: logprobs.as_ref(),
                         finish_reason: finish,
@@ -401,6 +598,7 @@ impl SseState {
                         delta: ChatDelta {
                             role: Some("assistant"),
                             content: Some(""),
+                            tool_calls: None,
                         },
                         logprobs: None,
                         finish_reason: None,
@@ -453,7 +651,13 @@ impl SseState {
 
 /// The SSE response. The body stream owns the request: when the client disconnects, hyper drops
 /// the stream, the engine's receiver goes with it, and the engine aborts the request.
-fn sse(gen: Generation, ctx: Ctx, kind: Kind, include_usage: bool) -> Response {
+fn sse(
+    gen: Generation,
+    ctx: Ctx,
+    kind: Kind,
+    include_usage: bool,
+    tools: Option<ToolMode>,
+) -> Response {
     let phase = if kind == Kind::Chat {
         Phase::Role
     } else {
@@ -466,6 +670,10 @@ fn sse(gen: Generation, ctx: Ctx, kind: Kind, include_usage: bool) -> Response {
         include_usage,
         phase,
         sent: 0,
+        tools: tools.map(|m| {
+            let p = m.parser();
+            (m, p)
+        }),
     };
     let stream = futures::stream::unfold(state, |mut st| async move {
         let bytes = st.next_bytes().await?;

@@ -209,6 +209,12 @@ pub struct CommonParams {
     pub stream_options: Option<StreamOptions>,
     pub include_stop_str_in_output: Option<bool>,
     pub skip_special_tokens: Option<bool>,
+    /// OpenAI `response_format` (checked by `structured`).
+    pub response_format: Option<serde_json::Value>,
+    /// vLLM `structured_outputs` (checked by `structured`).
+    pub structured_outputs: Option<serde_json::Value>,
+    /// vLLM `request_id`: names the response (`cmpl-{id}` / `chatcmpl-{id}`).
+    pub request_id: Option<String>,
 }
 
 /// Declares a request with its own fields followed by the [`CommonParams`] fields, and
@@ -237,6 +243,9 @@ macro_rules! request_with_common_params {
             pub stream_options: Option<StreamOptions>,
             pub include_stop_str_in_output: Option<bool>,
             pub skip_special_tokens: Option<bool>,
+            pub response_format: Option<serde_json::Value>,
+            pub structured_outputs: Option<serde_json::Value>,
+            pub request_id: Option<String>,
         }
 
         impl $(<$lt>)? $name $(<$lt>)? {
@@ -257,6 +266,9 @@ macro_rules! request_with_common_params {
                     stream_options: self.stream_options.take(),
                     include_stop_str_in_output: self.include_stop_str_in_output.take(),
                     skip_special_tokens: self.skip_special_tokens.take(),
+                    response_format: self.response_format.take(),
+                    structured_outputs: self.structured_outputs.take(),
+                    request_id: self.request_id.take(),
                 }
             }
         }
@@ -270,6 +282,7 @@ request_with_common_params! {
         #[serde(borrow)]
         pub prompt: &'a RawValue,
         pub logprobs: Option<i64>,
+        pub add_special_tokens: Option<bool>,
     }
 }
 
@@ -317,6 +330,27 @@ pub struct ContentPart {
 pub struct ChatMessageIn {
     pub role: String,
     pub content: Option<MessageContent>,
+    /// An assistant turn's calls (sent back in the history).
+    pub tool_calls: Option<Vec<ToolCallIn>>,
+    /// A `tool` turn: the call it answers.
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
+}
+
+/// A tool call in an assistant message of the history.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ToolCallIn {
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub function: FunctionCallIn,
+}
+
+/// `arguments` is a JSON string in OpenAI's API; an object is accepted too.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FunctionCallIn {
+    pub name: String,
+    pub arguments: Option<serde_json::Value>,
 }
 
 impl ChatMessageIn {
@@ -342,6 +376,13 @@ request_with_common_params! {
         pub max_completion_tokens: Option<i64>,
         pub logprobs: Option<bool>,
         pub top_logprobs: Option<i64>,
+        /// Kept as JSON: rendered by the chat template as sent, checked by `tool_choice`.
+        pub tools: Option<Vec<serde_json::Value>>,
+        pub tool_choice: Option<serde_json::Value>,
+        pub parallel_tool_calls: Option<bool>,
+        pub add_generation_prompt: Option<bool>,
+        pub add_special_tokens: Option<bool>,
+        pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     }
 }
 
@@ -444,7 +485,44 @@ pub struct CompletionResponse<'a> {
 #[derive(Debug, Serialize)]
 pub struct ChatMessageOut<'a> {
     pub role: &'static str,
-    pub content: &'a str,
+    /// `null` when the model only called tools.
+    pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub tool_calls: &'a [ToolCallOut<'a>],
+}
+
+#[derive(Debug, Serialize)]
+pub struct FunctionOut<'a> {
+    pub name: &'a str,
+    pub arguments: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ToolCallOut<'a> {
+    pub id: &'a str,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionOut<'a>,
+}
+
+/// A streamed piece of a tool call: the first one of a call carries its id, type and name,
+/// later ones argument fragments.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -472,6 +550,8 @@ pub struct ChatDelta<'a> {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<&'a [ToolCallDelta]>,
 }
 
 #[derive(Debug, Serialize)]

@@ -71,6 +71,21 @@ impl Default for TinyQwen2 {
 /// A Qwen2.5-style template with its own default system prompt.
 pub const TINY_CHAT_TEMPLATE: &str = "{%- if messages[0]['role'] == 'system' %}\n    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n{%- else %}\n    {{- '<|im_start|>system\\nYou are a tiny test model.<|im_end|>\\n' }}\n{%- endif %}\n{%- for message in messages %}\n    {%- if not (message.role == 'system' and loop.first) %}\n        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}\n    {%- endif %}\n{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n";
 
+/// A Hermes-style template that renders tools the way Qwen2.5's does (tool list as JSON lines in
+/// the system turn, assistant calls as `<tool_call>` blocks, tool results as `<tool_response>`
+/// in a user turn). Written for these tests; swap it in with [`set_chat_template`].
+pub const TINY_TOOL_CHAT_TEMPLATE: &str = "{%- if tools %}\n{{- '<|im_start|>system\\n# Tools\\n<tools>' }}\n{%- for tool in tools %}\n{{- '\\n' }}{{- tool | tojson }}\n{%- endfor %}\n{{- '\\n</tools><|im_end|>\\n' }}\n{%- endif %}\n{%- for m in messages %}\n{%- if m.role == 'assistant' and m.tool_calls %}\n{{- '<|im_start|>assistant' }}\n{%- if m.content %}{{- '\\n' + m.content }}{%- endif %}\n{%- for tc in m.tool_calls %}\n{{- '\\n<tool_call>\\n{\"name\": \"' + tc.function.name + '\", \"arguments\": ' }}{{- tc.function.arguments | tojson }}{{- '}\\n</tool_call>' }}\n{%- endfor %}\n{{- '<|im_end|>\\n' }}\n{%- elif m.role == 'tool' %}\n{{- '<|im_start|>user\\n<tool_response>\\n' + m.content + '\\n</tool_response><|im_end|>\\n' }}\n{%- else %}\n{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}\n{%- endif %}\n{%- endfor %}\n{%- if add_generation_prompt %}\n{{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n";
+
+/// Replaces the `chat_template` of a tiny model written into `dir`.
+pub fn set_chat_template(dir: &Path, template: &str) -> anyhow::Result<()> {
+    let path = dir.join("tokenizer_config.json");
+    let mut tc: Value = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+    )?;
+    tc["chat_template"] = Value::String(template.to_string());
+    write_json(&path, &tc)
+}
+
 /// Merges of the tiny tokenizer, in rank order (byte-level alphabet: `Ġ` is a space).
 pub const TINY_MERGES: [(&str, &str); 12] = [
     ("Ġ", "t"),

@@ -8,7 +8,7 @@ use tokenizers::Tokenizer;
 
 use super::chat::ChatTemplate;
 use super::{read_json_opt, ModelError};
-use crate::serve::codec::{ChatMessage, CodecError, TextCodec};
+use crate::serve::codec::{ChatExtras, ChatMessage, CodecError, TextCodec};
 
 /// Qwen's end-of-turn and end-of-text tokens: the EOS fallback when no config names one.
 const FALLBACK_EOS: [&str; 2] = ["<|im_end|>", "<|endoftext|>"];
@@ -154,6 +154,18 @@ impl TextCodec for HfCodec {
 
     fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, CodecError> {
         self.template.render(messages)
+    }
+
+    fn render_chat_with(
+        &self,
+        messages: &[ChatMessage],
+        extras: &ChatExtras<'_>,
+    ) -> Result<String, CodecError> {
+        self.template.render_with(messages, extras)
+    }
+
+    fn supports_tools(&self) -> bool {
+        self.template.supports_tools()
     }
 }
 
