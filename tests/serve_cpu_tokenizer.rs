@@ -13,10 +13,7 @@ use switchyard::serve::model::testing::{
 use switchyard::serve::model::{load_codec, HfCodec};
 
 fn msg(role: &str, content: &str) -> ChatMessage {
-    ChatMessage {
-        role: role.into(),
-        content: content.into(),
-    }
+    ChatMessage::text(role, content)
 }
 
 #[test]

@@ -96,14 +96,8 @@ fn tokenizer_config(body: &[u8]) {
     std::fs::write(dir.join("tokenizer_config.json"), body).unwrap();
     if let Ok(codec) = HfCodec::load(&dir) {
         let messages = [
-            ChatMessage {
-                role: "system".into(),
-                content: "Be brief.".into(),
-            },
-            ChatMessage {
-                role: "user".into(),
-                content: "Hello <|im_end|> wörld".into(),
-            },
+            ChatMessage::text("system", "Be brief."),
+            ChatMessage::text("user", "Hello <|im_end|> wörld"),
         ];
         exercise(&codec, &messages);
     }
@@ -115,9 +109,11 @@ fn chat_messages(body: &[u8]) {
     };
     let messages: Vec<ChatMessage> = items
         .iter()
-        .map(|m| ChatMessage {
-            role: m["role"].as_str().unwrap_or("user").to_string(),
-            content: m["content"].as_str().unwrap_or_default().to_string(),
+        .map(|m| {
+            ChatMessage::text(
+                m["role"].as_str().unwrap_or("user"),
+                m["content"].as_str().unwrap_or_default(),
+            )
         })
         .collect();
     exercise(qwen_codec(), &messages);
@@ -127,10 +123,7 @@ fn tokenizer_json(body: &[u8]) {
     let dir = scratch("tj");
     std::fs::write(dir.join("tokenizer.json"), body).unwrap();
     if let Ok(codec) = HfCodec::load(&dir) {
-        let messages = [ChatMessage {
-            role: "user".into(),
-            content: "hi".into(),
-        }];
+        let messages = [ChatMessage::text("user", "hi")];
         exercise(&codec, &messages);
     }
 }

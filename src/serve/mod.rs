@@ -119,6 +119,11 @@ pub struct ServeArgs {
     /// Reported latencies are in simulated seconds.
     #[arg(long, default_value_t = 1.0)]
     pub time_scale: f64,
+    /// Sim backend, for API tests and demos: every response is the text of this file (tokenised
+    /// with `--model`'s tokenizer) followed by EOS, produced as logits so sampling, structured
+    /// output masks and tool-call parsing run as for a real model.
+    #[arg(long)]
+    pub sim_script: Option<PathBuf>,
     /// Seed for sampling without a request seed, and for sim tokens.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -210,6 +215,7 @@ impl ServeArgs {
             enable_prefix_caching: false,
             sim_profile: profile.to_owned(),
             time_scale,
+            sim_script: None,
             seed: 0,
             kv_events_port: None,
             tensor_parallel_size: 1,
@@ -341,15 +347,34 @@ fn build_backend(args: &ServeArgs) -> Result<Built, ServeError> {
                 time_scale: args.time_scale,
                 seed: args.seed,
             };
+            let default_name = profile.model.to_owned();
+            let default_max_model_len = profile.max_model_len;
+            let sim = SimBackend::new(profile, opts);
+            let backend: Box<dyn Backend> = match &args.sim_script {
+                None => Box::new(sim),
+                Some(path) => {
+                    let text = std::fs::read_to_string(path).map_err(|e| {
+                        ServeError::InvalidFlag(format!(
+                            "--sim-script {}: {e}",
+                            path.display()
+                        ))
+                    })?;
+                    let script = codec.encode(&text, false).map_err(|e| {
+                        ServeError::InvalidFlag(format!("--sim-script: {e}"))
+                    })?;
+                    let eos = codec.eos_token_ids().first().copied().unwrap_or(0);
+                    Box::new(backend::scripted::ScriptedBackend::new(sim, script, eos))
+                }
+            };
             Ok(Built {
-                default_name: profile.model.to_owned(),
-                default_max_model_len: profile.max_model_len,
+                default_name,
+                default_max_model_len,
                 latency_scale: if args.time_scale > 0.0 {
                     1.0 / args.time_scale
                 } else {
                     1.0
                 },
-                backend: Box::new(SimBackend::new(profile, opts)),
+                backend,
                 codec,
             })
         }

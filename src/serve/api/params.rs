@@ -184,22 +184,27 @@ impl<'de> Visitor<'de> for Check {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            let Some(off) = self.endpoint.lookup(&key) else {
-                map.next_value::<IgnoredAny>()?;
-                continue;
+            let off = match (found, self.endpoint.lookup(&key)) {
+                (None, Some(off)) => off,
+                // Skip (and so still syntax-check) the rest: serde_json fails a map left
+                // half-read.
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
             };
             let value: Value = map.next_value()?;
             if !off.iter().any(|o| o.matches(&value)) {
-                let field = self
+                found = self
                     .endpoint
                     .unsupported()
                     .find(|(name, _)| *name == key)
-                    .map_or("", |(name, _)| *name);
-                return Ok(Some((field, off)));
+                    .map(|(name, off)| (*name, *off));
             }
         }
-        Ok(None)
+        Ok(found)
     }
 }
 
@@ -210,6 +215,15 @@ mod tests {
     #[test]
     fn off_values_pass_and_others_name_the_field() {
         assert!(check_unsupported(br#"{"logit_bias": {}, "echo": false, "n": 1}"#, Endpoint::Chat).is_ok());
+        // The first offender is reported wherever it stands.
+        assert_eq!(
+            check_unsupported(br#"{"top_k": 1, "echo": true, "min_p": 0.5, "stop": ["a"]}"#, Endpoint::Chat)
+                .unwrap_err(),
+            ApiError::bad(
+                "echo is not supported by this server; omit it or set it to null or false.",
+                Some("echo")
+            )
+        );
         assert!(check_unsupported(br#"{"frequency_penalty": 0, "presence_penalty": 0.0}"#, Endpoint::Completion).is_ok());
         let e = check_unsupported(br#"{"model": "m", "logit_bias": {"50256": -100}}"#, Endpoint::Chat)
             .unwrap_err();

@@ -6,6 +6,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod scripted;
 pub mod sim;
 
 /// Shape of the paged KV cache a backend needs, so the engine can size the block pool.
