@@ -115,7 +115,10 @@ async fn hermes_call_non_streaming_and_streaming() {
             assert_eq!(call["type"], "function");
             name = Some(n.as_str().unwrap().to_owned());
         } else {
-            assert!(call.get("id").is_none() && call.get("type").is_none(), "{call}");
+            assert!(
+                call.get("id").is_none() && call.get("type").is_none(),
+                "{call}"
+            );
         }
         if let Some(a) = call["function"].get("arguments") {
             arguments.push_str(a.as_str().unwrap());

@@ -354,14 +354,11 @@ fn build_backend(args: &ServeArgs) -> Result<Built, ServeError> {
                 None => Box::new(sim),
                 Some(path) => {
                     let text = std::fs::read_to_string(path).map_err(|e| {
-                        ServeError::InvalidFlag(format!(
-                            "--sim-script {}: {e}",
-                            path.display()
-                        ))
+                        ServeError::InvalidFlag(format!("--sim-script {}: {e}", path.display()))
                     })?;
-                    let script = codec.encode(&text, false).map_err(|e| {
-                        ServeError::InvalidFlag(format!("--sim-script: {e}"))
-                    })?;
+                    let script = codec
+                        .encode(&text, false)
+                        .map_err(|e| ServeError::InvalidFlag(format!("--sim-script: {e}")))?;
                     let eos = codec.eos_token_ids().first().copied().unwrap_or(0);
                     Box::new(backend::scripted::ScriptedBackend::new(sim, script, eos))
                 }

@@ -120,7 +120,9 @@ pub fn resolve_tools(
             };
             let Some(name) = f.get("name") else {
                 return Err(ApiError::bad(
-                    format!("Expected field `name` in `function` in `tool_choice`! {CORRECT_USAGE}"),
+                    format!(
+                        "Expected field `name` in `function` in `tool_choice`! {CORRECT_USAGE}"
+                    ),
                     Some("tool_choice.function.name"),
                 ));
             };
@@ -217,7 +219,10 @@ fn template_call(i: usize, c: &super::types::ToolCallIn) -> Result<Value, ApiErr
         None => Value::Object(Default::default()),
         Some(Value::String(s)) => serde_json::from_str(s).map_err(|e| {
             ApiError::bad(
-                format!("messages[{i}].tool_calls: arguments of `{}` are not JSON: {e}", c.function.name),
+                format!(
+                    "messages[{i}].tool_calls: arguments of `{}` are not JSON: {e}",
+                    c.function.name
+                ),
                 Some("messages"),
             )
         })?,
@@ -263,7 +268,11 @@ mod tests {
     fn choices_resolve_with_vllm_defaults() {
         let t = tools();
         let auto = resolve_tools(Some(&t), None, None).unwrap().unwrap();
-        assert_eq!(auto.choice, ToolChoice::Auto, "tools without tool_choice mean auto");
+        assert_eq!(
+            auto.choice,
+            ToolChoice::Auto,
+            "tools without tool_choice mean auto"
+        );
         assert!(auto.parallel);
         assert_eq!(auto.names(), vec!["get_weather", "run_python"]);
         assert_eq!(auto.defs[1].parameters, json!({}));
@@ -275,18 +284,24 @@ mod tests {
                 ToolChoice::Named("run_python".into()),
             ),
         ] {
-            let got = resolve_tools(Some(&t), Some(&v), Some(false)).unwrap().unwrap();
+            let got = resolve_tools(Some(&t), Some(&v), Some(false))
+                .unwrap()
+                .unwrap();
             assert_eq!(got.choice, want);
             assert!(!got.parallel);
         }
-        assert_eq!(resolve_tools(None, Some(&json!("none")), None).unwrap(), None);
+        assert_eq!(
+            resolve_tools(None, Some(&json!("none")), None).unwrap(),
+            None
+        );
         assert_eq!(resolve_tools(None, None, None).unwrap(), None);
     }
 
     #[test]
     fn invalid_tool_setups_have_vllm_texts() {
         let t = tools();
-        let usage = "Correct usage: `{\"type\": \"function\", \"function\": {\"name\": \"my_function\"}}`";
+        let usage =
+            "Correct usage: `{\"type\": \"function\", \"function\": {\"name\": \"my_function\"}}`";
         let cases: Vec<(Option<&[Value]>, Value, String, &str)> = vec![
             (None, json!("auto"), "When using `tool_choice`, `tools` must be set.".into(), "tool_choice"),
             (Some(&[]), json!("auto"), "`tools` must not be an empty array. Either provide at least one tool or omit the field entirely.".into(), "tools"),
@@ -297,17 +312,27 @@ mod tests {
             (Some(&t), json!({"type": "function", "function": {"name": "nope"}}), "The tool specified in `tool_choice` does not match any of the specified `tools`".into(), "tool_choice"),
         ];
         for (tools, choice, message, param) in cases {
-            assert_eq!(err(tools, choice.clone()), (message, Some(param)), "{choice}");
+            assert_eq!(
+                err(tools, choice.clone()),
+                (message, Some(param)),
+                "{choice}"
+            );
         }
         let bad = vec![json!({"type": "retrieval"})];
         assert_eq!(
             err(Some(&bad), json!("auto")),
-            ("tools[0] has type `retrieval`; only `function` tools are supported.".into(), Some("tools"))
+            (
+                "tools[0] has type `retrieval`; only `function` tools are supported.".into(),
+                Some("tools")
+            )
         );
         let bad = vec![json!({"type": "function", "function": {"description": "x"}})];
         assert_eq!(
             err(Some(&bad), json!("auto")),
-            ("tools[0].function.name must be a non-empty string.".into(), Some("tools"))
+            (
+                "tools[0].function.name must be a non-empty string.".into(),
+                Some("tools")
+            )
         );
     }
 
@@ -347,7 +372,10 @@ mod tests {
         .unwrap();
         assert!(matches!(
             chat_messages(&msgs).unwrap_err(),
-            ApiError::BadRequest { param: Some("messages"), .. }
+            ApiError::BadRequest {
+                param: Some("messages"),
+                ..
+            }
         ));
     }
 }

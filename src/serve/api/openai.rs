@@ -470,12 +470,11 @@ fn tool_deltas(events: Vec<ToolEvent>) -> (String, Vec<ToolCallDelta>) {
                 },
             }),
             ToolEvent::Args { index, fragment } => match calls.last_mut() {
-                Some(last) if last.index == index => {
-                    last.function
-                        .arguments
-                        .get_or_insert_with(String::new)
-                        .push_str(&fragment)
-                }
+                Some(last) if last.index == index => last
+                    .function
+                    .arguments
+                    .get_or_insert_with(String::new)
+                    .push_str(&fragment),
                 _ => calls.push(ToolCallDelta {
                     index,
                     id: None,
@@ -545,7 +544,11 @@ impl SseState {
                         } else {
                             finish
                         };
-                        if content.is_empty() && calls.is_empty() && finish.is_none() && logprobs.is_none() {
+                        if content.is_empty()
+                            && calls.is_empty()
+                            && finish.is_none()
+                            && logprobs.is_none()
+                        {
                             // The parser holds this text back: nothing to send yet.
                             self.sent += delta.text.len();
                             return Bytes::new();

@@ -214,19 +214,33 @@ mod tests {
 
     #[test]
     fn off_values_pass_and_others_name_the_field() {
-        assert!(check_unsupported(br#"{"logit_bias": {}, "echo": false, "n": 1}"#, Endpoint::Chat).is_ok());
+        assert!(check_unsupported(
+            br#"{"logit_bias": {}, "echo": false, "n": 1}"#,
+            Endpoint::Chat
+        )
+        .is_ok());
         // The first offender is reported wherever it stands.
         assert_eq!(
-            check_unsupported(br#"{"top_k": 1, "echo": true, "min_p": 0.5, "stop": ["a"]}"#, Endpoint::Chat)
-                .unwrap_err(),
+            check_unsupported(
+                br#"{"top_k": 1, "echo": true, "min_p": 0.5, "stop": ["a"]}"#,
+                Endpoint::Chat
+            )
+            .unwrap_err(),
             ApiError::bad(
                 "echo is not supported by this server; omit it or set it to null or false.",
                 Some("echo")
             )
         );
-        assert!(check_unsupported(br#"{"frequency_penalty": 0, "presence_penalty": 0.0}"#, Endpoint::Completion).is_ok());
-        let e = check_unsupported(br#"{"model": "m", "logit_bias": {"50256": -100}}"#, Endpoint::Chat)
-            .unwrap_err();
+        assert!(check_unsupported(
+            br#"{"frequency_penalty": 0, "presence_penalty": 0.0}"#,
+            Endpoint::Completion
+        )
+        .is_ok());
+        let e = check_unsupported(
+            br#"{"model": "m", "logit_bias": {"50256": -100}}"#,
+            Endpoint::Chat,
+        )
+        .unwrap_err();
         assert_eq!(
             e,
             ApiError::bad(

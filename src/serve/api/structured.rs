@@ -80,12 +80,10 @@ pub fn plan(
 
 fn response_format_constraint(rf: &Value) -> Result<Option<ConstraintSpec>, ApiError> {
     const P: &str = "response_format";
-    let kind = rf.get("type").and_then(Value::as_str).ok_or_else(|| {
-        bad(
-            "response_format must be an object with a string `type`.",
-            P,
-        )
-    })?;
+    let kind = rf
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("response_format must be an object with a string `type`.", P))?;
     let constraint = match kind {
         "text" => return Ok(None),
         "json_object" => Constraint::JsonObject,
@@ -142,9 +140,15 @@ fn structured_outputs_constraint(so: &Value) -> Result<Option<ConstraintSpec>, A
         "disable_fallback",
     ];
     if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(bad(format!("structured_outputs has an unknown field `{k}`."), P));
+        return Err(bad(
+            format!("structured_outputs has an unknown field `{k}`."),
+            P,
+        ));
     }
-    let set = |k: &str| o.get(k).filter(|v| !v.is_null() && **v != Value::Bool(false));
+    let set = |k: &str| {
+        o.get(k)
+            .filter(|v| !v.is_null() && **v != Value::Bool(false))
+    };
     if set("structural_tag").is_some() {
         return Err(bad(
             "structured_outputs.structural_tag is not supported by this server.",
@@ -175,9 +179,11 @@ fn structured_outputs_constraint(so: &Value) -> Result<Option<ConstraintSpec>, A
     };
     let constraint = if let Some(j) = set("json") {
         match j {
-            Value::String(s) => Constraint::JsonSchema(serde_json::from_str(s).map_err(|e| {
-                bad(format!("structured_outputs.json is not valid JSON: {e}"), P)
-            })?),
+            Value::String(s) => {
+                Constraint::JsonSchema(serde_json::from_str(s).map_err(|e| {
+                    bad(format!("structured_outputs.json is not valid JSON: {e}"), P)
+                })?)
+            }
             Value::Object(_) | Value::Bool(true) => Constraint::JsonSchema(j.clone()),
             _ => return Err(bad("structured_outputs.json must be a JSON schema.", P)),
         }
@@ -283,8 +289,13 @@ mod tests {
             Some(Constraint::JsonObject)
         );
         assert_eq!(
-            one(Some(json!({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})), None)
-                .unwrap(),
+            one(
+                Some(
+                    json!({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+                ),
+                None
+            )
+            .unwrap(),
             Some(Constraint::JsonSchema(schema.clone()))
         );
         assert_eq!(
@@ -292,7 +303,11 @@ mod tests {
             Some(Constraint::JsonSchema(schema.clone()))
         );
         assert_eq!(
-            one(None, Some(json!({"regex": "[0-9]+", "disable_fallback": true}))).unwrap(),
+            one(
+                None,
+                Some(json!({"regex": "[0-9]+", "disable_fallback": true}))
+            )
+            .unwrap(),
             Some(Constraint::Regex("[0-9]+".into()))
         );
         assert_eq!(
@@ -337,7 +352,11 @@ mod tests {
             (Some(json!({"type": "json_object"})), Some(json!({"regex": "a"})), "Use either response_format or structured_outputs, not both.", so),
         ];
         for (rf, so_v, message, param) in cases {
-            assert_eq!(msg(one(rf.clone(), so_v.clone()).unwrap_err()), (message.to_owned(), Some(param)), "{rf:?} {so_v:?}");
+            assert_eq!(
+                msg(one(rf.clone(), so_v.clone()).unwrap_err()),
+                (message.to_owned(), Some(param)),
+                "{rf:?} {so_v:?}"
+            );
         }
     }
 
@@ -345,7 +364,10 @@ mod tests {
     fn forced_tool_calls_become_schemas() {
         let params = json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]});
         let mut tools = Tools {
-            defs: vec![ToolDef { name: "get_weather".into(), parameters: params.clone() }],
+            defs: vec![ToolDef {
+                name: "get_weather".into(),
+                parameters: params.clone(),
+            }],
             choice: ToolChoice::Named("get_weather".into()),
             parallel: true,
         };
@@ -363,7 +385,11 @@ mod tests {
         );
         assert_eq!(
             msg(plan(None, Some(&json!({"regex": "a"})), Some(&tools)).unwrap_err()),
-            ("You can only either use constraints for structured outputs or tools, not both.".into(), Some("tool_choice"))
+            (
+                "You can only either use constraints for structured outputs or tools, not both."
+                    .into(),
+                Some("tool_choice")
+            )
         );
         tools.choice = ToolChoice::Auto;
         assert_eq!(plan(None, None, Some(&tools)).unwrap(), None);

@@ -31,7 +31,10 @@ pub enum ToolEvent {
         name: String,
     },
     /// The next piece of call `index`'s arguments.
-    Args { index: usize, fragment: String },
+    Args {
+        index: usize,
+        fragment: String,
+    },
 }
 
 /// A complete call (the non-streaming view).
@@ -48,7 +51,12 @@ enum CallPhase {
     /// Looking for `{"name": "…", "arguments": ` at the start of the block.
     Head,
     /// Streaming the arguments object; `scan` is the offset into `buf` scanned so far.
-    Args { scan: usize, depth: u32, in_str: bool, esc: bool },
+    Args {
+        scan: usize,
+        depth: u32,
+        in_str: bool,
+        esc: bool,
+    },
     /// Arguments done; waiting for `</tool_call>`.
     Tail,
     /// The head did not have the expected shape: the block is parsed whole at its end.
@@ -228,7 +236,7 @@ impl ToolParser {
                             name,
                             arguments: String::new(),
                         };
-                        if !(self.single && index > 0) {
+                        if self.shown(index) {
                             out.push(ToolEvent::Start {
                                 index,
                                 id: call.id.clone(),
@@ -289,7 +297,7 @@ impl ToolParser {
                 if let Some(call) = self.calls.last_mut() {
                     call.arguments.push_str(&fragment);
                 }
-                if !fragment.is_empty() && !(self.single && index > 0) {
+                if !fragment.is_empty() && self.shown(index) {
                     out.push(ToolEvent::Args { index, fragment });
                 }
                 if done {
@@ -334,7 +342,10 @@ impl ToolParser {
                         }
                     }
                     // Not a call after all: vLLM returns such a block as text.
-                    _ => push_content(out, format!("{OPEN}{body}{}", if rest_at.is_some() { CLOSE } else { "" })),
+                    _ => push_content(
+                        out,
+                        format!("{OPEN}{body}{}", if rest_at.is_some() { CLOSE } else { "" }),
+                    ),
                 }
                 match rest_at {
                     Some(at) => {
@@ -382,7 +393,7 @@ impl ToolParser {
             name,
             arguments,
         };
-        if !(self.single && index > 0) {
+        if self.shown(index) {
             out.push(ToolEvent::Start {
                 index,
                 id: call.id.clone(),
@@ -396,6 +407,11 @@ impl ToolParser {
             }
         }
         self.calls.push(call);
+    }
+
+    /// Whether call `index` is reported (`parallel_tool_calls: false` drops all but the first).
+    fn shown(&self, index: usize) -> bool {
+        !self.single || index == 0
     }
 
     /// The calls the response reports (all of them, or the first with `parallel_tool_calls:
@@ -437,7 +453,10 @@ enum Head {
     Incomplete,
     Mismatch,
     /// The name, and the offset in the block where the arguments value starts.
-    Found { name: String, args_at: usize },
+    Found {
+        name: String,
+        args_at: usize,
+    },
 }
 
 /// Reads `ws { ws "name" ws : ws "<string>" ws , ws "arguments" ws : ws` at the start of `s`.

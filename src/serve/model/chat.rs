@@ -130,7 +130,10 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, JinjaError> {
         Some(n) => {
             let pad = vec![b' '; n];
             let fmt = serde_json::ser::PrettyFormatter::with_indent(&pad);
-            serde::Serialize::serialize(value, &mut serde_json::Serializer::with_formatter(&mut out, fmt))
+            serde::Serialize::serialize(
+                value,
+                &mut serde_json::Serializer::with_formatter(&mut out, fmt),
+            )
         }
         None => serde::Serialize::serialize(
             value,
@@ -255,14 +258,18 @@ mod tests {
         assert!(!ChatTemplate::chatml().supports_tools());
         // Keys in sorted order at every level, so the text is the same whether or not
         // serde_json keeps insertion order.
-        let tools = vec![serde_json::json!({"function": {"description": "Weather", "name": "get_weather",
+        let tools = vec![
+            serde_json::json!({"function": {"description": "Weather", "name": "get_weather",
             "parameters": {"properties": {"city": {"type": "string"}}, "required": ["city"], "type": "object"}},
-            "type": "function"})];
+            "type": "function"}),
+        ];
         let messages = vec![
             ChatMessage::text("user", "Weather in Paris?"),
             ChatMessage {
-                tool_calls: Some(vec![serde_json::json!({"function": {"arguments": {"city": "Paris"},
-                    "name": "get_weather"}, "id": "call_1", "type": "function"})]),
+                tool_calls: Some(vec![
+                    serde_json::json!({"function": {"arguments": {"city": "Paris"},
+                    "name": "get_weather"}, "id": "call_1", "type": "function"}),
+                ]),
                 ..ChatMessage::text("assistant", "")
             },
             ChatMessage {
@@ -299,7 +306,8 @@ mod tests {
         };
         // The request's kwargs cannot override the fixed variables.
         assert_eq!(
-            t.render_with(&[ChatMessage::text("user", "x")], &extras).unwrap(),
+            t.render_with(&[ChatMessage::text("user", "x")], &extras)
+                .unwrap(),
             "hey|x|{\n  \"a\": \"é<\",\n  \"b\": [\n    1,\n    2\n  ]\n}"
         );
         assert_eq!(

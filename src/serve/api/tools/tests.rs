@@ -80,7 +80,10 @@ fn hermes_single_call() {
         parse(out, TOOLS, true),
         seen(
             "",
-            &[("get_weather", "{\"city\": \"Paris\", \"unit\": \"celsius\"}")]
+            &[(
+                "get_weather",
+                "{\"city\": \"Paris\", \"unit\": \"celsius\"}"
+            )]
         )
     );
 }
