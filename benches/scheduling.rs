@@ -127,6 +127,7 @@ fn schedule_with(c: &mut Criterion, group: &str, config_text: &str) {
                 prompt: p,
                 cache_salt: b"",
                 fallbacks: 0,
+                headers: &[],
             };
             let one = [eps[i % n].clone()];
             route(&scheduler, &req, &one);
@@ -141,6 +142,7 @@ fn schedule_with(c: &mut Criterion, group: &str, config_text: &str) {
                     prompt: &prompts[i % prompts.len()],
                     cache_salt: b"",
                     fallbacks: 0,
+                    headers: &[],
                 };
                 black_box(route(&scheduler, &req, &eps));
             })

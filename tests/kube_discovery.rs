@@ -148,7 +148,10 @@ async fn pods_ready_unready_deleted_relabelled() {
     ));
     expect_endpoints(&run.ds, &[("p4-rank-0", "10.0.0.4:8000")]).await;
     let ep = run.ds.slot("p4-rank-0").unwrap().endpoint();
-    assert_eq!(ep.engine, EngineType::Sglang);
+    assert_eq!(
+        switchyard::epp::scrape::MetricsExtractorConfig::default().engine_of(&ep),
+        EngineType::Sglang
+    );
     assert_eq!(ep.labels.get("zone").map(String::as_str), Some("a"));
     assert_eq!(ep.labels.len(), 3);
     // Deleted outright.

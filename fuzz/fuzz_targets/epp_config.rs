@@ -50,6 +50,7 @@ fuzz_target!(|data: &[u8]| {
             prompt: PROMPT,
             cache_salt: b"",
             fallbacks,
+            headers: &[],
         };
         if let Ok(result) = scheduler.schedule(&req, &candidates) {
             // Whatever the config: at least one pick, only offered endpoints, no duplicates,

@@ -65,6 +65,12 @@ pub struct EppArgs {
     /// YAML file with endpoints, objectives and model rewrites, reloaded on change (no Kubernetes).
     #[arg(long)]
     pub endpoints_file: Option<PathBuf>,
+    /// The inference extension conformance contract (lightweight EPP): the
+    /// `test-epp-endpoint-selection` request header restricts the candidates like a subset hint
+    /// and responses carry `x-conformance-test-served-endpoint`. Test use only: any client could
+    /// pick the endpoint.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub enable_conformance_test_header: bool,
     /// Disables respecting the x-gateway-destination-endpoint-subset metadata.
     #[arg(long, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = go_bool)]
     pub disable_endpoint_subset_filter: bool,

@@ -75,8 +75,12 @@ pub struct RequestMeta {
     pub request_id: String,
     pub objective: Option<String>,
     pub model_rewrite: Option<String>,
-    /// Subset hint from `envoy.lb.subset_hint` metadata or the conformance test header.
+    /// Subset hint from `envoy.lb.subset_hint` metadata or, with
+    /// `--enable-conformance-test-header`, the conformance test header.
     pub subset: Option<Vec<String>>,
+    /// Incoming headers (lowercase names, raw values) that are set again on the routed request;
+    /// plugins read them too (session affinity, the conformance test filter).
+    pub headers: Vec<(String, Vec<u8>)>,
 }
 
 /// Where to send the request and what to send.
@@ -104,6 +108,8 @@ pub struct Decision {
     /// Predicted prefill tokens at the primary (prompt less its expected cached prefix), what
     /// the work-aware accounting charges it until the first response bytes.
     pub prefill_tokens: u64,
+    /// Headers plugins want on the response to the client (e.g. the session token).
+    pub response_headers: Vec<(String, String)>,
 }
 
 impl Decision {
@@ -206,12 +212,14 @@ impl Director {
             prompt: &[],
             cache_salt: &[],
             fallbacks: self.config.fallback_endpoints,
+            headers: &meta.headers,
         };
         let result = self
             .scheduler
             .schedule(&req, &candidates)
             .map_err(RouteError::from)?;
         let (inflight, work) = self.remember(&result);
+        let response_headers = self.scheduler.after_decision(&req, &result);
         Ok(Decision {
             destination: destination_value(&result.endpoints),
             endpoints: result.endpoints,
@@ -225,6 +233,7 @@ impl Director {
             priority: 0,
             stream: false,
             prefill_tokens: result.prefill_tokens,
+            response_headers,
         })
     }
 
@@ -280,12 +289,14 @@ impl Director {
             prompt: &inspected.prompt,
             cache_salt: inspected.cache_salt.as_bytes(),
             fallbacks: self.config.fallback_endpoints,
+            headers: &meta.headers,
         };
         let result = self
             .scheduler
             .schedule(&req, &candidates)
             .map_err(|e| label_err(e.into()))?;
         let (inflight, work) = self.remember(&result);
+        let response_headers = self.scheduler.after_decision(&req, &result);
 
         let rewritten_body =
             (target_model != incoming_model).then(|| inspected.rewrite_model(body, &target_model));
@@ -302,6 +313,7 @@ impl Director {
             priority,
             stream: inspected.stream,
             prefill_tokens: result.prefill_tokens,
+            response_headers,
         })
     }
 

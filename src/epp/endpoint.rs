@@ -64,7 +64,9 @@ pub struct Endpoint {
     /// Stable name, unique in the pool (`<pod>-rank-<i>` in Kubernetes; the address for static lists).
     pub name: String,
     pub addr: SocketAddr,
-    pub engine: EngineType,
+    /// The engine named for this endpoint itself (pool file `engineType`); `None`: decided by
+    /// the data layer from the labels and `defaultEngine` (`scrape::MetricsExtractorConfig`).
+    pub engine: Option<EngineType>,
     pub labels: BTreeMap<String, String>,
 }
 
@@ -74,7 +76,7 @@ impl Endpoint {
         Endpoint {
             name: addr.to_string(),
             addr,
-            engine: EngineType::default(),
+            engine: None,
             labels: BTreeMap::new(),
         }
     }
@@ -306,6 +308,7 @@ mod tests {
                 prompt: b"",
                 cache_salt: b"",
                 fallbacks: 0,
+                headers: &[],
             };
             let cycle = CycleState {
                 request: &request,

@@ -345,13 +345,19 @@ fn adapter_list(csv: Option<&str>) -> Vec<String> {
     out
 }
 
-/// `metrics-data-source` parameters: how model-server metrics are fetched.
+/// `metrics-data-source` parameters: how model-server metrics are fetched. Only `http` is
+/// accepted (configuration rejects `https` and client certificates).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetricsSourceConfig {
-    /// `http` or `https`.
+    /// `http`.
     pub scheme: String,
+    /// Path of the metrics page on each endpoint, starting with `/`.
     pub path: String,
+    /// Accepted for compatibility; only meaningful with `https`.
     pub insecure_skip_verify: bool,
+    /// Scrape period (llm-d-router `interval`), rounded to a multiple of
+    /// `--refresh-metrics-interval`; `None`: every refresh interval.
+    pub interval: Option<Duration>,
 }
 
 impl Default for MetricsSourceConfig {
@@ -360,14 +366,20 @@ impl Default for MetricsSourceConfig {
             scheme: "http".into(),
             path: "/metrics".into(),
             insecure_skip_verify: true,
+            interval: None,
         }
     }
 }
+
+/// llm-d-router's engine label, read after the configured key.
+pub const LLMD_ENGINE_LABEL: &str = "llm-d.ai/engine-type";
 
 /// `core-metrics-extractor` parameters: which engine's metric names apply to a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetricsExtractorConfig {
     pub engine_label_key: String,
+    /// The engine of endpoints whose labels name none (the chart writes it from
+    /// `modelServerType`).
     pub default_engine: EngineType,
 }
 
@@ -380,12 +392,36 @@ impl Default for MetricsExtractorConfig {
     }
 }
 
+impl MetricsExtractorConfig {
+    /// The engine whose metric names `endpoint` serves: its explicit engine (pool file
+    /// `engineType`), else its label under `engineLabelKey`, then llm-d-router's and GIE's
+    /// keys, else `defaultEngine`. An unknown label value falls back to `defaultEngine`.
+    pub fn engine_of(&self, endpoint: &Endpoint) -> EngineType {
+        if let Some(engine) = endpoint.engine {
+            return engine;
+        }
+        let label = [
+            self.engine_label_key.as_str(),
+            LLMD_ENGINE_LABEL,
+            EngineType::LABEL,
+        ]
+        .into_iter()
+        .find_map(|k| endpoint.labels.get(k));
+        match label.map(|v| v.parse::<EngineType>()) {
+            Some(Ok(engine)) => engine,
+            Some(Err(e)) => {
+                tracing::debug!(endpoint = %endpoint.name, error = %e, default = %self.default_engine,
+                    "unknown engine type label; using defaultEngine");
+                self.default_engine
+            }
+            None => self.default_engine,
+        }
+    }
+}
+
 /// The EndpointPickerConfig's data layer (its `dataLayer` section, or the first declared
-/// source and extractor, or the defaults), resolved by `epp::config`.
-///
-/// The scraper reads `http://<pod>/metrics` with the built-in per-engine metric names; a data
-/// layer asking for anything else is accepted for compatibility and reported once at startup
-/// by [`DataLayerConfig::warn_unused`].
+/// source and extractor, or the defaults), resolved by `epp::config` and applied by the
+/// [`Scraper`]: URL scheme and path, scrape interval, and each endpoint's engine.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DataLayerConfig {
     pub source: MetricsSourceConfig,
@@ -393,14 +429,15 @@ pub struct DataLayerConfig {
 }
 
 impl DataLayerConfig {
-    /// Logs a warning when the configuration asks for something the scraper does not do.
-    pub fn warn_unused(&self) {
-        if *self != DataLayerConfig::default() {
-            tracing::warn!(
-                source = ?self.source,
-                extractor = ?self.extractor,
-                "dataLayer settings other than the defaults are accepted but not used: metrics are scraped from http://<pod>/metrics"
-            );
+    /// The poller period: the source's `interval` rounded to the nearest multiple of the base
+    /// refresh interval (at least one), as llm-d-router does; the base interval without one.
+    pub fn poll_interval(&self, base: Duration) -> Duration {
+        match self.source.interval {
+            Some(want) if !base.is_zero() => {
+                let n = (want.as_secs_f64() / base.as_secs_f64()).round().max(1.0);
+                base.mul_f64(n)
+            }
+            _ => base,
         }
     }
 }
@@ -423,15 +460,22 @@ impl Default for ScrapeConfig {
     }
 }
 
-/// An HTTP/1.1 keep-alive client that fetches and parses `/metrics` pages.
+/// An HTTP/1.1 keep-alive client that fetches and parses model-server metrics pages.
 #[derive(Clone, Debug)]
 pub struct Scraper {
     client: Client<HttpConnector, Empty<Bytes>>,
     timeout: Duration,
+    layer: Arc<DataLayerConfig>,
 }
 
 impl Scraper {
+    /// A scraper with the default data layer (`http://<addr>/metrics`, vLLM unless labelled).
     pub fn new(timeout: Duration) -> Self {
+        Self::with_data_layer(timeout, DataLayerConfig::default())
+    }
+
+    /// A scraper applying the configured data layer.
+    pub fn with_data_layer(timeout: Duration, layer: DataLayerConfig) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeout));
@@ -440,12 +484,18 @@ impl Scraper {
             .pool_max_idle_per_host(1)
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        Scraper { client, timeout }
+        Scraper {
+            client,
+            timeout,
+            layer: Arc::new(layer),
+        }
     }
 
-    /// Fetches `http://<addr>/metrics` and extracts the endpoint's metrics (`updated_at` unset).
+    /// Fetches `<scheme>://<addr><path>` and extracts the endpoint's metrics with its engine's
+    /// names (`updated_at` unset).
     pub async fn scrape(&self, endpoint: &Endpoint) -> Result<EndpointMetrics, ScrapeError> {
-        let uri = format!("http://{}/metrics", endpoint.addr);
+        let source = &self.layer.source;
+        let uri = format!("{}://{}{}", source.scheme, endpoint.addr, source.path);
         let body = match tokio::time::timeout(self.timeout, self.fetch(&uri)).await {
             Ok(result) => result?,
             Err(_) => {
@@ -456,7 +506,7 @@ impl Scraper {
             }
         };
         let text = std::str::from_utf8(&body).map_err(|_| ScrapeError::NotUtf8 { uri })?;
-        extract_metrics(endpoint.engine, text)
+        extract_metrics(self.layer.extractor.engine_of(endpoint), text)
     }
 
     async fn fetch(&self, uri: &str) -> Result<Bytes, ScrapeError> {
@@ -532,6 +582,24 @@ pub fn spawn_scrape_manager(
     shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     spawn_scrape_manager_with(datastore, config, Scraper::new(config.timeout), shutdown)
+}
+
+/// [`spawn_scrape_manager`] applying the configured data layer (URL, interval, engines).
+pub fn spawn_scrape_manager_with_layer(
+    datastore: Arc<Datastore>,
+    config: ScrapeConfig,
+    layer: DataLayerConfig,
+    shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let config = ScrapeConfig {
+        interval: layer.poll_interval(config.interval),
+        ..config
+    };
+    tracing::info!(scheme = %layer.source.scheme, path = %layer.source.path,
+        engine_label_key = %layer.extractor.engine_label_key,
+        default_engine = %layer.extractor.default_engine, "metrics data layer");
+    let scraper = Scraper::with_data_layer(config.timeout, layer);
+    spawn_scrape_manager_with(datastore, config, scraper, shutdown)
 }
 
 /// [`spawn_scrape_manager`] with the metrics coming from `scraper`.

@@ -33,7 +33,7 @@ use super::metrics::{self, EppMetrics};
 use super::metrics_auth::{AuthCacheConfig, MetricsAuth};
 use super::saturation::SaturationDetector;
 use super::scheduling::Scheduler;
-use super::scrape::{spawn_scrape_manager, ScrapeConfig};
+use super::scrape::{spawn_scrape_manager_with_layer, ScrapeConfig};
 use super::tls::TlsError;
 use crate::process::{self, LogFormat};
 
@@ -227,7 +227,6 @@ impl RunningEpp {
 pub async fn start(args: EppArgs) -> Result<RunningEpp, StartError> {
     let source = args.validate()?;
     let config = load_config(&args)?;
-    config.data_layer.warn_unused();
     let mut registry = Registry::default();
     let epp_metrics = EppMetrics::new(&mut registry);
     let scheduler = Arc::new(Scheduler::new(&config.scheduling, &mut registry));
@@ -296,12 +295,13 @@ pub async fn start(args: EppArgs) -> Result<RunningEpp, StartError> {
             }
         }));
     }
-    tasks.push(spawn_scrape_manager(
+    tasks.push(spawn_scrape_manager_with_layer(
         datastore.clone(),
         ScrapeConfig {
             interval: args.refresh_metrics_interval,
             timeout: args.metrics_scrape_timeout,
         },
+        config.data_layer.clone(),
         shutdown_rx.clone(),
     ));
     tasks.push(spawn_endpoint_bookkeeping(
@@ -332,6 +332,8 @@ pub async fn start(args: EppArgs) -> Result<RunningEpp, StartError> {
             max_response_buffer_bytes: args.max_response_buffer_bytes,
             stream_timeout: (!args.grpc_stream_timeout.is_zero())
                 .then_some(args.grpc_stream_timeout),
+            conformance_test_header: args.enable_conformance_test_header,
+            served_verifier: config.served_verifier,
         },
     );
 

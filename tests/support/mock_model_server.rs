@@ -120,6 +120,8 @@ impl MockModelServer {
         });
         let app = Router::new()
             .route("/metrics", get(metrics))
+            // A second path for tests of the EPP's configured metrics path.
+            .route("/custom/metrics", get(metrics))
             .route("/health", get(|| async { StatusCode::OK }))
             .route("/v1/models", get(models))
             .route("/v1/completions", post(completions))

@@ -7,6 +7,7 @@
 
 pub mod envoy;
 pub mod epp_process;
+pub mod ext_proc;
 pub mod fault_proxy;
 pub mod http_client;
 pub mod mock_model_server;

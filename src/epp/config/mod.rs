@@ -16,20 +16,25 @@
 //! used by the scheduler's prefix cache); `schedulingProfiles` → `scheduling::Scheduler`;
 //! `saturationDetector` → `saturation::SaturationDetector`; `dataLayer` → `scrape`.
 
+use std::sync::Arc;
+
 use crate::epp::saturation::SaturationConfig;
+use crate::epp::scheduling::plugins::RequestHook;
 use crate::epp::scheduling::SchedulerConfig;
 use crate::epp::scrape::DataLayerConfig;
 
 pub mod plugins;
 mod resolve;
+pub mod upstream;
 mod wire;
 
 pub use plugins::{Instance, PickerParams, PluginKind};
 
-/// apiVersions accepted in the header. Another spelling of the same schema (e.g. the llm-d
-/// group) is one more entry here.
-pub const API_VERSIONS: &[&str] = &[API_VERSION];
+/// apiVersions accepted in the header: the llm-d-router group (v0.10, where the reference EPP
+/// moved) and GIE's, which llm-d-router still reads as deprecated. Both decode the same schema.
+pub const API_VERSIONS: &[&str] = &[LLMD_API_VERSION, API_VERSION];
 pub const API_VERSION: &str = "inference.networking.x-k8s.io/v1alpha1";
+pub const LLMD_API_VERSION: &str = "llm-d.ai/v1alpha1";
 pub const KIND: &str = "EndpointPickerConfig";
 
 /// Switchyard's default: stale or never-scraped endpoints filtered, then the predicted-TTFT
@@ -83,6 +88,34 @@ schedulingProfiles:
     weight: 2
   - pluginRef: prefix-cache-scorer
     weight: 3
+"#;
+
+/// llm-d-router v0.10's default (`pkg/epp/config/loader/defaults.go` `loadDefaultConfig`):
+/// the reference chart's weights (queue 2, KV 2, prefix 3) with the metrics data layer wired
+/// explicitly. What an llm-d-router EPP runs without a config; pass it with `--config-text` to
+/// run the same here.
+pub const LLMD_DEFAULT_CONFIG: &str = r#"apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+- type: metrics-data-source
+- type: core-metrics-extractor
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+dataLayer:
+  sources:
+  - pluginRef: metrics-data-source
+    extractors:
+    - pluginRef: core-metrics-extractor
 "#;
 
 /// Why a configuration was rejected. `Display` is the startup error text.
@@ -159,6 +192,8 @@ pub enum Invalid {
     NotADataSource(String),
     #[error("the plugin '{0}' is not an extractor")]
     NotAnExtractor(String),
+    #[error("dataLayer.{0} is not supported by switchyard (endpoints come from the InferencePool or --endpoints; metrics are always scraped from every endpoint)")]
+    UnsupportedDataLayer(&'static str),
     #[error("cannot add default plugin '{name}': the name is used by a '{type_name}' plugin")]
     DefaultNameTaken {
         name: &'static str,
@@ -180,15 +215,18 @@ pub struct PluginSpec {
     pub name: String,
     pub kind: PluginKind,
     pub instance: Instance,
+    /// Its PreRequest / ResponseHeader hook, when it has one.
+    pub hook: Option<Arc<dyn RequestHook>>,
 }
 
 impl PluginSpec {
     fn new(name: String, kind: PluginKind) -> Self {
-        let instance = kind.instantiate(&name);
+        let (instance, hook) = kind.instantiate(&name);
         PluginSpec {
             name,
             kind,
             instance,
+            hook,
         }
     }
 }
@@ -207,6 +245,9 @@ pub struct EppConfig {
     /// Effective data layer: metrics source and extractor (defaults when not configured).
     pub data_layer: DataLayerConfig,
     pub feature_gates: Vec<String>,
+    /// A `destination-endpoint-served-verifier` is configured: responses carry the served
+    /// endpoint in `x-conformance-test-served-endpoint`.
+    pub served_verifier: bool,
 }
 
 impl EppConfig {
@@ -228,3 +269,5 @@ pub fn parse_config(yaml: &str) -> Result<EppConfig, ConfigError> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_llmd;

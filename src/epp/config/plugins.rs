@@ -15,7 +15,12 @@ use serde::Deserialize;
 use crate::epp::endpoint::EngineType;
 use crate::epp::prefix::PrefixCacheParams;
 use crate::epp::saturation::SaturationConfig;
+use crate::epp::scheduling::plugins::conformance::HeaderBasedTestingFilter;
 use crate::epp::scheduling::plugins::freshness::{ScrapeFreshnessFilter, DEFAULT_STALENESS};
+use crate::epp::scheduling::plugins::load::{
+    ActiveRequestParams, ActiveRequestScorer, LoadAwareScorer, TokenLoadScorer,
+    DEFAULT_LOAD_AWARE_THRESHOLD, DEFAULT_QUEUE_THRESHOLD_TOKENS,
+};
 use crate::epp::scheduling::plugins::pickers::{
     MaxScorePicker, RandomPicker, WeightedRandomPicker,
 };
@@ -25,37 +30,11 @@ use crate::epp::scheduling::plugins::scorers::{
     KvCacheUtilizationScorer, LoraAffinityScorer, PrefixCacheScorer, QueueScorer,
     RunningRequestsScorer,
 };
-use crate::epp::scheduling::plugins::{Filter, Picker, ProfileHandler, Scorer};
+use crate::epp::scheduling::plugins::session_affinity::{
+    self, SessionAffinity, Strategy as SessionStrategy,
+};
+use crate::epp::scheduling::plugins::{Filter, Picker, ProfileHandler, RequestHook, Scorer};
 use crate::epp::scrape::{MetricsExtractorConfig, MetricsSourceConfig};
-
-/// Plugin types the reference registers that Switchyard does not implement (rejected with a
-/// clearer message than "not registered").
-const UNSUPPORTED_REFERENCE_TYPES: &[&str] = &[
-    "token-load-scorer",
-    "latency-scorer",
-    "predicted-latency-scorer",
-    "predicted-latency-producer",
-    "latency-slo-admitter",
-    "prefix-cache-affinity-filter",
-    "slo-headroom-tier-filter",
-    "inflight-load-producer",
-    "header-based-testing-filter",
-    "destination-endpoint-served-verifier",
-    "k8s-notification-source",
-    "endpoint-notification-source",
-    "request-attribute-reporter",
-    "vllmgrpc-parser",
-    "passthrough-parser",
-    "concurrency-detector",
-    "global-strict-fairness-policy",
-    "round-robin-fairness-policy",
-    "fcfs-ordering-policy",
-    "edf-ordering-policy",
-    "slo-deadline-ordering-policy",
-    "static-usage-limit-policy",
-    "eviction-sheddable-filter",
-    "eviction-priority-then-time-ordering",
-];
 
 /// `maxNumOfEndpoints` of a picker (≤ 0 in the config means the default, 1, as in the reference).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +70,20 @@ pub enum PluginKind {
     PredictedTtftScorer(PredictedTtftParams),
     /// `metricsStalenessThreshold`.
     ScrapeFreshnessFilter(Duration),
+    // llm-d-router types. Precise prefix routing (`precise-prefix-cache-scorer`, its producer)
+    // goes here when it lands; until then `upstream.rs` rejects it with a reason.
+    SessionAffinityScorer(SessionStrategy),
+    SessionAffinityFilter(SessionStrategy),
+    ActiveRequestScorer(ActiveRequestParams),
+    /// `queueThresholdTokens`.
+    TokenLoadScorer(u64),
+    /// `threshold`.
+    LoadAwareScorer(u32),
+    /// Accepted without effect: Switchyard's in-flight accounting produces what it would.
+    InflightLoadProducer,
+    HeaderBasedTestingFilter,
+    /// Writes the served endpoint into `x-conformance-test-served-endpoint` (response side).
+    DestinationEndpointServedVerifier,
 }
 
 /// What a plugin instance is to the scheduler.
@@ -125,12 +118,33 @@ impl PluginKind {
             PluginKind::OpenAiParser => "openai-parser",
             PluginKind::PredictedTtftScorer(_) => "predicted-ttft-scorer",
             PluginKind::ScrapeFreshnessFilter(_) => "scrape-freshness-filter",
+            PluginKind::SessionAffinityScorer(_) => "session-affinity-scorer",
+            PluginKind::SessionAffinityFilter(_) => "session-affinity-filter",
+            PluginKind::ActiveRequestScorer(_) => "active-request-scorer",
+            PluginKind::TokenLoadScorer(_) => "token-load-scorer",
+            PluginKind::LoadAwareScorer(_) => "load-aware-scorer",
+            PluginKind::InflightLoadProducer => "inflight-load-producer",
+            PluginKind::HeaderBasedTestingFilter => "header-based-testing-filter",
+            PluginKind::DestinationEndpointServedVerifier => "destination-endpoint-served-verifier",
         }
     }
 
-    /// Builds the instance named `name`.
-    pub fn instantiate(&self, name: &str) -> Instance {
-        let name = name.to_string();
+    /// Builds the instance named `name`, and its request hook when it has one.
+    pub fn instantiate(&self, name: &str) -> (Instance, Option<Arc<dyn RequestHook>>) {
+        match self {
+            PluginKind::SessionAffinityScorer(strategy) => {
+                let s = SessionAffinity::scorer(name.to_string(), strategy.clone());
+                (Instance::Scorer(s.clone()), Some(s))
+            }
+            PluginKind::SessionAffinityFilter(strategy) => {
+                let f = SessionAffinity::filter(name.to_string(), strategy.clone());
+                (Instance::Filter(f.clone()), Some(f))
+            }
+            other => (other.instance(name.to_string()), None),
+        }
+    }
+
+    fn instance(&self, name: String) -> Instance {
         match self {
             PluginKind::QueueScorer => Instance::Scorer(Arc::new(QueueScorer { name })),
             PluginKind::RunningRequestsSizeScorer => {
@@ -174,7 +188,30 @@ impl PluginKind {
                     staleness: *staleness,
                 }))
             }
-            PluginKind::ApproxPrefixCacheProducer(_)
+            PluginKind::ActiveRequestScorer(params) => {
+                Instance::Scorer(Arc::new(ActiveRequestScorer {
+                    name,
+                    params: *params,
+                }))
+            }
+            PluginKind::TokenLoadScorer(threshold) => Instance::Scorer(Arc::new(TokenLoadScorer {
+                name,
+                queue_threshold_tokens: *threshold,
+            })),
+            PluginKind::LoadAwareScorer(threshold) => Instance::Scorer(Arc::new(LoadAwareScorer {
+                name,
+                threshold: *threshold,
+            })),
+            PluginKind::HeaderBasedTestingFilter => {
+                Instance::Filter(Arc::new(HeaderBasedTestingFilter { name }))
+            }
+            // Built with their hooks in `instantiate`.
+            PluginKind::SessionAffinityScorer(_) | PluginKind::SessionAffinityFilter(_) => {
+                Instance::Other
+            }
+            PluginKind::InflightLoadProducer
+            | PluginKind::DestinationEndpointServedVerifier
+            | PluginKind::ApproxPrefixCacheProducer(_)
             | PluginKind::UtilizationDetector(_)
             | PluginKind::MetricsDataSource(_)
             | PluginKind::CoreMetricsExtractor(_)
@@ -188,8 +225,8 @@ impl PluginKind {
 pub enum TypeError {
     #[error("plugin is missing a type")]
     Missing,
-    #[error("plugin type '{0}' is not supported by switchyard")]
-    Unsupported(String),
+    #[error("plugin type '{0}' is not supported by switchyard: {1}")]
+    Unsupported(String, &'static str),
     #[error("plugin type '{0}' is not registered")]
     Unregistered(String),
 }
@@ -200,10 +237,10 @@ pub fn check_type(type_name: &str) -> Result<(), TypeError> {
     match decode::<Probe>(type_name, None) {
         Ok(Some(_)) => Ok(()),
         _ if type_name.is_empty() => Err(TypeError::Missing),
-        _ if UNSUPPORTED_REFERENCE_TYPES.contains(&type_name) => {
-            Err(TypeError::Unsupported(type_name.to_string()))
-        }
-        _ => Err(TypeError::Unregistered(type_name.to_string())),
+        _ => match super::upstream::unsupported_reason(type_name) {
+            Some(reason) => Err(TypeError::Unsupported(type_name.to_string(), reason)),
+            None => Err(TypeError::Unregistered(type_name.to_string())),
+        },
     }
 }
 
@@ -266,6 +303,44 @@ pub fn decode<'de, D: Deserializer<'de>>(
                 .validate()
                 .map_err(custom)?,
         ),
+        "session-affinity-scorer" => PluginKind::SessionAffinityScorer(
+            wire::<WireSessionParams, D>(params)?
+                .validate()
+                .map_err(custom)?,
+        ),
+        "session-affinity-filter" => PluginKind::SessionAffinityFilter(
+            wire::<WireSessionParams, D>(params)?
+                .validate()
+                .map_err(custom)?,
+        ),
+        "active-request-scorer" => {
+            PluginKind::ActiveRequestScorer(wire::<WireActiveRequestParams, D>(params)?.validate())
+        }
+        "token-load-scorer" => {
+            let p = wire::<WireTokenLoadParams, D>(params)?;
+            // Upstream replaces a value <= 0 by the default instead of failing.
+            PluginKind::TokenLoadScorer(match p.queue_threshold_tokens {
+                Some(n) if n > 0 => n as u64,
+                _ => DEFAULT_QUEUE_THRESHOLD_TOKENS,
+            })
+        }
+        "load-aware-scorer" => {
+            let p = wire::<WireLoadAwareParams, D>(params)?;
+            PluginKind::LoadAwareScorer(match p.threshold {
+                Some(n) if n > 0 => u32::try_from(n).unwrap_or(u32::MAX),
+                _ => DEFAULT_LOAD_AWARE_THRESHOLD,
+            })
+        }
+        "inflight-load-producer" => {
+            if wire::<WireInflightParams, D>(params)?.add_estimated_output_tokens == Some(true) {
+                return Err(custom(ParamError::EstimatedOutputTokens));
+            }
+            PluginKind::InflightLoadProducer
+        }
+        "header-based-testing-filter" => none(params, PluginKind::HeaderBasedTestingFilter)?,
+        "destination-endpoint-served-verifier" => {
+            none(params, PluginKind::DestinationEndpointServedVerifier)?
+        }
         _ => return Ok(None),
     }))
 }
@@ -314,7 +389,13 @@ pub enum ParamError {
     Headroom(f64),
     #[error("scheme must be 'http' or 'https', got '{0}'")]
     Scheme(String),
-    #[error("path must start with '/', got '{0}'")]
+    #[error("scheme 'https' is not supported by switchyard (metrics are scraped over plain HTTP)")]
+    HttpsScheme,
+    #[error("{0} is not supported by switchyard (metrics are scraped over plain HTTP)")]
+    TlsSource(&'static str),
+    #[error("interval {given:?}: {reason}")]
+    SourceInterval { given: String, reason: String },
+    #[error("path must start with '/' and contain no spaces, got '{0}'")]
     Path(String),
     #[error("engineConfigs is not supported by switchyard (engine metric specs are built in)")]
     EngineConfigs,
@@ -326,6 +407,18 @@ pub enum ParamError {
     FreshnessSyntax { given: String, reason: String },
     #[error("metricsStalenessThreshold must be > 0")]
     FreshnessZero,
+    #[error("strategy must be \"encoded_endpoint_header\" or \"session_id\", got {0:?}")]
+    SessionStrategy(String),
+    #[error("profileName {0:?}: per-profile session affinity is for P/D disaggregation, which switchyard does not implement")]
+    SessionProfileName(String),
+    #[error("sessionIdConfig.sources[{0}]: exactly one of header or attribute must be set")]
+    SessionSource(usize),
+    #[error("sessionIdConfig.sources[{0}]: attribute/producer {1:?} is not supported by switchyard (request attributes are not modelled); use header")]
+    SessionAttribute(usize, String),
+    #[error("sessionIdConfig.{key} must be > 0, got {value}")]
+    SessionSeconds { key: &'static str, value: f64 },
+    #[error("addEstimatedOutputTokens is not supported by switchyard (in-flight tokens are the uncached prompt tokens until the first response bytes)")]
+    EstimatedOutputTokens,
 }
 
 /// Rejects any key in a parameterless plugin's `parameters`.
@@ -456,23 +549,58 @@ struct WireSourceParams {
     scheme: Option<String>,
     path: Option<String>,
     insecure_skip_verify: Option<bool>,
+    /// llm-d-router v0.10 fields.
+    interval: Option<String>,
+    ca_cert_path: Option<String>,
+    client_cert_path: Option<String>,
+    client_key_path: Option<String>,
 }
 
 impl WireSourceParams {
     fn validate(self) -> Result<MetricsSourceConfig, ParamError> {
         let d = MetricsSourceConfig::default();
         let scheme = self.scheme.filter(|s| !s.is_empty()).unwrap_or(d.scheme);
-        if scheme != "http" && scheme != "https" {
-            return Err(ParamError::Scheme(scheme));
+        match scheme.as_str() {
+            "http" => {}
+            "https" => return Err(ParamError::HttpsScheme),
+            _ => return Err(ParamError::Scheme(scheme)),
+        }
+        for (key, set) in [
+            ("caCertPath", &self.ca_cert_path),
+            ("clientCertPath", &self.client_cert_path),
+            ("clientKeyPath", &self.client_key_path),
+        ] {
+            if set.as_ref().is_some_and(|v| !v.is_empty()) {
+                return Err(ParamError::TlsSource(key));
+            }
         }
         let path = self.path.filter(|s| !s.is_empty()).unwrap_or(d.path);
-        if !path.starts_with('/') {
+        if !path.starts_with('/') || path.contains(char::is_whitespace) {
             return Err(ParamError::Path(path));
         }
+        let interval = match self.interval.filter(|s| !s.is_empty()) {
+            Some(s) => {
+                let v = crate::flagfmt::parse_go_duration(&s).map_err(|reason| {
+                    ParamError::SourceInterval {
+                        given: s.clone(),
+                        reason,
+                    }
+                })?;
+                if v.is_zero() {
+                    return Err(ParamError::SourceInterval {
+                        given: s,
+                        reason: "must be > 0".into(),
+                    });
+                }
+                Some(v)
+            }
+            None => None,
+        };
         Ok(MetricsSourceConfig {
             scheme,
             path,
             insecure_skip_verify: self.insecure_skip_verify.unwrap_or(d.insecure_skip_verify),
+            interval,
         })
     }
 }
@@ -556,4 +684,152 @@ impl WireFreshnessParams {
         }
         Ok(staleness)
     }
+}
+
+/// Parameters shared by `session-affinity-scorer` and `session-affinity-filter`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WireSessionParams {
+    strategy: Option<String>,
+    profile_name: Option<String>,
+    encoded_endpoint_header_config: Option<WireTokenConfig>,
+    session_id_config: Option<WireSessionIdConfig>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct WireTokenConfig {
+    header: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WireSessionIdConfig {
+    sources: Option<Vec<WireSessionSource>>,
+    eviction_ttl_seconds: Option<f64>,
+    eviction_sweep_seconds: Option<f64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct WireSessionSource {
+    header: Option<String>,
+    attribute: Option<String>,
+    producer: Option<String>,
+}
+
+/// Header names are compared lowercased (Envoy lowercases request headers).
+fn header_name(name: Option<String>, default: &str) -> String {
+    match name.map(|n| n.trim().to_ascii_lowercase()) {
+        Some(n) if !n.is_empty() => n,
+        _ => default.to_string(),
+    }
+}
+
+fn seconds(key: &'static str, value: Option<f64>, default: f64) -> Result<Duration, ParamError> {
+    // Upstream treats 0 as unset.
+    let v = value.filter(|&v| v != 0.0).unwrap_or(default);
+    if !(v.is_finite() && v > 0.0 && v <= 1e9) {
+        return Err(ParamError::SessionSeconds { key, value: v });
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl WireSessionParams {
+    fn validate(self) -> Result<SessionStrategy, ParamError> {
+        if let Some(p) = self.profile_name.filter(|p| !p.is_empty()) {
+            return Err(ParamError::SessionProfileName(p));
+        }
+        match self.strategy.as_deref().unwrap_or("") {
+            "" | "encoded_endpoint_header" => Ok(SessionStrategy::EncodedEndpointHeader {
+                header: header_name(
+                    self.encoded_endpoint_header_config.and_then(|c| c.header),
+                    session_affinity::DEFAULT_TOKEN_HEADER,
+                ),
+            }),
+            "session_id" => {
+                let c = self.session_id_config.unwrap_or_default();
+                let mut headers = Vec::new();
+                for (i, s) in c.sources.unwrap_or_default().into_iter().enumerate() {
+                    match (
+                        s.header.filter(|h| !h.is_empty()),
+                        s.attribute.filter(|a| !a.is_empty()),
+                    ) {
+                        (Some(h), None) => headers.push(header_name(Some(h), "")),
+                        (None, Some(a)) => return Err(ParamError::SessionAttribute(i, a)),
+                        _ => return Err(ParamError::SessionSource(i)),
+                    }
+                    if let Some(p) = s.producer.filter(|p| !p.is_empty()) {
+                        return Err(ParamError::SessionAttribute(i, p));
+                    }
+                }
+                if headers.is_empty() {
+                    headers.push(session_affinity::DEFAULT_SESSION_ID_HEADER.to_string());
+                }
+                Ok(SessionStrategy::SessionId {
+                    headers,
+                    ttl: seconds("evictionTtlSeconds", c.eviction_ttl_seconds, 300.0)?,
+                    sweep: seconds("evictionSweepSeconds", c.eviction_sweep_seconds, 10.0)?,
+                })
+            }
+            other => Err(ParamError::SessionStrategy(other.to_string())),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WireActiveRequestParams {
+    idle_threshold: Option<i64>,
+    max_busy_score: Option<f64>,
+    /// Deprecated upstream and ignored there too.
+    #[allow(dead_code)]
+    request_timeout: Option<String>,
+    /// Names the producer; Switchyard's accounting is the only one.
+    #[allow(dead_code)]
+    in_flight_load_producer_name: Option<String>,
+}
+
+impl WireActiveRequestParams {
+    /// Upstream falls back to the defaults for out-of-range values instead of failing.
+    fn validate(self) -> ActiveRequestParams {
+        let d = ActiveRequestParams::default();
+        ActiveRequestParams {
+            idle_threshold: self
+                .idle_threshold
+                .filter(|&n| n >= 0)
+                .map_or(d.idle_threshold, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+            max_busy_score: self
+                .max_busy_score
+                .filter(|s| (0.0..=1.0).contains(s))
+                .unwrap_or(d.max_busy_score),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WireTokenLoadParams {
+    queue_threshold_tokens: Option<i64>,
+    #[allow(dead_code)]
+    in_flight_load_producer_name: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct WireLoadAwareParams {
+    threshold: Option<i64>,
+}
+
+/// `inflight-load-producer` parameters: accepted for compatibility. Switchyard's accounting
+/// charges uncached prompt tokens until the first response bytes (upstream's default) and does
+/// not add estimated output tokens.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WireInflightParams {
+    add_estimated_output_tokens: Option<bool>,
+    #[allow(dead_code)]
+    output_ratio: Option<f64>,
+    #[allow(dead_code)]
+    max_estimated_output_tokens: Option<i64>,
 }

@@ -295,9 +295,24 @@ pub(super) fn resolve(text: &str, wire: WireConfig) -> Result<EppConfig, ConfigE
     }
     let prefix_cache = producer.or_else(|| scorer_params.first().map(|(_, p)| *p));
 
-    // Saturation detector (ensureSaturationDetector + validateSaturationDetector).
-    let sd_ref = match wire.saturation_detector {
-        Some(r) if !r.plugin_ref.is_empty() => r.plugin_ref,
+    // Saturation detector (ensureSaturationDetector + validateSaturationDetector). llm-d-router
+    // moved it under flowControl; the new place wins when both are set.
+    let nested_sd = wire
+        .flow_control
+        .as_ref()
+        .and_then(|fc| fc.get("saturationDetector"))
+        .and_then(|sd| sd.get("pluginRef"))
+        .and_then(|r| r.as_str())
+        .filter(|r| !r.is_empty())
+        .map(str::to_string);
+    if let Some(fc) = wire.flow_control.as_ref().and_then(|v| v.as_mapping()) {
+        if fc.keys().any(|k| k.as_str() != Some("saturationDetector")) {
+            tracing::warn!("the flowControl config section is set but flow control is not implemented; its settings (other than saturationDetector) are ignored");
+        }
+    }
+    let sd_ref = match (nested_sd, wire.saturation_detector) {
+        (Some(r), _) => r,
+        (None, Some(r)) if !r.plugin_ref.is_empty() => r.plugin_ref,
         _ => "utilization-detector".to_string(),
     };
     let (saturation_detector, saturation) = match plugins.iter().find(|p| p.name == sd_ref) {
@@ -334,8 +349,13 @@ pub(super) fn resolve(text: &str, wire: WireConfig) -> Result<EppConfig, ConfigE
         }
     };
 
-    // Parser: only the OpenAI parser exists here.
-    if let Some(p) = wire.parser {
+    // Parser: only the OpenAI parser exists here. `requestHandler.parsers` wins over the
+    // deprecated top-level `parser` when both are set (llm-d-router LoadRawConfig).
+    let parsers = match wire.request_handler {
+        Some(rh) if !rh.parsers.is_empty() => rh.parsers,
+        _ => wire.parser.into_iter().collect(),
+    };
+    for p in parsers {
         match plugins.iter().find(|s| s.name == p.plugin_ref) {
             Some(PluginSpec {
                 kind: PluginKind::OpenAiParser,
@@ -364,6 +384,30 @@ pub(super) fn resolve(text: &str, wire: WireConfig) -> Result<EppConfig, ConfigE
     // Data layer: explicit sources, else the first declared source/extractor, else defaults.
     let mut source = None;
     let mut extractor = None;
+    if let Some(dl) = &wire.data_layer {
+        let unsupported = [
+            ("discovery", dl.discovery.is_some()),
+            ("peerDiscovery", dl.peer_discovery.is_some()),
+            (
+                "crossReplicaSyncerPluginRef",
+                dl.cross_replica_syncer_plugin_ref.is_some(),
+            ),
+            (
+                "crossReplicaSyncInterval",
+                dl.cross_replica_sync_interval.is_some(),
+            ),
+            ("injectDefaults", dl.inject_defaults == Some(false)),
+        ];
+        if let Some((key, _)) = unsupported.iter().find(|(_, set)| *set) {
+            return Err(ConfigError::Invalid {
+                reason: Invalid::UnsupportedDataLayer(key),
+                line: text
+                    .lines()
+                    .position(|l| l.trim_start().starts_with(&format!("{key}:")))
+                    .map(|i| i + 1),
+            });
+        }
+    }
     if let Some(dl) = wire.data_layer {
         for src in dl.sources {
             match plugins
@@ -423,13 +467,19 @@ pub(super) fn resolve(text: &str, wire: WireConfig) -> Result<EppConfig, ConfigE
             .unwrap_or_default(),
     };
 
+    let hooks = plugins.iter().filter_map(|p| p.hook.clone()).collect();
+    let served_verifier = plugins
+        .iter()
+        .any(|p| p.kind == PluginKind::DestinationEndpointServedVerifier);
     Ok(EppConfig {
         plugins,
         scheduling: SchedulerConfig {
             profiles,
             handler,
             prefix_cache,
+            hooks,
         },
+        served_verifier,
         saturation_detector,
         saturation,
         data_layer,

@@ -201,7 +201,7 @@ plugins:
   parameters: {queueDepthThreshold: 8, kvCacheUtilThreshold: 0.9, metricsStalenessThreshold: 1s, headroom: 0.1}
 - name: src
   type: metrics-data-source
-  parameters: {scheme: https, path: /stats, insecureSkipVerify: false}
+  parameters: {scheme: http, path: /stats, insecureSkipVerify: false, interval: 1s}
 - name: ex
   type: core-metrics-extractor
   parameters: {defaultEngine: sglang}
@@ -233,11 +233,45 @@ flowControl:
     assert_eq!(
         c.data_layer.source,
         MetricsSourceConfig {
-            scheme: "https".into(),
+            scheme: "http".into(),
             path: "/stats".into(),
             insecure_skip_verify: false,
+            interval: Some(Duration::from_secs(1)),
         }
     );
+    // Rounded to a multiple of the refresh interval.
+    assert_eq!(
+        c.data_layer.poll_interval(Duration::from_millis(300)),
+        Duration::from_millis(900)
+    );
+    assert_eq!(
+        c.data_layer.poll_interval(Duration::from_secs(2)),
+        Duration::from_secs(2)
+    );
+    for (params, message) in [
+        (
+            "{scheme: https}",
+            "scheme 'https' is not supported by switchyard (metrics are scraped over plain HTTP)",
+        ),
+        (
+            "{caCertPath: /ca.pem}",
+            "caCertPath is not supported by switchyard",
+        ),
+        (
+            "{scheme: ftp}",
+            "scheme must be 'http' or 'https', got 'ftp'",
+        ),
+        (
+            "{path: metrics}",
+            "path must start with '/' and contain no spaces, got 'metrics'",
+        ),
+        ("{interval: soon}", "interval \"soon\": "),
+    ] {
+        let e = err(&format!(
+            "plugins:\n- type: metrics-data-source\n  parameters: {params}\n"
+        ));
+        assert!(e.contains(message), "{params}: {e}");
+    }
     assert_eq!(c.data_layer.extractor.default_engine, EngineType::Sglang);
     assert!(c.plugin("utilization-detector").is_none());
 }
@@ -250,9 +284,9 @@ fn unknown_plugin_type_names_type_and_line() {
         "{e}"
     );
     assert!(e.contains("line 5"), "{e}");
-    let e = err("plugins:\n- type: token-load-scorer\n");
+    let e = err("plugins:\n- type: latency-scorer\n");
     assert!(
-        e.contains("'token-load-scorer' is not supported by switchyard"),
+        e.contains("'latency-scorer' is not supported by switchyard: needs upstream's latency-predictor sidecar"),
         "{e}"
     );
     assert!(e.contains("line 4"), "{e}");

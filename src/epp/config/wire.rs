@@ -20,10 +20,19 @@ pub(super) struct WireConfig {
     pub scheduling_profiles: Option<Vec<WireProfile>>,
     pub saturation_detector: Option<WireOptionalRef>,
     pub data_layer: Option<WireDataLayer>,
-    // Only read by the reference when the flowControl gate is on, which Switchyard rejects.
-    #[allow(dead_code)]
+    /// Only `saturationDetector` is read: the rest applies when the flowControl gate is on,
+    /// which Switchyard rejects (llm-d-router ignores it then too, with a warning).
     pub flow_control: Option<serde_yaml::Value>,
+    /// Deprecated in llm-d-router for `requestHandler.parsers`.
     pub parser: Option<WireRef>,
+    pub request_handler: Option<WireRequestHandler>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct WireRequestHandler {
+    #[serde(default)]
+    pub parsers: Vec<WireRef>,
 }
 
 #[derive(Deserialize)]
@@ -72,6 +81,12 @@ pub(super) struct WireOptionalRef {
 pub(super) struct WireDataLayer {
     #[serde(default)]
     pub sources: Vec<WireSource>,
+    // llm-d-router v0.10 fields: checked (and mostly rejected) in resolution.
+    pub inject_defaults: Option<bool>,
+    pub discovery: Option<serde_yaml::Value>,
+    pub peer_discovery: Option<serde_yaml::Value>,
+    pub cross_replica_syncer_plugin_ref: Option<String>,
+    pub cross_replica_sync_interval: Option<serde_yaml::Value>,
 }
 
 #[derive(Deserialize)]

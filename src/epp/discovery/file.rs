@@ -203,14 +203,14 @@ pub fn parse_pool_file(bytes: &[u8], path: &str) -> Result<PoolFile, DiscoveryEr
         if name.is_empty() {
             return Err(invalid(format!("endpoints[{i}]: name must not be empty")));
         }
-        let engine = match (e.engine_type, e.labels.get(EngineType::LABEL)) {
-            (Some(WireEngine(engine)), _) => engine,
-            // Without engineType, the Kubernetes pod label is honoured as in a real pool.
-            (None, Some(label)) => label
-                .parse()
-                .map_err(|err| invalid(format!("endpoints[{i}].labels: {err}")))?,
-            (None, None) => EngineType::default(),
-        };
+        // Without engineType the data layer reads the engine label (as for a real pool) or
+        // uses defaultEngine; a label naming no engine is an error here, where it is written.
+        if let Some(label) = e.labels.get(EngineType::LABEL) {
+            label
+                .parse::<EngineType>()
+                .map_err(|err| invalid(format!("endpoints[{i}].labels: {err}")))?;
+        }
+        let engine = e.engine_type.map(|WireEngine(engine)| engine);
         if let Some(&j) = names.get(&name) {
             return Err(invalid(format!(
                 "endpoints[{i}]: duplicate name {name:?} (also endpoints[{j}])"

@@ -97,7 +97,7 @@ mod tests {
             ["10.0.0.1:8000", "[::1]:9000", "192.168.1.3:8000"]
         );
         assert_eq!(list[1].name, "[::1]:9000");
-        assert_eq!(list[0].engine, crate::epp::endpoint::EngineType::Vllm);
+        assert_eq!(list[0].engine, None);
         assert!(list[0].labels.is_empty());
     }
 

@@ -50,6 +50,13 @@ pub struct ExtProcConfig {
     pub max_response_buffer_bytes: usize,
     /// Longest a stream may stay open (`--grpc-stream-timeout`); `None`: no limit.
     pub stream_timeout: Option<std::time::Duration>,
+    /// The lightweight EPP's conformance contract (`--enable-conformance-test-header`): the
+    /// `test-epp-endpoint-selection` header is a strict subset hint and the response carries
+    /// `x-conformance-test-served-endpoint`.
+    pub conformance_test_header: bool,
+    /// A `destination-endpoint-served-verifier` plugin is configured: every response carries
+    /// `x-conformance-test-served-endpoint` from Envoy's served-endpoint metadata.
+    pub served_verifier: bool,
 }
 
 impl Default for ExtProcConfig {
@@ -58,6 +65,8 @@ impl Default for ExtProcConfig {
             max_body_bytes: 16 << 20,
             max_response_buffer_bytes: 16 << 20,
             stream_timeout: None,
+            conformance_test_header: false,
+            served_verifier: false,
         }
     }
 }

@@ -144,8 +144,8 @@ pub struct StreamState {
     phase: Phase,
     received_at: Instant,
     meta: RequestMeta,
-    /// Incoming headers to set again on the routed request, in arrival order (raw values).
-    forward_headers: Vec<(String, Vec<u8>)>,
+    /// `x-conformance-test-served-endpoint` is wanted on the response (the test header with
+    /// `--enable-conformance-test-header`).
     echo_served: bool,
 }
 
@@ -158,7 +158,6 @@ impl StreamState {
             phase: Phase::Start,
             received_at: Instant::now(),
             meta: RequestMeta::default(),
-            forward_headers: Vec::new(),
             echo_served: false,
         }
     }

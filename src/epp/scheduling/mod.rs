@@ -25,7 +25,9 @@ mod prefix_cache;
 pub use prefix_cache::PrefixCache;
 
 pub use crate::epp::prefix::PrefixCacheParams;
-use plugins::{CycleState, Filter, Picker, ProfileHandler, ProfileOutcome, Scored, Scorer};
+use plugins::{
+    CycleState, Filter, Picker, ProfileHandler, ProfileOutcome, RequestHook, Scored, Scorer,
+};
 
 /// The scheduling slice of the EPP configuration, resolved by `epp::config`: profiles with
 /// their plugin instances already built, the profile handler, and the prefix index parameters
@@ -35,6 +37,9 @@ pub struct SchedulerConfig {
     pub profiles: Vec<ProfileConfig>,
     pub handler: Arc<dyn ProfileHandler>,
     pub prefix_cache: Option<PrefixCacheParams>,
+    /// Plugins that learn from each decision or add response headers, in declaration order
+    /// (the reference's PreRequest and ResponseHeader extension points).
+    pub hooks: Vec<Arc<dyn RequestHook>>,
 }
 
 /// One scheduling profile: filters in order, weighted scorers, one picker.
@@ -58,6 +63,19 @@ pub struct SchedulingRequest<'a> {
     pub cache_salt: &'a [u8],
     /// Extra endpoints wanted after the primary (`--fallback-endpoints`).
     pub fallbacks: usize,
+    /// The request's headers (lowercase names, raw values) that plugins may read (session
+    /// affinity, the conformance test filter).
+    pub headers: &'a [(String, Vec<u8>)],
+}
+
+impl SchedulingRequest<'_> {
+    /// The first value of header `name` (lowercase), if the request has it.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
 }
 
 /// The decision for one request.
@@ -330,6 +348,7 @@ pub struct Scheduler {
     profile_names: Vec<String>,
     handler: Arc<dyn ProfileHandler>,
     prefix: Option<Arc<PrefixCache>>,
+    hooks: Vec<Arc<dyn RequestHook>>,
     metrics: Metrics,
 }
 
@@ -391,6 +410,7 @@ impl Scheduler {
             profile_names,
             handler,
             prefix,
+            hooks: config.hooks.clone(),
             metrics,
         }
     }
@@ -488,6 +508,24 @@ impl Scheduler {
             prefix_block_tokens: block_tokens,
             scores: run.scores,
         })
+    }
+
+    /// Tells every hook where the request went (the reference's PreRequest) and collects the
+    /// response headers they want set (its ResponseHeader, decided here because the primary is
+    /// the endpoint the response comes from).
+    pub fn after_decision(
+        &self,
+        req: &SchedulingRequest<'_>,
+        result: &ScheduleResult,
+    ) -> Vec<(String, String)> {
+        let mut headers = Vec::new();
+        if let Some(primary) = result.primary() {
+            for hook in &self.hooks {
+                hook.pre_request(req, primary);
+                hook.response_headers(req, primary, &mut headers);
+            }
+        }
+        headers
     }
 
     /// Forget everything about an endpoint that left the pool.

@@ -32,6 +32,7 @@ fn req(prompt: &[u8]) -> SchedulingRequest<'_> {
         prompt,
         cache_salt: b"",
         fallbacks: 0,
+        headers: &[],
     }
 }
 

@@ -43,13 +43,20 @@ fn full_file_is_validated_into_endpoints_and_policy() {
     let a = &pool.endpoints[0];
     assert_eq!(a.name, "pod-a-rank-0");
     assert_eq!(a.addr, "10.0.0.1:8000".parse().unwrap());
-    assert_eq!(a.engine, EngineType::Sglang);
+    assert_eq!(a.engine, Some(EngineType::Sglang));
     assert_eq!(a.labels.get("zone").map(String::as_str), Some("a"));
     let b = &pool.endpoints[1];
     assert_eq!(b.name, "[fd00::2]:8000");
-    assert_eq!(b.engine, EngineType::Vllm);
+    assert_eq!(b.engine, None);
+    assert_eq!(
+        crate::epp::scrape::MetricsExtractorConfig::default().engine_of(b),
+        EngineType::Vllm
+    );
     assert!(b.labels.is_empty());
-    assert_eq!(pool.endpoints[2].engine, EngineType::TrtllmServe);
+    assert_eq!(
+        crate::epp::scrape::MetricsExtractorConfig::default().engine_of(&pool.endpoints[2]),
+        EngineType::TrtllmServe
+    );
 
     let objectives = &pool.policy.objectives;
     assert_eq!(objectives.len(), 3);

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ApiResource, DynamicObject};
 use serde::Deserialize;
 
-use crate::epp::endpoint::{Endpoint, EngineType};
+use crate::epp::endpoint::Endpoint;
 
 /// API group of the GA InferencePool (`inference.networking.k8s.io/v1`).
 pub const GROUP_V1: &str = "inference.networking.k8s.io";
@@ -297,13 +297,6 @@ impl PodInfo {
         if !self.ready || self.deleting || !target.selector.matches(&self.labels) {
             return Vec::new();
         }
-        let engine = match self.labels.get(EngineType::LABEL) {
-            Some(value) => value.parse().unwrap_or_else(|e| {
-                tracing::warn!(pod = %self.name, error = %e, "unknown engine type label; using vllm");
-                EngineType::default()
-            }),
-            None => EngineType::default(),
-        };
         let active = self.active_ports.as_deref().map(parse_active_ports);
         target
             .target_ports
@@ -313,7 +306,8 @@ impl PodInfo {
             .map(|(rank, port)| Endpoint {
                 name: format!("{}-rank-{rank}", self.name),
                 addr: SocketAddr::new(ip, *port),
-                engine,
+                // The data layer reads the engine from the labels (its configured key).
+                engine: None,
                 labels: self.labels.clone(),
             })
             .collect()
@@ -331,6 +325,7 @@ fn parse_active_ports(text: &str) -> Vec<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::epp::endpoint::EngineType;
     use serde_json::json;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -451,7 +446,11 @@ mod tests {
                 ("p0-rank-1", "10.0.0.5:8001".to_string())
             ]
         );
-        assert_eq!(eps[0].engine, EngineType::Sglang);
+        assert_eq!(eps[0].engine, None);
+        assert_eq!(
+            crate::epp::scrape::MetricsExtractorConfig::default().engine_of(&eps[0]),
+            EngineType::Sglang
+        );
         assert_eq!(eps[0].labels.get("app").map(String::as_str), Some("vllm"));
 
         // Not ready, deleting, no IP, selector mismatch: nothing.
@@ -478,12 +477,16 @@ mod tests {
             .collect();
         assert_eq!(names, ["p2-rank-1"]);
 
-        // An unknown engine label falls back to vllm rather than dropping the pod.
+        // An unknown engine label falls back to defaultEngine rather than dropping the pod.
         let odd = pod(ready_pod(
             "p3",
             "10.0.0.8",
             json!({"app": "vllm", EngineType::LABEL: "tgi"}),
         ));
-        assert_eq!(odd.endpoints(&target)[0].engine, EngineType::Vllm);
+        assert_eq!(
+            crate::epp::scrape::MetricsExtractorConfig::default()
+                .engine_of(&odd.endpoints(&target)[0]),
+            EngineType::Vllm
+        );
     }
 }

@@ -77,21 +77,22 @@ impl StreamState {
                 REQUEST_ID_HEADER => request_id = Some(text()),
                 OBJECTIVE_HEADER => self.meta.objective = Some(text()),
                 MODEL_REWRITE_HEADER => self.meta.model_rewrite = Some(text()),
-                TEST_SELECTION_HEADER => {
+                TEST_SELECTION_HEADER if self.shared.config.conformance_test_header => {
                     self.echo_served = true;
                     self.meta.subset = Some(split_subset(&text()));
                 }
                 _ => {}
             }
             if !is_system_owned(&key) {
-                self.forward_headers.push((key, raw));
+                self.meta.headers.push((key, raw));
             }
         }
         self.meta.request_id = match request_id.filter(|id| !id.is_empty()) {
             Some(id) => id,
             None => {
                 let id = new_request_id();
-                self.forward_headers
+                self.meta
+                    .headers
                     .push((REQUEST_ID_HEADER.to_string(), id.clone().into_bytes()));
                 id
             }
@@ -187,7 +188,7 @@ impl StreamState {
         decision: &Decision,
         body_len: Option<usize>,
     ) -> Vec<HeaderValueOption> {
-        let mut set = Vec::with_capacity(self.forward_headers.len() + 2);
+        let mut set = Vec::with_capacity(self.meta.headers.len() + 2);
         set.push(replies::set_header(
             replies::DESTINATION_KEY,
             decision.destination.as_bytes(),
@@ -195,7 +196,7 @@ impl StreamState {
         if let Some(len) = body_len.filter(|&l| l > 0) {
             set.push(replies::set_header("Content-Length", len.to_string()));
         }
-        for (k, v) in &self.forward_headers {
+        for (k, v) in &self.meta.headers {
             set.push(replies::set_header(k, v.clone()));
         }
         set

@@ -131,7 +131,26 @@ impl StreamState {
                 .record_error(model, target, "ModelServerError");
         }
         let mut set = vec![replies::set_header("x-went-into-resp-headers", "true")];
-        if self.echo_served {
+        if let Some(d) = &r.decision {
+            for (k, v) in &d.response_headers {
+                set.push(replies::set_header(k, v.as_bytes()));
+            }
+        }
+        if self.shared.config.served_verifier {
+            // The verifier's texts (llm-d-router `destination_endpoint_served_verifier.go`).
+            let value = match metadata {
+                Some(m)
+                    if m.filter_metadata
+                        .contains_key(replies::DESTINATION_NAMESPACE) =>
+                {
+                    served_endpoint(m).unwrap_or_else(|| {
+                        "fail: missing destination endpoint served metadata".to_string()
+                    })
+                }
+                _ => "fail: missing envoy lb metadata".to_string(),
+            };
+            set.push(replies::set_header(TEST_SERVED_HEADER, value));
+        } else if self.echo_served {
             let served = r
                 .served
                 .clone()

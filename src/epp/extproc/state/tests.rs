@@ -65,6 +65,8 @@ fn shared_with(
             max_body_bytes: max_body,
             max_response_buffer_bytes: max_body,
             stream_timeout: None,
+            conformance_test_header: true,
+            served_verifier: false,
         },
     );
     (shared, ds)

@@ -13,11 +13,14 @@ use rand::RngCore;
 use super::SchedulingRequest;
 use crate::epp::endpoint::EndpointSnapshot;
 
+pub mod conformance;
 pub mod freshness;
+pub mod load;
 pub mod pickers;
 pub mod predicted_ttft;
 pub mod profile;
 pub mod scorers;
+pub mod session_affinity;
 
 /// What every plugin has: its config `type` and its instance name (used in logs and metrics).
 pub trait Plugin: Send + Sync + fmt::Debug {
@@ -92,4 +95,18 @@ pub trait ProfileHandler: Plugin {
         profile_names: &[String],
         outcomes: &[ProfileOutcome],
     ) -> Result<usize, super::ScheduleError>;
+}
+
+/// Runs after a decision (the reference's PreRequest and ResponseHeader extension points):
+/// `pre_request` learns where the request went, `response_headers` appends headers to set on
+/// the response the client gets. Both see the primary endpoint. Must not block.
+pub trait RequestHook: Plugin {
+    fn pre_request(&self, _request: &SchedulingRequest<'_>, _primary: &EndpointSnapshot) {}
+    fn response_headers(
+        &self,
+        _request: &SchedulingRequest<'_>,
+        _primary: &EndpointSnapshot,
+        _out: &mut Vec<(String, String)>,
+    ) {
+    }
 }

@@ -198,6 +198,7 @@ mod tests {
             prompt,
             cache_salt: b"",
             fallbacks: 0,
+            headers: &[],
         };
         // Four 16-token blocks (64 tokens = 256 bytes) of hashes.
         let hashes = [1u64, 2, 3, 4];

@@ -163,7 +163,7 @@ impl Scorer for PrefixCacheScorer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::epp::endpoint::{Endpoint, EndpointMetrics, LoraInfo};
     use crate::epp::scheduling::SchedulingRequest;
@@ -186,6 +186,7 @@ mod tests {
             prompt: b"",
             cache_salt: b"",
             fallbacks: 0,
+            headers: &[],
         }
     }
 
