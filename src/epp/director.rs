@@ -14,6 +14,7 @@ use rand::Rng;
 
 use super::datastore::{Datastore, RequestPolicy, RewriteTarget};
 use super::endpoint::{EndpointSnapshot, InflightGuard};
+use super::flowcontrol::{FlowError, PoolState};
 use super::request::{self, ApiType, RequestError};
 use super::saturation::SaturationDetector;
 use super::scheduling::{ScheduleError, ScheduleResult, Scheduler, SchedulingRequest};
@@ -35,6 +36,9 @@ pub enum RouteError {
     NoCandidates,
     #[error("failed to find target endpoint: {0}")]
     Schedule(#[from] ScheduleError),
+    /// Flow control rejected or evicted the request (`flowControl` feature gate).
+    #[error(transparent)]
+    FlowControl(#[from] FlowError),
 }
 
 /// A [`RouteError`] with the model labels of the error metric (empty when the body was not
@@ -61,7 +65,7 @@ impl From<RouteError> for RoutingError {
 }
 
 impl RoutingError {
-    fn with_models(mut self, model: &str, target: &str) -> Self {
+    pub fn with_models(mut self, model: &str, target: &str) -> Self {
         self.model = model.to_string();
         self.target_model = target.to_string();
         self
@@ -81,6 +85,8 @@ pub struct RequestMeta {
     /// Incoming headers (lowercase names, raw values) that are set again on the routed request;
     /// plugins read them too (session affinity, the conformance test filter).
     pub headers: Vec<(String, Vec<u8>)>,
+    /// `x-gateway-inference-fairness-id` (flow control's flow key; absent: `default-flow`).
+    pub fairness_id: Option<String>,
 }
 
 /// Where to send the request and what to send.
@@ -116,6 +122,25 @@ impl Decision {
     /// The endpoint the request goes to first (the one in-flight accounting counts).
     pub fn primary(&self) -> Option<&Arc<EndpointSnapshot>> {
         self.endpoints.first()
+    }
+}
+
+/// What routing learns from a body before it chooses an endpoint. Flow control queues a
+/// request with this and binds it to an endpoint later ([`Director::route_parsed`]).
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub incoming_model: String,
+    pub target_model: String,
+    pub priority: i32,
+    /// `incoming_model` / `target_model` as metric label values ([`label_for_model`]).
+    pub model_label: String,
+    pub target_label: String,
+}
+
+impl Parsed {
+    /// `reason` with this request's model labels.
+    pub fn error(&self, reason: RouteError) -> RoutingError {
+        RoutingError::from(reason).with_models(&self.model_label, &self.target_label)
     }
 }
 
@@ -237,13 +262,68 @@ impl Director {
         })
     }
 
-    /// Routes a request with its complete body.
+    /// Routes a request with its complete body (flow control off): parse, the reference's
+    /// saturation admission for sheddable requests, then schedule.
     pub fn route(&self, meta: &RequestMeta, body: &[u8]) -> Result<Decision, RoutingError> {
         let inspected = request::inspect(body, meta.api).map_err(RouteError::from)?;
-        let policy = self.datastore.policy();
+        let snapshot = self.datastore.snapshot();
+        let parsed = self.parse_inspected(meta, &inspected, &snapshot);
+        // Admission looks at the subset-filtered candidates, as the reference's admission
+        // controller does; an empty subset therefore counts as saturated for sheddable requests.
+        let candidates = self.subset(snapshot, meta);
+        if parsed.priority < 0 && self.saturation.is_saturated(&candidates, Instant::now()) {
+            return Err(parsed.error(RouteError::Saturated));
+        }
+        self.decide(meta, body, &inspected, parsed, candidates)
+    }
 
-        // Target model: rewrite header, else the body's model; a rewrite rule for the incoming
-        // model then picks a weighted target (reference order).
+    /// Parses a request for flow control: what it queues with (priority, target model,
+    /// labels). Bad bodies fail here, before they take a place in a queue.
+    pub fn parse(&self, meta: &RequestMeta, body: &[u8]) -> Result<Parsed, RoutingError> {
+        let inspected = request::inspect(body, meta.api).map_err(RouteError::from)?;
+        Ok(self.parse_inspected(meta, &inspected, &self.datastore.snapshot()))
+    }
+
+    /// Schedules a request flow control has just let out of its queue (late binding: the
+    /// endpoint is chosen now, on the metrics of now). The body is parsed again rather than
+    /// kept parsed, because the parsed prompt borrows from it; this costs microseconds against
+    /// a wait in the queue.
+    pub fn route_parsed(
+        &self,
+        meta: &RequestMeta,
+        body: &[u8],
+        parsed: Parsed,
+    ) -> Result<Decision, RoutingError> {
+        let inspected = match request::inspect(body, meta.api) {
+            Ok(i) => i,
+            Err(e) => return Err(parsed.error(e.into())),
+        };
+        let candidates = self.subset(self.datastore.snapshot(), meta);
+        self.decide(meta, body, &inspected, parsed, candidates)
+    }
+
+    /// The pool as flow control's dispatch gate sees it: endpoint count and the saturation
+    /// detector's value over every endpoint, counting requests this EPP dispatched since the
+    /// last scrape as waiting (otherwise a whole queue would leave between two scrapes).
+    pub fn pool_state(&self) -> PoolState {
+        let snapshot = self.datastore.snapshot();
+        PoolState {
+            endpoints: snapshot.len(),
+            saturation: self
+                .saturation
+                .saturation_with_dispatches(&snapshot, Instant::now()),
+        }
+    }
+
+    /// Target model (rewrite header, else the body's model; a rewrite rule for the incoming
+    /// model then picks a weighted target, in the reference's order), priority and labels.
+    fn parse_inspected(
+        &self,
+        meta: &RequestMeta,
+        inspected: &request::InspectedBody<'_>,
+        snapshot: &[Arc<EndpointSnapshot>],
+    ) -> Parsed {
+        let policy = self.datastore.policy();
         let incoming_model = inspected.model.to_string();
         let mut target_model = meta
             .model_rewrite
@@ -259,45 +339,62 @@ impl Director {
                 target_model = t.to_string();
             }
         }
-
         let priority = meta
             .objective
             .as_deref()
             .and_then(|name| policy.objectives.get(name).copied())
             .unwrap_or(0);
-
-        let snapshot = self.datastore.snapshot();
         let known = &self.config.known_models;
-        let model_label = label_for_model(&incoming_model, &policy, known, &snapshot).to_string();
+        let model_label = label_for_model(&incoming_model, &policy, known, snapshot).to_string();
         let target_label = if target_model == incoming_model {
             model_label.clone()
         } else {
-            label_for_model(&target_model, &policy, known, &snapshot).to_string()
+            label_for_model(&target_model, &policy, known, snapshot).to_string()
         };
-        let label_err =
-            |e: RouteError| RoutingError::from(e).with_models(&model_label, &target_label);
-        // Admission looks at the subset-filtered candidates, as the reference's admission
-        // controller does; an empty subset therefore counts as saturated for sheddable requests.
-        let candidates = self.subset(snapshot, meta);
-        if priority < 0 && self.saturation.is_saturated(&candidates, Instant::now()) {
-            return Err(label_err(RouteError::Saturated));
+        Parsed {
+            incoming_model,
+            target_model,
+            priority,
+            model_label,
+            target_label,
         }
-        let candidates = non_empty(candidates).map_err(label_err)?;
+    }
+
+    /// Candidates → schedule → remember → the decision.
+    fn decide(
+        &self,
+        meta: &RequestMeta,
+        body: &[u8],
+        inspected: &request::InspectedBody<'_>,
+        parsed: Parsed,
+        candidates: Vec<Arc<EndpointSnapshot>>,
+    ) -> Result<Decision, RoutingError> {
+        let candidates = match non_empty(candidates) {
+            Ok(c) => c,
+            Err(e) => return Err(parsed.error(e)),
+        };
         let req = SchedulingRequest {
             request_id: &meta.request_id,
-            target_model: &target_model,
+            target_model: &parsed.target_model,
             prompt: &inspected.prompt,
             cache_salt: inspected.cache_salt.as_bytes(),
             fallbacks: self.config.fallback_endpoints,
             headers: &meta.headers,
         };
-        let result = self
-            .scheduler
-            .schedule(&req, &candidates)
-            .map_err(|e| label_err(e.into()))?;
+        let result = match self.scheduler.schedule(&req, &candidates) {
+            Ok(r) => r,
+            Err(e) => return Err(parsed.error(e.into())),
+        };
         let (inflight, work) = self.remember(&result);
         let response_headers = self.scheduler.after_decision(&req, &result);
 
+        let Parsed {
+            incoming_model,
+            target_model,
+            priority,
+            model_label,
+            target_label,
+        } = parsed;
         let rewritten_body =
             (target_model != incoming_model).then(|| inspected.rewrite_model(body, &target_model));
         Ok(Decision {

@@ -15,6 +15,7 @@ pub mod director;
 pub mod discovery;
 pub mod endpoint;
 pub mod extproc;
+pub mod flowcontrol;
 pub mod kube_client;
 pub mod leader;
 pub mod metrics;

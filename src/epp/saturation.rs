@@ -99,6 +99,33 @@ impl SaturationDetector {
         total / endpoints.len() as f64
     }
 
+    /// [`Self::saturation`] with the requests this EPP dispatched to each endpoint since its
+    /// last scrape counted as waiting there ([`EndpointSnapshot::unscraped`]): flow control's
+    /// dispatch gate. Without them a scrape interval's worth of queued requests would all see
+    /// the same (pre-dispatch) numbers and leave at once. Endpoints without counters score as
+    /// in [`Self::saturation`].
+    pub fn saturation_with_dispatches(
+        &self,
+        endpoints: &[Arc<EndpointSnapshot>],
+        now: Instant,
+    ) -> f64 {
+        if endpoints.is_empty() {
+            return 1.0;
+        }
+        let total: f64 = endpoints
+            .iter()
+            .map(|e| {
+                if self.is_stale(&e.metrics, now) {
+                    return 1.0;
+                }
+                let waiting = e.metrics.waiting_queue_size.saturating_add(e.unscraped());
+                let queue = f64::from(waiting) / f64::from(self.config.queue_depth_threshold);
+                queue.max(e.metrics.kv_cache_usage / self.config.kv_cache_util_threshold)
+            })
+            .sum();
+        total / endpoints.len() as f64
+    }
+
     /// Whether the pool is saturated (mean score ≥ 1.0).
     pub fn is_saturated(&self, endpoints: &[Arc<EndpointSnapshot>], now: Instant) -> bool {
         self.saturation(endpoints, now) >= 1.0
@@ -180,6 +207,26 @@ mod tests {
         let pool = [snapshot(5, 0.0, fresh, now), snapshot(0, 0.8, fresh, now)];
         assert_eq!(d.saturation(&pool, now), 1.0);
         assert!(d.is_saturated(&pool, now));
+    }
+
+    #[test]
+    fn dispatches_since_the_last_scrape_count_as_waiting() {
+        use crate::epp::endpoint::DispatchCounters;
+        let now = Instant::now();
+        let d = SaturationDetector::default();
+        let counters = Arc::new(DispatchCounters::default());
+        let mut e = (*snapshot(1, 0.0, Some(Duration::from_millis(5)), now)).clone();
+        e.dispatch = Some(counters.clone());
+        let pool = [Arc::new(e)];
+        // waiting 1 of 5 → 0.2; the plain detector agrees while nothing was dispatched.
+        assert_eq!(d.saturation_with_dispatches(&pool, now), 0.2);
+        let guards: Vec<_> = (0..4).map(|_| counters.dispatch()).collect();
+        // 1 scraped + 4 dispatched since → 5 / 5: saturated; the plain detector still says 0.2.
+        assert_eq!(d.saturation_with_dispatches(&pool, now), 1.0);
+        assert_eq!(d.saturation(&pool, now), 0.2);
+        drop(guards);
+        assert_eq!(d.saturation_with_dispatches(&pool, now), 0.2);
+        assert_eq!(d.saturation_with_dispatches(&[], now), 1.0);
     }
 
     #[test]

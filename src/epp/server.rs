@@ -28,6 +28,7 @@ use super::discovery::static_list::{parse_endpoint_list, StaticDiscovery};
 use super::discovery::Discovery;
 use super::discovery::DiscoveryError;
 use super::extproc::{ExtProcConfig, ExtProcService, Shared};
+use super::flowcontrol::{DirectorDispatch, EppFlowController, FlowMetrics};
 use super::kube_client::KubeClientError;
 use super::metrics::{self, EppMetrics};
 use super::metrics_auth::{AuthCacheConfig, MetricsAuth};
@@ -229,6 +230,11 @@ pub async fn start(args: EppArgs) -> Result<RunningEpp, StartError> {
     let config = load_config(&args)?;
     let mut registry = Registry::default();
     let epp_metrics = EppMetrics::new(&mut registry);
+    // Flow control (`flowControl` feature gate); its metrics exist only when it is on.
+    let flow = config
+        .flow_control
+        .clone()
+        .map(|fc| EppFlowController::new(fc, FlowMetrics::new(&mut registry, &pool_label(&args))));
     let scheduler = Arc::new(Scheduler::new(&config.scheduling, &mut registry));
     let datastore = Arc::new(Datastore::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -324,7 +330,14 @@ pub async fn start(args: EppArgs) -> Result<RunningEpp, StartError> {
             inflight_accounting: args.inflight_accounting,
         },
     ));
-    let shared = Shared::new(
+    if let Some(flow) = &flow {
+        let (flow, dispatch) = (flow.clone(), DirectorDispatch(director.clone()));
+        let (recheck, rx) = (args.refresh_metrics_interval, shutdown_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            flow.run(dispatch, recheck, rx).await;
+        }));
+    }
+    let shared = Shared::with_flow_control(
         director,
         epp_metrics,
         ExtProcConfig {
@@ -335,6 +348,7 @@ pub async fn start(args: EppArgs) -> Result<RunningEpp, StartError> {
             conformance_test_header: args.enable_conformance_test_header,
             served_verifier: config.served_verifier,
         },
+        flow,
     );
 
     // Health.

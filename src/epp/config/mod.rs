@@ -14,15 +14,18 @@
 //! Where a field takes effect: `plugins[].parameters` → the instance built in
 //! `plugins.rs::PluginKind::instantiate` (prefix parameters → `prefix::PrefixCacheParams`,
 //! used by the scheduler's prefix cache); `schedulingProfiles` → `scheduling::Scheduler`;
-//! `saturationDetector` → `saturation::SaturationDetector`; `dataLayer` → `scrape`.
+//! `saturationDetector` → `saturation::SaturationDetector`; `dataLayer` → `scrape`;
+//! `featureGates: [flowControl]` + `flowControl` → `flowcontrol::FlowController` (`flow.rs`).
 
 use std::sync::Arc;
 
+use crate::epp::flowcontrol::FlowControlConfig;
 use crate::epp::saturation::SaturationConfig;
 use crate::epp::scheduling::plugins::RequestHook;
 use crate::epp::scheduling::SchedulerConfig;
 use crate::epp::scrape::DataLayerConfig;
 
+mod flow;
 pub mod plugins;
 mod resolve;
 pub mod upstream;
@@ -151,6 +154,22 @@ pub enum Invalid {
     UnsupportedGate(String),
     #[error("feature gate '{0}' is unknown or unregistered")]
     UnknownGate(String),
+    #[error("feature gate '{0}' has an invalid value (expected true or false)")]
+    GateValue(String),
+    #[error("flowControl.{0} is not supported by switchyard")]
+    UnsupportedFlowSetting(&'static str),
+    #[error("flowControl.priorityBands[{0}] is missing 'priority'")]
+    BandWithoutPriority(usize),
+    #[error("flowControl.priorityBands has two bands with priority {0}")]
+    DuplicateBand(i32),
+    #[error("flowControl references undefined plugin '{0}'")]
+    UndefinedFlowPolicy(String),
+    #[error("flowControl references '{name}', a '{type_name}', not a {expected}")]
+    NotAFlowPolicy {
+        name: String,
+        type_name: &'static str,
+        expected: &'static str,
+    },
     #[error("duplicate plugin name '{0}'")]
     DuplicatePlugin(String),
     #[error("schedulingProfiles[{0}] is missing a name")]
@@ -244,10 +263,13 @@ pub struct EppConfig {
     pub saturation: SaturationConfig,
     /// Effective data layer: metrics source and extractor (defaults when not configured).
     pub data_layer: DataLayerConfig,
+    /// Enabled feature gates (names).
     pub feature_gates: Vec<String>,
     /// A `destination-endpoint-served-verifier` is configured: responses carry the served
     /// endpoint in `x-conformance-test-served-endpoint`.
     pub served_verifier: bool,
+    /// Flow control settings; `Some` only with the `flowControl` gate on.
+    pub flow_control: Option<FlowControlConfig>,
 }
 
 impl EppConfig {

@@ -84,6 +84,10 @@ pub enum PluginKind {
     HeaderBasedTestingFilter,
     /// Writes the served endpoint into `x-conformance-test-served-endpoint` (response side).
     DestinationEndpointServedVerifier,
+    /// Flow-control policies, referenced from `flowControl` bands.
+    GlobalStrictFairnessPolicy,
+    RoundRobinFairnessPolicy,
+    FcfsOrderingPolicy,
 }
 
 /// What a plugin instance is to the scheduler.
@@ -126,6 +130,9 @@ impl PluginKind {
             PluginKind::InflightLoadProducer => "inflight-load-producer",
             PluginKind::HeaderBasedTestingFilter => "header-based-testing-filter",
             PluginKind::DestinationEndpointServedVerifier => "destination-endpoint-served-verifier",
+            PluginKind::GlobalStrictFairnessPolicy => "global-strict-fairness-policy",
+            PluginKind::RoundRobinFairnessPolicy => "round-robin-fairness-policy",
+            PluginKind::FcfsOrderingPolicy => "fcfs-ordering-policy",
         }
     }
 
@@ -215,7 +222,10 @@ impl PluginKind {
             | PluginKind::UtilizationDetector(_)
             | PluginKind::MetricsDataSource(_)
             | PluginKind::CoreMetricsExtractor(_)
-            | PluginKind::OpenAiParser => Instance::Other,
+            | PluginKind::OpenAiParser
+            | PluginKind::GlobalStrictFairnessPolicy
+            | PluginKind::RoundRobinFairnessPolicy
+            | PluginKind::FcfsOrderingPolicy => Instance::Other,
         }
     }
 }
@@ -259,6 +269,9 @@ pub fn decode<'de, D: Deserializer<'de>>(
         "lora-affinity-scorer" => none(params, PluginKind::LoraAffinityScorer)?,
         "single-profile-handler" => none(params, PluginKind::SingleProfileHandler)?,
         "openai-parser" => none(params, PluginKind::OpenAiParser)?,
+        "global-strict-fairness-policy" => none(params, PluginKind::GlobalStrictFairnessPolicy)?,
+        "round-robin-fairness-policy" => none(params, PluginKind::RoundRobinFairnessPolicy)?,
+        "fcfs-ordering-policy" => none(params, PluginKind::FcfsOrderingPolicy)?,
         "prefix-cache-scorer" => PluginKind::PrefixCacheScorer(
             wire::<WirePrefixParams, D>(params)?
                 .validate()

@@ -16,7 +16,7 @@ use crate::epp::scrape::DataLayerConfig;
 const FEATURE_GATES: &[(&str, bool)] = &[
     ("dataLayer", true),
     ("enableLegacyMetrics", true),
-    ("flowControl", false),
+    ("flowControl", true),
 ];
 
 /// Line (1-based) of the first `key: value` in `text` (flow or block style, optionally quoted).
@@ -50,7 +50,7 @@ fn line_of(text: &str, key: &str, value: &str) -> Option<usize> {
 }
 
 /// An error located at the first `key: value` in the text.
-fn at(text: &str, reason: Invalid, key: &str, value: &str) -> ConfigError {
+pub(super) fn at(text: &str, reason: Invalid, key: &str, value: &str) -> ConfigError {
     ConfigError::Invalid {
         reason,
         line: line_of(text, key, value),
@@ -58,7 +58,7 @@ fn at(text: &str, reason: Invalid, key: &str, value: &str) -> ConfigError {
 }
 
 /// An error without a location.
-fn unlocated(reason: Invalid) -> ConfigError {
+pub(super) fn unlocated(reason: Invalid) -> ConfigError {
     ConfigError::Invalid { reason, line: None }
 }
 
@@ -83,12 +83,25 @@ pub(super) fn resolve(text: &str, wire: WireConfig) -> Result<EppConfig, ConfigE
         None => return Err(unlocated(Invalid::KindMissing)),
     }
 
+    // Gates are `name`, `name=true` or `name=false` (reference `loadFeatureConfig`).
     let feature_gates = wire.feature_gates.unwrap_or_default();
+    let mut enabled_gates: Vec<String> = Vec::new();
     for gate in &feature_gates {
-        let reason = match FEATURE_GATES.iter().find(|(name, _)| name == gate) {
-            Some((_, true)) => continue,
-            Some((_, false)) => Invalid::UnsupportedGate(gate.clone()),
-            None => Invalid::UnknownGate(gate.clone()),
+        let (name, value) = match gate.split_once('=') {
+            Some((n, v)) => (n, Some(v.trim())),
+            None => (gate.as_str(), None),
+        };
+        let reason = match FEATURE_GATES.iter().find(|(known, _)| *known == name) {
+            Some((_, true)) => match value.map(crate::flagfmt::parse_go_bool) {
+                None | Some(Ok(true)) => {
+                    enabled_gates.push(name.to_string());
+                    continue;
+                }
+                Some(Ok(false)) => continue,
+                Some(Err(_)) => Invalid::GateValue(gate.clone()),
+            },
+            Some((_, false)) => Invalid::UnsupportedGate(name.to_string()),
+            None => Invalid::UnknownGate(name.to_string()),
         };
         return Err(ConfigError::Invalid {
             reason,
@@ -98,6 +111,10 @@ pub(super) fn resolve(text: &str, wire: WireConfig) -> Result<EppConfig, ConfigE
                 .map(|i| i + 1),
         });
     }
+    let mut wire_flow = wire.flow_control;
+    let flow_detector = wire_flow
+        .as_mut()
+        .and_then(|f| f.saturation_detector.take());
 
     // Static defaults: name = type; names unique; every instance built once, here.
     let mut plugins: Vec<PluginSpec> = Vec::new();
@@ -295,24 +312,13 @@ pub(super) fn resolve(text: &str, wire: WireConfig) -> Result<EppConfig, ConfigE
     }
     let prefix_cache = producer.or_else(|| scorer_params.first().map(|(_, p)| *p));
 
-    // Saturation detector (ensureSaturationDetector + validateSaturationDetector). llm-d-router
-    // moved it under flowControl; the new place wins when both are set.
-    let nested_sd = wire
-        .flow_control
-        .as_ref()
-        .and_then(|fc| fc.get("saturationDetector"))
-        .and_then(|sd| sd.get("pluginRef"))
-        .and_then(|r| r.as_str())
-        .filter(|r| !r.is_empty())
-        .map(str::to_string);
-    if let Some(fc) = wire.flow_control.as_ref().and_then(|v| v.as_mapping()) {
-        if fc.keys().any(|k| k.as_str() != Some("saturationDetector")) {
-            tracing::warn!("the flowControl config section is set but flow control is not implemented; its settings (other than saturationDetector) are ignored");
-        }
-    }
-    let sd_ref = match (nested_sd, wire.saturation_detector) {
-        (Some(r), _) => r,
-        (None, Some(r)) if !r.plugin_ref.is_empty() => r.plugin_ref,
+    // Saturation detector (ensureSaturationDetector + validateSaturationDetector).
+    // `flowControl.saturationDetector` (llm-d-router) wins over the top-level one (GIE v1.5.0).
+    let sd_ref = match flow_detector
+        .filter(|r| !r.plugin_ref.is_empty())
+        .or(wire.saturation_detector)
+    {
+        Some(r) if !r.plugin_ref.is_empty() => r.plugin_ref,
         _ => "utilization-detector".to_string(),
     };
     let (saturation_detector, saturation) = match plugins.iter().find(|p| p.name == sd_ref) {
@@ -471,7 +477,17 @@ pub(super) fn resolve(text: &str, wire: WireConfig) -> Result<EppConfig, ConfigE
     let served_verifier = plugins
         .iter()
         .any(|p| p.kind == PluginKind::DestinationEndpointServedVerifier);
+    let flow_control = super::flow::resolve(
+        text,
+        enabled_gates
+            .iter()
+            .any(|g| g == crate::epp::flowcontrol::FEATURE_GATE),
+        wire_flow,
+        &plugins,
+    )?;
+
     Ok(EppConfig {
+        flow_control,
         plugins,
         scheduling: SchedulerConfig {
             profiles,
@@ -483,7 +499,7 @@ pub(super) fn resolve(text: &str, wire: WireConfig) -> Result<EppConfig, ConfigE
         saturation_detector,
         saturation,
         data_layer,
-        feature_gates,
+        feature_gates: enabled_gates,
     })
 }
 

@@ -482,3 +482,96 @@ fn work_aware_plugins_decode_and_take_their_slots() {
         "{e}"
     );
 }
+
+/// The `flowControl` section (llm-d-router `FlowControlConfig`): off without the gate, the
+/// reference's defaults when on, every field decoded, errors located.
+#[test]
+fn flow_control_section_and_gate() {
+    use crate::epp::flowcontrol::{BandConfig, Fairness, FlowControlConfig};
+    // Without the gate the section is checked but nothing is enabled.
+    let c = cfg("flowControl:\n  maxRequests: 10\n").unwrap();
+    assert_eq!(c.flow_control, None);
+    assert_eq!(
+        cfg("featureGates: [\"flowControl=false\"]\n")
+            .unwrap()
+            .flow_control,
+        None
+    );
+    // The gate alone: reference defaults (60 s TTL, 5000 requests / 1 GB per band, no global
+    // limit, global-strict fairness).
+    let c = cfg("featureGates: [flowControl]\n").unwrap();
+    assert_eq!(c.flow_control, Some(FlowControlConfig::default()));
+    assert_eq!(c.feature_gates, vec!["flowControl".to_string()]);
+
+    let c = cfg(r#"featureGates: ["flowControl=true"]
+plugins:
+- name: fair
+  type: round-robin-fairness-policy
+- name: sat
+  type: utilization-detector
+  parameters: {queueDepthThreshold: 3}
+flowControl:
+  maxBytes: 1Gi
+  maxRequests: "2k"
+  defaultRequestTTL: 30s
+  noEndpointRequestTTL: 2m
+  defaultPriorityBand: {maxRequests: 100, fairnessPolicyRef: fair}
+  defaultNegativePriorityBand: {maxRequests: 10, maxBytes: 1M}
+  priorityBands:
+  - priority: 2
+    maxBytes: "0"
+    fairnessPolicyRef: global-strict-fairness-policy
+    orderingPolicyRef: fcfs-ordering-policy
+  saturationDetector: {pluginRef: sat}
+"#)
+    .unwrap();
+    let fair = BandConfig {
+        max_requests: 100,
+        fairness: Fairness::RoundRobin,
+        ..BandConfig::default()
+    };
+    let mut want = FlowControlConfig {
+        max_bytes: Some(1 << 30),
+        max_requests: Some(2000),
+        default_request_ttl: Some(Duration::from_secs(30)),
+        no_endpoint_request_ttl: Some(Duration::from_secs(120)),
+        default_band: fair,
+        default_negative_band: Some(BandConfig {
+            max_requests: 10,
+            max_bytes: 1_000_000,
+            fairness: Fairness::GlobalStrict,
+        }),
+        ..FlowControlConfig::default()
+    };
+    want.bands.insert(2, BandConfig::default());
+    assert_eq!(c.flow_control, Some(want));
+    // flowControl.saturationDetector picks the detector (llm-d-router's newer place for it).
+    assert_eq!(c.saturation_detector, "sat");
+    assert_eq!(c.saturation.queue_depth_threshold, 3);
+
+    // 0s turns the TTL off; the no-endpoint budget follows the default one.
+    let c = cfg("featureGates: [flowControl]\nflowControl: {defaultRequestTTL: 0s}\n").unwrap();
+    let fc = c.flow_control.unwrap();
+    assert_eq!(
+        (fc.default_request_ttl, fc.no_endpoint_request_ttl),
+        (None, None)
+    );
+
+    let cases = [
+        ("featureGates: [flowControl]\nflowControl:\n  maxRequests: -3\n", "must be non-negative, got \"-3\" at line 5"),
+        ("featureGates: [flowControl]\nflowControl:\n  maxBytes: 1Zi\n", "invalid quantity \"1Zi\" at line 5"),
+        ("featureGates: [flowControl]\nflowControl:\n  defaultRequestTTL: soon\n", "at line 5"),
+        ("featureGates: [flowControl]\nflowControl:\n  maxRequest: 3\n", "unknown field `maxRequest`"),
+        ("featureGates: [flowControl]\nflowControl:\n  priorityBands:\n  - maxRequests: 3\n", "flowControl.priorityBands[0] is missing 'priority'"),
+        ("featureGates: [flowControl]\nflowControl:\n  priorityBands:\n  - priority: 1\n  - priority: 1\n", "flowControl.priorityBands has two bands with priority 1 at line 6"),
+        ("featureGates: [flowControl]\nflowControl:\n  defaultPriorityBand: {fairnessPolicyRef: round-robin-fairness-policy}\n", "flowControl references undefined plugin 'round-robin-fairness-policy' at line 5"),
+        ("featureGates: [flowControl]\nplugins:\n- type: queue-scorer\nflowControl:\n  defaultPriorityBand: {fairnessPolicyRef: queue-scorer}\n", "flowControl references 'queue-scorer', a 'queue-scorer', not a fairness policy at line 7"),
+        ("featureGates: [flowControl]\nflowControl:\n  enableEviction: true\n", "flowControl.enableEviction is not supported by switchyard at line 5"),
+        ("featureGates: [flowControl]\nflowControl:\n  usageLimitPolicyPluginRef: holdback\n", "flowControl.usageLimitPolicyPluginRef is not supported by switchyard at line 5"),
+        ("featureGates: [\"flowControl=maybe\"]\n", "feature gate 'flowControl=maybe' has an invalid value (expected true or false) at line 3"),
+    ];
+    for (body, want) in cases {
+        let e = err(body);
+        assert!(e.contains(want), "{body:?}: {e}");
+    }
+}

@@ -13,8 +13,9 @@ pub const PRECISE_PREFIX: &str = "precise prefix-cache routing from KV-cache eve
     built yet; use prefix-cache-scorer (approximate index)";
 pub const LATENCY: &str = "needs upstream's latency-predictor sidecar; use \
     predicted-ttft-scorer (Switchyard's own TTFT model)";
-pub const FLOW_CONTROL: &str = "flow control is not implemented (the flowControl feature gate \
-    is rejected)";
+pub const FLOW_CONTROL: &str = "this flow-control policy is not implemented (flowControl \
+    supports global-strict-fairness-policy, round-robin-fairness-policy and fcfs-ordering-policy \
+    with the static usage limit)";
 pub const MULTICLUSTER: &str = "multi-cluster pools are not supported";
 pub const MULTIMODAL: &str = "multimodal request content is not inspected";
 pub const PARSER: &str = "only openai-parser (OpenAI completions and chat completions) is \
@@ -54,10 +55,7 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
     ("latency-slo-admitter", LATENCY),
     ("slo-headroom-tier-filter", LATENCY),
     // Flow control.
-    ("global-strict-fairness-policy", FLOW_CONTROL),
-    ("round-robin-fairness-policy", FLOW_CONTROL),
     ("program-aware-fairness", FLOW_CONTROL),
-    ("fcfs-ordering-policy", FLOW_CONTROL),
     ("edf-ordering-policy", FLOW_CONTROL),
     ("slo-deadline-ordering-policy", FLOW_CONTROL),
     ("static-usage-limit-policy", FLOW_CONTROL),

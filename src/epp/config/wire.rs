@@ -4,11 +4,14 @@
 //! their errors are located too.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
 use super::plugins::{self, PluginKind};
+use crate::epp::flowcontrol::config::parse_quantity;
+use crate::flagfmt::parse_go_duration;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -20,9 +23,9 @@ pub(super) struct WireConfig {
     pub scheduling_profiles: Option<Vec<WireProfile>>,
     pub saturation_detector: Option<WireOptionalRef>,
     pub data_layer: Option<WireDataLayer>,
-    /// Only `saturationDetector` is read: the rest applies when the flowControl gate is on,
-    /// which Switchyard rejects (llm-d-router ignores it then too, with a warning).
-    pub flow_control: Option<serde_yaml::Value>,
+    /// Read when the `flowControl` gate is on (llm-d-router `FlowControlConfig`); checked
+    /// strictly either way.
+    pub flow_control: Option<WireFlowControl>,
     /// Deprecated in llm-d-router for `requestHandler.parsers`.
     pub parser: Option<WireRef>,
     pub request_handler: Option<WireRequestHandler>,
@@ -33,6 +36,71 @@ pub(super) struct WireConfig {
 pub(super) struct WireRequestHandler {
     #[serde(default)]
     pub parsers: Vec<WireRef>,
+}
+
+/// `flowControl` (llm-d-router `apix/config/v1alpha1` `FlowControlConfig`). Quantities and
+/// durations are validated while decoding, so their errors carry the line.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct WireFlowControl {
+    #[serde(default, deserialize_with = "quantity")]
+    pub max_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "quantity")]
+    pub max_requests: Option<u64>,
+    #[serde(default, rename = "defaultRequestTTL", deserialize_with = "duration")]
+    pub default_request_ttl: Option<Duration>,
+    #[serde(
+        default,
+        rename = "noEndpointRequestTTL",
+        deserialize_with = "duration"
+    )]
+    pub no_endpoint_request_ttl: Option<Duration>,
+    pub default_priority_band: Option<WireBand>,
+    pub default_negative_priority_band: Option<WireBand>,
+    pub priority_bands: Option<Vec<WireBand>>,
+    pub usage_limit_policy_plugin_ref: Option<String>,
+    pub saturation_detector: Option<WireOptionalRef>,
+    pub enable_eviction: Option<bool>,
+}
+
+/// A priority band (`PriorityBandConfig`); `priority` is required in `priorityBands` and
+/// ignored in the two templates.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct WireBand {
+    pub priority: Option<i32>,
+    #[serde(default, deserialize_with = "quantity")]
+    pub max_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "quantity")]
+    pub max_requests: Option<u64>,
+    pub fairness_policy_ref: Option<String>,
+    pub ordering_policy_ref: Option<String>,
+}
+
+/// A Kubernetes resource quantity written as a number or a string (`100`, `"1Gi"`).
+fn quantity<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(i64),
+        Float(f64),
+        Text(String),
+    }
+    let text = match Option::<Raw>::deserialize(d)? {
+        None => return Ok(None),
+        Some(Raw::Int(i)) => i.to_string(),
+        Some(Raw::Float(f)) => f.to_string(),
+        Some(Raw::Text(t)) => t,
+    };
+    parse_quantity(&text).map(Some).map_err(de::Error::custom)
+}
+
+/// A Go duration string (`60s`, `1m30s`, `0s`).
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    match Option::<String>::deserialize(d)? {
+        None => Ok(None),
+        Some(t) => parse_go_duration(&t).map(Some).map_err(de::Error::custom),
+    }
 }
 
 #[derive(Deserialize)]

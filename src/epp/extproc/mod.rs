@@ -30,6 +30,7 @@ pub use replies::BODY_CHUNK_LIMIT;
 pub use state::StreamState;
 
 use super::director::{Director, RoutingError};
+use super::flowcontrol::EppFlowController;
 use super::metrics::EppMetrics;
 
 /// Why a stream ends with an error reply. Mapped to status and text in `replies`.
@@ -76,15 +77,28 @@ pub struct Shared {
     pub director: Arc<Director>,
     pub metrics: EppMetrics,
     pub config: ExtProcConfig,
+    /// Flow control (`flowControl` feature gate); `None`: requests are routed on arrival.
+    pub flow: Option<EppFlowController>,
     open_streams: AtomicUsize,
 }
 
 impl Shared {
     pub fn new(director: Arc<Director>, metrics: EppMetrics, config: ExtProcConfig) -> Arc<Self> {
+        Self::with_flow_control(director, metrics, config, None)
+    }
+
+    /// [`Self::new`] with flow control on when `flow` is given (its dispatcher must be running).
+    pub fn with_flow_control(
+        director: Arc<Director>,
+        metrics: EppMetrics,
+        config: ExtProcConfig,
+        flow: Option<EppFlowController>,
+    ) -> Arc<Self> {
         Arc::new(Shared {
             director,
             metrics,
             config,
+            flow,
             open_streams: AtomicUsize::new(0),
         })
     }
@@ -181,24 +195,85 @@ async fn serve_stream(
 ) {
     let mut out = Vec::with_capacity(4);
     loop {
-        let msg = match inbound.message().await {
-            Ok(Some(msg)) => msg,
-            Ok(None) => return,
-            Err(status) => {
-                tracing::debug!(code = ?status.code(), message = status.message(), "ext_proc stream broke");
-                return;
-            }
+        let Some(msg) = next_message(inbound).await else {
+            return;
         };
         out.clear();
         let finished = state.on_message(msg, &mut out);
-        for reply in out.drain(..) {
-            if tx.send(Ok(reply)).await.is_err() {
-                // Envoy went away.
+        if !send_all(tx, &mut out).await || finished {
+            return;
+        }
+        if let Some(ticket) = state.take_ticket() {
+            if !wait_in_queue(&mut state, ticket, inbound, tx, &mut out).await {
                 return;
             }
         }
-        if finished {
-            return;
+    }
+}
+
+/// Most messages kept while a request waits in flow control (Envoy sends at most trailers
+/// before it has the header reply; more is a broken peer).
+const HELD_WHILE_QUEUED: usize = 8;
+
+/// Awaits a queued request's flow-control outcome while watching the stream: if Envoy closes
+/// it, the ticket is dropped, which takes the request out of the queue. Messages that arrive
+/// meanwhile are handled after the outcome, in order. Returns false when the stream is over.
+async fn wait_in_queue(
+    state: &mut StreamState,
+    mut ticket: crate::epp::flowcontrol::Ticket<crate::epp::flowcontrol::Routed>,
+    inbound: &mut Streaming<ProcessingRequest>,
+    tx: &mpsc::Sender<Result<ProcessingResponse, Status>>,
+    out: &mut Vec<ProcessingResponse>,
+) -> bool {
+    let mut held = Vec::new();
+    let admitted = loop {
+        tokio::select! {
+            admitted = &mut ticket => break admitted,
+            // `Streaming::message` is cancel safe.
+            msg = next_message(inbound) => match msg {
+                Some(m) if held.len() < HELD_WHILE_QUEUED => held.push(m),
+                _ => {
+                    tracing::debug!("ext_proc stream closed while the request was queued");
+                    return false;
+                }
+            },
+        }
+    };
+    out.clear();
+    let finished = state.on_admitted(admitted, out);
+    if !send_all(tx, out).await || finished {
+        return false;
+    }
+    for msg in held {
+        out.clear();
+        let finished = state.on_message(msg, out);
+        if !send_all(tx, out).await || finished {
+            return false;
         }
     }
+    true
+}
+
+/// The next message, or `None` when the stream ended or broke.
+async fn next_message(inbound: &mut Streaming<ProcessingRequest>) -> Option<ProcessingRequest> {
+    match inbound.message().await {
+        Ok(m) => m,
+        Err(status) => {
+            tracing::debug!(code = ?status.code(), message = status.message(), "ext_proc stream broke");
+            None
+        }
+    }
+}
+
+/// Sends `out` in order; false when Envoy went away.
+async fn send_all(
+    tx: &mpsc::Sender<Result<ProcessingResponse, Status>>,
+    out: &mut Vec<ProcessingResponse>,
+) -> bool {
+    for reply in out.drain(..) {
+        if tx.send(Ok(reply)).await.is_err() {
+            return false;
+        }
+    }
+    true
 }

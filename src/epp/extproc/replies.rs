@@ -16,6 +16,7 @@ use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 
 use super::StreamError;
 use crate::epp::director::RouteError;
+use crate::epp::flowcontrol::FlowError;
 
 /// Error classes the reference maps to HTTP statuses in an ImmediateResponse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,8 +60,39 @@ pub fn error_code(err: &StreamError) -> ErrorCode {
             RouteError::NoPods => ErrorCode::Internal,
             RouteError::Saturated | RouteError::Schedule(_) => ErrorCode::ResourceExhausted,
             RouteError::NoCandidates => ErrorCode::ServiceUnavailable,
+            // 429 means the pool exists but is contended (backpressure); 503 means nothing
+            // can serve now (llm-d-router `translateFlowControlOutcome`).
+            RouteError::FlowControl(f) => match f {
+                FlowError::RejectedCapacity | FlowError::EvictedTtl => ErrorCode::ResourceExhausted,
+                FlowError::RejectedNoEndpoints
+                | FlowError::EvictedNoEndpoints
+                | FlowError::Cancelled
+                | FlowError::NotRunning
+                | FlowError::ShutDown => ErrorCode::ServiceUnavailable,
+            },
         },
     }
+}
+
+/// Header naming why flow control dropped a request (llm-d-router
+/// `pkg/common/error.RequestDroppedReasonHeaderKey`), set on its error reply.
+pub const DROPPED_REASON_HEADER: &str = "x-llm-d-request-dropped-reason";
+
+/// The reference's dropped-reason value for a flow-control error; `None` for other errors.
+pub fn dropped_reason(err: &StreamError) -> Option<&'static str> {
+    let StreamError::Route(e) = err else {
+        return None;
+    };
+    let RouteError::FlowControl(f) = &e.reason else {
+        return None;
+    };
+    Some(match f {
+        FlowError::RejectedCapacity => "rejected-saturated",
+        FlowError::RejectedNoEndpoints | FlowError::EvictedNoEndpoints => "rejected-no-endpoints",
+        FlowError::EvictedTtl => "rejected-ttl-expired",
+        FlowError::Cancelled => "rejected-context-cancelled",
+        FlowError::NotRunning | FlowError::ShutDown => "rejected-shutting-down",
+    })
 }
 
 /// Largest body chunk sent back in one StreamedBodyResponse (the reference's `BodyByteLimit`).
@@ -239,6 +271,10 @@ pub fn immediate_error(err: &StreamError) -> ProcessingResponse {
             code: i32::from(code.http_status()),
         }),
         body: format!("inference error: {} - {err}", code.as_str()).into_bytes(),
+        headers: dropped_reason(err).map(|reason| HeaderMutation {
+            set_headers: vec![set_header(DROPPED_REASON_HEADER, reason)],
+            remove_headers: Vec::new(),
+        }),
         ..Default::default()
     }))
 }
@@ -307,6 +343,72 @@ mod tests {
         for (err, status, body) in cases {
             assert_eq!(reply(err), (status, body.to_string()));
         }
+        // Flow control (llm-d-router `translateFlowControlOutcome`), with the dropped reason.
+        let flow = [
+            (
+                FlowError::RejectedCapacity,
+                429,
+                "inference error: ResourceExhausted - request rejected pre-queue: queue at capacity",
+                "rejected-saturated",
+            ),
+            (
+                FlowError::RejectedNoEndpoints,
+                503,
+                "inference error: ServiceUnavailable - no endpoints available: request rejected pre-queue: no endpoints available",
+                "rejected-no-endpoints",
+            ),
+            (
+                FlowError::EvictedTtl,
+                429,
+                "inference error: ResourceExhausted - request timed out in queue: request evicted from queue: request TTL expired",
+                "rejected-ttl-expired",
+            ),
+            (
+                FlowError::EvictedNoEndpoints,
+                503,
+                "inference error: ServiceUnavailable - request timed out in queue and no endpoints are available: request evicted from queue: request TTL expired: no endpoints available",
+                "rejected-no-endpoints",
+            ),
+            (
+                FlowError::Cancelled,
+                503,
+                "inference error: ServiceUnavailable - client disconnected: request evicted from queue: request context cancelled",
+                "rejected-context-cancelled",
+            ),
+            (
+                FlowError::NotRunning,
+                503,
+                "inference error: ServiceUnavailable - flow controller shutting down: request rejected pre-queue: flow controller is not running",
+                "rejected-shutting-down",
+            ),
+            (
+                FlowError::ShutDown,
+                503,
+                "inference error: ServiceUnavailable - flow controller shutting down: request evicted from queue: flow controller is not running",
+                "rejected-shutting-down",
+            ),
+        ];
+        for (f, status, body, reason) in flow {
+            let err = route(RouteError::FlowControl(f));
+            assert_eq!(dropped_reason(&err), Some(reason));
+            let headers = match immediate_error(&err).response {
+                Some(Response::ImmediateResponse(r)) => r.headers,
+                _ => None,
+            };
+            let header = headers
+                .and_then(|h| h.set_headers.into_iter().next())
+                .and_then(|h| h.header)
+                .map(|h| (h.key, h.raw_value));
+            assert_eq!(
+                header,
+                Some((
+                    DROPPED_REASON_HEADER.to_string(),
+                    reason.as_bytes().to_vec()
+                ))
+            );
+            assert_eq!(reply(err), (status, body.to_string()));
+        }
+        assert_eq!(dropped_reason(&route(RouteError::Saturated)), None);
         let (status, body) = reply(route(RouteError::Request(bad_json.unwrap())));
         assert_eq!(status, 400);
         assert_eq!(

@@ -5,6 +5,8 @@
 //!
 //! ```text
 //!  Start ──headers──▶ Body { buf } ──body eos──▶ Routed(Route) ──response──▶ Responding { route, .. }
+//!    │                     │ (flowControl gate)      ▲                                  │
+//!    │                     └──▶ Queued ──admitted────┘ (ticket awaited by the stream task)
 //!    │  (headers-only: route at once) ─────────────▲                                  │
 //!    └───────────── any error ──▶ Done (ImmediateResponse sent)        complete: running released
 //! ```
@@ -27,7 +29,9 @@ use prometheus_client::metrics::histogram::Histogram;
 use super::replies;
 use super::Shared;
 use super::StreamError;
-use crate::epp::director::{Decision, RequestMeta};
+use crate::epp::director::{Decision, RequestMeta, RouteError, RoutingError};
+use crate::epp::flowcontrol::binding::WakeOnDrop;
+use crate::epp::flowcontrol::{FlowError, Routed, Ticket};
 use crate::epp::metrics::{EppMetrics, ModelLabels, ModelNameLabel};
 
 mod request;
@@ -64,6 +68,13 @@ enum Phase {
     Start,
     /// Gathering the request body.
     Body { buf: Vec<u8> },
+    /// Parsed and waiting in flow control (the ticket is on the state); the body is in the
+    /// queue and comes back with the decision. The labels are for an error reply.
+    Queued {
+        eos: bool,
+        model_label: String,
+        target_label: String,
+    },
     /// Routed; no response message yet.
     Routed(Box<Route>),
     /// The response is flowing back.
@@ -147,6 +158,10 @@ pub struct StreamState {
     /// `x-conformance-test-served-endpoint` is wanted on the response (the test header with
     /// `--enable-conformance-test-header`).
     echo_served: bool,
+    /// Set while the request waits in flow control; the stream task awaits it.
+    ticket: Option<Ticket<Routed>>,
+    /// Wakes flow control's dispatcher when this (flow-controlled) stream ends.
+    _flow_wake: Option<WakeOnDrop>,
 }
 
 impl StreamState {
@@ -159,7 +174,52 @@ impl StreamState {
             received_at: Instant::now(),
             meta: RequestMeta::default(),
             echo_served: false,
+            ticket: None,
+            _flow_wake: None,
         }
+    }
+
+    /// The flow-control ticket of a request that was just queued: the stream task awaits it
+    /// (while watching for Envoy closing the stream) and hands the outcome to
+    /// [`Self::on_admitted`]. Dropping it instead takes the request out of the queue.
+    pub fn take_ticket(&mut self) -> Option<Ticket<Routed>> {
+        self.ticket.take()
+    }
+
+    /// A queued request's flow-control outcome: route it with the decision made at dispatch,
+    /// or reply with the error. Returns true when the stream should end.
+    pub fn on_admitted(
+        &mut self,
+        admitted: Result<Routed, FlowError>,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> bool {
+        let (eos, model_label, target_label) = match std::mem::replace(&mut self.phase, Phase::Done)
+        {
+            Phase::Queued {
+                eos,
+                model_label,
+                target_label,
+            } => (eos, model_label, target_label),
+            other => {
+                self.phase = other;
+                return false;
+            }
+        };
+        let err = match admitted {
+            Ok(Routed {
+                result: Ok(decision),
+                body,
+            }) => {
+                self._flow_wake = self.shared.flow.clone().map(WakeOnDrop);
+                self.send_routed(decision, &body, eos, out);
+                return false;
+            }
+            Ok(Routed { result: Err(e), .. }) => e,
+            Err(e) => RoutingError::from(RouteError::FlowControl(e))
+                .with_models(&model_label, &target_label),
+        };
+        self.fail(&StreamError::Route(err), out);
+        true
     }
 
     /// Handles one message; pushes replies to `out`. Returns true when the stream should end.

@@ -13,7 +13,7 @@ use super::{
     Phase, RequestMode, StreamState, FAIRNESS_HEADER, MODEL_REWRITE_HEADER, OBJECTIVE_HEADER,
     REQUEST_ID_HEADER, SERVED_KEY, SUBSET_KEY, SUBSET_NAMESPACE, TEST_SELECTION_HEADER,
 };
-use crate::epp::director::{split_subset, Decision};
+use crate::epp::director::{split_subset, Decision, RouteError, RoutingError};
 use crate::epp::metrics::{EppMetrics, ModelPriorityLabels};
 use crate::epp::request::ApiType;
 
@@ -77,6 +77,7 @@ impl StreamState {
                 REQUEST_ID_HEADER => request_id = Some(text()),
                 OBJECTIVE_HEADER => self.meta.objective = Some(text()),
                 MODEL_REWRITE_HEADER => self.meta.model_rewrite = Some(text()),
+                FAIRNESS_HEADER => self.meta.fairness_id = Some(text()),
                 TEST_SELECTION_HEADER if self.shared.config.conformance_test_header => {
                     self.echo_served = true;
                     self.meta.subset = Some(split_subset(&text()));
@@ -149,8 +150,42 @@ impl StreamState {
                 return Ok(());
             }
         };
+        if let Some(flow) = self.shared.flow.clone() {
+            // Flow control: parse now (bad bodies fail before taking a place in a queue),
+            // choose the endpoint when the request leaves the queue.
+            let parsed = self.shared.director.parse(&self.meta, &buf)?;
+            let (model_label, target_label) =
+                (parsed.model_label.clone(), parsed.target_label.clone());
+            return match flow.admit(self.meta.clone(), buf, parsed) {
+                Ok(ticket) => {
+                    self.ticket = Some(ticket);
+                    self.phase = Phase::Queued {
+                        eos,
+                        model_label,
+                        target_label,
+                    };
+                    Ok(())
+                }
+                Err(e) => Err(RoutingError::from(RouteError::FlowControl(e))
+                    .with_models(&model_label, &target_label)
+                    .into()),
+            };
+        }
         let decision = self.shared.director.route(&self.meta, &buf)?;
-        let body: &[u8] = decision.rewritten_body.as_deref().unwrap_or(&buf);
+        self.send_routed(decision, &buf, eos, out);
+        Ok(())
+    }
+
+    /// The replies that carry a decision to Envoy (header reply, then the body in full-duplex
+    /// mode; one body reply in buffered mode), the per-request metrics, and the routed phase.
+    pub(super) fn send_routed(
+        &mut self,
+        decision: Decision,
+        buf: &[u8],
+        eos: bool,
+        out: &mut Vec<ProcessingResponse>,
+    ) {
+        let body: &[u8] = decision.rewritten_body.as_deref().unwrap_or(buf);
         let set = self.routing_headers(&decision, Some(body.len()));
         match self.mode {
             RequestMode::Buffered => out.push(replies::request_body_routed(
@@ -179,7 +214,6 @@ impl StreamState {
             ))
             .observe(body.len() as f64);
         self.routed(decision);
-        Ok(())
     }
 
     /// Destination, Content-Length (when a body is sent), then every forwarded incoming header.
