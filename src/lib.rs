@@ -4,6 +4,7 @@
 //! - [`serve`]: decode server with an OpenAI-compatible API and vLLM-compatible metrics.
 //! - [`bench`]: load generator, routing benchmarks and the local demo.
 //! - [`promtext`]: Prometheus text-format parsing shared by the scraper and tests.
+//! - [`sandbox`]: the agent-sandbox runtime (`switchyard sandbox`) and its per-command supervisor.
 //! - [`process`]: logging setup and the shutdown signal, shared by every subcommand.
 //!
 //! In the EPP: a config field takes effect where `epp::config` hands its slice to an owner
@@ -18,4 +19,5 @@ pub mod flagfmt;
 pub mod process;
 pub mod promencode;
 pub mod promtext;
+pub mod sandbox;
 pub mod serve;

@@ -23,10 +23,20 @@ enum Command {
     Bench(Box<switchyard::bench::BenchArgs>),
     /// Local stack on an embedded default: sim replicas, the EPP and Envoy, compared live.
     Demo(Box<switchyard::bench::DemoArgs>),
+    /// Agent-sandbox runtime API on 8888: contained command execution and workspace files.
+    Sandbox(Box<switchyard::sandbox::SandboxArgs>),
+    /// Runs one command contained (started by `switchyard sandbox` per /execute).
+    #[command(hide = true)]
+    SandboxExec(Box<switchyard::sandbox::supervise::SuperviseArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The supervisor must stay single-threaded until it has entered its namespaces: no async
+    // runtime for it.
+    if let Command::SandboxExec(args) = cli.command {
+        std::process::exit(switchyard::sandbox::supervise::main(*args));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -35,5 +45,8 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => runtime.block_on(switchyard::serve::run(*args)),
         Command::Bench(args) => runtime.block_on(switchyard::bench::run_bench(*args)),
         Command::Demo(args) => runtime.block_on(switchyard::bench::run_demo(*args)),
+        Command::Sandbox(args) => runtime.block_on(switchyard::sandbox::run(*args)),
+        // Ran above, before the runtime existed.
+        Command::SandboxExec(_) => Ok(()),
     }
 }

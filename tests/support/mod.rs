@@ -12,6 +12,7 @@ pub mod fault_proxy;
 pub mod http_client;
 pub mod mock_model_server;
 pub mod ports;
+pub mod sandbox;
 pub mod tls_client;
 pub mod tools;
 

@@ -111,3 +111,9 @@ pub fn promtool_check(promtool: &std::path::Path, text: &str) -> (i32, String) {
         ),
     )
 }
+
+/// gVisor's `runsc` (`SWITCHYARD_RUNSC`, `.cache/runsc/usr/bin/runsc` from the Debian package
+/// that `scripts/install-test-deps.sh` unpacks, or PATH).
+pub fn runsc() -> Option<PathBuf> {
+    locate("SWITCHYARD_RUNSC", &[".cache/runsc/usr/bin/runsc"], "runsc")
+}
