@@ -124,6 +124,7 @@ fn schedule_with(c: &mut Criterion, group: &str, config_text: &str) {
             let req = SchedulingRequest {
                 request_id: "warm",
                 target_model: "model",
+                api: Default::default(),
                 prompt: p,
                 cache_salt: b"",
                 fallbacks: 0,
@@ -139,6 +140,7 @@ fn schedule_with(c: &mut Criterion, group: &str, config_text: &str) {
                 let req = SchedulingRequest {
                     request_id: "bench",
                     target_model: "model",
+                    api: Default::default(),
                     prompt: &prompts[i % prompts.len()],
                     cache_salt: b"",
                     fallbacks: 0,

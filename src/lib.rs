@@ -3,6 +3,7 @@
 //! - [`epp`]: Envoy ext_proc Endpoint Picker (Gateway API Inference Extension compatible).
 //! - [`serve`]: decode server with an OpenAI-compatible API and vLLM-compatible metrics.
 //! - [`bench`]: load generator, routing benchmarks and the local demo.
+//! - [`kvwire`]: vLLM's KV-cache event wire format (msgpack over ZMQ), publisher and EPP side.
 //! - [`promtext`]: Prometheus text-format parsing shared by the scraper and tests.
 //! - [`sandbox`]: the agent-sandbox runtime (`switchyard sandbox`) and its per-command supervisor.
 //! - [`process`]: logging setup and the shutdown signal, shared by every subcommand.
@@ -16,6 +17,7 @@
 pub mod bench;
 pub mod epp;
 pub mod flagfmt;
+pub mod kvwire;
 pub mod process;
 pub mod promencode;
 pub mod promtext;

@@ -234,6 +234,7 @@ impl Director {
         let req = SchedulingRequest {
             request_id: &meta.request_id,
             target_model: "",
+            api: meta.api,
             prompt: &[],
             cache_salt: &[],
             fallbacks: self.config.fallback_endpoints,
@@ -376,6 +377,7 @@ impl Director {
         let req = SchedulingRequest {
             request_id: &meta.request_id,
             target_model: &parsed.target_model,
+            api: meta.api,
             prompt: &inspected.prompt,
             cache_salt: inspected.cache_salt.as_bytes(),
             fallbacks: self.config.fallback_endpoints,

@@ -305,6 +305,7 @@ mod tests {
             let request = SchedulingRequest {
                 request_id: "r",
                 target_model: "m",
+                api: Default::default(),
                 prompt: b"",
                 cache_salt: b"",
                 fallbacks: 0,

@@ -7,6 +7,7 @@
 //! - [`extproc`]: the per-stream phase machine and the one error → reply mapping.
 //! - [`director`]: parse → admit ([`saturation`]) → [`scheduling`] → remember (prefix index,
 //!   in-flight counts).
+//! - [`kvcache`]: precise prefix routing from the endpoints' KV-cache events.
 
 pub mod args;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod endpoint;
 pub mod extproc;
 pub mod flowcontrol;
 pub mod kube_client;
+pub mod kvcache;
 pub mod leader;
 pub mod metrics;
 pub mod metrics_auth;

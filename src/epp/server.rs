@@ -310,6 +310,24 @@ pub async fn start(args: EppArgs) -> Result<RunningEpp, StartError> {
         config.data_layer.clone(),
         shutdown_rx.clone(),
     ));
+    // One KV-event subscriber set per configured precise-prefix-cache-scorer.
+    for spec in &config.plugins {
+        if let super::config::PluginKind::PrecisePrefixCacheScorer(p) = &spec.kind {
+            let metrics = super::kvcache::subscriber::StreamMetrics::default();
+            metrics.register(&p.0.index, &mut registry);
+            if p.0.params.tokenizer_dir.is_none() {
+                tracing::warn!(plugin = %spec.name, "precise-prefix-cache-scorer has no tokenizer \
+                    (indexerConfig.tokenizersPoolConfig.local.autoDiscoveryDir): prompts are \
+                    tokenized approximately (4 bytes per token, as serve --backend sim without --model)");
+            }
+            tasks.push(super::kvcache::subscriber::spawn_manager(
+                datastore.clone(),
+                Arc::clone(&p.0),
+                metrics,
+                shutdown_rx.clone(),
+            ));
+        }
+    }
     tasks.push(spawn_endpoint_bookkeeping(
         datastore.clone(),
         scheduler.clone(),

@@ -8,6 +8,9 @@
 //! The stream carries the token ids of every cached prompt block, so it is guarded
 //! ([`SubscriberPolicy`]): an optional bearer token (`--kv-events-token-file`, compared by SHA-256
 //! digest in constant time) and a cap on concurrent subscribers (`--kv-events-max-subscribers`).
+//!
+//! The same events also go out in vLLM's format over ZMQ when a [`ZmqSink`] is attached
+//! (`--kv-events-config`, `serve::kv_zmq`).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +22,9 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::kvwire;
 use crate::serve::engine::block_pool::PoolEvent;
+use crate::serve::kv_zmq::ZmqSink;
 
 /// Generated types of `switchyard.kvevents.v1`.
 #[allow(clippy::all, missing_docs)]
@@ -64,6 +69,7 @@ pub struct KvEventLog {
     root_hash: u64,
     num_blocks: AtomicU64,
     instance_id: u64,
+    zmq: std::sync::OnceLock<ZmqSink>,
 }
 
 fn now_nanos() -> i64 {
@@ -96,6 +102,7 @@ impl KvEventLog {
             root_hash: crate::serve::engine::hashing::root_hash(model_name),
             num_blocks: AtomicU64::new(0),
             instance_id: rand::random(),
+            zmq: std::sync::OnceLock::new(),
         })
     }
 
@@ -109,13 +116,48 @@ impl KvEventLog {
         (ring.oldest, ring.next())
     }
 
+    /// Also sends every published step to `sink` in vLLM's format (once; later calls are
+    /// ignored).
+    pub fn attach_zmq(&self, sink: ZmqSink) {
+        let _ = self.zmq.set(sink);
+    }
+
+    /// vLLM's form of one pool event: no parent for a sequence's first block, medium "GPU".
+    fn vllm_event(&self, ev: &PoolEvent) -> kvwire::Event {
+        match ev {
+            PoolEvent::Stored {
+                block_hashes,
+                parent_hash,
+                token_ids,
+            } => kvwire::Event::Stored(kvwire::BlockStored {
+                block_hashes: block_hashes.clone(),
+                parent_block_hash: (*parent_hash != self.root_hash).then_some(*parent_hash),
+                token_ids: token_ids.clone(),
+                block_size: self.block_size,
+                lora_id: None,
+                medium: Some(kvwire::MEDIUM_GPU.to_string()),
+                lora_name: None,
+            }),
+            PoolEvent::Removed { block_hashes } => kvwire::Event::Removed(kvwire::BlockRemoved {
+                block_hashes: block_hashes.clone(),
+                medium: Some(kvwire::MEDIUM_GPU.to_string()),
+            }),
+            PoolEvent::AllCleared => kvwire::Event::AllCleared,
+        }
+    }
+
     /// Appends the engine's pool events (one lock per call) and wakes subscribers.
     pub fn publish(&self, events: impl IntoIterator<Item = PoolEvent>) {
         let ts = now_nanos();
+        let zmq = self.zmq.get();
+        let mut vllm = Vec::new();
         let next = {
             let mut ring = self.ring.lock();
             let before = ring.next();
             for ev in events {
+                if zmq.is_some() {
+                    vllm.push(self.vllm_event(&ev));
+                }
                 let event = match ev {
                     PoolEvent::Stored {
                         block_hashes,
@@ -150,6 +192,13 @@ impl KvEventLog {
             }
             next
         };
+        if let Some(sink) = zmq {
+            sink.send(kvwire::EventBatch {
+                ts: ts as f64 / 1e9,
+                events: vllm,
+                data_parallel_rank: Some(0),
+            });
+        }
         self.next_tx.send_replace(next);
     }
 

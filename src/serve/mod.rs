@@ -23,6 +23,7 @@ pub mod codec;
 pub mod conn;
 pub mod engine;
 pub mod kv_events;
+pub mod kv_zmq;
 pub mod metrics;
 pub mod model;
 pub mod protocol;
@@ -142,6 +143,11 @@ pub struct ServeArgs {
     /// Concurrent KV-event subscribers; one more gets RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 64)]
     pub kv_events_max_subscribers: usize,
+    /// vLLM's KV-event publisher config (JSON), e.g.
+    /// `{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557","topic":"kv-events"}`:
+    /// the same events as `--kv-events-port`, in vLLM's msgpack format over ZMQ PUB.
+    #[arg(long)]
+    pub kv_events_config: Option<String>,
     /// Largest accepted request body.
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
     pub max_request_body_bytes: usize,
@@ -222,6 +228,7 @@ impl ServeArgs {
             kv_events_buffer: 100_000,
             kv_events_token_file: None,
             kv_events_max_subscribers: 64,
+            kv_events_config: None,
             max_request_body_bytes: 32 * 1024 * 1024,
             max_stop_strings: 64,
             max_stop_string_bytes: 1024,
@@ -276,6 +283,8 @@ pub enum ServeError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Backend(#[from] backend::BackendError),
+    #[error(transparent)]
+    KvZmq(#[from] kv_zmq::KvZmqError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -289,6 +298,8 @@ pub enum ServeError {
 pub struct ServerHandle {
     pub http_addr: SocketAddr,
     pub kv_events_addr: Option<SocketAddr>,
+    /// Where the vLLM-format ZMQ publisher bound (`--kv-events-config` with a wildcard host).
+    pub kv_zmq_addr: Option<SocketAddr>,
     pub engine: EngineHandle,
     pub metrics: Arc<ServeMetrics>,
     shutdown: watch::Sender<bool>,
@@ -506,9 +517,20 @@ pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
     let model_name = names[0].clone();
     let max_model_len = args.max_model_len.unwrap_or(built.default_max_model_len);
     let metrics = Arc::new(ServeMetrics::new(&model_name));
-    let kv_log = args
-        .kv_events_port
-        .map(|_| KvEventLog::new(args.kv_events_buffer, &model_name, args.block_size));
+    let zmq_config = match &args.kv_events_config {
+        Some(json) => kv_zmq::KvEventsConfig::parse(json)?,
+        None => None,
+    };
+    // One log feeds both outputs; without the gRPC port it needs to retain nothing.
+    let kv_log = match (args.kv_events_port, &zmq_config) {
+        (Some(_), _) => Some(KvEventLog::new(
+            args.kv_events_buffer,
+            &model_name,
+            args.block_size,
+        )),
+        (None, Some(_)) => Some(KvEventLog::new(1, &model_name, args.block_size)),
+        (None, None) => None,
+    };
     let config = EngineConfig {
         model_name: model_name.clone(),
         block_size: args.block_size,
@@ -528,6 +550,15 @@ pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    let mut kv_zmq_addr = None;
+    if let (Some(cfg), Some(log)) = (&zmq_config, &kv_log) {
+        let publisher = kv_zmq::start(cfg, shutdown_rx.clone()).await?;
+        kv_zmq_addr = publisher.addr;
+        log.attach_zmq(publisher.sink);
+        tasks.push(publisher.task);
+        tracing::info!(endpoint = %cfg.endpoint, bound = ?kv_zmq_addr, topic = %cfg.topic,
+            replay = ?publisher.replay_addr, "publishing vLLM-format KV events over ZMQ");
+    }
     let http = SocketAddr::new(args.host, args.port);
     let listener = tokio::net::TcpListener::bind(http)
         .await
@@ -611,6 +642,7 @@ pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
     tracing::info!(
         %http_addr,
         kv_events = ?kv_events_addr,
+        kv_zmq = ?kv_zmq_addr,
         model = %model_name,
         backend = engine.info().backend,
         max_model_len,
@@ -619,6 +651,7 @@ pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
     Ok(ServerHandle {
         http_addr,
         kv_events_addr,
+        kv_zmq_addr,
         engine,
         metrics,
         shutdown,

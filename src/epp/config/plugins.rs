@@ -13,6 +13,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use crate::epp::endpoint::EngineType;
+use crate::epp::kvcache::{self, PreciseHandle};
 use crate::epp::prefix::PrefixCacheParams;
 use crate::epp::saturation::SaturationConfig;
 use crate::epp::scheduling::plugins::conformance::HeaderBasedTestingFilter;
@@ -70,8 +71,7 @@ pub enum PluginKind {
     PredictedTtftScorer(PredictedTtftParams),
     /// `metricsStalenessThreshold`.
     ScrapeFreshnessFilter(Duration),
-    // llm-d-router types. Precise prefix routing (`precise-prefix-cache-scorer`, its producer)
-    // goes here when it lands; until then `upstream.rs` rejects it with a reason.
+    // llm-d-router types.
     SessionAffinityScorer(SessionStrategy),
     SessionAffinityFilter(SessionStrategy),
     ActiveRequestScorer(ActiveRequestParams),
@@ -88,6 +88,8 @@ pub enum PluginKind {
     GlobalStrictFairnessPolicy,
     RoundRobinFairnessPolicy,
     FcfsOrderingPolicy,
+    /// Scores by the blocks endpoints report in KV-cache events (`epp::kvcache`).
+    PrecisePrefixCacheScorer(PreciseHandle),
 }
 
 /// What a plugin instance is to the scheduler.
@@ -133,6 +135,7 @@ impl PluginKind {
             PluginKind::GlobalStrictFairnessPolicy => "global-strict-fairness-policy",
             PluginKind::RoundRobinFairnessPolicy => "round-robin-fairness-policy",
             PluginKind::FcfsOrderingPolicy => "fcfs-ordering-policy",
+            PluginKind::PrecisePrefixCacheScorer(_) => "precise-prefix-cache-scorer",
         }
     }
 
@@ -193,6 +196,12 @@ impl PluginKind {
                 Instance::Filter(Arc::new(ScrapeFreshnessFilter {
                     name,
                     staleness: *staleness,
+                }))
+            }
+            PluginKind::PrecisePrefixCacheScorer(p) => {
+                Instance::Scorer(Arc::new(kvcache::scorer::PrecisePrefixScorer {
+                    name,
+                    precise: Arc::clone(&p.0),
                 }))
             }
             PluginKind::ActiveRequestScorer(params) => {
@@ -353,6 +362,14 @@ pub fn decode<'de, D: Deserializer<'de>>(
         "header-based-testing-filter" => none(params, PluginKind::HeaderBasedTestingFilter)?,
         "destination-endpoint-served-verifier" => {
             none(params, PluginKind::DestinationEndpointServedVerifier)?
+        }
+        "precise-prefix-cache-scorer" => {
+            let params = wire::<kvcache::WirePreciseParams, D>(params)?
+                .validate()
+                .map_err(de::Error::custom)?;
+            PluginKind::PrecisePrefixCacheScorer(PreciseHandle(Arc::new(
+                kvcache::Precise::new(params).map_err(de::Error::custom)?,
+            )))
         }
         _ => return Ok(None),
     }))

@@ -310,7 +310,13 @@ pub(super) fn resolve(text: &str, wire: WireConfig) -> Result<EppConfig, ConfigE
             }
         }
     }
-    let prefix_cache = producer.or_else(|| scorer_params.first().map(|(_, p)| *p));
+    // The precise scorer falls back to the approximate index for endpoints without events.
+    let precise = plugins
+        .iter()
+        .any(|p| matches!(p.kind, PluginKind::PrecisePrefixCacheScorer(_)));
+    let prefix_cache = producer
+        .or_else(|| scorer_params.first().map(|(_, p)| *p))
+        .or_else(|| precise.then(PrefixCacheParams::default));
 
     // Saturation detector (ensureSaturationDetector + validateSaturationDetector).
     // `flowControl.saturationDetector` (llm-d-router) wins over the top-level one (GIE v1.5.0).

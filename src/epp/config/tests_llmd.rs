@@ -183,7 +183,7 @@ fn upstream_types_switchyard_lacks_are_rejected_with_a_reason() {
         ("prefill-filter", upstream::PD),
         ("pd-profile-handler", upstream::PD),
         ("disagg-profile-handler", upstream::PD),
-        ("precise-prefix-cache-scorer", upstream::PRECISE_PREFIX),
+        ("precise-prefix-cache-producer", upstream::PRECISE_PREFIX),
         ("prefix-cache-affinity-filter", upstream::NOT_BUILT),
         ("session-id-producer", upstream::ATTRIBUTES),
         ("vllmgrpc-parser", upstream::PARSER),

@@ -9,8 +9,9 @@
 /// Why a group of upstream plugin types is not available.
 pub const PD: &str = "prefill/decode (and encode) disaggregation is not implemented; every \
     request is scheduled by one profile onto one decode server that also prefills";
-pub const PRECISE_PREFIX: &str = "precise prefix-cache routing from KV-cache events is not \
-    built yet; use prefix-cache-scorer (approximate index)";
+pub const PRECISE_PREFIX: &str = "the split form (precise-prefix-cache-producer + \
+    prefix-cache-scorer with prefixMatchInfoProducerName) is not built; use \
+    precise-prefix-cache-scorer with the same parameters (it owns its index and tokenizer)";
 pub const LATENCY: &str = "needs upstream's latency-predictor sidecar; use \
     predicted-ttft-scorer (Switchyard's own TTFT model)";
 pub const FLOW_CONTROL: &str = "this flow-control policy is not implemented (flowControl \
@@ -45,8 +46,7 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
     ("always-disagg-multimodal-decider", PD),
     ("data-parallel-profile-handler", PD),
     ("disaggregatedset-rollout-screener", PD),
-    // Precise prefix routing: another change adds these (plugins.rs has the slot).
-    ("precise-prefix-cache-scorer", PRECISE_PREFIX),
+    // Precise prefix routing: the combined precise-prefix-cache-scorer is implemented.
     ("precise-prefix-cache-producer", PRECISE_PREFIX),
     // Latency prediction.
     ("latency-scorer", LATENCY),

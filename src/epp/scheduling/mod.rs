@@ -57,6 +57,8 @@ pub struct SchedulingRequest<'a> {
     pub request_id: &'a str,
     /// Model after rewrite; LoRA affinity compares adapters to it; it seeds the prefix hashes.
     pub target_model: &'a str,
+    /// Which OpenAI API the prompt is for (how `prompt` is tokenized by the precise scorer).
+    pub api: crate::epp::request::ApiType,
     /// Bytes the prefix index hashes (prepared by `request.rs`).
     pub prompt: &'a [u8],
     /// Empty unless the body has `cache_salt`.

@@ -29,6 +29,7 @@ fn req(prompt: &[u8]) -> SchedulingRequest<'_> {
     SchedulingRequest {
         request_id: "test-request-id",
         target_model: "sql-lora-1fdg2",
+        api: Default::default(),
         prompt,
         cache_salt: b"",
         fallbacks: 0,

@@ -83,6 +83,7 @@ mod tests {
         let req = SchedulingRequest {
             request_id: "r",
             target_model: "m",
+            api: Default::default(),
             prompt: b"",
             cache_salt: b"",
             fallbacks: 0,

@@ -171,6 +171,7 @@ mod tests {
         let req = SchedulingRequest {
             request_id: "r",
             target_model: "m",
+            api: Default::default(),
             prompt,
             cache_salt: b"",
             fallbacks: 0,

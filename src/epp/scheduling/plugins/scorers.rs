@@ -183,6 +183,7 @@ pub(crate) mod tests {
         SchedulingRequest {
             request_id: "r",
             target_model: "sql-lora",
+            api: Default::default(),
             prompt: b"",
             cache_salt: b"",
             fallbacks: 0,

@@ -218,6 +218,7 @@ mod tests {
         SchedulingRequest {
             request_id: "r",
             target_model: "m",
+            api: Default::default(),
             prompt: b"",
             cache_salt: b"",
             fallbacks: 0,
