@@ -3,7 +3,7 @@
 #   scripts/test.sh           everything (lint, unit + integration tests, chart checks)
 #   SKIP_LINT=1 scripts/test.sh   skip fmt/clippy (local iteration)
 #   CI=true scripts/test.sh       every test dependency is required: a missing one (Envoy,
-#                                 promtool, NVRTC, the Qwen tokenizer) fails the run naming it,
+#                                 promtool, NVRTC, the Qwen tokenizer, the GGUF model) fails the run naming it,
 #                                 and a test that would skip for it panics instead. Only tests
 #                                 that need a GPU still skip, printing `SKIPPED: <why>`.
 set -euo pipefail
@@ -14,7 +14,7 @@ step() { printf '\n=== %s\n' "$*"; }
 # A fresh checkout gains nothing from incremental state, and it doubles the target dir's size.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
-step "test tools (Envoy, promtool, Qwen tokenizer) into .cache"
+step "test tools (Envoy, promtool, Qwen tokenizer, GGUF model) into .cache"
 in_ci() { [ "${CI:-}" = "true" ] || [ "${CI:-}" = "1" ]; }
 scripts/install-test-deps.sh
 if ! scripts/fetch-tokenizer.sh; then
@@ -23,6 +23,14 @@ if ! scripts/fetch-tokenizer.sh; then
         exit 1
     fi
     echo "tokenizer fetch failed; tests that need it will say SKIPPED"
+fi
+# Qwen2.5-Coder-0.5B-Instruct GGUF (491 MB, cached): the real model of tests/gguf_model.rs.
+if ! scripts/fetch-model.sh; then
+    if in_ci; then
+        echo "ERROR: the GGUF model (scripts/fetch-model.sh) is missing; CI=true requires it" >&2
+        exit 1
+    fi
+    echo "model fetch failed; tests that need it will say SKIPPED"
 fi
 # shellcheck disable=SC1091
 [ -f .cache/env.sh ] && . .cache/env.sh

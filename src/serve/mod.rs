@@ -431,14 +431,21 @@ fn cuda_backend(args: &ServeArgs, dir: &std::path::Path) -> Result<Built, ServeE
 }
 
 fn cpu_backend(args: &ServeArgs, dir: &std::path::Path) -> Result<Built, ServeError> {
-    let config = model::ModelConfig::load(dir)?;
-    let codec = model::load_codec(dir)?;
     let opts = backend::cpu::CpuOptions {
         block_size: args.block_size,
         kv_cache_memory_bytes: usize::try_from(args.kv_cache_memory).unwrap_or(usize::MAX),
         threads: args.threads.unwrap_or(0),
     };
-    let backend = backend::cpu::CpuBackend::load(dir, opts)?;
+    // `--model` is a model directory (config.json + safetensors) or one GGUF file.
+    let (config, codec, backend) = if model::is_gguf(dir) {
+        let m = model::load_gguf(dir)?;
+        let backend = backend::cpu::CpuBackend::new(m.config.clone(), m.weights, opts)?;
+        (m.config, m.codec, backend)
+    } else {
+        let config = model::ModelConfig::load(dir)?;
+        let codec = model::load_codec(dir)?;
+        (config, codec, backend::cpu::CpuBackend::load(dir, opts)?)
+    };
     Ok(Built {
         backend: Box::new(backend),
         codec,

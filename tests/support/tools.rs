@@ -117,3 +117,18 @@ pub fn promtool_check(promtool: &std::path::Path, text: &str) -> (i32, String) {
 pub fn runsc() -> Option<PathBuf> {
     locate("SWITCHYARD_RUNSC", &[".cache/runsc/usr/bin/runsc"], "runsc")
 }
+
+/// The real GGUF model `scripts/fetch-model.sh` fetches (Qwen2.5-Coder-0.5B-Instruct), or
+/// `SWITCHYARD_GGUF` when set.
+pub fn real_gguf() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SWITCHYARD_GGUF") {
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
+    }
+    Some(repo_root().join(".cache/models/qwen2.5-coder-0.5b-instruct.gguf")).filter(|p| p.is_file())
+}
+
+/// The python of the llama.cpp venv `scripts/llama-venv.sh` builds.
+pub fn llama_python() -> Option<PathBuf> {
+    let venv = repo_root().join(".cache/llama-venv");
+    Some(venv.join("bin/python")).filter(|p| is_executable(p) && venv.join(".version").is_file())
+}

@@ -5,17 +5,22 @@
 //! checkable code; the matmuls and attention are still multi-threaded (rayon, own pool) to make
 //! small models usable for end-to-end tests and demos.
 
+pub mod greedy;
 mod kernels;
 mod kv;
+pub mod quant;
 
 use std::path::Path;
 use std::time::Instant;
 
 use rayon::prelude::*;
 
-use self::kernels::{add_in_place, dot, linear, rms_norm, rope_cos_sin, rope_in_place, Linear};
+use self::kernels::{
+    add_in_place, dot, linear, rms_norm, rope_cos_sin, rope_in_place, Linear, MatmulScratch,
+};
 use self::kv::{KvCache, KvGeometry, LayerKv, X};
 use super::{Backend, BackendError, KvSpec, StepBatch, StepOutput};
+use crate::serve::model::matrix::Matrix;
 use crate::serve::model::qwen2::Qwen2Weights;
 use crate::serve::model::{ModelConfig, ModelError};
 
@@ -49,7 +54,7 @@ struct Scratch {
     o: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
-    matmul: Vec<f32>,
+    matmul: MatmulScratch,
 }
 
 pub struct CpuBackend {
@@ -350,9 +355,13 @@ impl Model<'_> {
         let eps = cfg.rms_norm_eps as f32;
 
         s.x.clear();
-        for &t in &b.token_ids {
+        s.x.resize(n * hidden, 0.0);
+        for (&t, dst) in b.token_ids.iter().zip(s.x.chunks_exact_mut(hidden)) {
             let t = t as usize;
-            s.x.extend_from_slice(&self.w.embed_tokens[t * hidden..(t + 1) * hidden]);
+            match &self.w.embed_tokens {
+                Matrix::F32(e) => dst.copy_from_slice(&e[t * hidden..(t + 1) * hidden]),
+                Matrix::Quant(q) => quant::dequantize_row(q.ty, q.row(t), dst),
+            }
         }
         let half = head / 2;
         s.cos_sin.clear();

@@ -105,7 +105,7 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<(), ModelError> {
+    pub(crate) fn validate(&self) -> Result<(), ModelError> {
         let positive: [(&'static str, usize); 6] = [
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),

@@ -7,6 +7,8 @@
 
 pub mod chat;
 pub mod config;
+pub mod gguf;
+pub mod matrix;
 pub mod qwen2;
 pub mod testing;
 pub mod tokenizer;
@@ -63,6 +65,8 @@ pub enum ModelError {
     Tokenizer { path: PathBuf, reason: String },
     #[error("chat template in {path} is invalid: {reason}")]
     Template { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Gguf(#[from] gguf::OpenError),
     #[error("{backend} backend: {reason}")]
     Backend {
         backend: &'static str,
@@ -73,8 +77,67 @@ pub enum ModelError {
 /// Builds the text codec of a model directory: `tokenizer.json` (HF tokenizers, offline),
 /// the chat template from `tokenizer_config.json` and EOS ids from `generation_config.json`
 /// and `tokenizer_config.json`.
+/// A GGUF file instead of a directory gives its embedded tokenizer and template.
 pub fn load_codec(dir: &Path) -> Result<Arc<dyn TextCodec>, ModelError> {
+    if is_gguf(dir) {
+        let file = gguf::GgufFile::open(dir)?;
+        let tok = gguf::tokenizer::read(&file).map_err(|source| {
+            ModelError::Gguf(gguf::OpenError::Gguf {
+                path: dir.to_path_buf(),
+                source,
+            })
+        })?;
+        return Ok(Arc::new(HfCodec::from_gguf(dir, tok)?));
+    }
     Ok(Arc::new(HfCodec::load(dir)?))
+}
+
+/// Whether `path` names a GGUF file (a file whose first bytes are the GGUF magic) rather than a
+/// model directory.
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    path.is_file()
+        && std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok()
+        && &magic == b"GGUF"
+}
+
+/// A model loaded from one GGUF file: config, weights (quantized blocks stay mapped) and codec.
+pub struct GgufModel {
+    pub config: ModelConfig,
+    pub weights: qwen2::Qwen2Weights,
+    pub codec: Arc<dyn TextCodec>,
+}
+
+/// Loads a Qwen2 GGUF file.
+pub fn load_gguf(path: &Path) -> Result<GgufModel, ModelError> {
+    let started = std::time::Instant::now();
+    let file = gguf::GgufFile::open(path)?;
+    let wrap = |source: gguf::GgufError| {
+        ModelError::Gguf(gguf::OpenError::Gguf {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let config = gguf::qwen2::config(&file).map_err(wrap)?;
+    let weights = gguf::qwen2::weights(&file, &config).map_err(wrap)?;
+    let tok = gguf::tokenizer::read(&file).map_err(wrap)?;
+    let codec = Arc::new(HfCodec::from_gguf(path, tok)?);
+    tracing::info!(
+        path = %path.display(),
+        layers = config.num_hidden_layers,
+        hidden = config.hidden_size,
+        vocab = config.vocab_size,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "GGUF model loaded"
+    );
+    Ok(GgufModel {
+        config,
+        weights,
+        codec,
+    })
 }
 
 /// Reads a file, naming it in the error.

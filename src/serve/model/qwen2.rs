@@ -2,36 +2,38 @@
 
 use std::path::Path;
 
+use super::matrix::Matrix;
 use super::weights::WeightStore;
 use super::{ModelConfig, ModelError};
 
 /// One decoder layer. Linear weights are `[out_features, in_features]` row-major, as stored by
-/// PyTorch, so `y = x · Wᵀ` is a dot product of `x` with each contiguous weight row.
+/// PyTorch, so `y = x · Wᵀ` is a dot product of `x` with each contiguous weight row (f32 from
+/// safetensors, ggml blocks from GGUF); norms and biases are f32.
 #[derive(Debug, Clone)]
 pub struct LayerWeights {
     pub input_norm: Vec<f32>,
-    pub q_proj: Vec<f32>,
+    pub q_proj: Matrix,
     pub q_bias: Vec<f32>,
-    pub k_proj: Vec<f32>,
+    pub k_proj: Matrix,
     pub k_bias: Vec<f32>,
-    pub v_proj: Vec<f32>,
+    pub v_proj: Matrix,
     pub v_bias: Vec<f32>,
-    pub o_proj: Vec<f32>,
+    pub o_proj: Matrix,
     pub post_norm: Vec<f32>,
-    pub gate_proj: Vec<f32>,
-    pub up_proj: Vec<f32>,
-    pub down_proj: Vec<f32>,
+    pub gate_proj: Matrix,
+    pub up_proj: Matrix,
+    pub down_proj: Matrix,
 }
 
-/// The whole model in f32.
+/// The whole model.
 #[derive(Debug, Clone)]
 pub struct Qwen2Weights {
     /// `[vocab_size, hidden_size]`.
-    pub embed_tokens: Vec<f32>,
+    pub embed_tokens: Matrix,
     pub layers: Vec<LayerWeights>,
     pub norm: Vec<f32>,
     /// `[vocab_size, hidden_size]`; `None` when tied to `embed_tokens`.
-    pub lm_head: Option<Vec<f32>>,
+    pub lm_head: Option<Matrix>,
 }
 
 impl Qwen2Weights {
@@ -52,23 +54,31 @@ impl Qwen2Weights {
         let i = cfg.intermediate_size;
         let v = cfg.vocab_size;
 
-        let embed_tokens = store.take("model.embed_tokens.weight", &[v, h])?;
+        let embed_tokens = Matrix::F32(store.take("model.embed_tokens.weight", &[v, h])?);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             layers.push(LayerWeights {
                 input_norm: store.take(&format!("{p}.input_layernorm.weight"), &[h])?,
-                q_proj: store.take(&format!("{p}.self_attn.q_proj.weight"), &[q_out, h])?,
+                q_proj: Matrix::F32(
+                    store.take(&format!("{p}.self_attn.q_proj.weight"), &[q_out, h])?,
+                ),
                 q_bias: store.take(&format!("{p}.self_attn.q_proj.bias"), &[q_out])?,
-                k_proj: store.take(&format!("{p}.self_attn.k_proj.weight"), &[kv_out, h])?,
+                k_proj: Matrix::F32(
+                    store.take(&format!("{p}.self_attn.k_proj.weight"), &[kv_out, h])?,
+                ),
                 k_bias: store.take(&format!("{p}.self_attn.k_proj.bias"), &[kv_out])?,
-                v_proj: store.take(&format!("{p}.self_attn.v_proj.weight"), &[kv_out, h])?,
+                v_proj: Matrix::F32(
+                    store.take(&format!("{p}.self_attn.v_proj.weight"), &[kv_out, h])?,
+                ),
                 v_bias: store.take(&format!("{p}.self_attn.v_proj.bias"), &[kv_out])?,
-                o_proj: store.take(&format!("{p}.self_attn.o_proj.weight"), &[h, q_out])?,
+                o_proj: Matrix::F32(
+                    store.take(&format!("{p}.self_attn.o_proj.weight"), &[h, q_out])?,
+                ),
                 post_norm: store.take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate_proj: store.take(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?,
-                up_proj: store.take(&format!("{p}.mlp.up_proj.weight"), &[i, h])?,
-                down_proj: store.take(&format!("{p}.mlp.down_proj.weight"), &[h, i])?,
+                gate_proj: Matrix::F32(store.take(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?),
+                up_proj: Matrix::F32(store.take(&format!("{p}.mlp.up_proj.weight"), &[i, h])?),
+                down_proj: Matrix::F32(store.take(&format!("{p}.mlp.down_proj.weight"), &[h, i])?),
             });
         }
         let norm = store.take("model.norm.weight", &[h])?;
@@ -80,7 +90,7 @@ impl Qwen2Weights {
             }
             None
         } else {
-            Some(store.take("lm_head.weight", &[v, h])?)
+            Some(Matrix::F32(store.take("lm_head.weight", &[v, h])?))
         };
         if !store.is_empty() {
             tracing::debug!(unused = ?store.remaining(), "checkpoint tensors not used by qwen2");
@@ -94,7 +104,7 @@ impl Qwen2Weights {
     }
 
     /// The output projection (`lm_head`, or the embedding when tied).
-    pub fn output_weight(&self) -> &[f32] {
-        self.lm_head.as_deref().unwrap_or(&self.embed_tokens)
+    pub fn output_weight(&self) -> &Matrix {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 }

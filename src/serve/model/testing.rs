@@ -9,6 +9,7 @@ use anyhow::Context;
 use safetensors::Dtype;
 use serde_json::{json, Value};
 
+use super::gguf::{self, writer::GgufWriter, GgmlType, Value as GValue};
 use super::qwen2::Qwen2Weights;
 use super::weights::{Tensor, WeightStore};
 use super::ModelConfig;
@@ -458,4 +459,112 @@ impl SplitMix64 {
             })
             .collect()
     }
+}
+
+/// The tiny model of `spec` as a GGUF file (llama.cpp tensor names and metadata, the tiny
+/// tokenizer and template embedded): linear weights and the embedding in `quant` (Q8_0 or Q5_0:
+/// the tiny widths are not multiples of the K-quants' 256), norms and biases F32. The vocabulary
+/// is padded to `spec.vocab` with `[PADn]` tokens, as Qwen's GGUF files are.
+pub fn tiny_qwen2_gguf(spec: &TinyQwen2, quant: GgmlType) -> anyhow::Result<Vec<u8>> {
+    let mut w = GgufWriter::new();
+    w.kv("general.architecture", GValue::String("qwen2".into()))
+        .kv("general.name", GValue::String("tiny".into()))
+        .kv("qwen2.block_count", GValue::U32(spec.layers as u32))
+        .kv(
+            "qwen2.context_length",
+            GValue::U32(spec.max_position_embeddings as u32),
+        )
+        .kv("qwen2.embedding_length", GValue::U32(spec.hidden as u32))
+        .kv(
+            "qwen2.feed_forward_length",
+            GValue::U32(spec.intermediate as u32),
+        )
+        .kv("qwen2.attention.head_count", GValue::U32(spec.heads as u32))
+        .kv(
+            "qwen2.attention.head_count_kv",
+            GValue::U32(spec.kv_heads as u32),
+        )
+        .kv("qwen2.rope.freq_base", GValue::F32(spec.rope_theta as f32))
+        .kv("qwen2.attention.layer_norm_rms_epsilon", GValue::F32(1e-6))
+        .kv("tokenizer.ggml.model", GValue::String("gpt2".into()))
+        .kv("tokenizer.ggml.pre", GValue::String("qwen2".into()));
+    let chars = byte_level_chars();
+    let mut tokens: Vec<String> = chars.iter().map(|c| c.to_string()).collect();
+    tokens.extend(TINY_MERGES.iter().map(|(a, b)| format!("{a}{b}")));
+    tokens.extend(TINY_SPECIAL.iter().map(|s| s.to_string()));
+    let mut types = vec![1i32; tokens.len()];
+    for t in types.iter_mut().skip(256 + TINY_MERGES.len()) {
+        *t = 3;
+    }
+    while tokens.len() < spec.vocab {
+        tokens.push(format!("[PAD{}]", tokens.len()));
+        types.push(5);
+    }
+    w.kv("tokenizer.ggml.tokens", gguf::writer::strings(&tokens))
+        .kv(
+            "tokenizer.ggml.token_type",
+            GValue::Array(types.into_iter().map(GValue::I32).collect()),
+        )
+        .kv(
+            "tokenizer.ggml.merges",
+            gguf::writer::strings(
+                &TINY_MERGES
+                    .iter()
+                    .map(|(a, b)| format!("{a} {b}"))
+                    .collect::<Vec<_>>(),
+            ),
+        )
+        .kv(
+            "tokenizer.ggml.eos_token_id",
+            GValue::U32(tiny_special_id("<|im_end|>")),
+        )
+        .kv("tokenizer.ggml.add_bos_token", GValue::Bool(false))
+        .kv(
+            "tokenizer.chat_template",
+            GValue::String(TINY_CHAT_TEMPLATE.into()),
+        );
+    for (name, shape, data) in tiny_qwen2_tensors(spec) {
+        let gname = gguf_tensor_name(&name).with_context(|| format!("no GGUF name for {name}"))?;
+        let dims: Vec<u64> = shape.iter().rev().map(|d| *d as u64).collect();
+        let ty = if shape.len() == 2 {
+            quant
+        } else {
+            GgmlType::F32
+        };
+        let bytes = gguf::writer::quantize(ty, &data)
+            .with_context(|| format!("{name}: cannot encode {shape:?} as {ty:?}"))?;
+        w.tensor(&gname, &dims, ty.id(), bytes);
+    }
+    Ok(w.to_bytes())
+}
+
+/// llama.cpp's name for a Hugging Face Qwen2 tensor name.
+fn gguf_tensor_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, name) = rest.split_once('.')?;
+    let g = match name {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.q_proj.bias" => "attn_q.bias",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.k_proj.bias" => "attn_k.bias",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.v_proj.bias" => "attn_v.bias",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}"))
 }

@@ -36,32 +36,7 @@ impl HfCodec {
     pub fn load(dir: &Path) -> Result<HfCodec, ModelError> {
         let tok_path = dir.join("tokenizer.json");
         let bytes = super::read_file(&tok_path)?;
-        let bad = |reason: String| ModelError::Tokenizer {
-            path: tok_path.clone(),
-            reason,
-        };
-        // tokenizers panics (instead of erring) on some malformed files, e.g. a truncated
-        // `"decoder":[`; plain JSON validation first turns those into an error.
-        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).map_err(|e| bad(e.to_string()))?;
-        // ... and others (e.g. `"decoder":1e400`) only inside the tokenizers crate: contain them.
-        let tokenizer = std::panic::catch_unwind(|| Tokenizer::from_bytes(&bytes))
-            .map_err(|_| bad("tokenizers panicked while parsing the file".to_string()))?
-            .map_err(|e| bad(e.to_string()))?;
-        // A TemplateProcessing that names a special token it does not define loads fine and then
-        // panics on every encode (huggingface/tokenizers#2152): probe once here.
-        let probe = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            tokenizer.encode("probe", true).map(|_| ())
-        }));
-        match probe {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(bad(format!("encoding a test string failed: {e}"))),
-            Err(_) => {
-                return Err(bad(
-                    "encoding a test string panicked (post-processor template names an undefined special token?)"
-                        .to_string(),
-                ))
-            }
-        }
+        let tokenizer = parse_tokenizer(&bytes, &tok_path)?;
 
         let tc_path = dir.join("tokenizer_config.json");
         let tc = read_json_opt(&tc_path)?.unwrap_or(Value::Null);
@@ -101,6 +76,38 @@ impl HfCodec {
             eos = ?eos,
             "tokenizer loaded"
         );
+        Ok(HfCodec::from_parts(tokenizer, template, eos))
+    }
+
+    /// The tokenizer, chat template and EOS ids embedded in a GGUF file (`path` names it in
+    /// errors).
+    pub fn from_gguf(
+        path: &Path,
+        t: super::gguf::tokenizer::GgufTokenizer,
+    ) -> Result<HfCodec, ModelError> {
+        let tokenizer = parse_tokenizer(&t.tokenizer_json, path)?;
+        let template = match &t.chat_template {
+            Some(src) => ChatTemplate::compile(
+                src,
+                &t.bos_token,
+                t.eos_token.as_deref().unwrap_or(""),
+                path,
+            )?,
+            None => {
+                tracing::info!(path = %path.display(), "no chat template in the GGUF file; using ChatML");
+                ChatTemplate::chatml()
+            }
+        };
+        tracing::info!(
+            path = %path.display(),
+            vocab = tokenizer.get_vocab_size(true),
+            eos = ?t.eos_ids,
+            "tokenizer loaded from GGUF"
+        );
+        Ok(HfCodec::from_parts(tokenizer, template, t.eos_ids))
+    }
+
+    fn from_parts(tokenizer: Tokenizer, template: ChatTemplate, eos: Vec<u32>) -> HfCodec {
         // Byte-level vocabularies spell each byte as one char of up to 2 UTF-8 bytes, so the
         // UTF-8 length over-counts: a safe bound on the text one token consumes.
         let max_token_bytes = tokenizer
@@ -110,12 +117,12 @@ impl HfCodec {
             .max()
             .unwrap_or(0)
             .max(1);
-        Ok(HfCodec {
+        HfCodec {
             tokenizer,
             template,
             eos,
             max_token_bytes,
-        })
+        }
     }
 
     /// Id of a token string (e.g. `<|im_start|>`), special tokens included.
@@ -166,6 +173,35 @@ impl TextCodec for HfCodec {
 
     fn supports_tools(&self) -> bool {
         self.template.supports_tools()
+    }
+}
+
+/// Parses a `tokenizer.json` document (`path` names it in errors), containing the ways the
+/// `tokenizers` crate fails on malformed input by panicking.
+fn parse_tokenizer(bytes: &[u8], path: &Path) -> Result<Tokenizer, ModelError> {
+    let bad = |reason: String| ModelError::Tokenizer {
+        path: path.to_path_buf(),
+        reason,
+    };
+    // tokenizers panics (instead of erring) on some malformed files, e.g. a truncated
+    // `"decoder":[`; plain JSON validation first turns those into an error.
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| bad(e.to_string()))?;
+    // ... and others (e.g. `"decoder":1e400`) only inside the tokenizers crate: contain them.
+    let tokenizer = std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes))
+        .map_err(|_| bad("tokenizers panicked while parsing the file".to_string()))?
+        .map_err(|e| bad(e.to_string()))?;
+    // A TemplateProcessing that names a special token it does not define loads fine and then
+    // panics on every encode (huggingface/tokenizers#2152): probe once here.
+    let probe = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        tokenizer.encode("probe", true).map(|_| ())
+    }));
+    match probe {
+        Ok(Ok(())) => Ok(tokenizer),
+        Ok(Err(e)) => Err(bad(format!("encoding a test string failed: {e}"))),
+        Err(_) => Err(bad(
+            "encoding a test string panicked (post-processor template names an undefined special token?)"
+                .to_string(),
+        )),
     }
 }
 

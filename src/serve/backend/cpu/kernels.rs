@@ -6,6 +6,9 @@
 
 use rayon::prelude::*;
 
+use super::quant::{self, ActKind, Acts};
+use crate::serve::model::matrix::{Matrix, QuantMatrix};
+
 /// Lanes of the dot-product accumulators: independent partial sums let LLVM keep several SIMD
 /// registers busy (float addition is not associative, so one accumulator would serialise).
 const LANES: usize = 16;
@@ -43,19 +46,59 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc[0] + s
 }
 
+/// Tokens per tile in the quantized matmul: their 8-bit activation rows (a few KB each) stay in
+/// L1/L2 while each weight row is unpacked once per four of them.
+const QUANT_TOKEN_TILE: usize = 32;
+
+/// A weight matrix as the kernels read it.
+#[derive(Debug, Clone, Copy)]
+pub enum Weight<'a> {
+    F32(&'a [f32]),
+    Quant(&'a QuantMatrix),
+}
+
+impl<'a> From<&'a [f32]> for Weight<'a> {
+    fn from(w: &'a [f32]) -> Self {
+        Weight::F32(w)
+    }
+}
+
+impl<'a> From<&'a Vec<f32>> for Weight<'a> {
+    fn from(w: &'a Vec<f32>) -> Self {
+        Weight::F32(w)
+    }
+}
+
+impl<'a> From<&'a Matrix> for Weight<'a> {
+    fn from(w: &'a Matrix) -> Self {
+        match w {
+            Matrix::F32(v) => Weight::F32(v),
+            Matrix::Quant(q) => Weight::Quant(q),
+        }
+    }
+}
+
+/// Buffers a matmul reuses across calls: the transposed result of multi-token matmuls and the
+/// quantized activations.
+#[derive(Debug, Default)]
+pub struct MatmulScratch {
+    buf: Vec<f32>,
+    acts: Acts,
+}
+
 /// A PyTorch linear layer: `weight` is `[out_features, in_features]` row-major.
 #[derive(Debug, Clone, Copy)]
 pub struct Linear<'a> {
-    pub weight: &'a [f32],
+    pub weight: Weight<'a>,
     pub out_features: usize,
     pub in_features: usize,
     pub bias: Option<&'a [f32]>,
 }
 
 impl<'a> Linear<'a> {
-    pub fn new(weight: &'a [f32], out_features: usize, in_features: usize) -> Self {
+    pub fn new(weight: impl Into<Weight<'a>>, out_features: usize, in_features: usize) -> Self {
         Linear {
-            weight,
+            weight: weight.into(),
             out_features,
             in_features,
             bias: None,
@@ -80,8 +123,15 @@ impl<'a> Linear<'a> {
 /// from memory once per token tile, which is what bounds decode (memory-bound) and prefill alike.
 /// `scratch` holds the transposed `[m × n]` result when `n > 1`, since a chunk of output
 /// features is a strided column block of `out`.
-pub fn linear(x: &[f32], n: usize, l: Linear<'_>, out: &mut Vec<f32>, scratch: &mut Vec<f32>) {
-    let (w, m, k, bias) = (l.weight, l.out_features, l.in_features, l.bias);
+///
+/// Quantized weights go through [`linear_quant`].
+pub fn linear(x: &[f32], n: usize, l: Linear<'_>, out: &mut Vec<f32>, s: &mut MatmulScratch) {
+    let w = match l.weight {
+        Weight::F32(w) => w,
+        Weight::Quant(q) => return linear_quant(x, n, q, l.bias, out, s),
+    };
+    let scratch = &mut s.buf;
+    let (m, k, bias) = (l.out_features, l.in_features, l.bias);
     debug_assert!(x.len() >= n * k && w.len() >= m * k);
     out.clear();
     out.resize(n * m, 0.0);
@@ -120,6 +170,74 @@ pub fn linear(x: &[f32], n: usize, l: Linear<'_>, out: &mut Vec<f32>, scratch: &
                     let dst = &mut chunk[r * n..(r + 1) * n];
                     for t in t0..t1 {
                         dst[t] = dot(&x[t * k..(t + 1) * k], wrow) + b;
+                    }
+                }
+            }
+        });
+    let src: &[f32] = scratch;
+    out.par_chunks_mut(m).enumerate().for_each(|(t, row)| {
+        for (o, dst) in row.iter_mut().enumerate() {
+            *dst = src[o * n + t];
+        }
+    });
+}
+
+/// [`linear`] on ggml blocks: the activations are quantized once (8-bit, per block, as ggml
+/// does), then every output is a block dot product on the weight row where it lies, split over
+/// chunks of weight rows like the f32 path; multi-token calls walk tiles of tokens so each
+/// weight row is unpacked once per four tokens of a tile.
+pub fn linear_quant(
+    x: &[f32],
+    n: usize,
+    w: &QuantMatrix,
+    bias: Option<&[f32]>,
+    out: &mut Vec<f32>,
+    s: &mut MatmulScratch,
+) {
+    let (m, k) = (w.rows, w.cols);
+    debug_assert!(x.len() >= n * k);
+    out.clear();
+    out.resize(n * m, 0.0);
+    if n == 0 || m == 0 {
+        return;
+    }
+    s.acts
+        .quantize(ActKind::for_weights(w.ty), &x[..n * k], n, k);
+    let acts = &s.acts;
+    let tasks = rayon::current_num_threads() * 4;
+    let rows = m.div_ceil(tasks).max(1);
+    let bias_of = |o: usize| bias.and_then(|b| b.get(o)).copied().unwrap_or(0.0);
+    if n == 1 {
+        out.par_chunks_mut(rows)
+            .enumerate()
+            .for_each(|(ci, chunk)| {
+                let o0 = ci * rows;
+                for (r, dst) in chunk.iter_mut().enumerate() {
+                    let o = o0 + r;
+                    quant::dot_rows(w.ty, w.row(o), acts, 0, std::slice::from_mut(dst));
+                    *dst += bias_of(o);
+                }
+            });
+        return;
+    }
+    let scratch = &mut s.buf;
+    scratch.clear();
+    scratch.resize(m * n, 0.0);
+    scratch
+        .par_chunks_mut(rows * n)
+        .enumerate()
+        .for_each(|(ci, chunk)| {
+            let o0 = ci * rows;
+            let nrows = chunk.len() / n;
+            for t0 in (0..n).step_by(QUANT_TOKEN_TILE) {
+                let t1 = (t0 + QUANT_TOKEN_TILE).min(n);
+                for r in 0..nrows {
+                    let o = o0 + r;
+                    let dst = &mut chunk[r * n + t0..r * n + t1];
+                    quant::dot_rows(w.ty, w.row(o), acts, t0, dst);
+                    let b = bias_of(o);
+                    for d in dst.iter_mut() {
+                        *d += b;
                     }
                 }
             }
@@ -216,7 +334,7 @@ mod tests {
             .collect();
         let bias: Vec<f32> = (0..m).map(|i| i as f32).collect();
         for rows in [1, n] {
-            let (mut out, mut scratch) = (Vec::new(), Vec::new());
+            let (mut out, mut scratch) = (Vec::new(), MatmulScratch::default());
             let l = Linear::new(&w, m, k).with_bias(&bias);
             linear(&x, rows, l, &mut out, &mut scratch);
             assert_eq!(out.len(), rows * m);
