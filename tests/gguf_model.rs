@@ -125,10 +125,7 @@ fn tiny_gguf_tokenizer_and_template_come_from_the_file() {
         ]
     );
     let prompt = codec
-        .render_chat(&[ChatMessage {
-            role: "user".into(),
-            content: "Hi".into(),
-        }])
+        .render_chat(&[ChatMessage::text("user", "Hi")])
         .unwrap();
     assert_eq!(
         prompt,
@@ -268,10 +265,7 @@ fn real_model_metadata_and_tokenizer() {
     assert_eq!(m.codec.eos_token_ids(), &[151645, 151643]);
     let prompt = m
         .codec
-        .render_chat(&[ChatMessage {
-            role: "user".into(),
-            content: "Hi".into(),
-        }])
+        .render_chat(&[ChatMessage::text("user", "Hi")])
         .unwrap();
     assert_eq!(
         prompt,
