@@ -2,6 +2,7 @@
 # The README's test command: installs what the tests need into ./.cache, then runs every check.
 #   scripts/test.sh           everything (lint, unit + integration tests, chart checks)
 #   SKIP_LINT=1 scripts/test.sh   skip fmt/clippy (local iteration)
+#   SKIP_IMAGES=1 scripts/test.sh skip building and starting the container images
 #   CI=true scripts/test.sh       every test dependency is required: a missing one (Envoy,
 #                                 promtool, NVRTC, the Qwen tokenizer, the GGUF model) fails the run naming it,
 #                                 and a test that would skip for it panics instead. Only tests
@@ -55,5 +56,10 @@ fi
 
 step "Helm charts and manifests"
 scripts/check-charts.sh
+
+if [ -z "${SKIP_IMAGES:-}" ]; then
+    step "container images (buildah; built, unpacked and started; cached in ~/.cache/switchyard-images)"
+    SWITCHYARD_BIN="$PWD/target/debug/switchyard" scripts/check-images.sh
+fi
 
 step "all checks passed"
