@@ -19,7 +19,7 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{ChildStderr, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::Duration;
@@ -198,19 +198,34 @@ fn set_limits(args: &SuperviseArgs) -> Result<(), String> {
 }
 
 /// How the supervisor reaches every process the command started.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Tree {
     /// The supervisor is a subreaper: its descendants in `/proc` are the command's processes.
     Reaper(i32),
     /// The supervisor is init of its own pid namespace: everything else in it is the command's.
     NamespaceInit,
+    /// Neither is allowed (gVisor with user namespaces blocked by seccomp): the command's process
+    /// group (set once spawned) and the supervisor's live descendants. A process that left the
+    /// group with `setsid` and lost its parent escapes this; the pod's limits still bound it.
+    Group(i32, Arc<AtomicI32>),
 }
 
 impl Tree {
-    fn kill_all(self) -> u32 {
+    fn kill_all(&self) -> u32 {
         match self {
-            Tree::Reaper(me) => proctree::kill_all_descendants(me),
+            Tree::Reaper(me) => proctree::kill_all_descendants(*me),
             Tree::NamespaceInit => u32::from(isolate::kill_rest_of_namespace().is_ok()),
+            Tree::Group(me, pgid) => {
+                let group = pgid.load(Ordering::SeqCst);
+                let mut killed = 0;
+                if let Some(pid) = rustix::process::Pid::from_raw(group) {
+                    killed += u32::from(
+                        rustix::process::kill_process_group(pid, rustix::process::Signal::KILL)
+                            .is_ok(),
+                    );
+                }
+                killed + proctree::kill_all_descendants(*me)
+            }
         }
     }
 }
@@ -233,12 +248,12 @@ fn supervise_through_namespace(args: &SuperviseArgs, reaper_error: std::io::Erro
         }
     }
     if let Err(e) = isolate::unshare_pid_namespace() {
-        return failed(
-            format!(
-                "cannot contain background processes (no subreaper: {reaper_error}; no pid namespace: {e})"
-            ),
-            1,
+        eprintln!(
+            "sandbox-exec: no subreaper ({reaper_error}) and no pid namespace ({e}): \
+             containing the command by its process group"
         );
+        let tree = Tree::Group(std::process::id() as i32, Arc::new(AtomicI32::new(0)));
+        return run_contained(args, tree);
     }
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
@@ -292,6 +307,11 @@ fn supervise(args: &SuperviseArgs) -> Outcome {
             Err(e) => return supervise_through_namespace(args, e),
         }
     };
+    run_contained(args, tree)
+}
+
+/// Runs the command with every process it starts reachable through `tree`.
+fn run_contained(args: &SuperviseArgs, tree: Tree) -> Outcome {
     if args.network != NetworkMode::Host {
         if let Err(e) = isolate::unshare_namespaces(UnshareFlags::NEWNET) {
             if args.network == NetworkMode::None {
@@ -303,11 +323,12 @@ fn supervise(args: &SuperviseArgs) -> Outcome {
 
     let overflow = Arc::new(AtomicBool::new(false));
     let timed_out = Arc::new(AtomicBool::new(false));
-    let readers = spawn_reader::<ChildStdout>(args.max_output_bytes, overflow.clone(), tree)
-        .and_then(|out| {
-            spawn_reader::<ChildStderr>(args.max_output_bytes, overflow.clone(), tree)
-                .map(|err| (out, err))
-        });
+    let readers =
+        spawn_reader::<ChildStdout>(args.max_output_bytes, overflow.clone(), tree.clone())
+            .and_then(|out| {
+                spawn_reader::<ChildStderr>(args.max_output_bytes, overflow.clone(), tree.clone())
+                    .map(|err| (out, err))
+            });
     let ((out_pipe, out_rx), (err_pipe, err_rx)) = match readers {
         Ok(r) => r,
         Err(e) => return failed(format!("cannot start a reader thread: {e}"), 1),
@@ -316,13 +337,14 @@ fn supervise(args: &SuperviseArgs) -> Outcome {
     // sender's drop) that the command is done.
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let timer_flag = timed_out.clone();
+    let timer_tree = tree.clone();
     let wall = Duration::from_millis(args.timeout_ms);
     let timer = thread::Builder::new()
         .stack_size(HELPER_STACK)
         .spawn(move || {
             if let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(wall) {
                 timer_flag.store(true, Ordering::SeqCst);
-                tree.kill_all();
+                timer_tree.kill_all();
             }
         });
     if let Err(e) = timer {
@@ -351,6 +373,9 @@ fn supervise(args: &SuperviseArgs) -> Outcome {
         if let Some(uid) = args.uid {
             command.uid(uid);
         }
+        if let Tree::Group(..) = tree {
+            command.process_group(0);
+        }
     }
     let mut child = match command.spawn() {
         Ok(child) => child,
@@ -364,6 +389,9 @@ fn supervise(args: &SuperviseArgs) -> Outcome {
         }
     };
     let main_pid = child.id() as i32;
+    if let Tree::Group(_, pgid) = &tree {
+        pgid.store(main_pid, Ordering::SeqCst);
+    }
     if let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) {
         let _ = out_pipe.send(out);
         let _ = err_pipe.send(err);
@@ -381,8 +409,8 @@ fn supervise(args: &SuperviseArgs) -> Outcome {
         }
     }
     let _ = done_tx.send(());
-    let mut leftovers = match tree {
-        Tree::Reaper(me) => proctree::live_descendants(me).len() as u32,
+    let mut leftovers = match &tree {
+        Tree::Reaper(me) | Tree::Group(me, _) => proctree::live_descendants(*me).len() as u32,
         Tree::NamespaceInit => 0,
     };
     tree.kill_all();
