@@ -60,6 +60,29 @@ schedulingProfiles:
   - pluginRef: max-score-picker
 ";
 
+/// The reference default weights (prefix 3 : queue 2 : kv-cache 2) with the precise prefix
+/// scorer in place of the approximate one: the replicas publish vLLM-format KV events over ZMQ
+/// and the EPP scores by the blocks they report (`docs/precise-prefix.md`).
+const PRECISE_CONFIG: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: precise-prefix-cache-scorer
+  parameters:
+    kvEventsConfig:
+      endpointSockets: {KV_EVENT_SOCKETS}
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: precise-prefix-cache-scorer
+    weight: 3
+";
+
 /// A routing policy under comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 pub enum Policy {
@@ -89,6 +112,10 @@ pub enum Policy {
     /// EPP predicted-TTFT scorer without the prefix index: work-aware load alone.
     #[value(name = "epp-work-only")]
     EppWorkOnly,
+    /// The reference default weights with `precise-prefix-cache-scorer` (replicas publish
+    /// vLLM-format KV events over ZMQ).
+    #[value(name = "epp-precise")]
+    EppPrecise,
 }
 
 impl Policy {
@@ -112,6 +139,7 @@ impl Policy {
             Policy::Epp352 => "epp 3:5:2",
             Policy::EppReferenceScrapedOnly => "epp reference, scraped only",
             Policy::EppWorkOnly => "epp work-aware load only",
+            Policy::EppPrecise => "epp precise prefix (3:2:2, KV events)",
         }
     }
 
@@ -126,6 +154,7 @@ impl Policy {
             Policy::Epp352 => "epp-3-5-2",
             Policy::EppReferenceScrapedOnly => "epp-reference-scraped-only",
             Policy::EppWorkOnly => "epp-work-only",
+            Policy::EppPrecise => "epp-precise",
         }
     }
 
@@ -155,6 +184,10 @@ impl Policy {
             },
             Policy::EppWorkOnly => Gateway::Epp {
                 config_text: WORK_ONLY_CONFIG.to_owned(),
+                inflight_accounting: true,
+            },
+            Policy::EppPrecise => Gateway::Epp {
+                config_text: PRECISE_CONFIG.to_owned(),
                 inflight_accounting: true,
             },
         }

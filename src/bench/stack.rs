@@ -78,9 +78,15 @@ pub struct Stack {
     spec: ReplicaSpec,
     dir: PathBuf,
     label: String,
+    /// Flags of one replica only (its KV-event publisher port).
+    replica_args: Vec<Vec<String>>,
     /// Restarts so far, per replica.
     restarts: Vec<u32>,
 }
+
+/// Placeholder in an EPP config for the replicas' KV-event sockets (a YAML flow map
+/// `{"ip:port": "tcp://127.0.0.1:zmq_port", ...}`), filled in by [`Stack::start`].
+pub const KV_EVENT_SOCKETS: &str = "{KV_EVENT_SOCKETS}";
 
 /// Starts replica `i` of `spec` on `port` (not waiting for it).
 fn spawn_replica(
@@ -90,6 +96,7 @@ fn spawn_replica(
     port: u16,
     dir: &Path,
     label: &str,
+    own_args: &[String],
 ) -> Result<ManagedChild, ProcError> {
     let name = format!("{label}-replica{i}");
     let mut cmd = Command::new(bin);
@@ -105,6 +112,7 @@ fn spawn_replica(
         .arg("--seed")
         .arg(i.to_string())
         .args(&spec.extra_args)
+        .args(own_args)
         .env("RUST_LOG", "warn");
     ManagedChild::spawn(&name, &mut cmd, &dir.join(format!("{name}.log")))
 }
@@ -121,10 +129,38 @@ impl Stack {
         label: &str,
     ) -> Result<Self, StackError> {
         let ports = procs::free_ports(spec.count)?;
+        // A precise-prefix EPP subscribes to each replica's vLLM-format ZMQ publisher: give each
+        // its own port and tell the EPP which is whose (`{KV_EVENT_SOCKETS}` in the config).
+        let mut gateway = gateway.clone();
+        let mut replica_args = vec![Vec::new(); spec.count];
+        if let Gateway::Epp { config_text, .. } = &mut gateway {
+            if config_text.contains(KV_EVENT_SOCKETS) {
+                let zmq_ports = procs::free_ports(spec.count)?;
+                let mut sockets = Vec::new();
+                for ((args, port), zport) in replica_args.iter_mut().zip(&ports).zip(&zmq_ports) {
+                    args.push("--kv-events-config".to_string());
+                    args.push(format!(
+                        r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{zport}","topic":"kv@127.0.0.1@model"}}"#
+                    ));
+                    sockets.push(format!("\"127.0.0.1:{port}\": \"tcp://127.0.0.1:{zport}\""));
+                }
+                *config_text =
+                    config_text.replace(KV_EVENT_SOCKETS, &format!("{{{}}}", sockets.join(", ")));
+            }
+        }
+        let gateway = &gateway;
         let mut replicas = Vec::with_capacity(spec.count);
         let mut replica_addrs = Vec::with_capacity(spec.count);
         for (i, port) in ports.iter().enumerate() {
-            replicas.push(spawn_replica(bin, spec, i, *port, dir, label)?);
+            replicas.push(spawn_replica(
+                bin,
+                spec,
+                i,
+                *port,
+                dir,
+                label,
+                &replica_args[i],
+            )?);
             replica_addrs.push(SocketAddr::from(([127, 0, 0, 1], *port)));
         }
         let http = client::http_client();
@@ -145,6 +181,7 @@ impl Stack {
             spec: spec.clone(),
             dir: dir.to_owned(),
             label: label.to_owned(),
+            replica_args,
             restarts: vec![0; spec.count],
         };
         let (options, fallbacks): (EppOptions, Option<u32>) = match gateway {
@@ -310,7 +347,16 @@ impl Stack {
             *r = life;
         }
         let label = format!("{}-life{life}", self.label);
-        let mut fresh = spawn_replica(&self.bin, &self.spec, i, addr.port(), &self.dir, &label)?;
+        let own = self.replica_args.get(i).cloned().unwrap_or_default();
+        let mut fresh = spawn_replica(
+            &self.bin,
+            &self.spec,
+            i,
+            addr.port(),
+            &self.dir,
+            &label,
+            &own,
+        )?;
         let http = client::http_client();
         let url = format!("http://{addr}/health");
         let ready = fresh
