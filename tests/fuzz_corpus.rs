@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 #[path = "../fuzz/checks/bearer_token.rs"]
 mod bearer_token;
+#[path = "../fuzz/checks/kv_events.rs"]
+mod kv_events;
 #[path = "../fuzz/checks/kube_objects.rs"]
 mod kube_objects;
 #[path = "../fuzz/checks/metrics_encode.rs"]
@@ -87,6 +89,11 @@ fn metrics_encode_pages_pass_promtool() {
 #[test]
 fn bearer_token_corpus() {
     replay("bearer_token", bearer_token::run);
+}
+
+#[test]
+fn kv_events_corpus() {
+    replay("kv_events", kv_events::run);
 }
 
 #[test]
