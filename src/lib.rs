@@ -1,6 +1,7 @@
 //! Switchyard: an inference routing stack for Kubernetes.
 //!
 //! - [`epp`]: Envoy ext_proc Endpoint Picker (Gateway API Inference Extension compatible).
+//! - [`bbr`]: body-based routing ext_proc (body `model` → `X-Gateway-Model-Name`).
 //! - [`serve`]: decode server with an OpenAI-compatible API and vLLM-compatible metrics.
 //! - [`bench`]: load generator, routing benchmarks and the local demo.
 //! - [`kvwire`]: vLLM's KV-cache event wire format (msgpack over ZMQ), publisher and EPP side.
@@ -14,6 +15,7 @@
 //! `docs/architecture.md`.
 #![deny(unsafe_code)]
 
+pub mod bbr;
 pub mod bench;
 pub mod epp;
 pub mod flagfmt;

@@ -17,6 +17,8 @@ struct Cli {
 enum Command {
     /// Envoy ext_proc Endpoint Picker (drop-in for the Gateway API Inference Extension EPP).
     Epp(Box<switchyard::epp::args::EppArgs>),
+    /// Body-based routing ext_proc: body `model` → `X-Gateway-Model-Name` for HTTPRoutes.
+    Bbr(Box<switchyard::bbr::BbrArgs>),
     /// Decode server with an OpenAI-compatible API and vLLM-compatible metrics.
     Serve(Box<switchyard::serve::ServeArgs>),
     /// Open-loop load generator and routing benchmarks.
@@ -42,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Epp(args) => Ok(runtime.block_on(switchyard::epp::run(*args))?),
+        Command::Bbr(args) => Ok(runtime.block_on(switchyard::bbr::run(*args))?),
         Command::Serve(args) => runtime.block_on(switchyard::serve::run(*args)),
         Command::Bench(args) => runtime.block_on(switchyard::bench::run_bench(*args)),
         Command::Demo(args) => runtime.block_on(switchyard::bench::run_demo(*args)),

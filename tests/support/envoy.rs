@@ -154,11 +154,19 @@ pub struct EnvoyProcess {
 impl EnvoyProcess {
     /// Starts `envoy` with the rendered config and waits until `/ready` answers LIVE.
     pub async fn start(envoy: &Path, cfg: &EnvoyConfig) -> anyhow::Result<Self> {
+        Self::start_rendered(envoy, |listen, admin| render_config(cfg, listen, admin)).await
+    }
+
+    /// Starts `envoy` with the config `render(listen_port, admin_port)` returns.
+    pub async fn start_rendered(
+        envoy: &Path,
+        render: impl FnOnce(u16, u16) -> anyhow::Result<String>,
+    ) -> anyhow::Result<Self> {
         let ports = ports::free_ports(2)?;
         let (listen_port, admin_port) = (ports[0], ports[1]);
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("envoy.yaml");
-        std::fs::write(&config_path, render_config(cfg, listen_port, admin_port)?)?;
+        std::fs::write(&config_path, render(listen_port, admin_port)?)?;
         let log_path = dir.path().join("envoy.log");
         let log = std::fs::File::create(&log_path)?;
         let level =
