@@ -142,7 +142,8 @@ struct ConfigMapDoc {
 }
 
 impl AdaptersStore {
-    /// Reads every YAML document of every file.
+    /// Reads every path: a directory is a mounted ConfigMap (files `baseModel` and
+    /// `adapters`), a file holds ConfigMap YAML documents.
     pub fn load(paths: &[impl AsRef<Path>]) -> Result<Self, PluginError> {
         let mut store = AdaptersStore::default();
         for path in paths {
@@ -151,6 +152,20 @@ impl AdaptersStore {
                 path: path.display().to_string(),
                 reason,
             };
+            if path.is_dir() {
+                let mut data = BTreeMap::new();
+                for key in ["baseModel", "adapters"] {
+                    match std::fs::read_to_string(path.join(key)) {
+                        Ok(v) => {
+                            data.insert(key.to_string(), v);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(err(format!("{key}: {e}"))),
+                    }
+                }
+                store.add(&data).map_err(err)?;
+                continue;
+            }
             let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
             for doc in serde_yaml::Deserializer::from_str(&text) {
                 let cm = ConfigMapDoc::deserialize(doc).map_err(|e| err(e.to_string()))?;
@@ -277,6 +292,32 @@ mod tests {
         assert_eq!(
             Plugin::from_spec(&spec).unwrap_err().to_string(),
             "unknown plugin type \"model-router\" (no factory registered)"
+        );
+    }
+
+    #[test]
+    fn adapters_load_from_a_mounted_configmap_or_yaml() {
+        let dir = tempfile::tempdir().unwrap();
+        let cm = dir.path().join("llama");
+        std::fs::create_dir(&cm).unwrap();
+        std::fs::write(cm.join("baseModel"), "meta/llama-3\n").unwrap();
+        std::fs::write(cm.join("adapters"), "- sql-lora\n").unwrap();
+        let file = dir.path().join("q.yaml");
+        std::fs::write(
+            &file,
+            "kind: ConfigMap\ndata:\n  baseModel: qwen\n---\nkind: ConfigMap\ndata:\n  baseModel: qwen\n  adapters: '[qa-lora]'\n",
+        )
+        .unwrap();
+        let store = AdaptersStore::load(&[cm, file.clone()]).unwrap();
+        assert_eq!(store.base_model("sql-lora"), "meta/llama-3");
+        assert_eq!(store.base_model("qa-lora"), "qwen");
+        std::fs::write(&file, "data: {adapters: '[x]'}\n").unwrap();
+        assert_eq!(
+            AdaptersStore::load(&[&file]).unwrap_err().to_string(),
+            format!(
+                "adapters file {}: missing or empty baseModel in configmap",
+                file.display()
+            )
         );
     }
 

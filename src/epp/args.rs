@@ -211,6 +211,10 @@ pub struct EppArgs {
     /// Parse flags and configuration, report problems, and exit without serving.
     #[arg(long)]
     pub check_config: bool,
+
+    /// Accepted for llm-d-router compatibility: Switchyard has no plugin stability gate.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub allow_experimental_plugins: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -36,8 +36,8 @@ producing objects the API server or the EPP rejects later.
 {{- fail ".Values.inferenceExtension.latencyPredictor is not supported by the Switchyard EPP" }}
 {{- end }}
 {{- with .Values.inferenceExtension.metricsDataSource }}
-{{- if not (has (.scheme | default "http") (list "http" "https")) }}
-{{- fail (printf ".Values.inferenceExtension.metricsDataSource.scheme must be http or https (got %q)" .scheme) }}
+{{- if ne (.scheme | default "http") "http" }}
+{{- fail (printf ".Values.inferenceExtension.metricsDataSource.scheme must be http: the Switchyard EPP scrapes over plain HTTP (got %q)" .scheme) }}
 {{- end }}
 {{- if not (hasPrefix "/" (.path | default "/metrics")) }}
 {{- fail (printf ".Values.inferenceExtension.metricsDataSource.path must start with / (got %q)" .path) }}

@@ -26,6 +26,9 @@ use crate::epp::scheduling::plugins::pickers::{
     MaxScorePicker, RandomPicker, WeightedRandomPicker,
 };
 use crate::epp::scheduling::plugins::predicted_ttft::{PredictedTtftParams, PredictedTtftScorer};
+use crate::epp::scheduling::plugins::prefix_affinity::{
+    PrefixAffinityParams, PrefixCacheAffinityFilter,
+};
 use crate::epp::scheduling::plugins::profile::SingleProfileHandler;
 use crate::epp::scheduling::plugins::scorers::{
     KvCacheUtilizationScorer, LoraAffinityScorer, PrefixCacheScorer, QueueScorer,
@@ -81,6 +84,7 @@ pub enum PluginKind {
     LoadAwareScorer(u32),
     /// Accepted without effect: Switchyard's in-flight accounting produces what it would.
     InflightLoadProducer,
+    PrefixCacheAffinityFilter(PrefixAffinityParams),
     HeaderBasedTestingFilter,
     /// Writes the served endpoint into `x-conformance-test-served-endpoint` (response side).
     DestinationEndpointServedVerifier,
@@ -130,6 +134,7 @@ impl PluginKind {
             PluginKind::TokenLoadScorer(_) => "token-load-scorer",
             PluginKind::LoadAwareScorer(_) => "load-aware-scorer",
             PluginKind::InflightLoadProducer => "inflight-load-producer",
+            PluginKind::PrefixCacheAffinityFilter(_) => "prefix-cache-affinity-filter",
             PluginKind::HeaderBasedTestingFilter => "header-based-testing-filter",
             PluginKind::DestinationEndpointServedVerifier => "destination-endpoint-served-verifier",
             PluginKind::GlobalStrictFairnessPolicy => "global-strict-fairness-policy",
@@ -220,6 +225,12 @@ impl PluginKind {
             })),
             PluginKind::HeaderBasedTestingFilter => {
                 Instance::Filter(Arc::new(HeaderBasedTestingFilter { name }))
+            }
+            PluginKind::PrefixCacheAffinityFilter(params) => {
+                Instance::Filter(Arc::new(PrefixCacheAffinityFilter {
+                    name,
+                    params: *params,
+                }))
             }
             // Built with their hooks in `instantiate`.
             PluginKind::SessionAffinityScorer(_) | PluginKind::SessionAffinityFilter(_) => {
@@ -360,6 +371,11 @@ pub fn decode<'de, D: Deserializer<'de>>(
             PluginKind::InflightLoadProducer
         }
         "header-based-testing-filter" => none(params, PluginKind::HeaderBasedTestingFilter)?,
+        "prefix-cache-affinity-filter" => PluginKind::PrefixCacheAffinityFilter(
+            wire::<WirePrefixAffinityParams, D>(params)?
+                .validate()
+                .map_err(custom)?,
+        ),
         "destination-endpoint-served-verifier" => {
             none(params, PluginKind::DestinationEndpointServedVerifier)?
         }
@@ -447,6 +463,18 @@ pub enum ParamError {
     SessionAttribute(usize, String),
     #[error("sessionIdConfig.{key} must be > 0, got {value}")]
     SessionSeconds { key: &'static str, value: f64 },
+    #[error("{key} must be {range}, got {value}")]
+    AffinityRange {
+        key: &'static str,
+        range: &'static str,
+        value: f64,
+    },
+    #[error("ttftSource \"latencyPredictor\" is not supported by switchyard (no latency-predictor sidecar); use prefillThroughput")]
+    TtftSourcePredictor,
+    #[error("ttftSource must be \"prefillThroughput\" or \"latencyPredictor\", got {0:?}")]
+    TtftSource(String),
+    #[error("peakPrefillThroughput must be > 0 when ttftSource is prefillThroughput")]
+    PeakThroughputZero,
     #[error("addEstimatedOutputTokens is not supported by switchyard (in-flight tokens are the uncached prompt tokens until the first response bytes)")]
     EstimatedOutputTokens,
 }
@@ -862,4 +890,79 @@ struct WireInflightParams {
     output_ratio: Option<f64>,
     #[allow(dead_code)]
     max_estimated_output_tokens: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WirePrefixAffinityParams {
+    affinity_threshold: Option<f64>,
+    exploration_probability: Option<f64>,
+    #[serde(rename = "maxTTFTPenaltyMs")]
+    max_ttft_penalty_ms: Option<f64>,
+    ttft_source: Option<String>,
+    peak_prefill_throughput: Option<f64>,
+    // Producer names: Switchyard has one prefix index and one in-flight accounting.
+    #[allow(dead_code)]
+    prefix_match_info_producer_name: Option<String>,
+    #[allow(dead_code)]
+    latency_prediction_info_producer_name: Option<String>,
+    #[allow(dead_code)]
+    in_flight_load_producer_name: Option<String>,
+}
+
+impl WirePrefixAffinityParams {
+    /// Upstream's `validate` (`prefixcacheaffinity/plugin.go`).
+    fn validate(self) -> Result<PrefixAffinityParams, ParamError> {
+        let d = PrefixAffinityParams::default();
+        let p = PrefixAffinityParams {
+            affinity_threshold: self.affinity_threshold.unwrap_or(d.affinity_threshold),
+            exploration_probability: self
+                .exploration_probability
+                .unwrap_or(d.exploration_probability),
+            max_ttft_penalty_ms: self.max_ttft_penalty_ms.unwrap_or(d.max_ttft_penalty_ms),
+            peak_prefill_throughput: self
+                .peak_prefill_throughput
+                .unwrap_or(d.peak_prefill_throughput),
+        };
+        let range = |key, range, value: f64, ok: bool| {
+            if ok && value.is_finite() {
+                Ok(())
+            } else {
+                Err(ParamError::AffinityRange { key, range, value })
+            }
+        };
+        range(
+            "affinityThreshold",
+            "<= 1.0",
+            p.affinity_threshold,
+            p.affinity_threshold <= 1.0,
+        )?;
+        range(
+            "explorationProbability",
+            "in [0, 1]",
+            p.exploration_probability,
+            (0.0..=1.0).contains(&p.exploration_probability),
+        )?;
+        range(
+            "maxTTFTPenaltyMs",
+            ">= 0",
+            p.max_ttft_penalty_ms,
+            p.max_ttft_penalty_ms >= 0.0,
+        )?;
+        range(
+            "peakPrefillThroughput",
+            ">= 0",
+            p.peak_prefill_throughput,
+            p.peak_prefill_throughput >= 0.0,
+        )?;
+        match self.ttft_source.as_deref() {
+            None | Some("") | Some("prefillThroughput") => {}
+            Some("latencyPredictor") => return Err(ParamError::TtftSourcePredictor),
+            Some(other) => return Err(ParamError::TtftSource(other.to_string())),
+        }
+        if p.max_ttft_penalty_ms > 0.0 && p.peak_prefill_throughput == 0.0 {
+            return Err(ParamError::PeakThroughputZero);
+        }
+        Ok(p)
+    }
 }

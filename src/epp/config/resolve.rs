@@ -310,13 +310,17 @@ pub(super) fn resolve(text: &str, wire: WireConfig) -> Result<EppConfig, ConfigE
             }
         }
     }
-    // The precise scorer falls back to the approximate index for endpoints without events.
+    // The precise scorer falls back to the approximate index for endpoints without events, and
+    // the affinity filter reads it; upstream injects the approximate producer for both.
     let precise = plugins
         .iter()
         .any(|p| matches!(p.kind, PluginKind::PrecisePrefixCacheScorer(_)));
+    let affinity_filter = plugins
+        .iter()
+        .any(|p| matches!(p.kind, PluginKind::PrefixCacheAffinityFilter(_)));
     let prefix_cache = producer
         .or_else(|| scorer_params.first().map(|(_, p)| *p))
-        .or_else(|| precise.then(PrefixCacheParams::default));
+        .or_else(|| (precise || affinity_filter).then(PrefixCacheParams::default));
 
     // Saturation detector (ensureSaturationDetector + validateSaturationDetector).
     // `flowControl.saturationDetector` (llm-d-router) wins over the top-level one (GIE v1.5.0).

@@ -184,7 +184,7 @@ fn upstream_types_switchyard_lacks_are_rejected_with_a_reason() {
         ("pd-profile-handler", upstream::PD),
         ("disagg-profile-handler", upstream::PD),
         ("precise-prefix-cache-producer", upstream::PRECISE_PREFIX),
-        ("prefix-cache-affinity-filter", upstream::NOT_BUILT),
+        ("no-hit-lru-scorer", upstream::NOT_BUILT),
         ("session-id-producer", upstream::ATTRIBUTES),
         ("vllmgrpc-parser", upstream::PARSER),
     ] {
@@ -243,4 +243,46 @@ fn conformance_plugins_resolve() {
         "header-based-testing-filter"
     );
     assert!(!parse_config(LLMD_DEFAULT_CONFIG).unwrap().served_verifier);
+}
+
+#[test]
+fn prefix_cache_affinity_filter_parameters() {
+    use crate::epp::scheduling::plugins::prefix_affinity::PrefixAffinityParams;
+    let c = cfg("plugins:\n- type: prefix-cache-affinity-filter\n  name: pa\n  parameters: {affinityThreshold: 0.9, explorationProbability: 0.01, maxTTFTPenaltyMs: 5000, ttftSource: prefillThroughput}\n- type: weighted-random-picker\n").unwrap();
+    assert_eq!(
+        c.plugin("pa").unwrap().kind,
+        PluginKind::PrefixCacheAffinityFilter(PrefixAffinityParams {
+            affinity_threshold: 0.9,
+            exploration_probability: 0.01,
+            max_ttft_penalty_ms: 5000.0,
+            peak_prefill_throughput: 15928.0,
+        })
+    );
+    // It brings the approximate prefix index with it.
+    assert!(c.scheduling.prefix_cache.is_some());
+    assert_eq!(c.scheduling.profiles[0].filters[0].name(), "pa");
+    for (params, message) in [
+        (
+            "{ttftSource: latencyPredictor}",
+            "ttftSource \"latencyPredictor\" is not supported by switchyard",
+        ),
+        (
+            "{affinityThreshold: 1.5}",
+            "affinityThreshold must be <= 1.0, got 1.5",
+        ),
+        (
+            "{explorationProbability: -0.1}",
+            "explorationProbability must be in [0, 1], got -0.1",
+        ),
+        (
+            "{peakPrefillThroughput: 0}",
+            "peakPrefillThroughput must be > 0 when ttftSource is prefillThroughput",
+        ),
+        ("{maxTtftPenaltyMs: 1}", "unknown field `maxTtftPenaltyMs`"),
+    ] {
+        let e = err(&format!(
+            "plugins:\n- type: prefix-cache-affinity-filter\n  parameters: {params}\n"
+        ));
+        assert!(e.contains(message), "{params}: {e}");
+    }
 }

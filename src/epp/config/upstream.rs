@@ -114,7 +114,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
     ("header-label-affinity-scorer", LABELS),
     ("header-profile-handler", LABELS),
     // Other scorers and filters.
-    ("prefix-cache-affinity-filter", NOT_BUILT),
     ("utilization-filter", NOT_BUILT),
     ("context-length-aware", NOT_BUILT),
     ("no-hit-lru-scorer", NOT_BUILT),

@@ -257,9 +257,25 @@ impl Profile {
             candidates
         } else {
             let mut kept = candidates.to_vec();
+            let mut filter_matches = Vec::new();
             for (filter, hist) in &self.filters {
                 let t = Instant::now();
-                filter.filter(req, &mut kept);
+                match prepared.index {
+                    Some(index) if filter.uses_prefix_matches() => {
+                        index.match_prefix(
+                            prepared.hashes,
+                            kept.iter().map(|e| e.endpoint.name.as_str()),
+                            &mut filter_matches,
+                        );
+                        filter.filter_with_prefix(
+                            req,
+                            &mut kept,
+                            &filter_matches,
+                            prepared.hashes.len(),
+                        );
+                    }
+                    _ => filter.filter(req, &mut kept),
+                }
                 observe_since(hist, t);
                 if kept.is_empty() {
                     tracing::debug!(profile = %self.name, filter = filter.name(),

@@ -18,6 +18,7 @@ pub mod freshness;
 pub mod load;
 pub mod pickers;
 pub mod predicted_ttft;
+pub mod prefix_affinity;
 pub mod profile;
 pub mod scorers;
 pub mod session_affinity;
@@ -49,6 +50,24 @@ pub struct CycleState<'a> {
 /// leaves no endpoint fails the profile.
 pub trait Filter: Plugin {
     fn filter(&self, request: &SchedulingRequest<'_>, endpoints: &mut Vec<Arc<EndpointSnapshot>>);
+
+    /// Whether this filter reads prefix matches (then [`Filter::filter_with_prefix`] is called
+    /// instead of `filter` when a prefix index exists).
+    fn uses_prefix_matches(&self) -> bool {
+        false
+    }
+
+    /// `filter` with `matches[i]`, the matched prefix blocks of `endpoints[i]`, and the
+    /// request's block count.
+    fn filter_with_prefix(
+        &self,
+        request: &SchedulingRequest<'_>,
+        endpoints: &mut Vec<Arc<EndpointSnapshot>>,
+        _matches: &[usize],
+        _total_blocks: usize,
+    ) {
+        self.filter(request, endpoints);
+    }
 }
 
 /// Scores each endpoint; `out[i]` is the score of `endpoints[i]` (expected in 0..=1; values
