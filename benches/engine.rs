@@ -102,6 +102,7 @@ fn engine(num_seqs: usize) -> (EngineCore, Vec<Receiver<SeqEvent>>) {
             params,
             arrival: Instant::now(),
             events: tx,
+            constraint: None,
         });
         rxs.push(rx);
     }

@@ -66,6 +66,7 @@ fn run_workload(profile_name: &str) -> usize {
             params,
             arrival: Instant::now(),
             events: tx,
+            constraint: None,
         });
         rxs.push(rx);
     }

@@ -70,6 +70,7 @@ impl Harness {
             params,
             arrival: Instant::now(),
             events: tx,
+            constraint: None,
         });
         rx
     }

@@ -82,6 +82,11 @@ pub trait TextCodec: Send + Sync + 'static {
         }
         self.render_chat(messages)
     }
+    /// The Hugging Face `tokenizer.json` of the vocabulary, for building token masks
+    /// (constrained decoding); `None` when there is no real token table.
+    fn tokenizer_json(&self) -> Option<serde_json::Value> {
+        None
+    }
     /// Whether the chat template renders `tools` (it reads the `tools` variable).
     fn supports_tools(&self) -> bool {
         false

@@ -583,7 +583,7 @@ pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
     };
     let state = Arc::new(AppState {
         engine: engine.clone(),
-        codec: built.codec,
+        codec: Arc::clone(&built.codec),
         metrics: Arc::clone(&metrics),
         served_model_names: names,
         max_body_bytes: args.max_request_body_bytes,
@@ -597,6 +597,11 @@ pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
             max_prompt_bytes,
         },
         preprocess: Arc::new(tokio::sync::Semaphore::new(pool_size)),
+        grammars: api::constrained::Grammars::new(
+            Arc::clone(&built.codec),
+            engine.info().vocab_size,
+            engine.info().eos_token_ids.first().copied(),
+        ),
     });
     let app = api::router(state);
     let limits = conn::ConnLimits {

@@ -136,6 +136,17 @@ impl Default for SamplingParams {
     }
 }
 
+/// A request's output constraint (structured outputs, forced tool calls): the engine masks each
+/// sampling row's logits with it and then advances it with the sampled token. Runs on the engine
+/// thread; both calls are per generated token, so they must be cheap (a bitmask, not a compile).
+pub trait TokenConstraint: Send + std::fmt::Debug {
+    /// Sets the logits of the tokens it forbids next to `-inf`. `Err`: it cannot go on (the
+    /// engine then allows only EOS, ending the request).
+    fn mask(&mut self, logits: &mut [f32]) -> Result<(), String>;
+    /// Advances past `token`, the one sampled from the masked logits.
+    fn accept(&mut self, token: u32) -> Result<(), String>;
+}
+
 /// A request handed to the engine.
 #[derive(Debug)]
 pub struct EngineRequest {
@@ -145,6 +156,7 @@ pub struct EngineRequest {
     pub arrival: Instant,
     /// Bounded: a client that leaves `capacity - 3` events unread has its request aborted.
     pub events: mpsc::Sender<SeqEvent>,
+    pub constraint: Option<Box<dyn TokenConstraint>>,
 }
 
 /// Why the engine refused a request at submission.

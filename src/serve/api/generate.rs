@@ -7,7 +7,9 @@ use std::sync::Arc;
 use crate::serve::codec::TextCodec;
 use crate::serve::engine::{EngineHandle, RequestStream};
 use crate::serve::metrics::ServeMetrics;
-use crate::serve::protocol::{FinishReason, SamplingParams, SeqEvent, StopTokenIds, TokenLogprobs};
+use crate::serve::protocol::{
+    FinishReason, SamplingParams, SeqEvent, StopTokenIds, TokenConstraint, TokenLogprobs,
+};
 
 use super::detok::{Detokenizer, StopMatcher};
 use super::error::ApiError;
@@ -260,11 +262,12 @@ impl Generation {
         prompt: Vec<u32>,
         params: SamplingParams,
         spec: OutputSpec,
+        constraint: Option<Box<dyn TokenConstraint>>,
     ) -> Result<Self, ApiError> {
         let detok = Detokenizer::new(Arc::clone(codec), spec.skip_special, &prompt);
         let prompt_tokens = prompt.len();
         let want_logprobs = params.logprobs.is_some();
-        let stream = engine.submit(prompt, params)?;
+        let stream = engine.submit_constrained(prompt, params, constraint)?;
         Ok(Self {
             engine: engine.clone(),
             metrics: Arc::clone(metrics),

@@ -1,6 +1,7 @@
 //! HTTP API of the decode server (axum): OpenAI-compatible generation endpoints, vLLM's
 //! tokenizer endpoints, health, version and Prometheus metrics.
 
+pub mod constrained;
 pub mod detok;
 pub mod error;
 pub mod generate;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub limits: RequestLimits,
     /// Permits for CPU-heavy request work on the blocking pool (`--tokenizer-pool-size`).
     pub preprocess: Arc<Semaphore>,
+    /// Compiles structured-output constraints (token table built on first use).
+    pub grammars: constrained::Grammars,
 }
 
 impl std::fmt::Debug for AppState {

@@ -10,11 +10,12 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use super::constrained::GrammarError;
 use super::error::ApiError;
 use super::generate::{prepare, Delta, Generation, OutputSpec};
 use super::messages::{resolve_tools, ToolChoice, Tools};
 use super::params::{check_unsupported, Endpoint};
-use super::structured::{self, ConstraintSpec};
+use super::structured;
 use super::tools::{ToolEvent, ToolParser};
 use super::types::{
     ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatMessageOut, ChatRequest, ChatResponse,
@@ -23,7 +24,7 @@ use super::types::{
 };
 use super::AppState;
 use crate::serve::codec::ChatExtras;
-use crate::serve::protocol::SamplingParams;
+use crate::serve::protocol::{SamplingParams, TokenConstraint};
 
 /// OpenAI's default `max_tokens` for completions.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
@@ -105,6 +106,7 @@ struct Prepared {
     include_usage: bool,
     request_id: Option<String>,
     tools: Option<ToolMode>,
+    constraint: Option<Box<dyn TokenConstraint>>,
 }
 
 /// Checks shared by both endpoints before anything is tokenised.
@@ -118,31 +120,43 @@ fn check_common(common: &CommonParams) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The request's output constraint, or the 400 for it while this server cannot apply one.
+/// The request's output constraint, compiled (an uncompilable one is a 400 with the reason).
 fn constraint(
     state: &AppState,
     common: &CommonParams,
     tools: Option<&Tools>,
-) -> Result<Option<ConstraintSpec>, ApiError> {
-    let spec = structured::plan(
+) -> Result<Option<Box<dyn TokenConstraint>>, ApiError> {
+    let Some(spec) = structured::plan(
         common.response_format.as_ref(),
         common.structured_outputs.as_ref(),
         tools,
-    )?;
-    match spec {
-        None => Ok(None),
-        Some(spec) => {
-            let _ = state;
-            Err(ApiError::bad(
-                format!(
-                    "{}: constrained decoding (structured outputs, forced tool calls) is not \
-                     available on this server.",
-                    spec.param
-                ),
-                Some(spec.param),
-            ))
-        }
+    )?
+    else {
+        return Ok(None);
+    };
+    if !state.engine.info().computes_logits {
+        return Err(ApiError::bad(
+            format!(
+                "{} needs constrained decoding, which needs a backend that computes logits; the \
+                 sim backend picks tokens without them (use --sim-script, cpu or cuda).",
+                spec.param
+            ),
+            Some(spec.param),
+        ));
     }
+    state
+        .grammars
+        .compile(&spec)
+        .map(Some)
+        .map_err(|e| match e {
+            GrammarError::Unavailable(_) => {
+                ApiError::bad(format!("{}: {e}", spec.param), Some(spec.param))
+            }
+            GrammarError::Compile(reason) => ApiError::bad(
+                format!("Invalid {}: {reason}", spec.param),
+                Some(spec.param),
+            ),
+        })
 }
 
 fn prepare_completion(state: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
@@ -189,7 +203,7 @@ fn prepare_completion(state: &AppState, body: &[u8]) -> Result<Prepared, ApiErro
         Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
         req.logprobs,
     )?;
-    let _constraint = constraint(state, &common, None)?;
+    let constraint = constraint(state, &common, None)?;
     Ok(Prepared {
         model,
         prompt,
@@ -199,6 +213,7 @@ fn prepare_completion(state: &AppState, body: &[u8]) -> Result<Prepared, ApiErro
         include_usage: common.stream_options.is_some_and(|o| o.include_usage),
         request_id: common.request_id,
         tools: None,
+        constraint,
     })
 }
 
@@ -256,7 +271,7 @@ fn prepare_chat(state: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
         None,
         logprobs,
     )?;
-    let _constraint = constraint(state, &common, tools.as_ref())?;
+    let constraint = constraint(state, &common, tools.as_ref())?;
     Ok(Prepared {
         model,
         prompt,
@@ -266,6 +281,7 @@ fn prepare_chat(state: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
         include_usage: common.stream_options.is_some_and(|o| o.include_usage),
         request_id: common.request_id,
         tools: tools.as_ref().and_then(ToolMode::from_tools),
+        constraint,
     })
 }
 
@@ -290,6 +306,7 @@ async fn generate(
         p.prompt,
         p.params,
         p.spec,
+        p.constraint,
     )?;
     let prefix = match kind {
         Kind::Completion => "cmpl",

@@ -112,6 +112,11 @@ pub trait Backend: Send + 'static {
     /// How many KV blocks fit in the memory budget the backend was configured with.
     fn available_kv_blocks(&self) -> usize;
 
+    /// Whether `execute` fills logits (else it picks tokens itself, as the plain sim does).
+    fn computes_logits(&self) -> bool {
+        true
+    }
+
     /// Allocates the KV cache for `num_blocks` blocks. Called once before the first `execute`.
     fn init_kv(&mut self, num_blocks: usize) -> Result<(), BackendError>;
 

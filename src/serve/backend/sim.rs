@@ -175,6 +175,10 @@ impl Backend for SimBackend {
         "sim"
     }
 
+    fn computes_logits(&self) -> bool {
+        false
+    }
+
     fn kv_spec(&self) -> KvSpec {
         let per_token = self.profile.kv_bytes_per_token();
         KvSpec {

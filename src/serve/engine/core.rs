@@ -31,6 +31,8 @@ pub struct EngineCore {
     plan: StepPlan,
     sampled: Vec<Sampled>,
     sampler: Sampler,
+    /// A constrained row's logits, masked (the raw row stays for logprobs, as vLLM reports them).
+    masked: Vec<f32>,
     metrics: Arc<ServeMetrics>,
     kv_events: Option<Arc<KvEventLog>>,
     shared: Arc<EngineShared>,
@@ -129,6 +131,7 @@ impl EngineCore {
             plan: StepPlan::default(),
             sampled: Vec::new(),
             sampler: Sampler::default(),
+            masked: Vec::new(),
             metrics,
             kv_events,
             shared,
@@ -145,6 +148,7 @@ impl EngineCore {
             max_waiting: self.cfg.max_waiting,
             eos_token_ids: self.cfg.eos_token_ids.clone(),
             vocab_size: self.backend.vocab_size(),
+            computes_logits: self.backend.computes_logits(),
         }
     }
 
@@ -328,11 +332,14 @@ impl EngineCore {
     fn sample(&mut self) -> Result<(), EngineError> {
         self.sampled.clear();
         let (out, sampler, sampled) = (&self.out, &mut self.sampler, &mut self.sampled);
+        let masked = &mut self.masked;
+        let eos = self.cfg.eos_token_ids.first().copied();
         let use_picked = !out.sampled.is_empty();
         self.sched
-            .for_each_sampling_row(&self.plan, |params, rng| {
+            .for_each_sampling_row(&self.plan, |params, rng, constraint| {
                 let row = sampled.len();
                 let next = if use_picked {
+                    // The API refuses constraints for backends without logits.
                     let token = *out.sampled.get(row).ok_or(MissingRow { row })?;
                     let logprobs = params.logprobs.map(|n| TokenLogprobs {
                         logprob: 0.0,
@@ -345,7 +352,22 @@ impl EngineCore {
                     Sampled { token, logprobs }
                 } else {
                     let logits = out.row(row).ok_or(MissingRow { row })?;
-                    let token = sampler.sample(logits, params, rng);
+                    let token = match constraint {
+                        None => sampler.sample(logits, params, rng),
+                        Some(c) => {
+                            masked.clear();
+                            masked.extend_from_slice(logits);
+                            if let Err(e) = c.mask(masked) {
+                                tracing::warn!(error = %e, "output constraint failed; ending with EOS");
+                                allow_only(masked, eos);
+                            }
+                            let token = sampler.sample(masked, params, rng);
+                            if let Err(e) = c.accept(token) {
+                                tracing::warn!(error = %e, token, "output constraint rejected the sampled token");
+                            }
+                            token
+                        }
+                    };
                     let logprobs = params.logprobs.map(|n| sampler.logprobs(logits, token, n));
                     Sampled { token, logprobs }
                 };
@@ -383,6 +405,18 @@ impl EngineCore {
             .store(pool.num_free(), Ordering::Relaxed);
         if let Some(log) = &self.kv_events {
             log.publish(self.sched.drain_kv_events());
+        }
+    }
+}
+
+/// Masks every logit but `token`'s (or, with no token, leaves the row as is).
+fn allow_only(logits: &mut [f32], token: Option<u32>) {
+    let Some(t) = token else {
+        return;
+    };
+    for (i, l) in logits.iter_mut().enumerate() {
+        if i != t as usize {
+            *l = f32::NEG_INFINITY;
         }
     }
 }

@@ -25,7 +25,8 @@ use crate::serve::metrics::ServeMetrics;
 
 pub use self::core::EngineCore;
 pub use crate::serve::protocol::{
-    EngineRequest, FinishReason, SamplingParams, SeqEvent, SubmitError, TokenLogprobs,
+    EngineRequest, FinishReason, SamplingParams, SeqEvent, SubmitError, TokenConstraint,
+    TokenLogprobs,
 };
 
 /// Engine settings (validated by `serve::run` from the flags).
@@ -106,6 +107,8 @@ pub struct EngineInfo {
     pub max_waiting: usize,
     pub eos_token_ids: Vec<u32>,
     pub vocab_size: usize,
+    /// The backend returns logits (so output constraints can apply); the plain sim does not.
+    pub computes_logits: bool,
 }
 
 #[derive(Debug)]
@@ -161,6 +164,16 @@ impl EngineHandle {
         prompt: Vec<u32>,
         params: SamplingParams,
     ) -> Result<RequestStream, SubmitError> {
+        self.submit_constrained(prompt, params, None)
+    }
+
+    /// [`EngineHandle::submit`] with an output constraint.
+    pub fn submit_constrained(
+        &self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        constraint: Option<Box<dyn TokenConstraint>>,
+    ) -> Result<RequestStream, SubmitError> {
         if !self.shared.alive() {
             return Err(SubmitError::EngineDead);
         }
@@ -180,6 +193,7 @@ impl EngineHandle {
             params,
             arrival: Instant::now(),
             events,
+            constraint,
         };
         match self.tx.try_send(Command::Submit(req)) {
             Ok(()) => Ok(RequestStream { id, events: rx }),

@@ -24,7 +24,7 @@ use rand::rngs::StdRng;
 use super::block_pool::{PoolError, PoolEvent};
 use super::kv_manager::KvManager;
 use super::sequence::Sequence;
-use crate::serve::protocol::{FinishReason, SamplingParams, TokenLogprobs};
+use crate::serve::protocol::{FinishReason, SamplingParams, TokenConstraint, TokenLogprobs};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchedulerConfig {
@@ -218,14 +218,18 @@ impl Scheduler {
     pub fn for_each_sampling_row<E>(
         &mut self,
         plan: &StepPlan,
-        mut f: impl FnMut(&SamplingParams, &mut StdRng) -> Result<(), E>,
+        mut f: impl FnMut(
+            &SamplingParams,
+            &mut StdRng,
+            Option<&mut Box<dyn TokenConstraint>>,
+        ) -> Result<(), E>,
     ) -> Result<(), E> {
         for s in &plan.scheduled {
             let Some(seq) = self.running.get_mut(s.idx) else {
                 continue;
             };
             if seq.num_computed + s.num_new == seq.num_tokens() {
-                f(&seq.params, &mut seq.rng)?;
+                f(&seq.params, &mut seq.rng, seq.constraint.as_mut())?;
             }
         }
         Ok(())

@@ -6,7 +6,9 @@ use std::time::Instant;
 use rand::rngs::StdRng;
 use tokio::sync::mpsc::Sender;
 
-use crate::serve::protocol::{EngineRequest, FinishReason, SamplingParams, SeqEvent};
+use crate::serve::protocol::{
+    EngineRequest, FinishReason, SamplingParams, SeqEvent, TokenConstraint,
+};
 
 /// Most events one step sends a sequence (`Started`, `Token`, `Finished`).
 const EVENTS_PER_STEP: usize = 3;
@@ -42,6 +44,9 @@ pub struct Sequence {
     pub cached_tokens: Option<usize>,
     pub finished: Option<FinishReason>,
     pub num_preemptions: u32,
+    /// Structured-output mask state, advanced once per sampled token (kept across preemption:
+    /// recompute re-runs the same tokens, it does not re-sample them).
+    pub constraint: Option<Box<dyn TokenConstraint>>,
 }
 
 impl Sequence {
@@ -70,6 +75,7 @@ impl Sequence {
             cached_tokens: None,
             finished: None,
             num_preemptions: 0,
+            constraint: req.constraint,
         }
     }
 

@@ -174,6 +174,10 @@ impl TextCodec for HfCodec {
     fn supports_tools(&self) -> bool {
         self.template.supports_tools()
     }
+
+    fn tokenizer_json(&self) -> Option<Value> {
+        serde_json::to_value(&self.tokenizer).ok()
+    }
 }
 
 /// Parses a `tokenizer.json` document (`path` names it in errors), containing the ways the
