@@ -487,9 +487,12 @@ async fn backend_failure_fails_requests_and_marks_the_engine_dead() {
         switchyard::serve::engine::spawn(cfg, Box::new(Broken), Arc::clone(&metrics), None)
             .unwrap();
     assert!(engine.shared().alive());
+    let codec: Arc<dyn switchyard::serve::codec::TextCodec> =
+        Arc::new(switchyard::serve::approx_codec::ApproxCodec::new(10));
     let state = Arc::new(switchyard::serve::api::AppState {
         engine: engine.clone(),
-        codec: Arc::new(switchyard::serve::approx_codec::ApproxCodec::new(10)),
+        grammars: switchyard::serve::api::constrained::Grammars::new(Arc::clone(&codec), 10, None),
+        codec,
         metrics,
         served_model_names: vec!["m".into()],
         max_body_bytes: 1 << 20,

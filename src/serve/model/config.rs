@@ -122,7 +122,7 @@ impl ModelConfig {
                 });
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(ModelError::InvalidField {
                 field: "hidden_size",
                 reason: format!(
@@ -131,7 +131,10 @@ impl ModelConfig {
                 ),
             });
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(ModelError::InvalidField {
                 field: "num_key_value_heads",
                 reason: format!(
@@ -141,7 +144,7 @@ impl ModelConfig {
             });
         }
         // RoPE rotates pairs of halves, and the paged key layout packs 4 f32 per 16-byte group.
-        if self.head_dim() % 4 != 0 {
+        if !self.head_dim().is_multiple_of(4) {
             return Err(ModelError::InvalidField {
                 field: "hidden_size",
                 reason: format!("head size {} is not a multiple of 4", self.head_dim()),

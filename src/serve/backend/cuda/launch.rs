@@ -145,7 +145,7 @@ pub fn plan_attention_split(
     partition_size: usize,
 ) -> Result<AttentionPlan, CudaError> {
     if !(MIN_PARTITION_SIZE..=PARTITION_SIZE).contains(&partition_size)
-        || partition_size % MIN_PARTITION_SIZE != 0
+        || !partition_size.is_multiple_of(MIN_PARTITION_SIZE)
     {
         return Err(CudaError::Launch(format!(
             "partition size {partition_size} (must be a multiple of {MIN_PARTITION_SIZE} up to \
@@ -158,7 +158,7 @@ pub fn plan_attention_split(
             shape.head_size, SUPPORTED_HEAD_SIZES
         )));
     }
-    if shape.num_kv_heads == 0 || shape.num_heads % shape.num_kv_heads != 0 {
+    if shape.num_kv_heads == 0 || !shape.num_heads.is_multiple_of(shape.num_kv_heads) {
         return Err(CudaError::Unsupported(format!(
             "{} attention heads over {} KV heads (must divide evenly)",
             shape.num_heads, shape.num_kv_heads
@@ -220,7 +220,7 @@ pub fn gemv_launch(n: usize, k: usize, rows: usize) -> Result<Launch, CudaError>
             "GEMV over {rows} rows (1..={GEMV_MAX_ROWS})"
         )));
     }
-    if k == 0 || k % 16 != 0 || i32::try_from(k).is_err() {
+    if k == 0 || !k.is_multiple_of(16) || i32::try_from(k).is_err() {
         return Err(CudaError::Unsupported(format!(
             "GEMV inner dimension {k} (must be a positive multiple of 16)"
         )));

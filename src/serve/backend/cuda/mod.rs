@@ -158,7 +158,11 @@ pub fn check_model(cfg: &ModelConfig) -> Result<(), CudaError> {
             launch::SUPPORTED_HEAD_SIZES
         )));
     }
-    if cfg.num_key_value_heads == 0 || cfg.num_attention_heads % cfg.num_key_value_heads != 0 {
+    if cfg.num_key_value_heads == 0
+        || !cfg
+            .num_attention_heads
+            .is_multiple_of(cfg.num_key_value_heads)
+    {
         return Err(CudaError::Unsupported(format!(
             "{} heads over {} KV heads",
             cfg.num_attention_heads, cfg.num_key_value_heads

@@ -98,7 +98,7 @@ impl Gpu {
         let (n_i, k_i) = (i32_of(n, "linear n")?, i32_of(k, "linear k")?);
         let (codes, scales) = match (w, &kern.gemv_bf16) {
             (Weight::Bf16(w), Some((bf, bf_f32)))
-                if tokens <= launch::GEMV_MAX_ROWS && k % 16 == 0 =>
+                if tokens <= launch::GEMV_MAX_ROWS && k.is_multiple_of(16) =>
             {
                 let rows_i = i32_of(tokens, "linear rows")?;
                 // SAFETY: `gemv_bf16(_f32)(out, w, x, n, k, rows)`; w is [n, k], x holds

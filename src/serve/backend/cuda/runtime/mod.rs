@@ -243,7 +243,7 @@ impl Gpu {
         // Weights: on the host, uploaded a layer at a time (host copy dropped after).
         let up = |v: Vec<u16>| stream.clone_htod(&v).map_err(drv);
         let up8 = |m: Fp8Matrix| -> Result<Weight, CudaError> {
-            if m.cols % 16 != 0 {
+            if !m.cols.is_multiple_of(16) {
                 return Err(CudaError::Unsupported(format!(
                     "FP8 weight with {} columns (the GEMV needs a multiple of 16)",
                     m.cols
