@@ -213,7 +213,7 @@ impl BlockIndex {
         let ebs = ev.block_size as usize;
         if bs == 0
             || ebs == 0
-            || ebs % bs != 0
+            || !ebs.is_multiple_of(bs)
             || Some(ev.token_ids.len()) != ev.block_hashes.len().checked_mul(ebs)
         {
             self.skip(Skip::BlockSize);

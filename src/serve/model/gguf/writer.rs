@@ -173,7 +173,7 @@ pub fn quantize(ty: GgmlType, x: &[f32]) -> Option<Vec<u8>> {
         }
         GgmlType::Q4K | GgmlType::Q6K => return None,
     }
-    if x.len() % ty.block_len() != 0 {
+    if !x.len().is_multiple_of(ty.block_len()) {
         return None;
     }
     Some(out)
