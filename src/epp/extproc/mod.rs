@@ -11,23 +11,21 @@
 
 mod replies;
 mod state;
+mod stream;
 pub mod usage;
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
     ExternalProcessor, ExternalProcessorServer,
 };
-use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
-use futures::Stream;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
 use tonic::{Request, Response, Status, Streaming};
 
 pub use replies::BODY_CHUNK_LIMIT;
 pub use state::StreamState;
+pub use stream::Replies;
 
 use super::director::{Director, RoutingError};
 use super::flowcontrol::EppFlowController;
@@ -124,9 +122,6 @@ pub struct ExtProcService {
     shared: Arc<Shared>,
 }
 
-/// Replies buffered per stream before the reader waits for Envoy to take them.
-const REPLY_QUEUE: usize = 64;
-
 impl ExtProcService {
     pub fn new(shared: Arc<Shared>) -> Self {
         ExtProcService { shared }
@@ -145,135 +140,17 @@ impl ExtProcService {
 /// The tonic server wrapping [`ExtProcService`].
 pub type ExtProcServer = ExternalProcessorServer<ExtProcService>;
 
-type ReplyStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl ExternalProcessor for ExtProcService {
-    type ProcessStream = ReplyStream;
+    type ProcessStream = Replies;
 
     async fn process(
         &self,
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Self::ProcessStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(REPLY_QUEUE);
-        let shared = self.shared.clone();
-        shared.open_streams.fetch_add(1, Ordering::Relaxed);
-        let guard = OpenStreamGuard(shared.clone());
-        let deadline = shared
-            .config
-            .stream_timeout
-            .map(|t| tokio::time::Instant::now() + t);
-        tokio::spawn(async move {
-            let _guard = guard;
-            let serve = serve_stream(StreamState::new(shared), &mut inbound, &tx);
-            match deadline {
-                Some(at) => {
-                    if tokio::time::timeout_at(at, serve).await.is_err() {
-                        tracing::info!(
-                            "ext_proc stream open longer than --grpc-stream-timeout; ended"
-                        );
-                        // try_send: a peer that stopped reading must not hold the task.
-                        let _ = tx.try_send(Err(Status::deadline_exceeded(
-                            "ext_proc stream exceeded --grpc-stream-timeout",
-                        )));
-                    }
-                }
-                None => serve.await,
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Replies::new(
+            self.shared.clone(),
+            request.into_inner(),
+        )))
     }
-}
-
-/// Feeds one stream's messages through its state machine until either side ends it. Dropping
-/// the state (here or when the task is cancelled) releases its in-flight accounting.
-async fn serve_stream(
-    mut state: StreamState,
-    inbound: &mut Streaming<ProcessingRequest>,
-    tx: &mpsc::Sender<Result<ProcessingResponse, Status>>,
-) {
-    let mut out = Vec::with_capacity(4);
-    loop {
-        let Some(msg) = next_message(inbound).await else {
-            return;
-        };
-        out.clear();
-        let finished = state.on_message(msg, &mut out);
-        if !send_all(tx, &mut out).await || finished {
-            return;
-        }
-        if let Some(ticket) = state.take_ticket() {
-            if !wait_in_queue(&mut state, ticket, inbound, tx, &mut out).await {
-                return;
-            }
-        }
-    }
-}
-
-/// Most messages kept while a request waits in flow control (Envoy sends at most trailers
-/// before it has the header reply; more is a broken peer).
-const HELD_WHILE_QUEUED: usize = 8;
-
-/// Awaits a queued request's flow-control outcome while watching the stream: if Envoy closes
-/// it, the ticket is dropped, which takes the request out of the queue. Messages that arrive
-/// meanwhile are handled after the outcome, in order. Returns false when the stream is over.
-async fn wait_in_queue(
-    state: &mut StreamState,
-    mut ticket: crate::epp::flowcontrol::Ticket<crate::epp::flowcontrol::Routed>,
-    inbound: &mut Streaming<ProcessingRequest>,
-    tx: &mpsc::Sender<Result<ProcessingResponse, Status>>,
-    out: &mut Vec<ProcessingResponse>,
-) -> bool {
-    let mut held = Vec::new();
-    let admitted = loop {
-        tokio::select! {
-            admitted = &mut ticket => break admitted,
-            // `Streaming::message` is cancel safe.
-            msg = next_message(inbound) => match msg {
-                Some(m) if held.len() < HELD_WHILE_QUEUED => held.push(m),
-                _ => {
-                    tracing::debug!("ext_proc stream closed while the request was queued");
-                    return false;
-                }
-            },
-        }
-    };
-    out.clear();
-    let finished = state.on_admitted(admitted, out);
-    if !send_all(tx, out).await || finished {
-        return false;
-    }
-    for msg in held {
-        out.clear();
-        let finished = state.on_message(msg, out);
-        if !send_all(tx, out).await || finished {
-            return false;
-        }
-    }
-    true
-}
-
-/// The next message, or `None` when the stream ended or broke.
-async fn next_message(inbound: &mut Streaming<ProcessingRequest>) -> Option<ProcessingRequest> {
-    match inbound.message().await {
-        Ok(m) => m,
-        Err(status) => {
-            tracing::debug!(code = ?status.code(), message = status.message(), "ext_proc stream broke");
-            None
-        }
-    }
-}
-
-/// Sends `out` in order; false when Envoy went away.
-async fn send_all(
-    tx: &mpsc::Sender<Result<ProcessingResponse, Status>>,
-    out: &mut Vec<ProcessingResponse>,
-) -> bool {
-    for reply in out.drain(..) {
-        if tx.send(Ok(reply)).await.is_err() {
-            return false;
-        }
-    }
-    true
 }
