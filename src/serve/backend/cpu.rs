@@ -16,7 +16,8 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use self::kernels::{
-    add_in_place, dot, linear, rms_norm, rope_cos_sin, rope_in_place, Linear, MatmulScratch,
+    add_in_place, dot, linear, linear_many, rms_norm, rope_cos_sin, rope_in_place, Linear,
+    MatmulScratch,
 };
 use self::kv::{KvCache, KvGeometry, LayerKv, X};
 use super::{Backend, BackendError, KvSpec, StepBatch, StepOutput};
@@ -373,25 +374,15 @@ impl Model<'_> {
         for (lw, layer_kv) in self.w.layers.iter().zip(kv.layers.iter_mut()) {
             // Attention block.
             rms_norm(&s.x, &lw.input_norm, eps, &mut s.h);
-            linear(
+            linear_many(
                 &s.h,
                 n,
-                Linear::new(&lw.q_proj, q_dim, hidden).with_bias(&lw.q_bias),
-                &mut s.q,
-                &mut s.matmul,
-            );
-            linear(
-                &s.h,
-                n,
-                Linear::new(&lw.k_proj, kv_dim, hidden).with_bias(&lw.k_bias),
-                &mut s.k,
-                &mut s.matmul,
-            );
-            linear(
-                &s.h,
-                n,
-                Linear::new(&lw.v_proj, kv_dim, hidden).with_bias(&lw.v_bias),
-                &mut s.v,
+                [
+                    Linear::new(&lw.q_proj, q_dim, hidden).with_bias(&lw.q_bias),
+                    Linear::new(&lw.k_proj, kv_dim, hidden).with_bias(&lw.k_bias),
+                    Linear::new(&lw.v_proj, kv_dim, hidden).with_bias(&lw.v_bias),
+                ],
+                [&mut s.q, &mut s.k, &mut s.v],
                 &mut s.matmul,
             );
             for (t, cs) in s.cos_sin.chunks_exact(half).enumerate() {
@@ -419,18 +410,14 @@ impl Model<'_> {
 
             // MLP block (SwiGLU).
             rms_norm(&s.x, &lw.post_norm, eps, &mut s.h);
-            linear(
+            linear_many(
                 &s.h,
                 n,
-                Linear::new(&lw.gate_proj, inter, hidden),
-                &mut s.gate,
-                &mut s.matmul,
-            );
-            linear(
-                &s.h,
-                n,
-                Linear::new(&lw.up_proj, inter, hidden),
-                &mut s.up,
+                [
+                    Linear::new(&lw.gate_proj, inter, hidden),
+                    Linear::new(&lw.up_proj, inter, hidden),
+                ],
+                [&mut s.gate, &mut s.up],
                 &mut s.matmul,
             );
             kernels::swiglu_in_place(&mut s.gate, &s.up);

@@ -182,6 +182,60 @@ pub fn linear(x: &[f32], n: usize, l: Linear<'_>, out: &mut Vec<f32>, s: &mut Ma
     });
 }
 
+/// Several linear layers over the same input (Q/K/V, gate/up). For one token on quantized
+/// weights of one activation kind they run as one parallel region with the activations
+/// quantized once: a decode step is ~170 small matmuls, and each region costs a wake-up of the
+/// worker threads. Anything else runs them one after another through [`linear`].
+pub fn linear_many<const N: usize>(
+    x: &[f32],
+    n: usize,
+    layers: [Linear<'_>; N],
+    outs: [&mut Vec<f32>; N],
+    s: &mut MatmulScratch,
+) {
+    let quant: Option<Vec<&QuantMatrix>> = layers
+        .iter()
+        .map(|l| match l.weight {
+            Weight::Quant(q) => Some(q),
+            Weight::F32(_) => None,
+        })
+        .collect();
+    let fused = quant.filter(|q| {
+        n == 1
+            && q.iter().all(|m| {
+                ActKind::for_weights(m.ty) == ActKind::for_weights(q[0].ty) && m.cols == q[0].cols
+            })
+    });
+    let Some(q) = fused else {
+        for (l, out) in layers.into_iter().zip(outs) {
+            linear(x, n, l, out, s);
+        }
+        return;
+    };
+    let k = q[0].cols;
+    s.acts
+        .quantize(ActKind::for_weights(q[0].ty), &x[..k], 1, k);
+    let acts = &s.acts;
+    let total: usize = q.iter().map(|m| m.rows).sum();
+    let rows = total.div_ceil(rayon::current_num_threads() * 4).max(1);
+    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(4 * N + N);
+    for (i, out) in outs.into_iter().enumerate() {
+        out.clear();
+        out.resize(q[i].rows, 0.0);
+        for (ci, chunk) in out.chunks_mut(rows).enumerate() {
+            tasks.push((i, ci * rows, chunk));
+        }
+    }
+    tasks.into_par_iter().for_each(|(i, o0, chunk)| {
+        let (w, bias) = (q[i], layers[i].bias);
+        for (r, dst) in chunk.iter_mut().enumerate() {
+            let o = o0 + r;
+            quant::dot_rows(w.ty, w.row(o), acts, 0, std::slice::from_mut(dst));
+            *dst += bias.and_then(|b| b.get(o)).copied().unwrap_or(0.0);
+        }
+    });
+}
+
 /// [`linear`] on ggml blocks: the activations are quantized once (8-bit, per block, as ggml
 /// does), then every output is a block dot product on the weight row where it lies, split over
 /// chunks of weight rows like the f32 path; multi-token calls walk tiles of tokens so each
@@ -345,6 +399,57 @@ mod tests {
                     assert_eq!(out[t * m + o], want, "t={t} o={o}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn quantized_linear_fused_equals_separate() {
+        use crate::serve::model::gguf::{writer::quantize, GgmlType};
+        use crate::serve::model::matrix::SharedBytes;
+        let (k, m) = (64, 40);
+        let mat = |ty: GgmlType, seed: usize| {
+            let w: Vec<f32> = (0..m * k)
+                .map(|i| (((i * 31 + seed) % 97) as f32 - 48.0) / 50.0)
+                .collect();
+            let bytes = SharedBytes::from_vec(quantize(ty, &w).unwrap());
+            Matrix::Quant(QuantMatrix::new(ty, m, k, bytes).unwrap())
+        };
+        let (a, b) = (mat(GgmlType::Q5_0, 1), mat(GgmlType::Q8_0, 2));
+        let bias: Vec<f32> = (0..m).map(|i| i as f32 * 0.5).collect();
+        let x: Vec<f32> = (0..3 * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+        let mut s = MatmulScratch::default();
+        for n in [1, 3] {
+            let (mut o1, mut o2, mut f1, mut f2) = (vec![], vec![], vec![], vec![]);
+            linear(
+                &x,
+                n,
+                Linear::new(&a, m, k).with_bias(&bias),
+                &mut o1,
+                &mut s,
+            );
+            linear(&x, n, Linear::new(&b, m, k), &mut o2, &mut s);
+            linear_many(
+                &x,
+                n,
+                [
+                    Linear::new(&a, m, k).with_bias(&bias),
+                    Linear::new(&b, m, k),
+                ],
+                [&mut f1, &mut f2],
+                &mut s,
+            );
+            assert_eq!((o1.len(), o2.len()), (n * m, n * m));
+            assert_eq!((&f1, &f2), (&o1, &o2), "n={n}");
+            // Row 0 of the multi-token result equals the single-token one.
+            let mut single = vec![];
+            linear(
+                &x,
+                1,
+                Linear::new(&a, m, k).with_bias(&bias),
+                &mut single,
+                &mut s,
+            );
+            assert_eq!(&o1[..m], &single[..]);
         }
     }
 
