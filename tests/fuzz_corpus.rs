@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 #[path = "../fuzz/checks/bearer_token.rs"]
 mod bearer_token;
-#[path = "../fuzz/checks/kv_events.rs"]
-mod kv_events;
 #[path = "../fuzz/checks/kube_objects.rs"]
 mod kube_objects;
+#[path = "../fuzz/checks/kv_events.rs"]
+mod kv_events;
 #[path = "../fuzz/checks/metrics_encode.rs"]
 mod metrics_encode;
 #[path = "../fuzz/checks/pem_loading.rs"]
