@@ -12,7 +12,7 @@ use super::procs::ScratchDir;
 use super::report::{self, Machine, RunInfo};
 use super::routing::{self, Comparison, Policy, PolicyResult};
 use super::stack::{self, ReplicaSpec};
-use super::workload::{completion_body, Workload};
+use super::workload::{completion_body, PlannedRequest, Workload, INTERACTIVE_OBJECTIVE};
 use crate::process::{self, LogFormat, Signal};
 
 /// Flags of `switchyard bench`.
@@ -55,6 +55,8 @@ pub enum WorkloadKind {
     BurstyChat,
     MultiTurn,
     CodingAgent,
+    /// Interactive requests at a steady rate under bursts of sheddable batch requests.
+    MixedPriority,
 }
 
 /// Workload, arrival and size flags shared by `bench routing`, `bench run` and `demo`. Rates
@@ -100,6 +102,15 @@ pub struct WorkloadArgs {
     pub repo_tokens: Option<u32>,
     #[arg(long)]
     pub edit_tokens: Option<u32>,
+    /// Interactive requests (mixed-priority).
+    #[arg(long)]
+    pub interactive_requests: Option<u32>,
+    /// Interactive requests per simulated second (mixed-priority; --rate shapes the batch).
+    #[arg(long)]
+    pub interactive_rate: Option<f64>,
+    /// Sheddable batch requests (mixed-priority).
+    #[arg(long)]
+    pub batch_requests: Option<u32>,
     /// Poisson arrival rate, requests per simulated second.
     #[arg(long)]
     pub rate: Option<f64>,
@@ -138,6 +149,8 @@ pub struct Resolved {
     pub seed: u64,
     /// Time scale the preset suggests.
     pub time_scale: Option<f64>,
+    /// Replica flags the workload suggests (used when `--replica-arg` is not given).
+    pub replica_args: Vec<String>,
 }
 
 impl WorkloadArgs {
@@ -158,6 +171,7 @@ impl WorkloadArgs {
                 max_requests: f.max_requests.unwrap_or(usize::MAX),
                 seed: f.seed.unwrap_or(self.seed),
                 time_scale: None,
+                replica_args: Vec::new(),
             });
         }
         let kind = self.workload.unwrap_or(WorkloadKind::SharedPrefix);
@@ -219,6 +233,25 @@ impl WorkloadArgs {
                 RateShape::Constant { rate: 0.5 },
                 Some(0.05),
             ),
+            WorkloadKind::MixedPriority => (
+                Workload::MixedPriority {
+                    interactive_requests: self.interactive_requests.unwrap_or(60),
+                    interactive_rate: self.interactive_rate.unwrap_or(1.0),
+                    batch_requests: self.batch_requests.unwrap_or(360),
+                    prompt_tokens_min: self.prompt_tokens_min.unwrap_or(300),
+                    prompt_tokens_max: self.prompt_tokens_max.unwrap_or(1500),
+                    output_tokens: self.output_tokens.unwrap_or(64),
+                },
+                // Batch: 30 req/s for 4 s of every 20 s, nothing between (the flood an
+                // async processor sends when its queue fills), far over what 4 replicas serve.
+                RateShape::Bursts {
+                    base: 0.0,
+                    burst: 30.0,
+                    period_s: 20.0,
+                    burst_s: 4.0,
+                },
+                Some(0.2),
+            ),
         };
         let rate = match (self.rate, self.ramp_to) {
             (Some(from), Some(to)) => RateShape::Ramp {
@@ -250,6 +283,12 @@ impl WorkloadArgs {
         };
         workload.validate()?;
         rate.validate()?;
+        // Mixed priority: replicas that admit 16 sequences at a time, so a flood queues in
+        // the replicas (where the EPP cannot reorder it) unless the EPP holds it back.
+        let replica_args = match kind {
+            WorkloadKind::MixedPriority => vec!["--max-num-seqs=16".to_owned()],
+            _ => Vec::new(),
+        };
         Ok(Resolved {
             workload,
             rate,
@@ -257,6 +296,7 @@ impl WorkloadArgs {
             max_requests: self.max_requests.unwrap_or(usize::MAX),
             seed: self.seed,
             time_scale,
+            replica_args,
         })
     }
 }
@@ -267,14 +307,39 @@ impl Resolved {
         let plan = self.workload.plan(self.seed)?;
         let wall_per_sim = if time_scale > 0.0 { time_scale } else { 1.0 };
         let arrivals = Arrivals::new(self.rate, self.seed.wrapping_add(0x5eed))?;
-        Ok(plan
-            .iter()
-            .zip(arrivals)
+        let timed: Vec<(&PlannedRequest, Duration)> = match self.workload {
+            // Each class its own arrival process (interactive steady, batch the run's rate
+            // shape), merged by time.
+            Workload::MixedPriority {
+                interactive_rate, ..
+            } => {
+                let interactive = Arrivals::new(
+                    RateShape::Constant {
+                        rate: interactive_rate,
+                    },
+                    self.seed.wrapping_add(0x1a7e),
+                )?;
+                let (first, batch): (Vec<&PlannedRequest>, Vec<&PlannedRequest>) = plan
+                    .iter()
+                    .partition(|r| r.objective == Some(INTERACTIVE_OBJECTIVE));
+                let mut all: Vec<(&PlannedRequest, Duration)> = first
+                    .into_iter()
+                    .zip(interactive)
+                    .chain(batch.into_iter().zip(arrivals))
+                    .collect();
+                all.sort_by_key(|(_, at)| *at);
+                all
+            }
+            _ => plan.iter().zip(arrivals).collect(),
+        };
+        Ok(timed
+            .into_iter()
             .take_while(|(_, at)| *at < self.duration)
             .take(self.max_requests)
             .map(|(req, at)| Scheduled {
                 at: at.mul_f64(wall_per_sim),
                 body: completion_body(model, &req.prompt, req.max_tokens),
+                objective: req.objective,
             })
             .collect())
     }
@@ -399,6 +464,11 @@ pub async fn compare(
         last_s,
         policies.len()
     );
+    let replica_args = if setup.replica_arg.is_empty() {
+        resolved.replica_args.clone()
+    } else {
+        setup.replica_arg.clone()
+    };
     let info = RunInfo {
         workload: serde_json::to_value(&resolved.workload)?,
         rate: serde_json::to_value(resolved.rate)?,
@@ -407,6 +477,7 @@ pub async fn compare(
         sim_profile: setup.sim_profile.clone(),
         time_scale,
         seed: resolved.seed,
+        replica_args: replica_args.clone(),
     };
     let cmp = Comparison {
         bin,
@@ -416,7 +487,7 @@ pub async fn compare(
             sim_profile: setup.sim_profile.clone(),
             time_scale,
             model: setup.model.clone(),
-            extra_args: setup.replica_arg.clone(),
+            extra_args: replica_args,
         },
         policies: policies.to_vec(),
         plan,

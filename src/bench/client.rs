@@ -170,9 +170,22 @@ pub async fn stream_completion(
     body: Bytes,
     timeout: Duration,
 ) -> RequestOutcome {
+    stream_completion_with(client, url, body, None, timeout).await
+}
+
+/// [`stream_completion`] with an `x-gateway-inference-objective` header when `objective` is
+/// given (the EPP's priority for the request).
+pub async fn stream_completion_with(
+    client: &HttpClient,
+    url: &str,
+    body: Bytes,
+    objective: Option<&str>,
+    timeout: Duration,
+) -> RequestOutcome {
     let start = Instant::now();
     let mut out = RequestOutcome::default();
-    let result = tokio::time::timeout(timeout, run(client, url, body, start, &mut out)).await;
+    let result =
+        tokio::time::timeout(timeout, run(client, url, body, objective, start, &mut out)).await;
     out.e2e_s = start.elapsed().as_secs_f64();
     match result {
         Ok(Ok(())) => {}
@@ -186,11 +199,15 @@ async fn run(
     client: &HttpClient,
     url: &str,
     body: Bytes,
+    objective: Option<&str>,
     start: Instant,
     out: &mut RequestOutcome,
 ) -> Result<(), String> {
-    let req = http::Request::post(url)
-        .header(http::header::CONTENT_TYPE, "application/json")
+    let mut req = http::Request::post(url).header(http::header::CONTENT_TYPE, "application/json");
+    if let Some(o) = objective {
+        req = req.header("x-gateway-inference-objective", o);
+    }
+    let req = req
         .body(Full::new(body))
         .map_err(|e| format!("bad request: {e}"))?;
     let resp = client

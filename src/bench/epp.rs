@@ -25,6 +25,25 @@ pub struct EppOptions {
     pub fallback_endpoints: Option<u32>,
     /// Further flags, appended last (the soak passes its own).
     pub extra_args: Vec<String>,
+    /// `--endpoints-file` instead of `--endpoints`: a pool file (endpoints and objectives)
+    /// written by the caller.
+    pub endpoints_file: Option<std::path::PathBuf>,
+}
+
+/// A pool file for `--endpoints-file`: `endpoints` and the `objectives` (name → priority)
+/// that give requests their priority (`x-gateway-inference-objective`).
+pub fn pool_file_text(endpoints: &[SocketAddr], objectives: &[(&str, i32)]) -> String {
+    let mut yaml = String::from("endpoints:\n");
+    for e in endpoints {
+        yaml.push_str(&format!("- address: {e}\n"));
+    }
+    if !objectives.is_empty() {
+        yaml.push_str("objectives:\n");
+        for (name, priority) in objectives {
+            yaml.push_str(&format!("- {{name: {name}, priority: {priority}}}\n"));
+        }
+    }
+    yaml
 }
 
 /// The ports a started EPP listens on.
@@ -44,10 +63,12 @@ pub fn command(
 ) -> Command {
     let endpoints: Vec<String> = endpoints.iter().map(|a| a.to_string()).collect();
     let mut cmd = Command::new(bin);
-    cmd.arg("epp")
-        .arg("--endpoints")
-        .arg(endpoints.join(","))
-        .args(["--bind-address", "127.0.0.1"])
+    cmd.arg("epp");
+    match &options.endpoints_file {
+        Some(path) => cmd.arg("--endpoints-file").arg(path),
+        None => cmd.arg("--endpoints").arg(endpoints.join(",")),
+    };
+    cmd.args(["--bind-address", "127.0.0.1"])
         .arg(format!("--grpc-port={}", ports.grpc))
         .arg(format!("--grpc-health-port={}", ports.health))
         .arg(format!("--metrics-port={}", ports.metrics))
@@ -122,6 +143,7 @@ mod tests {
             max_body_bytes: Some(1 << 20),
             fallback_endpoints: Some(2),
             extra_args: vec!["--known-models=a,b".into()],
+            endpoints_file: None,
         };
         let eps: Vec<SocketAddr> = vec!["127.0.0.1:8000".parse().unwrap()];
         let cmd = command(Path::new("switchyard"), &eps, ports, &options);
@@ -160,5 +182,29 @@ mod tests {
         .args;
         assert!(a.inflight_accounting);
         assert!(a.config_text.is_empty());
+        // A pool file replaces the endpoint list.
+        let options = EppOptions {
+            endpoints_file: Some("/tmp/pool.yaml".into()),
+            ..EppOptions::default()
+        };
+        let cmd = command(Path::new("switchyard"), &eps, ports, &options);
+        let argv: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let a = Cli::try_parse_from(
+            std::iter::once("epp".to_string()).chain(argv[1..].iter().cloned()),
+        )
+        .unwrap()
+        .args;
+        assert_eq!(a.endpoints, "");
+        assert_eq!(
+            a.endpoints_file.as_deref(),
+            Some(std::path::Path::new("/tmp/pool.yaml"))
+        );
+        assert_eq!(
+            pool_file_text(&eps, &[("interactive", 1), ("batch", -1)]),
+            "endpoints:\n- address: 127.0.0.1:8000\nobjectives:\n- {name: interactive, priority: 1}\n- {name: batch, priority: -1}\n"
+        );
     }
 }

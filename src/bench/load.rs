@@ -17,6 +17,8 @@ use super::client::{self, RequestOutcome};
 pub struct Scheduled {
     pub at: Duration,
     pub body: Bytes,
+    /// `x-gateway-inference-objective` to send (mixed-priority workload).
+    pub objective: Option<&'static str>,
 }
 
 #[derive(Debug, Clone)]
@@ -93,9 +95,11 @@ pub async fn run(url: &str, plan: &[Scheduled], opts: &LoadOptions) -> LoadResul
             continue;
         };
         let (http, url, body) = (http.clone(), url.to_owned(), item.body.clone());
-        let (timeout, progress) = (opts.request_timeout, Arc::clone(&progress));
+        let (timeout, progress, objective) =
+            (opts.request_timeout, Arc::clone(&progress), item.objective);
         tasks.spawn(async move {
-            let mut out = client::stream_completion(&http, &url, body, timeout).await;
+            let mut out =
+                client::stream_completion_with(&http, &url, body, objective, timeout).await;
             drop(permit);
             out.sent_at_s = sent_at_s;
             progress.done.fetch_add(1, Ordering::Relaxed);
@@ -173,6 +177,7 @@ mod tests {
             .map(|i| Scheduled {
                 at: Duration::from_millis(i * 10),
                 body: Bytes::from_static(b"{}"),
+                objective: None,
             })
             .collect();
         let opts = LoadOptions {

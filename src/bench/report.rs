@@ -114,6 +114,8 @@ pub struct RunInfo {
     pub sim_profile: String,
     pub time_scale: f64,
     pub seed: u64,
+    /// Extra `switchyard serve` flags every replica ran with.
+    pub replica_args: Vec<String>,
 }
 
 /// The results table in markdown.
@@ -145,6 +147,30 @@ pub fn markdown_table(results: &[PolicyResult]) -> String {
             share.join("/"),
             r.errors
         );
+    }
+    if results.iter().any(|r| !r.classes.is_empty()) {
+        s.push_str("\nPer objective (`x-gateway-inference-objective`):\n\n");
+        s.push_str("| policy | objective | ok / sent | 429 | other errors | TTFT p50 | TTFT p90 | TTFT p95 | TTFT p99 | e2e p99 |\n");
+        s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+        for r in results {
+            for c in &r.classes {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} |",
+                    r.name,
+                    c.objective,
+                    c.ok,
+                    c.requests,
+                    c.rejected_429,
+                    c.requests - c.ok - c.rejected_429,
+                    fmt_ms(c.ttft_ms.p50),
+                    fmt_ms(c.ttft_ms.p90),
+                    fmt_ms(c.ttft_ms.p95),
+                    fmt_ms(c.ttft_ms.p99),
+                    fmt_ms(c.e2e_ms.p99),
+                );
+            }
+        }
     }
     if let Some(base) = results.iter().find(|r| r.policy == Policy::RoundRobin) {
         s.push('\n');
@@ -369,7 +395,7 @@ pub fn write(
     let json = dir.join(format!("{name}.json"));
     let svg = dir.join(format!("{name}-ttft.svg"));
     let mut md = format!(
-        "# Routing comparison: {name}\n\n- machine: {} ({} cores), {}\n- commit: {}\n- command: `{}`\n- workload: `{}`\n- rate: `{}`, {} requests, {} replicas of sim profile `{}` at time scale {} (latencies in simulated time)\n\n",
+        "# Routing comparison: {name}\n\n- machine: {} ({} cores), {}\n- commit: {}\n- command: `{}`\n- workload: `{}`\n- rate: `{}`, {} requests, {} replicas of sim profile `{}` (flags `{}`) at time scale {} (latencies in simulated time)\n\n",
         machine.cpu,
         machine.cores,
         machine.date_utc,
@@ -380,6 +406,7 @@ pub fn write(
         info.requests,
         info.replicas,
         info.sim_profile,
+        info.replica_args.join(" "),
         info.time_scale
     );
     md.push_str(&markdown_table(results));
@@ -467,6 +494,7 @@ mod tests {
             wall_s: 1.0,
             error_samples: vec![],
             ttft_samples_ms: vec![p50, 2.0 * p50],
+            classes: Vec::new(),
         }
     }
 

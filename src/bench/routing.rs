@@ -12,7 +12,7 @@ use super::envoy::LbPolicy;
 use super::load::{self, LoadOptions, Scheduled};
 use super::stack::{Gateway, ReplicaCounters, ReplicaSpec, Stack, StackError};
 use super::stats::{self, Quantiles};
-use crate::epp::config::REFERENCE_DEFAULT_CONFIG;
+use crate::epp::config::{DEFAULT_CONFIG, REFERENCE_DEFAULT_CONFIG};
 
 /// EPP with scorers off and a random picker.
 const RANDOM_CONFIG: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -82,6 +82,21 @@ schedulingProfiles:
   - pluginRef: precise-prefix-cache-scorer
     weight: 3
 ";
+/// The EPP default with flow control (`featureGates: [flowControl]`): requests wait in the EPP
+/// while the replicas already queue (a mean of one waiting request, counting the EPP's own
+/// dispatches since the last scrape), interactive before batch; batch waits at most 200 deep
+/// and 60 s (then 429).
+pub fn flow_control_config() -> String {
+    let mut c = DEFAULT_CONFIG.replacen(
+        "plugins:\n",
+        "plugins:\n- type: utilization-detector\n  parameters: {queueDepthThreshold: 1}\n",
+        1,
+    );
+    c.push_str(
+        "featureGates: [flowControl]\nflowControl:\n  defaultRequestTTL: 60s\n  priorityBands:\n  - priority: -1\n    maxRequests: 200\n",
+    );
+    c
+}
 
 /// A routing policy under comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -116,6 +131,9 @@ pub enum Policy {
     /// vLLM-format KV events over ZMQ).
     #[value(name = "epp-precise")]
     EppPrecise,
+    /// EPP default with flow control on ([`flow_control_config`]).
+    #[value(name = "epp-flow-control")]
+    EppFlowControl,
 }
 
 impl Policy {
@@ -140,6 +158,7 @@ impl Policy {
             Policy::EppReferenceScrapedOnly => "epp reference, scraped only",
             Policy::EppWorkOnly => "epp work-aware load only",
             Policy::EppPrecise => "epp precise prefix (3:2:2, KV events)",
+            Policy::EppFlowControl => "epp default + flow control",
         }
     }
 
@@ -155,6 +174,7 @@ impl Policy {
             Policy::EppReferenceScrapedOnly => "epp-reference-scraped-only",
             Policy::EppWorkOnly => "epp-work-only",
             Policy::EppPrecise => "epp-precise",
+            Policy::EppFlowControl => "epp-flow-control",
         }
     }
 
@@ -188,6 +208,10 @@ impl Policy {
             },
             Policy::EppPrecise => Gateway::Epp {
                 config_text: PRECISE_CONFIG.to_owned(),
+                inflight_accounting: true,
+            },
+            Policy::EppFlowControl => Gateway::Epp {
+                config_text: flow_control_config(),
                 inflight_accounting: true,
             },
         }
@@ -233,6 +257,58 @@ pub struct PolicyResult {
     /// Every successful request's TTFT (simulated ms), for the plot.
     #[serde(skip)]
     pub ttft_samples_ms: Vec<f64>,
+    /// Per objective, when the workload sends objectives (mixed priority).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<ClassResult>,
+}
+
+/// One objective's numbers within a policy's run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassResult {
+    pub objective: &'static str,
+    pub requests: usize,
+    pub ok: usize,
+    /// Answered 429 (flow control or the reference's sheddable admission).
+    pub rejected_429: usize,
+    pub ttft_ms: Quantiles,
+    pub e2e_ms: Quantiles,
+}
+
+/// Splits `outcomes` (in plan order) by the objective each planned request carried.
+pub fn class_results(
+    plan: &[Scheduled],
+    outcomes: &[RequestOutcome],
+    sim_per_wall: f64,
+) -> Vec<ClassResult> {
+    let ms = 1000.0 * sim_per_wall;
+    let mut objectives: Vec<&'static str> = Vec::new();
+    for o in plan.iter().filter_map(|s| s.objective) {
+        if !objectives.contains(&o) {
+            objectives.push(o);
+        }
+    }
+    objectives
+        .into_iter()
+        .map(|objective| {
+            let mine: Vec<&RequestOutcome> = plan
+                .iter()
+                .zip(outcomes)
+                .filter(|(s, _)| s.objective == Some(objective))
+                .map(|(_, o)| o)
+                .collect();
+            let ok: Vec<&&RequestOutcome> = mine.iter().filter(|o| o.ok()).collect();
+            let ttft: Vec<f64> = ok.iter().filter_map(|o| o.ttft_s).map(|t| t * ms).collect();
+            let e2e: Vec<f64> = ok.iter().map(|o| o.e2e_s * ms).collect();
+            ClassResult {
+                objective,
+                requests: mine.len(),
+                ok: ok.len(),
+                rejected_429: mine.iter().filter(|o| o.status == 429).count(),
+                ttft_ms: Quantiles::of(&ttft),
+                e2e_ms: Quantiles::of(&e2e),
+            }
+        })
+        .collect()
 }
 
 /// Summarises one run. `sim_per_wall` converts wall-clock seconds to simulated ones.
@@ -292,6 +368,7 @@ pub fn summarise(
         wall_s,
         error_samples,
         ttft_samples_ms: ttft,
+        classes: Vec::new(),
     }
 }
 
@@ -347,13 +424,9 @@ async fn run_policy(
         let after = stack.replica_counters().await?;
         let deltas: Vec<ReplicaCounters> =
             after.iter().zip(&before).map(|(a, b)| a.since(b)).collect();
-        Ok::<_, StackError>(summarise(
-            policy,
-            &res.outcomes,
-            res.wall_s,
-            sim_per_wall,
-            &deltas,
-        ))
+        let mut result = summarise(policy, &res.outcomes, res.wall_s, sim_per_wall, &deltas);
+        result.classes = class_results(&cmp.plan, &res.outcomes, sim_per_wall);
+        Ok::<_, StackError>(result)
     }
     .await;
     stack.stop().await;
@@ -406,5 +479,49 @@ mod tests {
         assert_eq!(r.replica_share.len(), 3);
         assert!((r.replica_share[1] - 2.0 / 3.0).abs() < 1e-12);
         assert_eq!(r.error_samples, vec!["boom".to_owned()]);
+    }
+
+    #[test]
+    fn classes_split_by_objective_and_count_429s() {
+        let sched = |objective| Scheduled {
+            at: Duration::ZERO,
+            body: bytes::Bytes::new(),
+            objective,
+        };
+        let plan = vec![
+            sched(Some("interactive")),
+            sched(Some("batch")),
+            sched(Some("interactive")),
+            sched(Some("batch")),
+        ];
+        let ok = |ttft: f64| RequestOutcome {
+            ttft_s: Some(ttft),
+            e2e_s: 2.0 * ttft,
+            status: 200,
+            ..RequestOutcome::default()
+        };
+        let shed = RequestOutcome {
+            status: 429,
+            error: Some("HTTP 429".into()),
+            ..RequestOutcome::default()
+        };
+        let outcomes = vec![ok(0.01), shed, ok(0.03), ok(0.5)];
+        let c = class_results(&plan, &outcomes, 10.0);
+        assert_eq!(c.len(), 2);
+        assert_eq!(
+            (c[0].objective, c[0].requests, c[0].ok, c[0].rejected_429),
+            ("interactive", 2, 2, 0)
+        );
+        assert!((c[0].ttft_ms.p50 - 200.0).abs() < 1e-9);
+        assert_eq!(
+            (c[1].objective, c[1].requests, c[1].ok, c[1].rejected_429),
+            ("batch", 2, 1, 1)
+        );
+        assert!((c[1].ttft_ms.p99 - 5000.0).abs() < 1e-9);
+        // The flow-control policy's config is a valid EndpointPickerConfig with the gate on.
+        let parsed = crate::epp::config::parse_config(&flow_control_config()).unwrap();
+        let fc = parsed.flow_control.unwrap();
+        assert_eq!(fc.band(-1).max_requests, 200);
+        assert_eq!(parsed.saturation.queue_depth_threshold, 1);
     }
 }

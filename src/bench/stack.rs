@@ -11,6 +11,9 @@ use super::client::{self, get_ok, get_text, HttpClient};
 use super::envoy::{EnvoyError, EnvoyProc, LbPolicy, Routing};
 use super::epp::{self, EppOptions};
 use super::procs::{self, ManagedChild, ProcError};
+use super::workload::{
+    BATCH_OBJECTIVE, BATCH_PRIORITY, INTERACTIVE_OBJECTIVE, INTERACTIVE_PRIORITY,
+};
 use crate::promtext;
 
 /// How long a replica or the EPP may take to come up.
@@ -189,14 +192,32 @@ impl Stack {
             Gateway::Epp {
                 config_text,
                 inflight_accounting,
-            } => (
-                EppOptions {
-                    inflight_accounting: Some(*inflight_accounting),
-                    config_text: config_text.clone(),
-                    ..EppOptions::default()
-                },
-                None,
-            ),
+            } => {
+                // The mixed-priority workload's objectives, so its requests carry priorities
+                // (requests without the objective header are unaffected).
+                let pool = dir.join(format!("{label}-pool.yaml"));
+                let objectives = [
+                    (INTERACTIVE_OBJECTIVE, INTERACTIVE_PRIORITY),
+                    (BATCH_OBJECTIVE, BATCH_PRIORITY),
+                ];
+                std::fs::write(
+                    &pool,
+                    epp::pool_file_text(&stack.replica_addrs, &objectives),
+                )
+                .map_err(|source| ProcError::Log {
+                    path: pool.clone(),
+                    source,
+                })?;
+                (
+                    EppOptions {
+                        inflight_accounting: Some(*inflight_accounting),
+                        config_text: config_text.clone(),
+                        endpoints_file: Some(pool),
+                        ..EppOptions::default()
+                    },
+                    None,
+                )
+            }
             Gateway::EppWithFallbacks {
                 fallbacks,
                 epp_args,

@@ -62,7 +62,27 @@ pub enum Workload {
         edit_tokens: u32,
         output_tokens: u32,
     },
+    /// Interactive traffic (objective [`INTERACTIVE_OBJECTIVE`], priority
+    /// [`INTERACTIVE_PRIORITY`]) at a steady `interactive_rate` under sheddable batch traffic
+    /// (objective [`BATCH_OBJECTIVE`], priority [`BATCH_PRIORITY`]) that arrives in bursts
+    /// over capacity (the run's rate shape), as an async processor would send it. Unique
+    /// prompts, lengths uniform in `[prompt_tokens_min, prompt_tokens_max]`.
+    MixedPriority {
+        interactive_requests: u32,
+        interactive_rate: f64,
+        batch_requests: u32,
+        prompt_tokens_min: u32,
+        prompt_tokens_max: u32,
+        output_tokens: u32,
+    },
 }
+
+/// Objective names and priorities of the mixed-priority workload (the EPP's pool file maps the
+/// names to the priorities).
+pub const INTERACTIVE_OBJECTIVE: &str = "interactive";
+pub const INTERACTIVE_PRIORITY: i32 = 1;
+pub const BATCH_OBJECTIVE: &str = "batch";
+pub const BATCH_PRIORITY: i32 = -1;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WorkloadError {
@@ -78,6 +98,8 @@ pub enum WorkloadError {
         value: u64,
         max: u64,
     },
+    #[error("interactive_rate must be finite and > 0, got {0}")]
+    BadRate(String),
 }
 
 /// One planned request.
@@ -87,6 +109,8 @@ pub struct PlannedRequest {
     pub max_tokens: u32,
     /// Group, conversation or repository the prompt belongs to (its own index when unique).
     pub group: u32,
+    /// `x-gateway-inference-objective` (mixed-priority workload only).
+    pub objective: Option<&'static str>,
 }
 
 fn at_least(field: &'static str, value: u32, min: u32) -> Result<(), WorkloadError> {
@@ -114,6 +138,7 @@ impl Workload {
             Workload::BurstyChat { .. } => "bursty-chat",
             Workload::MultiTurn { .. } => "multi-turn",
             Workload::CodingAgent { .. } => "coding-agent",
+            Workload::MixedPriority { .. } => "mixed-priority",
         }
     }
 
@@ -181,6 +206,26 @@ impl Workload {
                     u64::from(repo_tokens) + u64::from(edit_tokens),
                 )
             }
+            Workload::MixedPriority {
+                interactive_requests,
+                interactive_rate,
+                batch_requests,
+                prompt_tokens_min,
+                prompt_tokens_max,
+                output_tokens,
+            } => {
+                at_least("interactive_requests", interactive_requests, 1)?;
+                at_least("prompt_tokens_min", prompt_tokens_min, 2)?;
+                at_least("prompt_tokens_max", prompt_tokens_max, prompt_tokens_min)?;
+                at_least("output_tokens", output_tokens, 1)?;
+                if !(interactive_rate.is_finite() && interactive_rate > 0.0) {
+                    return Err(WorkloadError::BadRate(interactive_rate.to_string()));
+                }
+                (
+                    u64::from(interactive_requests) + u64::from(batch_requests),
+                    u64::from(prompt_tokens_max),
+                )
+            }
         };
         at_most("the request count", requests, MAX_REQUESTS)?;
         at_most("the longest prompt (tokens)", max_prompt, MAX_PROMPT_TOKENS)?;
@@ -223,6 +268,7 @@ impl Workload {
                         prompt,
                         max_tokens: output_tokens,
                         group: g,
+                        objective: None,
                     });
                 }
             }
@@ -238,6 +284,7 @@ impl Workload {
                         prompt: tagged('U', i, len, &mut rng),
                         max_tokens: output_tokens,
                         group: i,
+                        objective: None,
                     });
                 }
             }
@@ -269,6 +316,7 @@ impl Workload {
                             prompt: conv.clone(),
                             max_tokens: output_tokens,
                             group: c as u32,
+                            objective: None,
                         });
                     }
                 }
@@ -291,7 +339,34 @@ impl Workload {
                         prompt,
                         max_tokens: output_tokens,
                         group: r,
+                        objective: None,
                     });
+                }
+            }
+            Workload::MixedPriority {
+                interactive_requests,
+                batch_requests,
+                prompt_tokens_min,
+                prompt_tokens_max,
+                output_tokens,
+                ..
+            } => {
+                // Interactive requests first, then batch: `Resolved::schedule` gives each
+                // class its own arrival process and merges them by time.
+                let classes = [
+                    (interactive_requests, INTERACTIVE_OBJECTIVE, 'I'),
+                    (batch_requests, BATCH_OBJECTIVE, 'B'),
+                ];
+                for (count, objective, tag) in classes {
+                    for i in 0..count {
+                        let len = rng.random_range(prompt_tokens_min..=prompt_tokens_max);
+                        out.push(PlannedRequest {
+                            prompt: tagged(tag, i, len, &mut rng),
+                            max_tokens: output_tokens,
+                            group: i,
+                            objective: Some(objective),
+                        });
+                    }
                 }
             }
         }
@@ -494,5 +569,33 @@ mod tests {
         assert_eq!(v["stream"], true);
         assert_eq!(v["max_tokens"], 3);
         assert_eq!(v["prompt"], "hi");
+    }
+
+    #[test]
+    fn mixed_priority_plans_both_classes_with_their_objectives() {
+        let w = Workload::MixedPriority {
+            interactive_requests: 3,
+            interactive_rate: 1.0,
+            batch_requests: 5,
+            prompt_tokens_min: 10,
+            prompt_tokens_max: 20,
+            output_tokens: 4,
+        };
+        let plan = w.plan(1).unwrap();
+        let objectives: Vec<Option<&str>> = plan.iter().map(|r| r.objective).collect();
+        let i = Some(INTERACTIVE_OBJECTIVE);
+        let b = Some(BATCH_OBJECTIVE);
+        assert_eq!(objectives, [i, i, i, b, b, b, b, b]);
+        assert!(plan.iter().all(|r| (40..=80).contains(&r.prompt.len())));
+        assert_eq!(w.name(), "mixed-priority");
+        let bad = Workload::MixedPriority {
+            interactive_requests: 3,
+            interactive_rate: 0.0,
+            batch_requests: 5,
+            prompt_tokens_min: 10,
+            prompt_tokens_max: 20,
+            output_tokens: 4,
+        };
+        assert_eq!(bad.validate(), Err(WorkloadError::BadRate("0".into())));
     }
 }
