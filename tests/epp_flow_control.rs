@@ -285,9 +285,11 @@ async fn saturated_pool_queues_rejects_cancels_and_binds_late() {
         .is_none());
     s.wait_metric(&queue_size(-1, 1)).await;
 
-    // Room appears, and the pod that was as loaded as the other at arrival is now the idle
-    // one: (4/5 + 0/5) / 2 = 0.4. The critical request goes there, chosen now.
-    s.set_queues([4, 0]).await;
+    // Room appears: the pod that was as loaded as the other at arrival is now idle, while the
+    // other is busier than before (the pool mean, (12/5 + 0/5) / 2 = 1.2, would still hold
+    // the queue; one endpoint with room is enough). The critical request goes there, chosen
+    // now.
+    s.set_queues([12, 0]).await;
     let r = critical.reply_within(Duration::from_secs(5)).await.unwrap();
     assert_eq!(destination(&r), s.addr(1));
     let r = batch2.reply_within(Duration::from_secs(5)).await.unwrap();

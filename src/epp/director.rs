@@ -303,16 +303,18 @@ impl Director {
         self.decide(meta, body, &inspected, parsed, candidates)
     }
 
-    /// The pool as flow control's dispatch gate sees it: endpoint count and the saturation
-    /// detector's value over every endpoint, counting requests this EPP dispatched since the
-    /// last scrape as waiting (otherwise a whole queue would leave between two scrapes).
+    /// The pool as flow control's dispatch gate sees it: endpoint count, the saturation
+    /// detector's mean and lowest endpoint score, counting requests this EPP dispatched since
+    /// the last scrape as waiting (otherwise a whole queue would leave between two scrapes).
     pub fn pool_state(&self) -> PoolState {
         let snapshot = self.datastore.snapshot();
+        let (saturation, least_loaded) = self
+            .saturation
+            .scores_with_dispatches(&snapshot, Instant::now());
         PoolState {
             endpoints: snapshot.len(),
-            saturation: self
-                .saturation
-                .saturation_with_dispatches(&snapshot, Instant::now()),
+            saturation,
+            least_loaded,
         }
     }
 

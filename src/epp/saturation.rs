@@ -109,21 +109,33 @@ impl SaturationDetector {
         endpoints: &[Arc<EndpointSnapshot>],
         now: Instant,
     ) -> f64 {
+        self.scores_with_dispatches(endpoints, now).0
+    }
+
+    /// (mean, lowest) endpoint score counting dispatches since the last scrape as waiting
+    /// (see [`Self::saturation_with_dispatches`]); (1.0, 1.0) for an empty pool.
+    pub fn scores_with_dispatches(
+        &self,
+        endpoints: &[Arc<EndpointSnapshot>],
+        now: Instant,
+    ) -> (f64, f64) {
         if endpoints.is_empty() {
-            return 1.0;
+            return (1.0, 1.0);
         }
-        let total: f64 = endpoints
-            .iter()
-            .map(|e| {
-                if self.is_stale(&e.metrics, now) {
-                    return 1.0;
-                }
+        let mut total = 0.0;
+        let mut least = f64::INFINITY;
+        for e in endpoints {
+            let score = if self.is_stale(&e.metrics, now) {
+                1.0
+            } else {
                 let waiting = e.metrics.waiting_queue_size.saturating_add(e.unscraped());
                 let queue = f64::from(waiting) / f64::from(self.config.queue_depth_threshold);
                 queue.max(e.metrics.kv_cache_usage / self.config.kv_cache_util_threshold)
-            })
-            .sum();
-        total / endpoints.len() as f64
+            };
+            total += score;
+            least = least.min(score);
+        }
+        (total / endpoints.len() as f64, least)
     }
 
     /// Whether the pool is saturated (mean score ≥ 1.0).

@@ -74,13 +74,20 @@ impl FlowError {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PoolState {
     pub endpoints: usize,
-    /// The saturation detector's value (1.0 or more: no room).
+    /// The saturation detector's pool value (mean endpoint score; the pool-saturation metric).
     pub saturation: f64,
+    /// The lowest endpoint score: below 1.0 some endpoint has room.
+    pub least_loaded: f64,
 }
 
 impl PoolState {
+    /// Whether a request may leave the queue: some endpoint is below the detector's
+    /// thresholds. The reference gates on the pool mean instead; with a mean, one busy
+    /// replica holds the queue while another sits idle, and a request waits for the whole
+    /// pool to drain rather than for the first endpoint with room (measured in
+    /// `docs/flow-control.md`).
     fn has_room(&self) -> bool {
-        self.endpoints > 0 && self.saturation < 1.0
+        self.endpoints > 0 && self.least_loaded < 1.0
     }
 }
 

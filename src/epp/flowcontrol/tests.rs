@@ -24,9 +24,11 @@ struct Script {
 
 impl Dispatch<&'static str, String> for Script {
     fn pool(&mut self) -> PoolState {
+        let score = if *self.room.lock() > 0 { 0.5 } else { 1.0 };
         PoolState {
             endpoints: *self.endpoints.lock(),
-            saturation: if *self.room.lock() > 0 { 0.5 } else { 1.0 },
+            saturation: score,
+            least_loaded: score,
         }
     }
 
@@ -347,17 +349,22 @@ fn director_schedules_a_queued_request_on_the_latest_metrics() {
         ..RequestMeta::default()
     };
     let body = br#"{"model":"m","prompt":"hello"}"#.to_vec();
-    // At arrival .1 is idle and .2 is loaded; both saturated on average: (0/5 + 12/5)/2 ≥ 1.
-    publish([0, 12]);
+    // At arrival both are loaded (8/5 and 12/5): no endpoint has room.
+    publish([8, 12]);
     let parsed = director.parse(&meta, &body).unwrap();
-    assert!((director.pool_state().saturation - 1.2).abs() < 1e-12);
-    // While queued the load moves: .1 loaded, .2 idle, and the pool has room.
+    let state = director.pool_state();
+    assert!((state.saturation - 2.0).abs() < 1e-12);
+    assert!((state.least_loaded - 1.6).abs() < 1e-12);
+    // While queued the load moves: .1 still loaded, .2 idle: room (the mean, 0.8, agrees).
     publish([8, 0]);
     let state = director.pool_state();
     assert_eq!(state.endpoints, 2);
     assert!((state.saturation - 0.8).abs() < 1e-12);
+    assert_eq!(state.least_loaded, 0.0);
     let decision = director.route_parsed(&meta, &body, parsed).unwrap();
     assert_eq!(decision.destination, "10.0.0.2:8000");
-    // The dispatch counts at once in the gate: 8/5 and 1/5 → 0.9.
-    assert!((director.pool_state().saturation - 0.9).abs() < 1e-12);
+    // The dispatch counts at once in the gate: .2 now 1/5.
+    let state = director.pool_state();
+    assert!((state.saturation - 0.9).abs() < 1e-12);
+    assert!((state.least_loaded - 0.2).abs() < 1e-12);
 }
