@@ -100,7 +100,8 @@ impl SaturationDetector {
     }
 
     /// [`Self::saturation`] with the requests this EPP dispatched to each endpoint since its
-    /// last scrape counted as waiting there ([`EndpointSnapshot::unscraped`]): flow control's
+    /// last scrape counted as waiting there ([`EndpointSnapshot::unscraped`]), and at least
+    /// as many waiting as this EPP's requests there without a first token: flow control's
     /// dispatch gate. Without them a scrape interval's worth of queued requests would all see
     /// the same (pre-dispatch) numbers and leave at once. Endpoints without counters score as
     /// in [`Self::saturation`].
@@ -128,7 +129,18 @@ impl SaturationDetector {
             let score = if self.is_stale(&e.metrics, now) {
                 1.0
             } else {
-                let waiting = e.metrics.waiting_queue_size.saturating_add(e.unscraped());
+                // Requests this EPP sent that have no first token yet are queued (or
+                // prefilling) there whatever the last scrape says: scraped numbers lag the
+                // dispatches by a scrape and by the server's own metric update.
+                let not_started = e
+                    .dispatch
+                    .as_ref()
+                    .map_or(0, |d| d.work.view(now).prefilling);
+                let waiting = e
+                    .metrics
+                    .waiting_queue_size
+                    .saturating_add(e.unscraped())
+                    .max(not_started);
                 let queue = f64::from(waiting) / f64::from(self.config.queue_depth_threshold);
                 queue.max(e.metrics.kv_cache_usage / self.config.kv_cache_util_threshold)
             };
@@ -239,6 +251,14 @@ mod tests {
         drop(guards);
         assert_eq!(d.saturation_with_dispatches(&pool, now), 0.2);
         assert_eq!(d.saturation_with_dispatches(&[], now), 1.0);
+        // A scrape that has seen three dispatches but shows them neither waiting nor running
+        // yet (server metrics lag): the three without a first token still count.
+        let work: Vec<_> = (0..3)
+            .map(|_| crate::epp::work::WorkGuard::dispatch(&counters, 100, now))
+            .collect();
+        assert_eq!(d.saturation_with_dispatches(&pool, now), 0.6);
+        drop(work);
+        assert_eq!(d.saturation_with_dispatches(&pool, now), 0.2);
     }
 
     #[test]
