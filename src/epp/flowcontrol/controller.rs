@@ -85,7 +85,7 @@ impl PoolState {
     /// thresholds. The reference gates on the pool mean instead; with a mean, one busy
     /// replica holds the queue while another sits idle, and a request waits for the whole
     /// pool to drain rather than for the first endpoint with room (measured in
-    /// `docs/flow-control.md`).
+    /// `docs/benchmarks.md`, mixed priority).
     fn has_room(&self) -> bool {
         self.endpoints > 0 && self.least_loaded < 1.0
     }
