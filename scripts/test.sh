@@ -47,6 +47,9 @@ step "cargo test (unit, integration, real Envoy)"
 cargo build --bins
 cargo test --no-fail-fast
 
+step "GGUF model vs llama.cpp's greedy tokens (optimised build; a debug build skips it)"
+cargo test --release --test gguf_model
+
 step "fuzz smoke (corpus replay; FUZZ_LIBFUZZER=1 runs each libFuzzer target for a few seconds)"
 if [ -n "${FUZZ_LIBFUZZER:-}" ]; then
     scripts/fuzz-smoke.sh --libfuzzer
