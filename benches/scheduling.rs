@@ -43,7 +43,7 @@ fn endpoints(n: usize) -> Vec<Arc<EndpointSnapshot>> {
                     waiting_queue_size: (i % 7) as u32,
                     running_requests: (i % 5) as u32,
                     kv_cache_usage: (i % 10) as f64 / 10.0,
-                    updated_at: Some(Instant::now()),
+                    updated_at: Some(tokio::time::Instant::now()),
                     ..Default::default()
                 },
                 dispatch: Some(Arc::new(DispatchCounters::default())),

@@ -170,7 +170,7 @@ async fn publishes_metrics_and_stops_advancing_when_the_server_stops() {
         "updated_at must stop advancing"
     );
     assert_eq!(later.waiting_queue_size, 9, "the old metrics are kept");
-    assert!(later.is_stale(Instant::now(), Duration::from_millis(200)));
+    assert!(later.is_stale(tokio::time::Instant::now(), Duration::from_millis(200)));
 
     stop_tx.send(true).unwrap();
     tokio::time::timeout(Duration::from_secs(2), manager)

@@ -272,7 +272,11 @@ impl Director {
         // Admission looks at the subset-filtered candidates, as the reference's admission
         // controller does; an empty subset therefore counts as saturated for sheddable requests.
         let candidates = self.subset(snapshot, meta);
-        if parsed.priority < 0 && self.saturation.is_saturated(&candidates, Instant::now()) {
+        if parsed.priority < 0
+            && self
+                .saturation
+                .is_saturated(&candidates, tokio::time::Instant::now())
+        {
             return Err(parsed.error(RouteError::Saturated));
         }
         self.decide(meta, body, &inspected, parsed, candidates)
@@ -310,7 +314,7 @@ impl Director {
         let snapshot = self.datastore.snapshot();
         let (saturation, least_loaded) = self
             .saturation
-            .scores_with_dispatches(&snapshot, Instant::now());
+            .scores_with_dispatches(&snapshot, tokio::time::Instant::now());
         PoolState {
             endpoints: snapshot.len(),
             saturation,

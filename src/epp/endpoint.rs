@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// Model-server flavour, which decides the metric names scraped from it (REFERENCE.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -91,6 +91,8 @@ pub struct LoraInfo {
 }
 
 /// Last scraped metrics of one endpoint. `updated_at == None` means never scraped successfully.
+/// `updated_at` is tokio's clock, so paused-time tests can age metrics past the staleness
+/// threshold exactly (it is the wall clock otherwise).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EndpointMetrics {
     pub waiting_queue_size: u32,

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
@@ -286,7 +286,7 @@ impl EppMetrics {
     /// Recomputes the pool gauges from the datastore (run periodically, not per request).
     /// Only endpoints whose metrics are fresh within `staleness` count towards the averages.
     pub fn refresh_pool_gauges(&self, pool: &str, datastore: &Datastore, staleness: Duration) {
-        let now = Instant::now();
+        let now = tokio::time::Instant::now();
         let snapshot = datastore.snapshot();
         let label = PoolLabel {
             name: pool.to_string(),

@@ -7,7 +7,9 @@
 //! rejected while the pool is saturated.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::endpoint::{EndpointMetrics, EndpointSnapshot};
 
@@ -135,7 +137,7 @@ impl SaturationDetector {
                 let not_started = e
                     .dispatch
                     .as_ref()
-                    .map_or(0, |d| d.work.view(now).prefilling);
+                    .map_or(0, |d| d.work.view(now.into_std()).prefilling);
                 let waiting = e
                     .metrics
                     .waiting_queue_size
@@ -254,7 +256,7 @@ mod tests {
         // A scrape that has seen three dispatches but shows them neither waiting nor running
         // yet (server metrics lag): the three without a first token still count.
         let work: Vec<_> = (0..3)
-            .map(|_| crate::epp::work::WorkGuard::dispatch(&counters, 100, now))
+            .map(|_| crate::epp::work::WorkGuard::dispatch(&counters, 100, now.into_std()))
             .collect();
         assert_eq!(d.saturation_with_dispatches(&pool, now), 0.6);
         drop(work);

@@ -698,7 +698,7 @@ async fn poll_endpoint<S: MetricsSource>(
                     kv_cache_usage = metrics.kv_cache_usage,
                     "metrics scraped"
                 );
-                metrics.updated_at = Some(Instant::now());
+                metrics.updated_at = Some(tokio::time::Instant::now());
                 slot.publish_scraped(metrics, mark);
                 if failing {
                     tracing::debug!(endpoint = %endpoint.name, "metrics scrape recovered");

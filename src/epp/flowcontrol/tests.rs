@@ -328,7 +328,7 @@ fn director_schedules_a_queued_request_on_the_latest_metrics() {
         for (slot, q) in ds.slots().iter().zip(queues) {
             slot.publish(EndpointMetrics {
                 waiting_queue_size: q,
-                updated_at: Some(std::time::Instant::now()),
+                updated_at: Some(tokio::time::Instant::now()),
                 ..Default::default()
             });
         }

@@ -52,7 +52,7 @@ pub struct ProfileConfig {
 }
 
 /// What scheduling needs to know about one request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct SchedulingRequest<'a> {
     pub request_id: &'a str,
     /// Model after rewrite; LoRA affinity compares adapters to it; it seeds the prefix hashes.

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use super::*;
 use crate::epp::datastore::DiscoveryEvent;
 
+mod staleness;
+
 /// A vLLM v1 page: HELP/TYPE lines, histograms interleaved with the gauges, escaped labels,
 /// a two-series LoRA family where the later-created series (larger value) is current.
 const VLLM_PAGE: &str = r#"# HELP python_gc_objects_collected_total Objects collected during gc

@@ -43,7 +43,7 @@ fn shared_with(
     ds.apply(DiscoveryEvent::Reset(eps));
     for slot in ds.slots().iter() {
         slot.publish(EndpointMetrics {
-            updated_at: Some(std::time::Instant::now()),
+            updated_at: Some(tokio::time::Instant::now()),
             ..Default::default()
         });
     }

@@ -5,7 +5,9 @@
 //! every request — typically a dead port. It comes back by itself once a scrape succeeds.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::{Filter, Plugin};
 use crate::epp::endpoint::EndpointSnapshot;
