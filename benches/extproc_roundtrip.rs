@@ -4,23 +4,20 @@
 //! runs. Prints p50/p99 of 2,000 sequential round trips first (target: p50 < 200 µs), then the
 //! criterion measurement.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use clap::Parser;
 use criterion::{criterion_group, criterion_main, Criterion};
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request as Msg, HttpBody, HttpHeaders, ProcessingRequest,
 };
-use switchyard::epp::args::EppArgs;
+use support::InProcessEpp;
 use tonic::transport::Channel;
 
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: EppArgs,
-}
+// The integration tests' helpers: the in-process EPP and its wait for the first scrapes.
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 fn header(k: &str, v: &str) -> HeaderValue {
     HeaderValue {
@@ -83,39 +80,17 @@ fn bench(c: &mut Criterion) {
         let (addrs, tasks) = switchyard::bench::overhead::zero_latency_backend()
             .await
             .unwrap();
-        let endpoints: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
-        let endpoints = endpoints.join(",");
-        let argv = [
-            "epp",
-            "--endpoints",
-            &endpoints,
-            "--grpc-port",
-            "0",
-            "--grpc-health-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--bind-address",
-            "127.0.0.1",
-            "--secure-serving=false",
-            "--metrics-endpoint-auth=false",
-            "--v",
-            "0",
-        ];
-        let args = Cli::try_parse_from(argv).unwrap().args;
-        let epp = switchyard::epp::server::start(args).await.unwrap();
+        let epp = InProcessEpp::endpoints(addrs)
+            .flags(&[
+                "--secure-serving=false",
+                "--metrics-endpoint-auth=false",
+                "--v",
+                "0",
+            ])
+            .start()
+            .await;
         // Wait for the first scrape of every endpoint, else the EPP has nothing to pick from.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !epp
-            .datastore
-            .snapshot()
-            .iter()
-            .all(|s| s.metrics.updated_at.is_some())
-            || epp.datastore.snapshot().len() != 4
-        {
-            assert!(Instant::now() < deadline, "endpoints never scraped");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        epp.wait_until_scraped(&[(); 4], |_| ()).await;
         let client = ExternalProcessorClient::connect(format!("http://{}", epp.grpc_addr))
             .await
             .unwrap();

@@ -10,6 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use clap::Parser;
 use support::envoy::{pool_lb_endpoints, render};
+use support::in_process_epp::LOOPBACK_PORTS;
 use support::{tools, EnvoyProcess, HttpClient, MockModelServer};
 use switchyard::bbr::{start, BbrArgs};
 
@@ -44,23 +45,13 @@ async fn two_models_reach_their_own_pools() {
     let adapters = dir.path().join("adapters.yaml");
     std::fs::write(&adapters, ADAPTERS).unwrap();
     let adapters = adapters.to_str().unwrap().to_string();
-    let args = Cli::try_parse_from([
-        "bbr",
-        "--grpc-port",
-        "0",
-        "--grpc-health-port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--bind-address",
-        "127.0.0.1",
+    let argv = ["bbr"].into_iter().chain(LOOPBACK_PORTS).chain([
         "--secure-serving=false",
         "--streaming",
         "--adapters-file",
         &adapters,
-    ])
-    .unwrap()
-    .args;
+    ]);
+    let args = Cli::try_parse_from(argv).unwrap().args;
     let bbr = start(args).await.unwrap();
     let template = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/envoy/bbr.yaml"),

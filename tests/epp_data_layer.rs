@@ -5,19 +5,10 @@
 mod support;
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use clap::Parser;
 use support::ext_proc::{destination, exchange, request_body, request_headers};
-use support::MockModelServer;
-use switchyard::epp::args::EppArgs;
-use switchyard::epp::server::{start, RunningEpp};
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: EppArgs,
-}
+use support::{InProcessEpp, MockModelServer, TestEpp};
 
 fn config(engine: &str) -> String {
     format!(
@@ -60,28 +51,16 @@ fn sglang_text(queue: u32, running: u32, usage: f64) -> String {
     )
 }
 
-async fn start_epp(endpoints: &str, config: &str) -> RunningEpp {
-    let argv = vec![
-        "epp",
-        "--endpoints",
-        endpoints,
-        "--grpc-port",
-        "0",
-        "--grpc-health-port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--bind-address",
-        "127.0.0.1",
-        "--secure-serving=false",
-        "--metrics-endpoint-auth=false",
-        "--inflight-accounting=false",
-        "--config-text",
-        config,
-    ];
-    start(Cli::try_parse_from(argv).unwrap().args)
+async fn start_epp(endpoints: &str, config: &str) -> TestEpp {
+    InProcessEpp::endpoints([endpoints])
+        .config(config)
+        .flags(&[
+            "--secure-serving=false",
+            "--metrics-endpoint-auth=false",
+            "--inflight-accounting=false",
+        ])
+        .start()
         .await
-        .unwrap()
 }
 
 #[tokio::test]
@@ -96,29 +75,10 @@ async fn sglang_pool_without_labels_scraped_with_default_engine() {
     let endpoints = format!("127.0.0.1:{port},127.0.0.2:{port}");
 
     let epp = start_epp(&endpoints, &config("sglang")).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let snap = epp.datastore.snapshot();
-        let got: Vec<(u32, u32, f64)> = snap
-            .iter()
-            .filter(|s| s.metrics.updated_at.is_some())
-            .map(|s| {
-                (
-                    s.metrics.waiting_queue_size,
-                    s.metrics.running_requests,
-                    s.metrics.kv_cache_usage,
-                )
-            })
-            .collect();
-        if got == [(7, 2, 0.5), (1, 3, 0.25)] {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sglang metrics never scraped: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    epp.wait_until_scraped(&[(7, 2, 0.5), (1, 3, 0.25)], |m| {
+        (m.waiting_queue_size, m.running_requests, m.kv_cache_usage)
+    })
+    .await;
     let replies = exchange(
         epp.grpc_addr,
         vec![

@@ -9,25 +9,16 @@ mod support;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request as Msg, processing_response::Response as Reply, HttpBody,
     HttpHeaders, ProcessingRequest, ProcessingResponse,
 };
-use support::MockModelServer;
-use switchyard::epp::args::EppArgs;
-use switchyard::epp::server::{start, RunningEpp};
+use support::{InProcessEpp, MockModelServer, TestEpp};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: EppArgs,
-}
 
 /// Queue scorer only (the pick follows the scraped queues), flow control on, one sheddable
 /// request allowed to wait.
@@ -49,8 +40,7 @@ flowControl:
 
 struct Stack {
     pods: Vec<MockModelServer>,
-    _file: tempfile::NamedTempFile,
-    epp: RunningEpp,
+    epp: TestEpp,
 }
 
 impl Stack {
@@ -67,36 +57,12 @@ impl Stack {
         yaml.push_str(
             "objectives:\n- {name: critical, priority: 2}\n- {name: batch, priority: -1}\n",
         );
-        let file = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(file.path(), yaml).unwrap();
-        let path = file.path().to_str().unwrap().to_string();
-        let config = config(ttl);
-        let argv = [
-            "epp",
-            "--endpoints-file",
-            &path,
-            "--grpc-port",
-            "0",
-            "--grpc-health-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--bind-address",
-            "127.0.0.1",
-            "--secure-serving=false",
-            "--config-text",
-            &config,
-            "--pool-name",
-            "pool",
-        ];
-        let epp = start(Cli::try_parse_from(argv).unwrap().args)
-            .await
-            .unwrap();
-        let stack = Stack {
-            pods,
-            _file: file,
-            epp,
-        };
+        let epp = InProcessEpp::endpoints_file(yaml)
+            .config(config(ttl))
+            .flags(&["--secure-serving=false", "--pool-name", "pool"])
+            .start()
+            .await;
+        let stack = Stack { pods, epp };
         stack.set_queues(queues).await;
         stack
     }
@@ -106,19 +72,9 @@ impl Stack {
         for (p, q) in self.pods.iter().zip(queues) {
             p.set_metrics(q, 0, 0.0);
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let snap = self.epp.datastore.snapshot();
-            let scraped: Vec<Option<u32>> = snap
-                .iter()
-                .map(|s| s.metrics.updated_at.map(|_| s.metrics.waiting_queue_size))
-                .collect();
-            if scraped.len() == 2 && scraped.iter().zip(queues).all(|(s, q)| *s == Some(q)) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "never scraped: {scraped:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.epp
+            .wait_until_scraped(&queues, |m| m.waiting_queue_size)
+            .await;
     }
 
     fn addr(&self, i: usize) -> String {
@@ -126,8 +82,7 @@ impl Stack {
     }
 
     async fn metrics(&self) -> String {
-        let url = format!("http://{}/metrics", self.epp.metrics_addr);
-        support::HttpClient::new().get(&url).await.unwrap().text()
+        self.epp.metrics_text().await
     }
 
     /// Polls `/metrics` until it contains `line`.

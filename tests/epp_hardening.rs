@@ -17,7 +17,6 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
@@ -25,43 +24,21 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     HttpHeaders, ProcessingRequest, ProcessingResponse,
 };
 use rustls::pki_types::ServerName;
-use support::{EppOptions, EppProcess, HttpClient};
-use switchyard::epp::args::EppArgs;
-use switchyard::epp::server::{start, RunningEpp};
+use support::{EppOptions, EppProcess, HttpClient, InProcessEpp, TestEpp};
+use switchyard::epp::server::RunningEpp;
 use switchyard::promtext;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: EppArgs,
-}
-
 /// The only endpoint; nothing listens there (routing does not need it to).
 const ENDPOINT: &str = "127.0.0.1:9";
 
-async fn start_epp(extra: &[&str]) -> RunningEpp {
-    let mut argv = vec![
-        "epp",
-        "--endpoints",
-        ENDPOINT,
-        "--grpc-port",
-        "0",
-        "--grpc-health-port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--bind-address",
-        "127.0.0.1",
-        "--metrics-endpoint-auth=false",
-        "--drain-timeout",
-        "1s",
-    ];
-    argv.extend_from_slice(extra);
-    start(Cli::try_parse_from(argv).unwrap().args)
+async fn start_epp(extra: &[&str]) -> TestEpp {
+    InProcessEpp::endpoints([ENDPOINT])
+        .flags(&["--metrics-endpoint-auth=false", "--drain-timeout", "1s"])
+        .flags(extra)
+        .start()
         .await
-        .unwrap()
 }
 
 fn header(k: &str, v: &[u8]) -> HeaderValue {

@@ -8,22 +8,12 @@ mod support;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
-use clap::Parser;
 use support::ext_proc::{
     destination, exchange, immediate, request_body, request_headers, response_headers,
     response_headers_reply, served_metadata, set_header,
 };
-use support::MockModelServer;
-use switchyard::epp::args::EppArgs;
-use switchyard::epp::server::{start, RunningEpp};
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: EppArgs,
-}
+use support::{InProcessEpp, MockModelServer, TestEpp};
 
 const DEFAULT_CONFIG: &str = include_str!("../docs/examples/llm-d-default.yaml");
 const SESSION_CONFIG: &str = include_str!("../docs/examples/llm-d-session-affinity.yaml");
@@ -113,47 +103,19 @@ impl Pods {
     }
 }
 
-async fn start_epp(pods: &Pods, config: &str, extra: &[&str]) -> RunningEpp {
-    let endpoints = format!("{},{}", pods.addr(0), pods.addr(1));
-    let mut argv = vec![
-        "epp",
-        "--endpoints",
-        &endpoints,
-        "--grpc-port",
-        "0",
-        "--grpc-health-port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--bind-address",
-        "127.0.0.1",
-        "--secure-serving=false",
-        "--metrics-endpoint-auth=false",
-        "--config-text",
-        config,
-    ];
-    argv.extend_from_slice(extra);
-    start(Cli::try_parse_from(argv).unwrap().args)
+async fn start_epp(pods: &Pods, config: &str, extra: &[&str]) -> TestEpp {
+    InProcessEpp::endpoints([pods.addr(0), pods.addr(1)])
+        .config(config)
+        .flags(&["--secure-serving=false", "--metrics-endpoint-auth=false"])
+        .flags(extra)
+        .start()
         .await
-        .unwrap()
 }
 
 /// Waits until both endpoints carry these scraped queue depths.
-async fn wait_scraped(epp: &RunningEpp, queues: &[u32]) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let snap = epp.datastore.snapshot();
-        if snap.len() == queues.len()
-            && snap
-                .iter()
-                .zip(queues)
-                .all(|(s, q)| s.metrics.updated_at.is_some() && s.metrics.waiting_queue_size == *q)
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "metrics never scraped: {snap:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn wait_scraped(epp: &TestEpp, queues: &[u32]) {
+    epp.wait_until_scraped(queues, |m| m.waiting_queue_size)
+        .await;
 }
 
 fn body(prompt: &str) -> Vec<u8> {

@@ -8,7 +8,6 @@ mod support;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
@@ -18,15 +17,8 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     ProcessingRequest, ProcessingResponse, ProtocolConfiguration,
 };
 use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value};
-use support::MockModelServer;
-use switchyard::epp::args::EppArgs;
-use switchyard::epp::server::{start, RunningEpp};
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: EppArgs,
-}
+use support::{InProcessEpp, MockModelServer, TestEpp};
+use switchyard::epp::server::RunningEpp;
 
 /// All scorers at weight 1 plus LoRA affinity, as the reference's integration tests configure.
 const TEST_CONFIG: &str = r#"
@@ -76,7 +68,9 @@ impl Pods {
     }
 }
 
-fn pool_file(pods: &Pods, count: usize) -> tempfile::NamedTempFile {
+/// The pool file's YAML: the first `count` pods plus the reference tests' objectives and model
+/// rewrite.
+fn pool_yaml(pods: &Pods, count: usize) -> String {
     let mut yaml = String::from("endpoints:\n");
     for i in 0..count {
         yaml.push_str(&format!("- address: {}\n", pods.addr(i)));
@@ -89,70 +83,39 @@ fn pool_file(pods: &Pods, count: usize) -> tempfile::NamedTempFile {
          - {name: sql-lora-shed, priority: -1}\n- {name: my-model, priority: 2}\n- {name: direct-model, priority: 2}\n\
          modelRewrites:\n- model: model-to-be-rewritten\n  targets: [{model: rewritten-model, weight: 1}]\n",
     );
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), yaml).unwrap();
-    file
+    yaml
 }
 
-async fn start_epp(file: &tempfile::NamedTempFile, extra: &[&str]) -> RunningEpp {
-    let path = file.path().to_str().unwrap().to_string();
-    let mut argv = vec![
-        "epp",
-        "--endpoints-file",
-        &path,
-        "--grpc-port",
-        "0",
-        "--grpc-health-port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--bind-address",
-        "127.0.0.1",
-        "--secure-serving=false",
-        "--config-text",
-        TEST_CONFIG,
-        "--pool-name",
-        "pool",
-        "--refresh-prometheus-metrics-interval",
-        "50ms",
-    ];
-    argv.extend_from_slice(extra);
-    let args = Cli::try_parse_from(argv).unwrap().args;
-    start(args).await.unwrap()
+async fn start_epp(pool_yaml: String, extra: &[&str]) -> TestEpp {
+    InProcessEpp::endpoints_file(pool_yaml)
+        .config(TEST_CONFIG)
+        .flags(&[
+            "--secure-serving=false",
+            "--pool-name",
+            "pool",
+            "--refresh-prometheus-metrics-interval",
+            "50ms",
+        ])
+        .flags(extra)
+        .start()
+        .await
 }
 
 /// Three pods with these (queue, kv, LoRA) metrics, an EPP in front of them (extra flags), and
-/// the pods' metrics already scraped. The pool file must outlive the EPP.
-async fn stack(
-    metrics: &[(u32, f64, &[&str])],
-    extra: &[&str],
-) -> (Pods, tempfile::NamedTempFile, RunningEpp) {
+/// the pods' metrics already scraped.
+async fn stack(metrics: &[(u32, f64, &[&str])], extra: &[&str]) -> (Pods, TestEpp) {
     let pods = Pods::start().await;
     pods.set(metrics);
-    let file = pool_file(&pods, 3);
-    let epp = start_epp(&file, extra).await;
+    let epp = start_epp(pool_yaml(&pods, 3), extra).await;
     let want: Vec<(u32, f64)> = metrics.iter().map(|(q, kv, _)| (*q, *kv)).collect();
     wait_scraped(&epp, &want).await;
-    (pods, file, epp)
+    (pods, epp)
 }
 
-/// Waits until every endpoint's scraped metrics match what the pods serve.
-async fn wait_scraped(epp: &RunningEpp, want: &[(u32, f64)]) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let snap = epp.datastore.snapshot();
-        let ok = snap.len() == want.len()
-            && snap.iter().zip(want).all(|(s, (q, kv))| {
-                s.metrics.updated_at.is_some()
-                    && s.metrics.waiting_queue_size == *q
-                    && (s.metrics.kv_cache_usage - kv).abs() < 1e-9
-            });
-        if ok {
-            return;
-        }
-        assert!(Instant::now() < deadline, "metrics never scraped: {snap:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Waits until every endpoint's scraped (queue, kv) is what the pods serve.
+async fn wait_scraped(epp: &TestEpp, want: &[(u32, f64)]) {
+    epp.wait_until_scraped(want, |m| (m.waiting_queue_size, m.kv_cache_usage))
+        .await;
 }
 
 fn header(k: &str, v: &str) -> HeaderValue {
@@ -293,11 +256,6 @@ fn immediate(r: &ProcessingResponse) -> (i32, String) {
     }
 }
 
-async fn metrics_text(epp: &RunningEpp) -> String {
-    let url = format!("http://{}/metrics", epp.metrics_addr);
-    support::HttpClient::new().get(&url).await.unwrap().text()
-}
-
 /// Routes the standard request and returns (destination, replies).
 async fn route(
     epp: &RunningEpp,
@@ -323,7 +281,7 @@ async fn route(
 
 #[tokio::test]
 async fn lower_queue_and_kv_wins_with_exact_reply_and_metrics() {
-    let (pods, _file, epp) = stack(&[(3, 0.2, &[]), (0, 0.1, &[]), (10, 0.2, &[])], &[]).await;
+    let (pods, epp) = stack(&[(3, 0.2, &[]), (0, 0.1, &[]), (10, 0.2, &[])], &[]).await;
 
     let body = standard_body("my-model", "test1");
     let replies = exchange(
@@ -353,7 +311,7 @@ async fn lower_queue_and_kv_wins_with_exact_reply_and_metrics() {
     assert_eq!(destination(&replies[0]), pods.addr(1));
     assert_eq!(streamed(&replies[1]), (body.clone(), true));
 
-    let text = metrics_text(&epp).await;
+    let text = epp.metrics_text().await;
     assert!(
         text.contains(r#"inference_objective_request_total{model_name="my-model",target_model_name="my-model",priority="2"} 1"#),
         "{text}"
@@ -368,8 +326,7 @@ async fn lower_queue_and_kv_wins_with_exact_reply_and_metrics() {
 #[tokio::test]
 async fn lora_affinity_scenarios() {
     let pods = Pods::start().await;
-    let file = pool_file(&pods, 3);
-    let epp = start_epp(&file, &[]).await;
+    let epp = start_epp(pool_yaml(&pods, 3), &[]).await;
 
     // Active LoRA, low queue.
     pods.set(&[
@@ -399,7 +356,7 @@ async fn lora_affinity_scenarios() {
 
 #[tokio::test]
 async fn saturated_pool_sheds_only_negative_priority() {
-    let (pods, _file, epp) = stack(
+    let (pods, epp) = stack(
         &[
             (6, 0.2, &["sql-lora-1fdg2"]),
             (0, 0.85, &[]),
@@ -437,7 +394,7 @@ async fn saturated_pool_sheds_only_negative_priority() {
                 .to_string()
         )
     );
-    let text = metrics_text(&epp).await;
+    let text = epp.metrics_text().await;
     assert!(
         text.contains(r#"inference_objective_request_error_total{model_name="sql-lora-1fdg2",target_model_name="sql-lora-1fdg2",error_code="ResourceExhausted"} 1"#),
         "{text}"
@@ -447,7 +404,7 @@ async fn saturated_pool_sheds_only_negative_priority() {
 
 #[tokio::test]
 async fn bad_requests_get_reference_errors() {
-    let (_pods, _file, epp) = stack(
+    let (_pods, epp) = stack(
         &[(0, 0.1, &[]), (0, 0.1, &[]), (0, 0.1, &[])],
         &["--max-body-bytes", "1000"],
     )
@@ -506,8 +463,7 @@ async fn bad_requests_get_reference_errors() {
 #[tokio::test]
 async fn header_only_requests() {
     let pods = Pods::start().await;
-    let empty = pool_file(&pods, 0);
-    let epp = start_epp(&empty, &[]).await;
+    let epp = start_epp(pool_yaml(&pods, 0), &[]).await;
     let replies = exchange(&epp, vec![headers_msg("/v1/models", &[], true)], 1).await;
     assert_eq!(
         immediate(&replies[0]),
@@ -519,8 +475,7 @@ async fn header_only_requests() {
     epp.shutdown().await;
 
     pods.set(&[(5, 0.5, &[]), (0, 0.1, &[]), (5, 0.5, &[])]);
-    let file = pool_file(&pods, 3);
-    let epp = start_epp(&file, &[]).await;
+    let epp = start_epp(pool_yaml(&pods, 3), &[]).await;
     wait_scraped(&epp, &[(5, 0.5), (0, 0.1), (5, 0.5)]).await;
     let replies = exchange(&epp, vec![headers_msg("/v1/models", &[], true)], 1).await;
     assert_eq!(destination(&replies[0]), pods.addr(1));
@@ -532,7 +487,7 @@ async fn header_only_requests() {
 
 #[tokio::test]
 async fn body_split_in_chunks_and_repeated_last_chunk() {
-    let (pods, _file, epp) = stack(&[(3, 0.2, &[]), (0, 0.1, &[]), (10, 0.2, &[])], &[]).await;
+    let (pods, epp) = stack(&[(3, 0.2, &[]), (0, 0.1, &[]), (10, 0.2, &[])], &[]).await;
 
     let body = standard_body("my-model", "test2");
     let (a, b) = body.split_at(20);
@@ -560,7 +515,7 @@ async fn body_split_in_chunks_and_repeated_last_chunk() {
 
 #[tokio::test]
 async fn large_body_comes_back_in_62000_byte_chunks() {
-    let (_pods, _file, epp) = stack(&[(0, 0.1, &[]), (0, 0.1, &[]), (0, 0.1, &[])], &[]).await;
+    let (_pods, epp) = stack(&[(0, 0.1, &[]), (0, 0.1, &[]), (0, 0.1, &[])], &[]).await;
     let body = standard_body("m", &"y".repeat(150_000));
     let replies = exchange(
         &epp,
@@ -611,7 +566,7 @@ fn subset_metadata(value: Kind) -> Metadata {
 
 #[tokio::test]
 async fn subset_hints_list_string_and_no_match() {
-    let (pods, _file, epp) = stack(&[(3, 0.2, &[]), (0, 0.1, &[]), (10, 0.2, &[])], &[]).await;
+    let (pods, epp) = stack(&[(3, 0.2, &[]), (0, 0.1, &[]), (10, 0.2, &[])], &[]).await;
     let body = standard_body("my-model", "test1");
     let with_subset = |kind: Kind| {
         let mut h = headers_msg("/v1/completions", &[], false);
@@ -665,7 +620,7 @@ async fn subset_hints_list_string_and_no_match() {
 
 #[tokio::test]
 async fn model_rewrite_changes_only_the_model() {
-    let (_pods, _file, epp) = stack(&[(0, 0.1, &[]), (0, 0.1, &[]), (0, 0.1, &[])], &[]).await;
+    let (_pods, epp) = stack(&[(0, 0.1, &[]), (0, 0.1, &[]), (0, 0.1, &[])], &[]).await;
     let body = standard_body("model-to-be-rewritten", "test1");
     let r = exchange(
         &epp,
@@ -732,7 +687,7 @@ fn response_body(body: &[u8], eos: bool) -> ProcessingRequest {
 
 #[tokio::test]
 async fn response_path_json_buffering_invalid_json_and_sse_usage() {
-    let (_pods, _file, epp) = stack(&[(0, 0.1, &[]), (0, 0.1, &[]), (0, 0.1, &[])], &[]).await;
+    let (_pods, epp) = stack(&[(0, 0.1, &[]), (0, 0.1, &[]), (0, 0.1, &[])], &[]).await;
     let req = standard_body("my-model", "test1");
 
     // Buffered JSON response in two chunks → one joined chunk with end_of_stream.
@@ -791,7 +746,7 @@ async fn response_path_json_buffering_invalid_json_and_sse_usage() {
     for (i, c) in chunks.iter().enumerate() {
         assert_eq!(streamed(&r[3 + i]), (c.to_vec(), i == 2));
     }
-    let text = metrics_text(&epp).await;
+    let text = epp.metrics_text().await;
     assert!(text.contains(r#"inference_objective_input_tokens_sum{model_name="my-model",target_model_name="my-model"} 10.0"#), "{text}");
     assert!(text.contains(r#"inference_objective_input_tokens_count{model_name="my-model",target_model_name="my-model"} 2"#), "{text}");
     epp.shutdown().await;
@@ -799,7 +754,7 @@ async fn response_path_json_buffering_invalid_json_and_sse_usage() {
 
 #[tokio::test]
 async fn buffered_mode_fallbacks_trailers_and_generated_request_id() {
-    let (pods, _file, epp) = stack(
+    let (pods, epp) = stack(
         &[(3, 0.2, &[]), (0, 0.1, &[]), (10, 0.2, &[])],
         &["--fallback-endpoints", "2"],
     )
@@ -855,7 +810,7 @@ async fn buffered_mode_fallbacks_trailers_and_generated_request_id() {
 
 #[tokio::test]
 async fn broken_stream_releases_running_requests() {
-    let (_pods, _file, epp) = stack(&[(0, 0.1, &[]), (0, 0.1, &[]), (0, 0.1, &[])], &[]).await;
+    let (_pods, epp) = stack(&[(0, 0.1, &[]), (0, 0.1, &[]), (0, 0.1, &[])], &[]).await;
     let body = standard_body("my-model", "x");
     // Routed, then the client goes away before the response.
     let r = exchange(
@@ -870,7 +825,7 @@ async fn broken_stream_releases_running_requests() {
     assert_eq!(r.len(), 2);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let text = metrics_text(&epp).await;
+        let text = epp.metrics_text().await;
         if text.contains(r#"inference_objective_running_requests{model_name="my-model"} 0"#) {
             break;
         }

@@ -7,22 +7,15 @@ mod support;
 use rustls::pki_types::ServerName;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request as Msg, processing_response::Response as Reply, HttpHeaders,
     ProcessingRequest,
 };
-use switchyard::epp::args::EppArgs;
-use switchyard::epp::server::{start, RunningEpp};
+use support::{InProcessEpp, TestEpp};
+use switchyard::epp::server::RunningEpp;
 use tokio::net::TcpStream;
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: EppArgs,
-}
 
 /// Handshakes and returns (negotiated ALPN, leaf certificate DER).
 async fn handshake(epp: &RunningEpp) -> (Option<Vec<u8>>, Vec<u8>) {
@@ -38,26 +31,12 @@ async fn handshake(epp: &RunningEpp) -> (Option<Vec<u8>>, Vec<u8>) {
     (alpn, leaf)
 }
 
-async fn start_epp(extra: &[&str]) -> RunningEpp {
-    let mut argv = vec![
-        "epp",
-        "--endpoints",
-        "127.0.0.1:9",
-        "--grpc-port",
-        "0",
-        "--grpc-health-port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--bind-address",
-        "127.0.0.1",
-        "--drain-timeout",
-        "2s",
-    ];
-    argv.extend_from_slice(extra);
-    start(Cli::try_parse_from(argv).unwrap().args)
+async fn start_epp(extra: &[&str]) -> TestEpp {
+    InProcessEpp::endpoints(["127.0.0.1:9"])
+        .flags(&["--drain-timeout", "2s"])
+        .flags(extra)
+        .start()
         .await
-        .unwrap()
 }
 
 /// `GET /v1/models` without a body: routed on the headers alone.
@@ -152,20 +131,9 @@ async fn cert_path_is_served_and_reloaded() {
 async fn bad_cert_path_is_a_startup_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_str().unwrap().to_string();
-    let argv = vec![
-        "epp",
-        "--endpoints",
-        "127.0.0.1:9",
-        "--grpc-port",
-        "0",
-        "--grpc-health-port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--cert-path",
-        &path,
-    ];
-    let err = start(Cli::try_parse_from(argv).unwrap().args)
+    let err = InProcessEpp::endpoints(["127.0.0.1:9"])
+        .flags(&["--cert-path", &path])
+        .try_start()
         .await
         .err()
         .unwrap();
@@ -177,25 +145,10 @@ async fn bad_cert_path_is_a_startup_error() {
 
 #[tokio::test]
 async fn shutdown_waits_for_open_streams_then_stops() {
-    let argv = vec![
-        "epp",
-        "--endpoints",
-        "127.0.0.1:9",
-        "--grpc-port",
-        "0",
-        "--grpc-health-port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--bind-address",
-        "127.0.0.1",
-        "--secure-serving=false",
-        "--drain-timeout",
-        "20s",
-    ];
-    let epp = start(Cli::try_parse_from(argv).unwrap().args)
-        .await
-        .unwrap();
+    let epp = InProcessEpp::endpoints(["127.0.0.1:9"])
+        .flags(&["--secure-serving=false", "--drain-timeout", "20s"])
+        .start()
+        .await;
     let mut client = ExternalProcessorClient::connect(format!("http://{}", epp.grpc_addr))
         .await
         .unwrap();

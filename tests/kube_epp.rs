@@ -10,21 +10,13 @@ mod support;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use fake_apiserver::objects::*;
 use fake_apiserver::FakeApiServer;
 use support::http_client::HttpClient;
-use switchyard::epp::args::EppArgs;
-use switchyard::epp::server::start;
+use support::InProcessEpp;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: EppArgs,
-}
 
 const LEASE_NAME: &str = "epp-default-pool.gateway-api-inference-extension.sigs.k8s.io";
 const READER: &str = "system:serviceaccount:default:inference-gateway-sa-metrics-reader";
@@ -90,26 +82,18 @@ async fn epp_in_kubernetes_discovery_leader_readiness_and_metrics_auth() {
     // The only test in this binary, so nothing else reads the environment concurrently.
     std::env::set_var("KUBECONFIG", kubeconfig.path());
 
-    let argv = [
-        "epp",
-        "--pool-name",
-        "pool",
-        "--pool-namespace",
-        NS,
-        "--grpc-port",
-        "0",
-        "--grpc-health-port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--bind-address",
-        "127.0.0.1",
-        "--secure-serving=false",
-        "--ha-enable-leader-election",
-        "--metrics-endpoint-auth=true",
-    ];
-    let args = Cli::try_parse_from(argv).unwrap().args;
-    let epp = start(args).await.unwrap();
+    let epp = InProcessEpp::discovered()
+        .flags(&[
+            "--pool-name",
+            "pool",
+            "--pool-namespace",
+            NS,
+            "--secure-serving=false",
+            "--ha-enable-leader-election",
+            "--metrics-endpoint-auth=true",
+        ])
+        .start()
+        .await;
 
     // Endpoints from the pool; ready once synced and leading.
     wait_health(

@@ -10,18 +10,10 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use serde_json::{json, Value};
-use support::HttpClient;
-use switchyard::epp::args::EppArgs;
-use switchyard::epp::server::{start, RunningEpp};
+use support::{HttpClient, InProcessEpp, TestEpp};
+use switchyard::epp::server::RunningEpp;
 use switchyard::serve::{self, ServeArgs, ServerHandle};
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: EppArgs,
-}
 
 fn qwen_dir() -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/qwen-tokenizer");
@@ -49,10 +41,7 @@ async fn replica(dir: &Path, zmq: bool) -> ServerHandle {
     serve::start(args).await.unwrap()
 }
 
-async fn start_epp(
-    dir: &Path,
-    replicas: &[&ServerHandle],
-) -> (tempfile::NamedTempFile, RunningEpp) {
+async fn start_epp(dir: &Path, replicas: &[&ServerHandle]) -> TestEpp {
     let mut sockets = String::new();
     let mut pool = String::from("endpoints:\n");
     for r in replicas {
@@ -85,29 +74,11 @@ schedulingProfiles:
 ",
         dir.display()
     );
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), pool).unwrap();
-    let path = file.path().to_str().unwrap().to_string();
-    let argv = vec![
-        "epp",
-        "--endpoints-file",
-        &path,
-        "--grpc-port",
-        "0",
-        "--grpc-health-port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--bind-address",
-        "127.0.0.1",
-        "--secure-serving=false",
-        "--config-text",
-        &config,
-        "--pool-name",
-        "pool",
-    ];
-    let args = Cli::try_parse_from(argv).unwrap().args;
-    (file, start(args).await.unwrap())
+    InProcessEpp::endpoints_file(pool)
+        .config(config)
+        .flags(&["--secure-serving=false", "--pool-name", "pool"])
+        .start()
+        .await
 }
 
 /// Serves `body` on `replica` (directly, as a client would after routing) and returns the
@@ -140,9 +111,8 @@ async fn route_via(epp: &RunningEpp, path: &str, body: &[u8]) -> String {
 }
 
 /// Event batches the EPP has received from all replicas.
-async fn batches(epp: &RunningEpp) -> f64 {
-    let url = format!("http://{}/metrics", epp.metrics_addr);
-    let text = HttpClient::new().get(&url).await.unwrap().text();
+async fn batches(epp: &TestEpp) -> f64 {
+    let text = epp.metrics_text().await;
     text.lines()
         .find_map(|l| {
             l.strip_prefix("switchyard_kv_events_batches_total ")
@@ -153,7 +123,7 @@ async fn batches(epp: &RunningEpp) -> f64 {
 
 /// Serves `body` on `owner` until the EPP routes it there (the first events can be published
 /// before the EPP's subscription is in place).
-async fn expect_routed_to(epp: &RunningEpp, owner: &ServerHandle, path: &str, body: &Value) {
+async fn expect_routed_to(epp: &TestEpp, owner: &ServerHandle, path: &str, body: &Value) {
     let want = owner.http_addr.to_string();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -186,7 +156,7 @@ async fn serve_events_over_zmq_and_grpc_steer_the_epp() {
     let b = replica(&dir, false).await;
     let c = replica(&dir, true).await;
     assert!(a.kv_zmq_addr.is_some() && b.kv_events_addr.is_some());
-    let (_file, epp) = start_epp(&dir, &[&a, &b, &c]).await;
+    let epp = start_epp(&dir, &[&a, &b, &c]).await;
 
     let system = "You are a careful coding assistant. Keep answers short. ".repeat(8);
     let chat = json!({
