@@ -460,6 +460,8 @@ fn endpoint(i: u8) -> Endpoint {
     Endpoint::from_addr(format!("10.0.0.{i}:8000").parse().unwrap())
 }
 
+const MS: Duration = Duration::from_millis(1);
+
 /// Lets every spawned task run to its next await (paused time does not move).
 async fn settle() {
     for _ in 0..10 {
@@ -484,8 +486,9 @@ async fn one_poller_per_endpoint_scrapes_once_per_interval() {
     let (stop_tx, stop_rx) = watch::channel(false);
     let manager = spawn_scrape_manager_with(datastore.clone(), config, source.clone(), stop_rx);
     settle().await;
-    // The first tick comes within one interval (a random offset spreads pollers).
-    tokio::time::sleep(interval).await;
+    // The first tick comes within one interval (a random offset in [0, interval) spreads
+    // pollers); a millisecond short of it, because an offset of 0 ticks again at `interval`.
+    tokio::time::sleep(interval - MS).await;
     settle().await;
     assert_eq!(source.count(&a.name), 1);
 
@@ -511,7 +514,7 @@ async fn one_poller_per_endpoint_scrapes_once_per_interval() {
 
     datastore.apply(DiscoveryEvent::Upsert(b.clone()));
     settle().await;
-    tokio::time::sleep(interval).await;
+    tokio::time::sleep(interval - MS).await;
     settle().await;
     let (before_a, before_b) = (source.count(&a.name), source.count(&b.name));
     assert_eq!(before_b, 1);
@@ -572,7 +575,8 @@ async fn failed_scrapes_keep_the_last_metrics_until_recovery() {
     let (_stop_tx, stop_rx) = watch::channel(false);
     let _manager = spawn_scrape_manager_with(datastore.clone(), config, source.clone(), stop_rx);
     settle().await;
-    tokio::time::sleep(interval * 3).await;
+    // Three ticks whatever the random offset (with 0, a fourth would come at `interval * 3`).
+    tokio::time::sleep(interval * 3 - MS).await;
     settle().await;
     let slot = datastore.slot(&a.name).unwrap();
     let last = slot.load();

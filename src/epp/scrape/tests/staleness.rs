@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{endpoint, settle, FakeSource};
+use super::{endpoint, settle, FakeSource, MS};
 use crate::epp::datastore::{Datastore, DiscoveryEvent};
 use crate::epp::saturation::{SaturationConfig, SaturationDetector};
 use crate::epp::scheduling::plugins::freshness::ScrapeFreshnessFilter;
@@ -19,7 +19,6 @@ use crate::epp::scrape::{spawn_scrape_manager_with, ScrapeConfig};
 
 const INTERVAL: Duration = Duration::from_millis(50);
 const THRESHOLD: Duration = Duration::from_secs(1);
-const MS: Duration = Duration::from_millis(1);
 /// Large enough that a scraped queue scores below 1.0 (full) throughout.
 const QUEUE_THRESHOLD: u32 = 1000;
 
