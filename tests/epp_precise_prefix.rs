@@ -11,19 +11,12 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use clap::Parser;
-use switchyard::epp::args::EppArgs;
-use switchyard::epp::server::{start, RunningEpp};
+use support::{InProcessEpp, TestEpp};
+use switchyard::epp::server::RunningEpp;
 use switchyard::kvwire::{self, BlockRemoved, BlockStored, Event, EventBatch};
 use switchyard::serve::approx_codec::ApproxCodec;
 use switchyard::serve::codec::TextCodec;
 use zeromq::{Socket, SocketSend, ZmqMessage};
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: EppArgs,
-}
 
 /// Tokens per block; the approximate codec makes 4 bytes one token, so 16 bytes per block.
 const BLOCK: usize = 4;
@@ -110,10 +103,7 @@ fn stored(tokens: &[u32], from: usize, n: usize, key0: u64) -> Event {
     })
 }
 
-async fn start_epp(
-    pods: &[SocketAddr],
-    pubs: &[&TestPublisher],
-) -> (tempfile::NamedTempFile, RunningEpp) {
+async fn start_epp(pods: &[SocketAddr], pubs: &[&TestPublisher]) -> TestEpp {
     let mut sockets = String::new();
     for (pod, p) in pods.iter().zip(pubs) {
         sockets.push_str(&format!(
@@ -139,38 +129,19 @@ schedulingProfiles:
   - pluginRef: max-score-picker
 "
     );
-    let file = tempfile::NamedTempFile::new().unwrap();
     let mut yaml = String::from("endpoints:\n");
     for pod in pods {
         yaml.push_str(&format!("- address: {pod}\n"));
     }
-    std::fs::write(file.path(), yaml).unwrap();
-    let path = file.path().to_str().unwrap().to_string();
-    let argv = vec![
-        "epp",
-        "--endpoints-file",
-        &path,
-        "--grpc-port",
-        "0",
-        "--grpc-health-port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--bind-address",
-        "127.0.0.1",
-        "--secure-serving=false",
-        "--config-text",
-        &config,
-        "--pool-name",
-        "pool",
-    ];
-    let args = Cli::try_parse_from(argv).unwrap().args;
-    (file, start(args).await.unwrap())
+    InProcessEpp::endpoints_file(yaml)
+        .config(config)
+        .flags(&["--secure-serving=false", "--pool-name", "pool"])
+        .start()
+        .await
 }
 
-async fn metric(epp: &RunningEpp, name: &str) -> f64 {
-    let url = format!("http://{}/metrics", epp.metrics_addr);
-    let text = support::HttpClient::new().get(&url).await.unwrap().text();
+async fn metric(epp: &TestEpp, name: &str) -> f64 {
+    let text = epp.metrics_text().await;
     text.lines()
         .find_map(|l| {
             l.strip_prefix(name)
@@ -180,32 +151,64 @@ async fn metric(epp: &RunningEpp, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Publishes `events` until the prompt routes to `want` (the first batches can be lost while
-/// the subscription is still on its way: ZMQ's slow joiner), then checks 5 more routes.
-async fn expect_route(
-    epp: &RunningEpp,
-    publisher: &mut TestPublisher,
-    events: Vec<Event>,
-    want: SocketAddr,
-) {
+const KEYS: &str = "switchyard_kv_events_index_keys";
+const MALFORMED: &str = "switchyard_kv_events_malformed_total";
+
+/// Waits until `name` reads exactly `want`.
+async fn wait_metric(epp: &TestEpp, name: &str, want: f64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        // Route only once the batch is in (a tie between empty endpoints could pick `want` by
-        // chance).
-        let before = metric(epp, "switchyard_kv_events_batches_total").await;
-        publisher.publish(events.clone()).await;
-        let wait = Instant::now() + Duration::from_millis(500);
-        while metric(epp, "switchyard_kv_events_batches_total").await <= before
-            && Instant::now() < wait
-        {
+        let got = metric(epp, name).await;
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} is {got}, want {want}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until the EPP's subscription to `publisher` is in place: a PUB socket drops what it
+/// sends before the subscriber has joined (ZMQ's slow joiner), and an endpoint without a live
+/// stream is scored by the approximate index, which learns from the routes themselves.
+///
+/// Each try stores one more copy of a block of `probe` tokens (a new engine key, the same
+/// request key) until the index holds that key, then the publisher clears its cache. Copies
+/// never take the key count down, and the clear comes after every copy on the same stream, so
+/// once the count is back at `keys` nothing from this publisher is still on its way.
+async fn wait_subscribed(epp: &TestEpp, publisher: &mut TestPublisher, probe: &[u32], keys: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut engine_key = 9_000;
+    'joined: loop {
+        publisher
+            .publish(vec![stored(probe, 0, 1, engine_key)])
+            .await;
+        engine_key += 1;
+        let retry = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < retry {
+            if metric(epp, KEYS).await == keys + 1.0 {
+                break 'joined;
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if route(epp, PROMPT).await == want.to_string() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never routed to {want}");
+        assert!(Instant::now() < deadline, "never subscribed");
     }
-    for _ in 0..5 {
+    publisher.publish(vec![Event::AllCleared]).await;
+    wait_metric(epp, KEYS, keys).await;
+}
+
+/// Publishes `events`, waits until the index holds `keys` request keys (every step below
+/// changes the count, monotonically within a batch, so this is when the batch is applied),
+/// then routes the prompt 6 times: every route goes to `want`.
+async fn expect_route(
+    epp: &TestEpp,
+    publisher: &mut TestPublisher,
+    events: Vec<Event>,
+    keys: f64,
+    want: SocketAddr,
+) {
+    publisher.publish(events).await;
+    wait_metric(epp, KEYS, keys).await;
+    for _ in 0..6 {
         assert_eq!(route(epp, PROMPT).await, want.to_string());
     }
 }
@@ -222,19 +225,25 @@ async fn routes_to_the_endpoint_that_reported_the_blocks_until_it_drops_them() {
         .into_iter()
         .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
         .collect();
-    let (_file, epp) = start_epp(&pods, &[&pubs[0], &pubs[1], &pubs[2]]).await;
+    let epp = start_epp(&pods, &[&pubs[0], &pubs[1], &pubs[2]]).await;
     let tokens = ApproxCodec::new(151_643).encode(PROMPT, true).unwrap();
     assert_eq!(tokens.len(), 16);
+    // Every stream live before the first route (probe tokens share no block with the prompt).
+    let probe: Vec<u32> = (0..BLOCK as u32).map(|t| 100_000 + t).collect();
+    for p in &mut pubs {
+        wait_subscribed(&epp, p, &probe, 0.0).await;
+    }
 
-    // A holds the first block, B all four: B.
+    // A holds the first block, B all four: B. (Request keys held across endpoints: 1, then 5.)
     let [a, b, c] = &mut pubs[..] else {
         unreachable!()
     };
-    expect_route(&epp, a, vec![stored(&tokens, 0, 1, 100)], pods[0]).await;
+    expect_route(&epp, a, vec![stored(&tokens, 0, 1, 100)], 1.0, pods[0]).await;
     expect_route(
         &epp,
         b,
         vec![stored(&tokens, 0, 2, 200), stored(&tokens, 2, 2, 202)],
+        5.0,
         pods[1],
     )
     .await;
@@ -247,23 +256,22 @@ async fn routes_to_the_endpoint_that_reported_the_blocks_until_it_drops_them() {
             block_hashes: vec![200],
             medium: Some("GPU".into()),
         })],
+        4.0,
         pods[0],
     )
     .await;
 
     // A clears its cache; C reports two blocks: C.
     a.publish(vec![Event::AllCleared]).await;
-    expect_route(&epp, c, vec![stored(&tokens, 0, 2, 300)], pods[2]).await;
+    wait_metric(&epp, KEYS, 3.0).await;
+    expect_route(&epp, c, vec![stored(&tokens, 0, 2, 300)], 5.0, pods[2]).await;
 
     // Garbage from A is counted and skipped; A's next good batch still applies.
-    let before = metric(&epp, "switchyard_kv_events_malformed_total").await;
+    let before = metric(&epp, MALFORMED).await;
     a.send_raw(vec![0xc1, 0x00]).await;
     a.send_raw(b"not msgpack at all".to_vec()).await;
-    expect_route(&epp, a, vec![stored(&tokens, 0, 4, 400)], pods[0]).await;
-    assert_eq!(
-        metric(&epp, "switchyard_kv_events_malformed_total").await - before,
-        2.0
-    );
-    assert!(metric(&epp, "switchyard_kv_events_index_keys").await >= 6.0);
+    expect_route(&epp, a, vec![stored(&tokens, 0, 4, 400)], 9.0, pods[0]).await;
+    assert_eq!(metric(&epp, MALFORMED).await - before, 2.0);
+    assert!(metric(&epp, KEYS).await >= 6.0);
     epp.shutdown().await;
 }
