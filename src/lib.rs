@@ -1,6 +1,7 @@
 //! Switchyard: an inference routing stack for Kubernetes.
 //!
 //! - [`epp`]: Envoy ext_proc Endpoint Picker (Gateway API Inference Extension compatible).
+//! - [`agent`]: the code-generation agent (`switchyard agent`): tool loop, model fallback, sandboxes.
 //! - [`bbr`]: body-based routing ext_proc (body `model` → `X-Gateway-Model-Name`).
 //! - [`serve`]: decode server with an OpenAI-compatible API and vLLM-compatible metrics.
 //! - [`bench`]: load generator, routing benchmarks and the local demo.
@@ -15,6 +16,7 @@
 //! `docs/architecture.md`.
 #![deny(unsafe_code)]
 
+pub mod agent;
 pub mod bbr;
 pub mod bench;
 pub mod epp;

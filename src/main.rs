@@ -25,6 +25,8 @@ enum Command {
     Bench(Box<switchyard::bench::BenchArgs>),
     /// Local stack on an embedded default: sim replicas, the EPP and Envoy, compared live.
     Demo(Box<switchyard::bench::DemoArgs>),
+    /// Code-generation agent: OpenAI tool loop through the gateway, model fallback, sandboxes.
+    Agent(Box<switchyard::agent::AgentArgs>),
     /// Agent-sandbox runtime API on 8888: contained command execution and workspace files.
     Sandbox(Box<switchyard::sandbox::SandboxArgs>),
     /// Runs one command contained (started by `switchyard sandbox` per /execute).
@@ -48,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => runtime.block_on(switchyard::serve::run(*args)),
         Command::Bench(args) => runtime.block_on(switchyard::bench::run_bench(*args)),
         Command::Demo(args) => runtime.block_on(switchyard::bench::run_demo(*args)),
+        Command::Agent(args) => runtime.block_on(switchyard::agent::run(*args)),
         Command::Sandbox(args) => runtime.block_on(switchyard::sandbox::run(*args)),
         // Ran above, before the runtime existed.
         Command::SandboxExec(_) => Ok(()),
