@@ -11,11 +11,12 @@
 //! `scripts/gguf-oracle.sh` from llama.cpp built by `scripts/llama-venv.sh`; release builds only,
 //! see the test). Without the model these print `SKIPPED` (and fail under `CI=true`).
 
+mod serve_support;
 mod support;
 
 use std::path::Path;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use switchyard::serve::backend::cpu::greedy::greedy;
 use switchyard::serve::backend::cpu::{CpuBackend, CpuOptions};
 use switchyard::serve::backend::{Backend, SeqSlice, StepBatch, StepOutput};
@@ -325,6 +326,237 @@ fn real_model_greedy_tokens_match_llama_cpp() {
                     run.tokens[i], want_tokens[i], run.margins[i]
                 );
             }
+        }
+    }
+}
+
+/// `switchyard demo --model real` (the README's main job on the real model): two `cpu`
+/// replicas of the GGUF behind real Envoy and the EPP; every question asked twice. A repeat
+/// goes to the replica that served the first ask (prefix affinity), finds all of its prompt's
+/// full blocks but the last token's there, and answers the same text (greedy).
+#[test]
+fn real_model_demo_routes_each_repeat_to_the_replica_holding_its_prompt() {
+    if cfg!(debug_assertions) {
+        println!("SKIPPED: needs an optimised build (cargo test --release --test gguf_model)");
+        return;
+    }
+    let Some(path) = real_model() else { return };
+    let Some(envoy) = support::tools::envoy() else {
+        support::tools::missing_dependency("Envoy (scripts/install-test-deps.sh)");
+        return;
+    };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "demo",
+            "--model",
+            "real",
+            "--replicas",
+            "2",
+            "--output-tokens",
+            "12",
+        ])
+        .arg("--model-file")
+        .arg(&path)
+        .arg("--envoy")
+        .arg(&envoy)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // | request | question | replica | prompt | cached | completion | seconds | answer |
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| request"))
+        .map(|l| l.trim_matches('|').split(" | ").map(str::trim).collect())
+        .collect();
+    assert_eq!(rows.len(), 6, "{stdout}");
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r[0], (i + 1).to_string());
+        assert_eq!(r[1], format!("Q{}", i % 3 + 1), "{stdout}");
+        assert_eq!(r[5], "12", "completion tokens: {stdout}");
+    }
+    for first in 0..3 {
+        let (a, b) = (&rows[first], &rows[first + 3]);
+        assert_eq!(
+            b[2],
+            a[2],
+            "repeat of Q{} on another replica:\n{stdout}",
+            first + 1
+        );
+        assert_eq!(b[3], a[3], "{stdout}");
+        let prompt: usize = b[3].parse().unwrap();
+        assert_eq!(
+            b[4],
+            ((prompt - 1) / 16 * 16).to_string(),
+            "cached tokens of the repeat:\n{stdout}"
+        );
+        assert_eq!(b[7], format!("same as request {}", first + 1), "{stdout}");
+    }
+    // Real text, not an empty or placeholder answer.
+    assert!(stdout.contains("### Q1: Write a Rust function"), "{stdout}");
+}
+
+/// The subjects of the real-model structured-output and tool tests: 20 of each.
+const CITIES: [&str; 20] = [
+    "Paris", "Berlin", "Madrid", "Rome", "Vienna", "Prague", "Warsaw", "Lisbon", "Dublin", "Oslo",
+    "Helsinki", "Athens", "Zurich", "Munich", "Milan", "Seoul", "Tokyo", "Lima", "Cairo",
+    "Nairobi",
+];
+
+async fn real_server(path: &Path) -> (switchyard::serve::ServerHandle, String) {
+    let path = path.to_owned();
+    serve_support::start(move |a| {
+        a.backend = switchyard::serve::BackendKind::Cpu;
+        a.model = Some(path);
+        a.kv_cache_memory = 256 << 20;
+        a.max_model_len = Some(2048);
+    })
+    .await
+}
+
+/// POSTs every body concurrently (the engine batches them); returns the JSON answers in order.
+async fn post_all(base: &str, path: &str, bodies: Vec<Value>) -> Vec<Value> {
+    let answers = futures::future::join_all(
+        bodies
+            .into_iter()
+            .map(|b| serve_support::post(base, path, b)),
+    )
+    .await;
+    answers
+        .iter()
+        .map(|r| {
+            assert_eq!(r.status, 200, "{}", r.text());
+            serde_json::from_slice(&r.body).unwrap()
+        })
+        .collect()
+}
+
+/// With the real model, JSON-schema outputs (response_format on chat, structured_outputs on
+/// completions) and forced tool calls (tool_choice naming the function) parse and validate in
+/// 20 of 20 prompts each; so do the calls the model makes by itself under `tool_choice: auto`
+/// (Hermes `<tool_call>` parsing), which name the asked-for city.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_model_structured_outputs_and_tool_calls_are_valid_in_every_prompt() {
+    if cfg!(debug_assertions) {
+        println!("SKIPPED: needs an optimised build (cargo test --release --test gguf_model)");
+        return;
+    }
+    let Some(path) = real_model() else { return };
+    let (_h, base) = real_server(&path).await;
+    let person = json!({"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 16},
+        "population_millions": {"type": "number", "minimum": 0, "maximum": 100},
+        "capital": {"type": "boolean"}},
+        "required": ["city", "population_millions", "capital"], "additionalProperties": false});
+    let tags = json!({"type": "array", "minItems": 1, "maxItems": 3,
+        "items": {"type": "string", "enum": ["history", "food", "art", "sport", "nature"]}});
+    let weather = json!({"type": "object", "properties": {
+        "city": {"type": "string", "pattern": "^[A-Za-z]{1,12}$"},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": false});
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "description": "Current weather in a city", "parameters": weather}}]);
+
+    // Schema 1: response_format json_schema on chat.
+    let bodies = CITIES
+        .iter()
+        .map(|c| json!({"messages": [{"role": "user", "content": format!("Describe {c} as JSON.")}],
+            "max_tokens": 128, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": person}}}))
+        .collect();
+    for (c, v) in CITIES
+        .iter()
+        .zip(post_all(&base, "/v1/chat/completions", bodies).await)
+    {
+        let text = v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default();
+        let out: Value =
+            serde_json::from_str(text).unwrap_or_else(|e| panic!("{c}: {e}: {text:?}"));
+        let o = out.as_object().unwrap_or_else(|| panic!("{c}: {text}"));
+        assert_eq!(o.len(), 3, "{c}: {text}");
+        assert!(
+            out["city"]
+                .as_str()
+                .is_some_and(|s| s.chars().count() <= 16),
+            "{c}: {text}"
+        );
+        assert!(
+            out["population_millions"]
+                .as_f64()
+                .is_some_and(|p| (0.0..=100.0).contains(&p)),
+            "{c}: {text}"
+        );
+        assert!(out["capital"].is_boolean(), "{c}: {text}");
+    }
+
+    // Schema 2: structured_outputs json on completions.
+    let bodies = CITIES
+        .iter()
+        .map(|c| {
+            json!({"prompt": format!("Topics a visitor to {c} enjoys, as a JSON list:"),
+            "max_tokens": 96, "temperature": 0, "structured_outputs": {"json": tags}})
+        })
+        .collect();
+    for (c, v) in CITIES
+        .iter()
+        .zip(post_all(&base, "/v1/completions", bodies).await)
+    {
+        let text = v["choices"][0]["text"].as_str().unwrap_or_default();
+        let out: Value =
+            serde_json::from_str(text).unwrap_or_else(|e| panic!("{c}: {e}: {text:?}"));
+        let items = out.as_array().unwrap_or_else(|| panic!("{c}: {text}"));
+        assert!((1..=3).contains(&items.len()), "{c}: {text}");
+        for t in items {
+            assert!(
+                ["history", "food", "art", "sport", "nature"].contains(&t.as_str().unwrap_or("")),
+                "{c}: {text}"
+            );
+        }
+    }
+
+    // Schema 3: a forced tool call; then the same tool under `auto`.
+    // A named choice finishes with "stop" (as vLLM); parsed calls under `auto` with "tool_calls".
+    for (choice, finish) in [
+        (
+            json!({"type": "function", "function": {"name": "get_weather"}}),
+            "stop",
+        ),
+        (json!("auto"), "tool_calls"),
+    ] {
+        let bodies = CITIES
+            .iter()
+            .map(|c| json!({"messages": [{"role": "user", "content": format!("What is the weather in {c} in celsius?")}],
+                "max_tokens": 64, "temperature": 0, "tools": tools, "tool_choice": choice}))
+            .collect();
+        for (c, v) in CITIES
+            .iter()
+            .zip(post_all(&base, "/v1/chat/completions", bodies).await)
+        {
+            let msg = &v["choices"][0]["message"];
+            assert_eq!(
+                v["choices"][0]["finish_reason"], finish,
+                "{choice} {c}: {v}"
+            );
+            let call = &msg["tool_calls"][0]["function"];
+            assert_eq!(call["name"], "get_weather", "{choice} {c}: {v}");
+            let args = call["arguments"].as_str().unwrap_or_default();
+            let out: Value =
+                serde_json::from_str(args).unwrap_or_else(|e| panic!("{c}: {e}: {args:?}"));
+            assert_eq!(
+                out.as_object().map(|o| o.len()),
+                Some(2),
+                "{choice} {c}: {args}"
+            );
+            assert_eq!(out["city"], *c, "{choice}: {args}");
+            assert!(
+                ["celsius", "fahrenheit"].contains(&out["unit"].as_str().unwrap_or("")),
+                "{choice} {c}: {args}"
+            );
         }
     }
 }

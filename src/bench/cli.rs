@@ -380,6 +380,8 @@ pub struct SetupArgs {
     /// Real seconds per simulated second (default: the preset's, else 0.05).
     #[arg(long)]
     pub time_scale: Option<f64>,
+    /// Model name the replicas serve; `switchyard demo --model real` serves the real GGUF
+    /// (`--model-file`) on `cpu` replicas instead of simulating one.
     #[arg(long, default_value = "Qwen/Qwen2.5-7B-Instruct")]
     pub model: String,
     /// Extra flag for every replica (repeatable), e.g. `--replica-arg=--max-num-seqs=64`.
@@ -427,6 +429,10 @@ pub struct DemoArgs {
     pub workload: WorkloadArgs,
     #[command(flatten)]
     pub setup: SetupArgs,
+    /// With `--model real`: the GGUF the `cpu` replicas serve (`scripts/fetch-model.sh` puts
+    /// Qwen2.5-Coder-0.5B-Instruct here).
+    #[arg(long, default_value = super::real_demo::DEFAULT_GGUF)]
+    pub model_file: PathBuf,
 }
 
 /// Builds and runs a comparison (shared by `bench routing`, `demo` and the tests).
@@ -488,6 +494,7 @@ pub async fn compare(
             time_scale,
             model: setup.model.clone(),
             extra_args: replica_args,
+            gguf: None,
         },
         policies: policies.to_vec(),
         plan,
@@ -576,6 +583,17 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
 /// `switchyard demo`: round-robin vs the EPP on a short shared-prefix workload.
 pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     init_logging();
+    if args.setup.model == super::real_demo::REAL {
+        let max_tokens = args.workload.output_tokens.unwrap_or(48);
+        let table = with_ctrl_c(super::real_demo::run_from_flags(
+            &args.setup,
+            &args.model_file,
+            max_tokens,
+        ))
+        .await?;
+        println!("{table}");
+        return Ok(());
+    }
     eprintln!(
         "switchyard demo: {} sim replicas behind Envoy, round-robin vs the EPP (Ctrl-C stops everything)",
         args.setup.replicas

@@ -17,6 +17,7 @@ pub mod epp;
 pub mod load;
 pub mod overhead;
 pub mod procs;
+pub mod real_demo;
 pub mod report;
 pub mod routing;
 pub mod soak;

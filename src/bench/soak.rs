@@ -714,6 +714,7 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
         time_scale: plan.time_scale,
         model: args.setup.model.clone(),
         extra_args: args.setup.replica_arg.clone(),
+        gguf: None,
     };
     // Two fallbacks (fewer with fewer replicas): a restarting replica costs a retry, not a
     // failure.

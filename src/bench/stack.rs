@@ -64,6 +64,9 @@ pub struct ReplicaSpec {
     pub model: String,
     /// Extra `switchyard serve` flags (e.g. `--num-gpu-blocks-override=2000`).
     pub extra_args: Vec<String>,
+    /// Serve this GGUF on the `cpu` backend instead of the `sim` backend, with this many
+    /// threads each (`switchyard demo --model real`).
+    pub gguf: Option<(PathBuf, usize)>,
 }
 
 /// The processes of one setup.
@@ -103,14 +106,26 @@ fn spawn_replica(
 ) -> Result<ManagedChild, ProcError> {
     let name = format!("{label}-replica{i}");
     let mut cmd = Command::new(bin);
-    cmd.args(["serve", "--backend", "sim", "--host", "127.0.0.1"])
+    cmd.args(["serve", "--host", "127.0.0.1"])
         .arg("--port")
-        .arg(port.to_string())
-        .arg("--sim-profile")
-        .arg(&spec.sim_profile)
-        .arg("--time-scale")
-        .arg(spec.time_scale.to_string())
-        .arg("--served-model-name")
+        .arg(port.to_string());
+    match &spec.gguf {
+        Some((file, threads)) => cmd
+            .args([
+                "--backend",
+                "cpu",
+                "--threads",
+                &threads.to_string(),
+                "--model",
+            ])
+            .arg(file),
+        None => cmd
+            .args(["--backend", "sim", "--sim-profile"])
+            .arg(&spec.sim_profile)
+            .arg("--time-scale")
+            .arg(spec.time_scale.to_string()),
+    };
+    cmd.arg("--served-model-name")
         .arg(&spec.model)
         .arg("--seed")
         .arg(i.to_string())
