@@ -31,6 +31,32 @@ pub struct PreciseParams {
     /// Switchyard: per-endpoint event sources, `"ip:port"` → `tcp://HOST:PORT` (ZMQ) or
     /// `grpc://HOST:PORT` (`kvEventsConfig.endpointSockets`), overriding the two above.
     pub endpoint_sockets: BTreeMap<String, String>,
+    /// Switchyard: the bearer token gRPC subscriptions present, read from
+    /// `kvEventsConfig.grpcTokenFile` (the decode servers' `--kv-events-token-file`).
+    pub grpc_token: Option<BearerToken>,
+}
+
+/// A secret that never reaches a log: `Debug` prints its length only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BearerToken(String);
+
+impl BearerToken {
+    /// The token's first line, trimmed (as `serve --kv-events-token-file` reads it).
+    pub fn from_file_text(text: &str) -> Option<Self> {
+        let t = text.lines().next().unwrap_or("").trim();
+        (!t.is_empty()).then(|| BearerToken(t.to_owned()))
+    }
+
+    /// The `authorization` header value.
+    pub fn header_value(&self) -> String {
+        format!("Bearer {}", self.0)
+    }
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BearerToken(<{} bytes>)", self.0.len())
+    }
 }
 
 impl Default for PreciseParams {
@@ -44,6 +70,7 @@ impl Default for PreciseParams {
             socket_port: 5557,
             grpc_port: None,
             endpoint_sockets: BTreeMap::new(),
+            grpc_token: None,
         }
     }
 }
@@ -79,6 +106,8 @@ pub enum PreciseParamError {
     Duration { key: &'static str, reason: String },
     #[error("tokenizer in {path}: {reason}")]
     Tokenizer { path: String, reason: String },
+    #[error("kvEventsConfig.grpcTokenFile {path}: {reason}")]
+    TokenFile { path: String, reason: String },
 }
 
 // --- wire ----------------------------------------------------------------------------------
@@ -157,6 +186,7 @@ struct WireKvEvents {
     pod_discovery_config: Option<WirePodDiscovery>,
     grpc_port: Option<u16>,
     endpoint_sockets: Option<BTreeMap<String, String>>,
+    grpc_token_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -285,6 +315,22 @@ impl WirePreciseParams {
             .ok()
             .filter(|&p| p > 0)
             .ok_or(PreciseParamError::SocketPort(port))?;
+        let grpc_token = match ev.grpc_token_file.as_deref().filter(|p| !p.is_empty()) {
+            None => None,
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| PreciseParamError::TokenFile {
+                        path: path.to_owned(),
+                        reason: e.to_string(),
+                    })?;
+                Some(BearerToken::from_file_text(&text).ok_or_else(|| {
+                    PreciseParamError::TokenFile {
+                        path: path.to_owned(),
+                        reason: "empty".to_owned(),
+                    }
+                })?)
+            }
+        };
         Ok(PreciseParams {
             block_size,
             hash_seed: tp.hash_seed.unwrap_or_default(),
@@ -294,6 +340,7 @@ impl WirePreciseParams {
             socket_port,
             grpc_port: ev.grpc_port.filter(|&p| p > 0),
             endpoint_sockets,
+            grpc_token,
         })
     }
 }
@@ -336,6 +383,7 @@ speculativeTTL: 2s
                 socket_port: 5600,
                 grpc_port: None,
                 endpoint_sockets: BTreeMap::new(),
+                grpc_token: None,
             }
         );
         assert_eq!(parse("{}").unwrap(), PreciseParams::default());
@@ -366,5 +414,33 @@ speculativeTTL: 2s
         assert!(parse("bogus: 1")
             .unwrap_err()
             .starts_with("unknown field `bogus`"));
+    }
+
+    #[test]
+    fn grpc_token_file_is_read_trimmed_and_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "  s3cret \nsecond line ignored\n").unwrap();
+        let p = parse(&format!("kvEventsConfig: {{ grpcTokenFile: {:?} }}", file)).unwrap();
+        let token = p.grpc_token.clone().unwrap();
+        assert_eq!(token.header_value(), "Bearer s3cret");
+        assert_eq!(format!("{token:?}"), "BearerToken(<6 bytes>)");
+        assert!(!format!("{p:?}").contains("s3cret"));
+
+        std::fs::write(&file, " \n").unwrap();
+        assert_eq!(
+            parse(&format!("kvEventsConfig: {{ grpcTokenFile: {:?} }}", file)).unwrap_err(),
+            format!("kvEventsConfig.grpcTokenFile {}: empty", file.display())
+        );
+        let missing = dir.path().join("missing");
+        assert!(parse(&format!(
+            "kvEventsConfig: {{ grpcTokenFile: {:?} }}",
+            missing
+        ))
+        .unwrap_err()
+        .starts_with(&format!(
+            "kvEventsConfig.grpcTokenFile {}: No such file",
+            missing.display()
+        )),);
     }
 }

@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use zeromq::{Socket, SocketEvent, SocketRecv};
 
 use super::index::{BlockIndex, EndpointBlocks};
+use super::params::BearerToken;
 use super::Precise;
 use crate::epp::datastore::{Datastore, EndpointSlot};
 use crate::kvwire::{self, DecodeLimits, Event};
@@ -152,7 +153,9 @@ pub fn spawn_manager(
                     Source::Zmq(addr) => {
                         tokio::spawn(sub.run_zmq(addr.clone(), precise.params.topic_filter.clone()))
                     }
-                    Source::Grpc(url) => tokio::spawn(sub.run_grpc(url.clone())),
+                    Source::Grpc(url) => {
+                        tokio::spawn(sub.run_grpc(url.clone(), precise.params.grpc_token.clone()))
+                    }
                 };
                 tracing::info!(endpoint = %name, source = ?source, "KV-event subscriber started");
                 tasks.insert(name, (source, handle));
@@ -254,9 +257,10 @@ impl Subscriber {
         seq.last = Some(n);
         match kvwire::decode_batch(payload, DecodeLimits::default()) {
             Ok(batch) => {
-                self.metrics.batches.inc();
                 self.blocks.set_live(true);
                 self.apply(&batch.events);
+                // Counted once applied: a reader that sees the count sees the index with it.
+                self.metrics.batches.inc();
             }
             Err(e) => self.malformed(&e),
         }
@@ -314,12 +318,21 @@ impl Subscriber {
     }
 
     /// Follows the decode server's gRPC stream (`proto/kv_events.proto`), from its oldest
-    /// retained event when it still has the first one, else from now.
-    pub async fn run_grpc(self, url: String) {
+    /// retained event when it still has the first one, else from now; presents `token` as
+    /// `authorization: Bearer …` when given.
+    pub async fn run_grpc(self, url: String, token: Option<BearerToken>) {
         let mut backoff = BACKOFF_MIN;
         loop {
-            if let Err(e) = self.grpc_once(&url).await {
-                tracing::debug!(endpoint = %self.endpoint, %url, error = %e, "KV-event gRPC stream ended");
+            match self.grpc_once(&url, token.as_ref()).await {
+                // A refused token is a misconfiguration an operator must see, not noise.
+                Err(GrpcStreamError::Refused(status)) => {
+                    tracing::warn!(endpoint = %self.endpoint, %url, code = ?status.code(),
+                        message = status.message(), "KV-event gRPC subscription refused")
+                }
+                Err(e) => {
+                    tracing::debug!(endpoint = %self.endpoint, %url, error = %e, "KV-event gRPC stream ended")
+                }
+                Ok(()) => {}
             }
             self.blocks.set_live(false);
             self.reset();
@@ -328,23 +341,36 @@ impl Subscriber {
         }
     }
 
-    async fn grpc_once(&self, url: &str) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    /// One subscription, until the stream ends.
+    pub async fn grpc_once(
+        &self,
+        url: &str,
+        token: Option<&BearerToken>,
+    ) -> Result<(), GrpcStreamError> {
         let mut client = pb::kv_events_client::KvEventsClient::connect(url.to_string()).await?;
+        let request = |from_sequence| {
+            let mut r = tonic::Request::new(pb::SubscribeRequest { from_sequence });
+            if let Some(t) = token {
+                match t.header_value().parse() {
+                    Ok(v) => {
+                        r.metadata_mut().insert("authorization", v);
+                    }
+                    Err(_) => tracing::warn!("KV-event bearer token is not a valid header value"),
+                }
+            }
+            r
+        };
         // Sequence 1 is the server's initial AllCleared: replaying from it rebuilds the full
         // state; once it has left the ring, only new events can be followed.
-        let mut stream = match client
-            .subscribe(pb::SubscribeRequest { from_sequence: 1 })
-            .await
-        {
+        let mut stream = match client.subscribe(request(1)).await {
             Ok(s) => s.into_inner(),
-            Err(s) if s.code() == tonic::Code::OutOfRange => client
-                .subscribe(pb::SubscribeRequest { from_sequence: 0 })
-                .await?
-                .into_inner(),
+            Err(s) if s.code() == tonic::Code::OutOfRange => {
+                client.subscribe(request(0)).await?.into_inner()
+            }
             Err(s) => return Err(s.into()),
         };
         let mut root = None;
-        while let Some(msg) = stream.message().await? {
+        while let Some(msg) = stream.message().await.map_err(GrpcStreamError::Broken)? {
             match msg.message {
                 Some(pb::subscribe_response::Message::Info(info)) => {
                     self.reset();
@@ -353,16 +379,31 @@ impl Subscriber {
                 }
                 Some(pb::subscribe_response::Message::Event(ev)) => {
                     let Some(root) = root else { continue };
-                    self.metrics.batches.inc();
                     if let Some(e) = grpc_event(ev, root) {
                         self.apply(std::slice::from_ref(&e));
                     }
+                    // After the apply, as for ZMQ batches.
+                    self.metrics.batches.inc();
                 }
                 None => self.malformed(&"empty gRPC message"),
             }
         }
         Ok(())
     }
+}
+
+/// Why a gRPC subscription ended.
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcStreamError {
+    #[error("connecting: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    /// The server answered with an error status (e.g. `UNAUTHENTICATED` for a missing or wrong
+    /// token, `RESOURCE_EXHAUSTED` over its subscriber cap).
+    #[error("{}: {}", .0.code(), .0.message())]
+    Refused(#[from] tonic::Status),
+    /// The stream failed after it was established.
+    #[error("stream broken: {}: {}", .0.code(), .0.message())]
+    Broken(tonic::Status),
 }
 
 /// The vLLM-format equivalent of one gRPC event (the first block's parent is the root hash).
@@ -513,5 +554,55 @@ mod tests {
             source_for(&p, &slots[0]),
             Source::Grpc("http://10.0.0.1:5570".into())
         );
+    }
+
+    /// The decode server's gRPC KV-event service on loopback, requiring `token`.
+    async fn grpc_server(token: &str) -> String {
+        use crate::serve::kv_events::{KvEventLog, SubscriberPolicy};
+        let log = KvEventLog::new(16, "m", 16);
+        let svc = log.service(SubscriberPolicy {
+            token: Some(token.to_owned()),
+            max_subscribers: 4,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn grpc_subscription_presents_the_bearer_token() {
+        let url = grpc_server("s3cret").await;
+        let s = sub(16);
+        let token = |t: &str| BearerToken::from_file_text(t).unwrap();
+        for (presented, want) in [
+            (None, "missing bearer token"),
+            (Some(token("wrong")), "invalid bearer token"),
+        ] {
+            match s.grpc_once(&url, presented.as_ref()).await {
+                Err(GrpcStreamError::Refused(st)) => {
+                    assert_eq!(st.code(), tonic::Code::Unauthenticated);
+                    assert_eq!(st.message(), want);
+                }
+                other => panic!("{presented:?}: {other:?}"),
+            }
+            assert!(!s.blocks.is_live());
+        }
+        // The right token: the stream opens (its Info message makes the endpoint live) and stays.
+        let task = {
+            let s = s.clone();
+            tokio::spawn(async move { s.grpc_once(&url, Some(&token("s3cret"))).await })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !s.blocks.is_live() {
+            assert!(!task.is_finished(), "{:?}", task.await);
+            assert!(std::time::Instant::now() < deadline, "never live");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        task.abort();
     }
 }
