@@ -34,7 +34,8 @@ async fn baseline(base: &str) -> Duration {
 /// The well-behaved request and `/health` both answer within a bound of the idle latency (loose,
 /// for a loaded test machine; the attacks made them take seconds).
 async fn assert_served_normally(base: &str, idle: Duration) {
-    let bound = idle * 20 + Duration::from_millis(1500);
+    // 3 s of slack: a CI run on 2 loaded cores measured 1.98 s here with nothing wrong.
+    let bound = idle * 20 + Duration::from_secs(3);
     let t = Instant::now();
     let r = post(base, "/v1/completions", small()).await;
     let took = t.elapsed();
