@@ -22,6 +22,7 @@ fn setup() -> SetupArgs {
         max_in_flight: 4096,
         request_timeout: Duration::from_secs(120),
         keep_logs: false,
+        epp_config_file: None,
     }
 }
 

@@ -401,6 +401,10 @@ pub struct SetupArgs {
     /// Keep the child processes' logs and configs (their directory is printed).
     #[arg(long)]
     pub keep_logs: bool,
+    /// EndpointPickerConfig for the `epp-custom` policy (to compare a configuration of your
+    /// own; the results name the policy `epp custom config`, not the file's content).
+    #[arg(long)]
+    pub epp_config_file: Option<PathBuf>,
 }
 
 /// Flags of `switchyard bench run`.
@@ -485,7 +489,19 @@ pub async fn compare(
         seed: resolved.seed,
         replica_args: replica_args.clone(),
     };
+    let custom_config = match &setup.epp_config_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading --epp-config-file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    anyhow::ensure!(
+        custom_config.is_some() || !policies.contains(&Policy::EppCustom),
+        "the epp-custom policy needs --epp-config-file"
+    );
     let cmp = Comparison {
+        custom_config,
         bin,
         envoy,
         replicas: ReplicaSpec {

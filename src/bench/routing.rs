@@ -98,6 +98,26 @@ pub fn flow_control_config() -> String {
     c
 }
 
+/// [`flow_control_config`] with priority holdback: a `concurrency-detector` at 16 requests in
+/// flight per endpoint (the mixed-priority replicas' `--max-num-seqs`), with `decodeSafety`
+/// counting a request waiting for its first token as full (`queueDepthThreshold: 1`), and a
+/// `priority-holdback-policy` whose lowest band (batch, -1) stops dispatching at 0.75, i.e.
+/// once an endpoint has 12 requests in flight or one not started; the highest (interactive,
+/// 1, declared so it counts as active before its first request) dispatches up to 16. Four
+/// slots per replica stay free for interactive requests under a batch flood, and no batch
+/// prefill queues ahead of them.
+pub fn flow_holdback_config() -> String {
+    let mut c = DEFAULT_CONFIG.replacen(
+        "plugins:\n",
+        "plugins:\n- type: concurrency-detector\n  parameters: {maxConcurrency: 16, decodeSafety: {queueDepthThreshold: 1}}\n- type: priority-holdback-policy\n  parameters: {minCeiling: 0.75}\n",
+        1,
+    );
+    c.push_str(
+        "featureGates: [flowControl]\nflowControl:\n  defaultRequestTTL: 60s\n  usageLimitPolicyPluginRef: priority-holdback-policy\n  saturationDetector: {pluginRef: concurrency-detector}\n  priorityBands:\n  - priority: 1\n  - priority: -1\n    maxRequests: 200\n",
+    );
+    c
+}
+
 /// A routing policy under comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 pub enum Policy {
@@ -134,6 +154,12 @@ pub enum Policy {
     /// EPP default with flow control on ([`flow_control_config`]).
     #[value(name = "epp-flow-control")]
     EppFlowControl,
+    /// Flow control with priority holdback ([`flow_holdback_config`]).
+    #[value(name = "epp-flow-holdback")]
+    EppFlowHoldback,
+    /// The EndpointPickerConfig given with `--epp-config-file`.
+    #[value(name = "epp-custom")]
+    EppCustom,
 }
 
 impl Policy {
@@ -159,6 +185,8 @@ impl Policy {
             Policy::EppWorkOnly => "epp work-aware load only",
             Policy::EppPrecise => "epp precise prefix (3:2:2, KV events)",
             Policy::EppFlowControl => "epp default + flow control",
+            Policy::EppFlowHoldback => "epp flow control + priority holdback",
+            Policy::EppCustom => "epp custom config",
         }
     }
 
@@ -175,6 +203,8 @@ impl Policy {
             Policy::EppWorkOnly => "epp-work-only",
             Policy::EppPrecise => "epp-precise",
             Policy::EppFlowControl => "epp-flow-control",
+            Policy::EppFlowHoldback => "epp-flow-holdback",
+            Policy::EppCustom => "epp-custom",
         }
     }
 
@@ -214,6 +244,15 @@ impl Policy {
                 config_text: flow_control_config(),
                 inflight_accounting: true,
             },
+            Policy::EppFlowHoldback => Gateway::Epp {
+                config_text: flow_holdback_config(),
+                inflight_accounting: true,
+            },
+            // The text comes from the comparison ([`Comparison::custom_config`]).
+            Policy::EppCustom => Gateway::Epp {
+                config_text: String::new(),
+                inflight_accounting: true,
+            },
         }
     }
 }
@@ -221,6 +260,8 @@ impl Policy {
 /// Everything one comparison needs.
 #[derive(Debug, Clone)]
 pub struct Comparison {
+    /// The `epp-custom` policy's EndpointPickerConfig.
+    pub custom_config: Option<String>,
     pub bin: PathBuf,
     pub envoy: PathBuf,
     pub replicas: ReplicaSpec,
@@ -403,11 +444,18 @@ async fn run_policy(
     dir: &Path,
 ) -> Result<PolicyResult, StackError> {
     tracing::info!(policy = policy.slug(), "starting stack");
+    let gateway = match (policy, &cmp.custom_config) {
+        (Policy::EppCustom, Some(text)) => Gateway::Epp {
+            config_text: text.clone(),
+            inflight_accounting: true,
+        },
+        _ => policy.gateway(),
+    };
     let mut stack = Stack::start(
         &cmp.bin,
         &cmp.envoy,
         &cmp.replicas,
-        &policy.gateway(),
+        &gateway,
         dir,
         policy.slug(),
     )
@@ -438,6 +486,38 @@ async fn run_policy(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flow_control_policies_parse_to_what_they_describe() {
+        use crate::epp::config::parse_config;
+        use crate::epp::flowcontrol::usage::{HoldbackDomain, HoldbackParams, UsageLimit};
+        use crate::epp::saturation::{ConcurrencyConfig, DetectorConfig};
+        let plain = parse_config(&flow_control_config()).unwrap();
+        assert_eq!(plain.flow_control.unwrap().usage_limit, UsageLimit::Static);
+        let c = parse_config(&flow_holdback_config()).unwrap();
+        assert_eq!(
+            c.saturation,
+            DetectorConfig::Concurrency(ConcurrencyConfig {
+                max_concurrency: 16,
+                headroom: 0.0,
+                decode_safety: Some(crate::epp::saturation::SaturationConfig {
+                    queue_depth_threshold: 1,
+                    ..Default::default()
+                }),
+            })
+        );
+        let fc = c.flow_control.unwrap();
+        assert_eq!(
+            fc.usage_limit,
+            UsageLimit::PriorityHoldback(HoldbackParams {
+                domain: HoldbackDomain::Rank,
+                min_ceiling: 0.75,
+                max_ceiling: 1.0,
+            })
+        );
+        assert_eq!(fc.bands.keys().copied().collect::<Vec<_>>(), [-1, 1]);
+        assert_eq!(fc.band(-1).max_requests, 200);
+    }
 
     #[test]
     fn summary_converts_to_simulated_time_and_counts() {

@@ -292,18 +292,35 @@ impl Director {
     /// Schedules a request flow control has just let out of its queue (late binding: the
     /// endpoint is chosen now, on the metrics of now). The body is parsed again rather than
     /// kept parsed, because the parsed prompt borrows from it; this costs microseconds against
-    /// a wait in the queue.
+    /// a wait in the queue. `ceiling` is the request's band's usage ceiling: below 1.0 (a
+    /// band held back by `priority-holdback-policy`) only endpoints scoring below it are
+    /// candidates, so the headroom it leaves for higher bands stays on every endpoint, not
+    /// just on the pool as a whole.
     pub fn route_parsed(
         &self,
         meta: &RequestMeta,
         body: &[u8],
         parsed: Parsed,
+        ceiling: f64,
     ) -> Result<Decision, RoutingError> {
         let inspected = match request::inspect(body, meta.api) {
             Ok(i) => i,
             Err(e) => return Err(parsed.error(e.into())),
         };
-        let candidates = self.subset(self.datastore.snapshot(), meta);
+        let mut candidates = self.subset(self.datastore.snapshot(), meta);
+        if ceiling < 1.0 {
+            let now = tokio::time::Instant::now();
+            let below: Vec<_> = candidates
+                .iter()
+                .filter(|e| self.saturation.gate_score(e, now) < ceiling)
+                .cloned()
+                .collect();
+            // The gate saw room a moment ago; if it is gone (a subset hint, a finished
+            // scrape), schedule over all rather than fail a request that was let out.
+            if !below.is_empty() {
+                candidates = below;
+            }
+        }
         self.decide(meta, body, &inspected, parsed, candidates)
     }
 

@@ -12,6 +12,7 @@ use super::{ConfigError, Invalid, PluginSpec};
 use crate::epp::flowcontrol::config::{
     BandConfig, Fairness, FlowControlConfig, DEFAULT_REQUEST_TTL,
 };
+use crate::epp::flowcontrol::usage::UsageLimit;
 
 /// The validated section, or `None` when the gate is off. With the gate off the section is
 /// still checked, and settings in it are reported as ignored (as the reference logs).
@@ -31,17 +32,34 @@ pub(super) fn resolve(
             "true",
         ));
     }
-    if let Some(r) = wire.usage_limit_policy_plugin_ref.as_deref() {
-        // Only the reference's default (static, threshold 1.0) policy exists here.
-        if !r.is_empty() && r != "static-usage-limit-policy" {
-            return Err(at(
-                text,
-                Invalid::UnsupportedFlowSetting("usageLimitPolicyPluginRef"),
-                "usageLimitPolicyPluginRef",
-                r,
-            ));
-        }
-    }
+    let usage_limit = match wire.usage_limit_policy_plugin_ref.as_deref() {
+        None | Some("") | Some("static-usage-limit-policy") => UsageLimit::Static,
+        Some(r) => match plugins.iter().find(|p| p.name == r).map(|p| &p.kind) {
+            Some(PluginKind::PriorityHoldbackPolicy(params)) => {
+                UsageLimit::PriorityHoldback(*params)
+            }
+            Some(other) => {
+                return Err(at(
+                    text,
+                    Invalid::NotAFlowPolicy {
+                        name: r.to_string(),
+                        type_name: other.type_name(),
+                        expected: "usage limit policy",
+                    },
+                    "usageLimitPolicyPluginRef",
+                    r,
+                ))
+            }
+            None => {
+                return Err(at(
+                    text,
+                    Invalid::UndefinedFlowPolicy(r.to_string()),
+                    "usageLimitPolicyPluginRef",
+                    r,
+                ))
+            }
+        },
+    };
     let default_band = band(text, plugins, wire.default_priority_band.as_ref())?;
     let default_negative_band = match &wire.default_negative_priority_band {
         Some(b) => Some(band(text, plugins, Some(b))?),
@@ -81,6 +99,7 @@ pub(super) fn resolve(
         default_band,
         default_negative_band,
         bands,
+        usage_limit,
     };
     if !gate_on {
         if configured {

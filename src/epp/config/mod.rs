@@ -7,7 +7,7 @@
 //! 2. [`resolve`](resolve.rs): the reference's defaulting rules and cross-reference checks
 //!    (undefined `pluginRef`, two pickers, …), located by searching the text.
 //! 3. One [`EppConfig`] whose slices go to their owners: [`SchedulerConfig`] (profiles with their
-//!    plugin instances already built) to `Scheduler::new`, [`SaturationConfig`] to the
+//!    plugin instances already built) to `Scheduler::new`, [`DetectorConfig`] to the
 //!    saturation detector, [`DataLayerConfig`] to the scrape manager. Nothing downstream looks a
 //!    plugin up by name.
 //!
@@ -20,12 +20,13 @@
 use std::sync::Arc;
 
 use crate::epp::flowcontrol::FlowControlConfig;
-use crate::epp::saturation::SaturationConfig;
+use crate::epp::saturation::DetectorConfig;
 use crate::epp::scheduling::plugins::RequestHook;
 use crate::epp::scheduling::SchedulerConfig;
 use crate::epp::scrape::DataLayerConfig;
 
 mod flow;
+mod flow_plugins;
 pub mod plugins;
 mod resolve;
 pub mod upstream;
@@ -259,8 +260,9 @@ pub struct EppConfig {
     pub scheduling: SchedulerConfig,
     /// Name of the saturation detector plugin (`utilization-detector` unless configured).
     pub saturation_detector: String,
-    /// Its validated parameters (reference defaults when not configured).
-    pub saturation: SaturationConfig,
+    /// Its kind and validated parameters (the utilization detector with the reference
+    /// defaults when not configured).
+    pub saturation: DetectorConfig,
     /// Effective data layer: metrics source and extractor (defaults when not configured).
     pub data_layer: DataLayerConfig,
     /// Enabled feature gates (names).

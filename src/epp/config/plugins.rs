@@ -13,9 +13,10 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use crate::epp::endpoint::EngineType;
+use crate::epp::flowcontrol::usage::HoldbackParams;
 use crate::epp::kvcache::{self, PreciseHandle};
 use crate::epp::prefix::PrefixCacheParams;
-use crate::epp::saturation::SaturationConfig;
+use crate::epp::saturation::{ConcurrencyConfig, SaturationConfig};
 use crate::epp::scheduling::plugins::conformance::HeaderBasedTestingFilter;
 use crate::epp::scheduling::plugins::freshness::{ScrapeFreshnessFilter, DEFAULT_STALENESS};
 use crate::epp::scheduling::plugins::load::{
@@ -68,6 +69,8 @@ pub enum PluginKind {
     SingleProfileHandler,
     ApproxPrefixCacheProducer(PrefixCacheParams),
     UtilizationDetector(SaturationConfig),
+    /// llm-d-router's in-flight saturation detector (`requests` mode).
+    ConcurrencyDetector(ConcurrencyConfig),
     MetricsDataSource(MetricsSourceConfig),
     CoreMetricsExtractor(MetricsExtractorConfig),
     OpenAiParser,
@@ -92,6 +95,8 @@ pub enum PluginKind {
     GlobalStrictFairnessPolicy,
     RoundRobinFairnessPolicy,
     FcfsOrderingPolicy,
+    /// Usage-limit policy, referenced from `flowControl.usageLimitPolicyPluginRef`.
+    PriorityHoldbackPolicy(HoldbackParams),
     /// Scores by the blocks endpoints report in KV-cache events (`epp::kvcache`).
     PrecisePrefixCacheScorer(PreciseHandle),
 }
@@ -123,6 +128,8 @@ impl PluginKind {
             PluginKind::SingleProfileHandler => "single-profile-handler",
             PluginKind::ApproxPrefixCacheProducer(_) => "approx-prefix-cache-producer",
             PluginKind::UtilizationDetector(_) => "utilization-detector",
+            PluginKind::ConcurrencyDetector(_) => "concurrency-detector",
+            PluginKind::PriorityHoldbackPolicy(_) => "priority-holdback-policy",
             PluginKind::MetricsDataSource(_) => "metrics-data-source",
             PluginKind::CoreMetricsExtractor(_) => "core-metrics-extractor",
             PluginKind::OpenAiParser => "openai-parser",
@@ -240,6 +247,8 @@ impl PluginKind {
             | PluginKind::DestinationEndpointServedVerifier
             | PluginKind::ApproxPrefixCacheProducer(_)
             | PluginKind::UtilizationDetector(_)
+            | PluginKind::ConcurrencyDetector(_)
+            | PluginKind::PriorityHoldbackPolicy(_)
             | PluginKind::MetricsDataSource(_)
             | PluginKind::CoreMetricsExtractor(_)
             | PluginKind::OpenAiParser
@@ -265,7 +274,9 @@ pub enum TypeError {
 pub fn check_type(type_name: &str) -> Result<(), TypeError> {
     type Probe = de::value::UnitDeserializer<de::value::Error>;
     match decode::<Probe>(type_name, None) {
-        Ok(Some(_)) => Ok(()),
+        // An error without parameters: registered, with a required parameter
+        // (`priority-holdback-policy`'s `minCeiling`), reported when the entry is read.
+        Ok(Some(_)) | Err(_) => Ok(()),
         _ if type_name.is_empty() => Err(TypeError::Missing),
         _ => match super::upstream::unsupported_reason(type_name) {
             Some(reason) => Err(TypeError::Unsupported(type_name.to_string(), reason)),
@@ -315,6 +326,16 @@ pub fn decode<'de, D: Deserializer<'de>>(
             wire::<WireUtilizationParams, D>(params)?
                 .validate()
                 .map_err(custom)?,
+        ),
+        "concurrency-detector" => PluginKind::ConcurrencyDetector(
+            wire::<super::flow_plugins::WireConcurrencyParams, D>(params)?
+                .validate()
+                .map_err(de::Error::custom)?,
+        ),
+        "priority-holdback-policy" => PluginKind::PriorityHoldbackPolicy(
+            wire::<super::flow_plugins::WireHoldbackParams, D>(params)?
+                .validate()
+                .map_err(de::Error::custom)?,
         ),
         "metrics-data-source" => PluginKind::MetricsDataSource(
             wire::<WireSourceParams, D>(params)?
@@ -555,7 +576,7 @@ impl WirePickerParams {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct WireUtilizationParams {
+pub(super) struct WireUtilizationParams {
     queue_depth_threshold: Option<i64>,
     kv_cache_util_threshold: Option<f64>,
     metrics_staleness_threshold: Option<String>,
@@ -564,7 +585,7 @@ struct WireUtilizationParams {
 
 impl WireUtilizationParams {
     /// The reference's `utilization-detector` ranges (GIE `saturationdetector/utilization/config.go`).
-    fn validate(self) -> Result<SaturationConfig, ParamError> {
+    pub(super) fn validate(self) -> Result<SaturationConfig, ParamError> {
         let d = SaturationConfig::default();
         let q = self
             .queue_depth_threshold

@@ -7,7 +7,7 @@ use super::plugins::{Instance, PickerParams, PluginKind};
 use super::wire::{WireConfig, WireProfile, WireProfilePlugin};
 use super::{ConfigError, EppConfig, Invalid, PluginSpec, API_VERSIONS, KIND};
 use crate::epp::prefix::PrefixCacheParams;
-use crate::epp::saturation::SaturationConfig;
+use crate::epp::saturation::{DetectorConfig, SaturationConfig};
 use crate::epp::scheduling::plugins::ProfileHandler;
 use crate::epp::scheduling::{ProfileConfig, SchedulerConfig};
 use crate::epp::scrape::DataLayerConfig;
@@ -336,7 +336,12 @@ pub(super) fn resolve(text: &str, wire: WireConfig) -> Result<EppConfig, ConfigE
             kind: PluginKind::UtilizationDetector(params),
             name,
             ..
-        }) => (name.clone(), *params),
+        }) => (name.clone(), DetectorConfig::Utilization(*params)),
+        Some(PluginSpec {
+            kind: PluginKind::ConcurrencyDetector(params),
+            name,
+            ..
+        }) => (name.clone(), DetectorConfig::Concurrency(*params)),
         Some(other) => {
             return Err(at(
                 text,
@@ -353,7 +358,7 @@ pub(super) fn resolve(text: &str, wire: WireConfig) -> Result<EppConfig, ConfigE
                 &mut plugins,
                 PluginKind::UtilizationDetector(SaturationConfig::default()),
             )?;
-            (sd_ref, SaturationConfig::default())
+            (sd_ref, DetectorConfig::default())
         }
         None => {
             return Err(at(

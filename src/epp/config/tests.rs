@@ -5,6 +5,7 @@ use std::time::Duration;
 use super::*;
 use crate::epp::endpoint::EngineType;
 use crate::epp::prefix::PrefixCacheParams;
+use crate::epp::saturation::SaturationConfig;
 use crate::epp::scrape::MetricsSourceConfig;
 
 const HEAD: &str =
@@ -96,7 +97,7 @@ fn reference_default_config_is_the_reference_chart() {
     );
     assert_eq!(c.data_layer.source, MetricsSourceConfig::default());
     assert_eq!(c.saturation_detector, "utilization-detector");
-    assert_eq!(c.saturation, SaturationConfig::default());
+    assert_eq!(c.saturation, SaturationConfig::default().into());
     // Empty text means Switchyard's default (the work-aware profile), not this one.
     let empty = parse_config("  \n").unwrap();
     assert_ne!(profiles(&empty), profiles(&c));
@@ -229,6 +230,7 @@ flowControl:
             metrics_staleness_threshold: Duration::from_secs(1),
             headroom: 0.1,
         }
+        .into()
     );
     assert_eq!(
         c.data_layer.source,
@@ -547,7 +549,13 @@ flowControl:
     assert_eq!(c.flow_control, Some(want));
     // flowControl.saturationDetector picks the detector (llm-d-router's newer place for it).
     assert_eq!(c.saturation_detector, "sat");
-    assert_eq!(c.saturation.queue_depth_threshold, 3);
+    assert!(matches!(
+        c.saturation,
+        DetectorConfig::Utilization(SaturationConfig {
+            queue_depth_threshold: 3,
+            ..
+        })
+    ));
 
     // 0s turns the TTL off; the no-endpoint budget follows the default one.
     let c = cfg("featureGates: [flowControl]\nflowControl: {defaultRequestTTL: 0s}\n").unwrap();
@@ -567,11 +575,78 @@ flowControl:
         ("featureGates: [flowControl]\nflowControl:\n  defaultPriorityBand: {fairnessPolicyRef: round-robin-fairness-policy}\n", "flowControl references undefined plugin 'round-robin-fairness-policy' at line 5"),
         ("featureGates: [flowControl]\nplugins:\n- type: queue-scorer\nflowControl:\n  defaultPriorityBand: {fairnessPolicyRef: queue-scorer}\n", "flowControl references 'queue-scorer', a 'queue-scorer', not a fairness policy at line 7"),
         ("featureGates: [flowControl]\nflowControl:\n  enableEviction: true\n", "flowControl.enableEviction is not supported by switchyard at line 5"),
-        ("featureGates: [flowControl]\nflowControl:\n  usageLimitPolicyPluginRef: holdback\n", "flowControl.usageLimitPolicyPluginRef is not supported by switchyard at line 5"),
+        ("featureGates: [flowControl]\nflowControl:\n  usageLimitPolicyPluginRef: holdback\n", "flowControl references undefined plugin 'holdback' at line 5"),
+        ("featureGates: [flowControl]\nplugins:\n- type: queue-scorer\nflowControl:\n  usageLimitPolicyPluginRef: queue-scorer\n", "flowControl references 'queue-scorer', a 'queue-scorer', not a usage limit policy at line 7"),
+        ("featureGates: [flowControl]\nplugins:\n- type: priority-holdback-policy\n", "minCeiling is required"),
+        ("featureGates: [flowControl]\nplugins:\n- type: priority-holdback-policy\n  parameters: {minCeiling: 1.0}\n", "minCeiling must be in [0.0, 1.0), got 1"),
+        ("featureGates: [flowControl]\nplugins:\n- type: priority-holdback-policy\n  parameters: {minCeiling: 0.8, maxCeiling: 0.5}\n", "minCeiling (0.8) must not be above maxCeiling (0.5)"),
+        ("featureGates: [flowControl]\nplugins:\n- type: priority-holdback-policy\n  parameters: {minCeiling: 0.5, domain: log}\n", "domain must be \"rank\" or \"value\", got \"log\""),
+        ("plugins:\n- type: concurrency-detector\n  parameters: {maxConcurrency: 0}\n", "maxConcurrency must be > 0, got 0"),
+        ("plugins:\n- type: concurrency-detector\n  parameters: {decodeSafety: {queueDepthThreshold: 0}}\n", "decodeSafety.queueDepthThreshold must be strictly positive, got 0"),
+        ("plugins:\n- type: concurrency-detector\n  parameters: {concurrencyMode: tokens}\n", "concurrencyMode \"tokens\" is not supported by switchyard (only \"requests\")"),
         ("featureGates: [\"flowControl=maybe\"]\n", "feature gate 'flowControl=maybe' has an invalid value (expected true or false) at line 3"),
     ];
     for (body, want) in cases {
         let e = err(body);
         assert!(e.contains(want), "{body:?}: {e}");
     }
+}
+
+#[test]
+fn priority_holdback_and_concurrency_detector_resolve() {
+    use crate::epp::flowcontrol::usage::{HoldbackDomain, HoldbackParams, UsageLimit};
+    use crate::epp::saturation::ConcurrencyConfig;
+    let c = cfg(r#"
+featureGates: [flowControl]
+plugins:
+- type: concurrency-detector
+  parameters:
+    maxConcurrency: 16
+    headroom: 0.25
+    concurrencyMode: requests
+    decodeSafety: {queueDepthThreshold: 1}
+- type: priority-holdback-policy
+  name: holdback
+  parameters: {domain: value, minCeiling: 0.5, maxCeiling: 0.9}
+flowControl:
+  usageLimitPolicyPluginRef: holdback
+  saturationDetector: {pluginRef: concurrency-detector}
+"#)
+    .unwrap();
+    assert_eq!(c.saturation_detector, "concurrency-detector");
+    assert_eq!(
+        c.saturation,
+        DetectorConfig::Concurrency(ConcurrencyConfig {
+            max_concurrency: 16,
+            headroom: 0.25,
+            decode_safety: Some(SaturationConfig {
+                queue_depth_threshold: 1,
+                ..SaturationConfig::default()
+            }),
+        })
+    );
+    assert_eq!(
+        c.flow_control.unwrap().usage_limit,
+        UsageLimit::PriorityHoldback(HoldbackParams {
+            domain: HoldbackDomain::Value,
+            min_ceiling: 0.5,
+            max_ceiling: 0.9,
+        })
+    );
+    // The static policy by name, and defaults: rank domain, maxCeiling 1.0, 100 requests.
+    let c = cfg("featureGates: [flowControl]\nflowControl: {usageLimitPolicyPluginRef: static-usage-limit-policy}\n").unwrap();
+    assert_eq!(c.flow_control.unwrap().usage_limit, UsageLimit::Static);
+    let c = cfg("featureGates: [flowControl]\nplugins:\n- type: priority-holdback-policy\n  parameters: {minCeiling: 0.25}\n- type: concurrency-detector\nsaturationDetector: {pluginRef: concurrency-detector}\nflowControl: {usageLimitPolicyPluginRef: priority-holdback-policy}\n").unwrap();
+    assert_eq!(
+        c.flow_control.unwrap().usage_limit,
+        UsageLimit::PriorityHoldback(HoldbackParams {
+            domain: HoldbackDomain::Rank,
+            min_ceiling: 0.25,
+            max_ceiling: 1.0,
+        })
+    );
+    assert_eq!(
+        c.saturation,
+        DetectorConfig::Concurrency(ConcurrencyConfig::default())
+    );
 }

@@ -15,8 +15,8 @@ pub const PRECISE_PREFIX: &str = "the split form (precise-prefix-cache-producer 
 pub const LATENCY: &str = "needs upstream's latency-predictor sidecar; use \
     predicted-ttft-scorer (Switchyard's own TTFT model)";
 pub const FLOW_CONTROL: &str = "this flow-control policy is not implemented (flowControl \
-    supports global-strict-fairness-policy, round-robin-fairness-policy and fcfs-ordering-policy \
-    with the static usage limit)";
+    supports global-strict-fairness-policy, round-robin-fairness-policy, fcfs-ordering-policy \
+    and priority-holdback-policy)";
 pub const MULTICLUSTER: &str = "multi-cluster pools are not supported";
 pub const MULTIMODAL: &str = "multimodal request content is not inspected";
 pub const PARSER: &str = "only openai-parser (OpenAI completions and chat completions) is \
@@ -28,7 +28,6 @@ pub const TOKENIZER: &str = "prompts are not tokenized by the EPP (tokens are es
 pub const ATTRIBUTES: &str = "request and endpoint attributes from other plugins are not \
     modelled; session affinity reads headers";
 pub const LABELS: &str = "endpoint selection by labels or attributes is not implemented";
-pub const SATURATION: &str = "only utilization-detector is implemented";
 pub const NOT_BUILT: &str = "not implemented";
 
 /// (type, reason) for every rejected upstream type.
@@ -58,15 +57,14 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
     ("program-aware-fairness", FLOW_CONTROL),
     ("edf-ordering-policy", FLOW_CONTROL),
     ("slo-deadline-ordering-policy", FLOW_CONTROL),
+    // The static policy is the default; it is used by name in usageLimitPolicyPluginRef.
     ("static-usage-limit-policy", FLOW_CONTROL),
-    ("priority-holdback-policy", FLOW_CONTROL),
     ("soft-reflective-ceiling-policy", FLOW_CONTROL),
     ("sheddable-eviction-filter", FLOW_CONTROL),
     ("eviction-sheddable-filter", FLOW_CONTROL),
     ("priority-then-time-eviction-order-policy", FLOW_CONTROL),
     ("eviction-priority-then-time-ordering", FLOW_CONTROL),
     ("probabilistic-admitter", FLOW_CONTROL),
-    ("concurrency-detector", SATURATION),
     // Multi-cluster.
     ("multicluster-session-affinity-filter", MULTICLUSTER),
     ("multicluster-queue-scorer", MULTICLUSTER),

@@ -34,8 +34,8 @@ impl Dispatch<QueuedRequest, Routed> for DirectorDispatch {
         self.0.pool_state()
     }
 
-    fn dispatch(&mut self, q: QueuedRequest) -> Routed {
-        let result = self.0.route_parsed(&q.meta, &q.body, q.parsed);
+    fn dispatch(&mut self, q: QueuedRequest, ceiling: f64) -> Routed {
+        let result = self.0.route_parsed(&q.meta, &q.body, q.parsed, ceiling);
         Routed {
             result,
             body: q.body,

@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use super::usage::UsageLimit;
+
 /// The feature gate that turns flow control on (reference `flowcontrol.FeatureGate`).
 pub const FEATURE_GATE: &str = "flowControl";
 /// Queue-wait budget when `defaultRequestTTL` is not set.
@@ -58,7 +60,7 @@ impl Default for BandConfig {
 }
 
 /// Everything the flow controller needs, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FlowControlConfig {
     /// Global byte limit over all bands; `None`: no global limit (the reference default).
     pub max_bytes: Option<u64>,
@@ -72,8 +74,11 @@ pub struct FlowControlConfig {
     pub default_band: BandConfig,
     /// Template for negative priorities without an explicit band (else `default_band`).
     pub default_negative_band: Option<BandConfig>,
-    /// Explicit bands by priority.
+    /// Explicit bands by priority (always active for the usage-limit policy).
     pub bands: BTreeMap<i32, BandConfig>,
+    /// How full the pool may be before each band stops dispatching
+    /// (`usageLimitPolicyPluginRef`; default: the static policy, 1.0 for every band).
+    pub usage_limit: UsageLimit,
 }
 
 impl Default for FlowControlConfig {
@@ -86,6 +91,7 @@ impl Default for FlowControlConfig {
             default_band: BandConfig::default(),
             default_negative_band: None,
             bands: BTreeMap::new(),
+            usage_limit: UsageLimit::Static,
         }
     }
 }

@@ -15,6 +15,7 @@
 //! queue, on the metrics of that moment, and the dispatcher schedules synchronously, so the
 //! in-flight accounting of one dispatch is visible to the gate before the next.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -81,22 +82,29 @@ pub struct PoolState {
 }
 
 impl PoolState {
-    /// Whether a request may leave the queue: some endpoint is below the detector's
-    /// thresholds. The reference gates on the pool mean instead; with a mean, one busy
-    /// replica holds the queue while another sits idle, and a request waits for the whole
-    /// pool to drain rather than for the first endpoint with room (measured in
-    /// `docs/benchmarks.md`, mixed priority).
-    fn has_room(&self) -> bool {
-        self.endpoints > 0 && self.least_loaded < 1.0
+    /// Whether a request whose band's usage ceiling is `ceiling` (1.0 under the static
+    /// policy) may leave the queue: some endpoint scores below it. The reference gates on the
+    /// pool mean instead; with a mean, one busy replica holds the queue while another sits
+    /// idle, and a request waits for the whole pool to drain rather than for the first
+    /// endpoint with room (measured in `docs/benchmarks.md`, mixed priority).
+    pub fn has_room(&self, ceiling: f64) -> bool {
+        self.endpoints > 0 && self.least_loaded < ceiling
     }
 }
+
+/// How long a priority counts as active for the usage-limit policy after its last request
+/// (explicitly configured bands always count). Long enough that a lull in interactive
+/// traffic does not hand its reserved headroom to batch just before the next request.
+pub const ACTIVE_PRIORITY_WINDOW: Duration = Duration::from_secs(300);
 
 /// What the dispatcher needs from the rest of the EPP.
 pub trait Dispatch<T, R>: Send + 'static {
     /// The pool now (endpoints and saturation, counting this EPP's latest dispatches).
     fn pool(&mut self) -> PoolState;
-    /// Binds a request leaving the queue: scheduling happens here, not at arrival.
-    fn dispatch(&mut self, value: T) -> R;
+    /// Binds a request leaving the queue: scheduling happens here, not at arrival. `ceiling`
+    /// is its band's usage ceiling: below 1.0 (a held-back band) it should go only to an
+    /// endpoint scoring below it, so the headroom is kept on every endpoint.
+    fn dispatch(&mut self, value: T, ceiling: f64) -> R;
 }
 
 /// A request offered to flow control.
@@ -127,6 +135,9 @@ struct State<T, R> {
     empty: bool,
     since: Instant,
     running: bool,
+    /// Priorities seen, with when each was last enqueued (the usage-limit policy's active
+    /// priorities; pruned after [`ACTIVE_PRIORITY_WINDOW`]).
+    seen: BTreeMap<i32, Instant>,
 }
 
 struct Inner<T, R> {
@@ -217,6 +228,7 @@ impl<T: Send + 'static, R: Send + 'static> FlowController<T, R> {
                     empty: false,
                     since: Instant::now(),
                     running: true,
+                    seen: BTreeMap::new(),
                 }),
                 wake: Notify::new(),
                 config,
@@ -258,6 +270,7 @@ impl<T: Send + 'static, R: Send + 'static> FlowController<T, R> {
                 .finished(&req.labels, err.outcome(), Duration::ZERO);
             return Err(err);
         }
+        st.seen.insert(req.priority, Instant::now());
         let (tx, rx) = oneshot::channel();
         let gauges = inner.metrics.queued(&req.labels, req.bytes);
         let pending = Pending {
@@ -378,9 +391,21 @@ impl<T: Send + 'static, R: Send + 'static> FlowController<T, R> {
             let _ = p.tx.send(Err(error));
         }
 
-        while pool.has_room() {
-            let popped = inner.state.lock().queues.pop_next();
-            let Some((_, entry)) = popped else {
+        loop {
+            let popped = {
+                let mut st = inner.state.lock();
+                let Some(priority) = st.queues.next_priority() else {
+                    break;
+                };
+                let ceiling = self.ceiling(&mut st, priority, now);
+                // Ceilings never rise as priority falls, so when the best waiting band has
+                // no room, no lower band has either.
+                if !pool.has_room(ceiling) {
+                    break;
+                }
+                st.queues.pop_next().map(|(_, e)| (e, ceiling))
+            };
+            let Some((entry, ceiling)) = popped else {
                 break;
             };
             let p = entry.value;
@@ -393,7 +418,7 @@ impl<T: Send + 'static, R: Send + 'static> FlowController<T, R> {
                     .finished(&p.labels, Outcome::EvictedContextCancelled, waited);
                 continue;
             }
-            let routed = dispatcher.dispatch(p.value);
+            let routed = dispatcher.dispatch(p.value, ceiling);
             inner
                 .metrics
                 .finished(&p.labels, Outcome::Dispatched, waited);
@@ -410,6 +435,19 @@ impl<T: Send + 'static, R: Send + 'static> FlowController<T, R> {
             _ => None,
         };
         (deadline, !st.queues.is_empty())
+    }
+
+    /// The usage ceiling of `priority` among the active priorities (configured bands and
+    /// those seen within [`ACTIVE_PRIORITY_WINDOW`]).
+    fn ceiling(&self, st: &mut State<T, R>, priority: i32, now: Instant) -> f64 {
+        let config = &self.inner.config;
+        if config.usage_limit == super::usage::UsageLimit::Static {
+            return 1.0;
+        }
+        st.seen
+            .retain(|_, at| now.saturating_duration_since(*at) < ACTIVE_PRIORITY_WINDOW);
+        let active: BTreeSet<i32> = st.seen.keys().chain(config.bands.keys()).copied().collect();
+        config.usage_limit.ceiling(priority, &active)
     }
 
     /// The TTL in force and the error of a request that exhausts it.

@@ -11,17 +11,20 @@
 //! - [`controller`]: enqueue/await tickets and the dispatcher task.
 //! - [`binding`]: what an ext_proc request queues with and how the director dispatches it.
 //! - [`metrics`]: the reference's `*_flow_control_*` metrics.
+//! - [`usage`]: usage-limit policies (per-band dispatch ceilings; priority holdback).
 
 pub mod binding;
 pub mod config;
 pub mod controller;
 pub mod metrics;
 pub mod queues;
+pub mod usage;
 
 pub use binding::{DirectorDispatch, EppFlowController, QueuedRequest, Routed};
 pub use config::{BandConfig, Fairness, FlowControlConfig, FEATURE_GATE};
 pub use controller::{Dispatch, FlowController, FlowError, FlowRequest, PoolState, Ticket};
 pub use metrics::{FlowMetrics, Outcome};
+pub use usage::{HoldbackDomain, HoldbackParams, UsageLimit};
 
 #[cfg(test)]
 mod tests;

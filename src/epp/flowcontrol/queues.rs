@@ -202,6 +202,11 @@ impl<T> Queues<T> {
         Some(entry)
     }
 
+    /// The priority of the band [`Self::pop_next`] would take from.
+    pub fn next_priority(&self) -> Option<i32> {
+        self.bands.keys().next().map(|r| r.0)
+    }
+
     /// The request to dispatch next: from the highest-priority band that has one, chosen by
     /// that band's fairness policy; it is removed.
     pub fn pop_next(&mut self) -> Option<(u64, Entry<T>)> {

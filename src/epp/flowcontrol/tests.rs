@@ -20,11 +20,19 @@ struct Script {
     endpoints: Arc<Mutex<usize>>,
     log: Arc<Mutex<Vec<&'static str>>>,
     bind_to: Arc<Mutex<&'static str>>,
+    /// The lowest endpoint score while there is room (default 0.5).
+    load: Arc<Mutex<Option<f64>>>,
+    /// The usage ceiling each dispatch was given, in dispatch order.
+    ceilings: Arc<Mutex<Vec<f64>>>,
 }
 
 impl Dispatch<&'static str, String> for Script {
     fn pool(&mut self) -> PoolState {
-        let score = if *self.room.lock() > 0 { 0.5 } else { 1.0 };
+        let score = if *self.room.lock() > 0 {
+            self.load.lock().unwrap_or(0.5)
+        } else {
+            1.0
+        };
         PoolState {
             endpoints: *self.endpoints.lock(),
             saturation: score,
@@ -32,7 +40,8 @@ impl Dispatch<&'static str, String> for Script {
         }
     }
 
-    fn dispatch(&mut self, value: &'static str) -> String {
+    fn dispatch(&mut self, value: &'static str, ceiling: f64) -> String {
+        self.ceilings.lock().push(ceiling);
         let mut room = self.room.lock();
         *room = room.saturating_sub(1);
         self.log.lock().push(value);
@@ -361,10 +370,105 @@ fn director_schedules_a_queued_request_on_the_latest_metrics() {
     assert_eq!(state.endpoints, 2);
     assert!((state.saturation - 0.8).abs() < 1e-12);
     assert_eq!(state.least_loaded, 0.0);
-    let decision = director.route_parsed(&meta, &body, parsed).unwrap();
+    let decision = director.route_parsed(&meta, &body, parsed, 1.0).unwrap();
     assert_eq!(decision.destination, "10.0.0.2:8000");
     // The dispatch counts at once in the gate: .2 now 1/5.
     let state = director.pool_state();
     assert!((state.saturation - 0.9).abs() < 1e-12);
     assert!((state.least_loaded - 0.2).abs() < 1e-12);
+}
+
+/// Priority holdback: with interactive (1) and batch (-1) active, batch's ceiling is 0.5 and
+/// interactive's 1.0. At a least-loaded score of 0.6 interactive still leaves and batch waits
+/// (the static policy would let both out); at 0.4 batch leaves too.
+#[tokio::test(start_paused = true)]
+async fn holdback_keeps_batch_queued_while_interactive_still_dispatches() {
+    use super::usage::{HoldbackDomain, HoldbackParams, UsageLimit};
+    let config = FlowControlConfig {
+        usage_limit: UsageLimit::PriorityHoldback(HoldbackParams {
+            domain: HoldbackDomain::Rank,
+            min_ceiling: 0.5,
+            max_ceiling: 1.0,
+        }),
+        ..FlowControlConfig::default()
+    };
+    let h = Harness::start(config);
+    settle().await;
+    let mut tickets = Vec::new();
+    for (p, v) in [(-1, "b0"), (-1, "b1"), (1, "i0")] {
+        tickets.push(h.offer(p, "f", 10, v).unwrap());
+    }
+    settle().await;
+    *h.script.load.lock() = Some(0.6);
+    h.open(10).await;
+    assert_eq!(*h.script.log.lock(), ["i0"]);
+    assert_eq!(*h.script.ceilings.lock(), [1.0]);
+    assert_eq!(h.fc.queued(), 2);
+    // A later interactive request still passes batch at 0.6.
+    tickets.push(h.offer(1, "f", 10, "i1").unwrap());
+    settle().await;
+    assert_eq!(*h.script.log.lock(), ["i0", "i1"]);
+    *h.script.load.lock() = Some(0.4);
+    h.open(10).await;
+    assert_eq!(*h.script.log.lock(), ["i0", "i1", "b0", "b1"]);
+    assert_eq!(*h.script.ceilings.lock(), [1.0, 1.0, 0.5, 0.5]);
+    for (t, want) in tickets.into_iter().zip(["b0", "b1", "i0", "i1"]) {
+        assert_eq!(t.await.unwrap(), format!("{want}@first"));
+    }
+}
+
+/// The reference's static policy at the same load: every band leaves at 0.6.
+#[tokio::test(start_paused = true)]
+async fn static_policy_lets_every_band_out_below_one() {
+    let h = Harness::start(FlowControlConfig::default());
+    settle().await;
+    let mut tickets = Vec::new();
+    for (p, v) in [(-1, "b0"), (-1, "b1"), (1, "i0")] {
+        tickets.push(h.offer(p, "f", 10, v).unwrap());
+    }
+    settle().await;
+    *h.script.load.lock() = Some(0.6);
+    h.open(10).await;
+    assert_eq!(*h.script.log.lock(), ["i0", "b0", "b1"]);
+    assert_eq!(*h.script.ceilings.lock(), [1.0, 1.0, 1.0]);
+    drop(tickets);
+}
+
+/// A configured band is active without traffic: batch alone is held at its ceiling when an
+/// interactive band is declared, and gets the max ceiling when it is the only priority seen.
+#[tokio::test(start_paused = true)]
+async fn configured_bands_count_as_active_priorities() {
+    use super::usage::{HoldbackDomain, HoldbackParams, UsageLimit};
+    let holdback = UsageLimit::PriorityHoldback(HoldbackParams {
+        domain: HoldbackDomain::Rank,
+        min_ceiling: 0.25,
+        max_ceiling: 0.9,
+    });
+    let alone = Harness::start(FlowControlConfig {
+        usage_limit: holdback,
+        ..FlowControlConfig::default()
+    });
+    let mut declared = FlowControlConfig {
+        usage_limit: holdback,
+        ..FlowControlConfig::default()
+    };
+    declared.bands.insert(5, BandConfig::default());
+    let declared = Harness::start(declared);
+    settle().await;
+    let a = alone.offer(-1, "f", 10, "b").unwrap();
+    let d = declared.offer(-1, "f", 10, "b").unwrap();
+    settle().await;
+    for h in [&alone, &declared] {
+        *h.script.load.lock() = Some(0.5);
+        h.open(1).await;
+    }
+    // Alone: ceiling 0.9 > 0.5, dispatched. Declared band 5 above it: ceiling 0.25, held.
+    assert_eq!(*alone.script.ceilings.lock(), [0.9]);
+    assert!(declared.script.log.lock().is_empty());
+    assert_eq!(declared.fc.queued(), 1);
+    *declared.script.load.lock() = Some(0.2);
+    declared.open(1).await;
+    assert_eq!(*declared.script.ceilings.lock(), [0.25]);
+    assert_eq!(a.await.unwrap(), "b@first");
+    assert_eq!(d.await.unwrap(), "b@first");
 }
