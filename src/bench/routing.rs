@@ -602,6 +602,14 @@ mod tests {
         let parsed = crate::epp::config::parse_config(&flow_control_config()).unwrap();
         let fc = parsed.flow_control.unwrap();
         assert_eq!(fc.band(-1).max_requests, 200);
-        assert_eq!(parsed.saturation.queue_depth_threshold, 1);
+        assert!(matches!(
+            parsed.saturation,
+            crate::epp::saturation::DetectorConfig::Utilization(
+                crate::epp::saturation::SaturationConfig {
+                    queue_depth_threshold: 1,
+                    ..
+                }
+            )
+        ));
     }
 }

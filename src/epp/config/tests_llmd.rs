@@ -214,7 +214,15 @@ fn llmd_sections_request_handler_flow_control_data_layer() {
     // flowControl.saturationDetector is honoured; the rest is ignored with a warning.
     let c = cfg("plugins:\n- type: utilization-detector\n  name: sd\n  parameters: {queueDepthThreshold: 7}\nflowControl:\n  maxRequests: 100\n  saturationDetector:\n    pluginRef: sd\n").unwrap();
     assert_eq!(c.saturation_detector, "sd");
-    assert_eq!(c.saturation.queue_depth_threshold, 7);
+    assert!(matches!(
+        c.saturation,
+        crate::epp::saturation::DetectorConfig::Utilization(
+            crate::epp::saturation::SaturationConfig {
+                queue_depth_threshold: 7,
+                ..
+            }
+        )
+    ));
     for (key, yaml) in [
         (
             "discovery",
