@@ -420,8 +420,12 @@ mod tests {
         let counters = Arc::new(DispatchCounters::default());
         let mut e = (*snapshot(0, 0.1, Some(Duration::from_millis(5)), now)).clone();
         e.dispatch = Some(counters.clone());
-        // 4 in flight of 16 = 0.25; none waiting, kv 0.1 / 0.8 = 0.125: 0.25.
+        // 4 in flight of 16 = 0.25, but all 4 dispatched since the last scrape count as
+        // waiting too (the utilization gate's rule): 4 / 2 = 2.0.
         let inflight: Vec<_> = (0..4).map(|_| counters.dispatch()).collect();
+        assert_eq!(d.gate_score(&e, now), 2.0);
+        // A scrape has seen them: none waiting, kv 0.1 / 0.8 = 0.125, in flight 0.25 wins.
+        counters.scraped(counters.begin_scrape());
         assert_eq!(d.gate_score(&e, now), 0.25);
         // Three of them without a first token: 3 / 2 = 1.5 wins.
         let work: Vec<_> = (0..3)
