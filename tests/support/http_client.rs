@@ -43,6 +43,7 @@ impl HttpResponse {
 #[derive(Clone)]
 pub struct HttpClient {
     inner: Client<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
 }
 
 impl Default for HttpClient {
@@ -55,10 +56,20 @@ impl HttpClient {
     pub fn new() -> Self {
         Self {
             inner: Client::builder(TokioExecutor::new()).build_http(),
+            timeout: REQUEST_TIMEOUT,
         }
     }
 
-    /// Sends one request and reads the whole response (within [`REQUEST_TIMEOUT`]).
+    /// A client whose requests may take up to `timeout` (a real model on two cores).
+    pub fn with_timeout(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            ..Self::new()
+        }
+    }
+
+    /// Sends one request and reads the whole response (within [`REQUEST_TIMEOUT`] unless
+    /// [`HttpClient::with_timeout`] said otherwise).
     pub async fn send(
         &self,
         method: Method,
@@ -96,7 +107,7 @@ impl HttpClient {
                 frames,
             })
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, fut)
+        tokio::time::timeout(self.timeout, fut)
             .await
             .with_context(|| format!("timed out on {url}"))?
     }
