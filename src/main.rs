@@ -29,6 +29,8 @@ enum Command {
     Agent(Box<switchyard::agent::AgentArgs>),
     /// Agent-sandbox runtime API on 8888: contained command execution and workspace files.
     Sandbox(Box<switchyard::sandbox::SandboxArgs>),
+    /// agent-sandbox's sandbox router: forwards a request to the sandbox named in X-Sandbox-ID.
+    SandboxRouter(Box<switchyard::sandbox::router::RouterArgs>),
     /// Runs one command contained (started by `switchyard sandbox` per /execute).
     #[command(hide = true)]
     SandboxExec(Box<switchyard::sandbox::supervise::SuperviseArgs>),
@@ -52,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => runtime.block_on(switchyard::bench::run_demo(*args)),
         Command::Agent(args) => runtime.block_on(switchyard::agent::run(*args)),
         Command::Sandbox(args) => runtime.block_on(switchyard::sandbox::run(*args)),
+        Command::SandboxRouter(args) => runtime.block_on(switchyard::sandbox::router::run(*args)),
         // Ran above, before the runtime existed.
         Command::SandboxExec(_) => Ok(()),
     }

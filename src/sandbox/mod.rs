@@ -22,6 +22,7 @@ pub mod exec;
 pub mod isolate;
 pub mod limits;
 pub mod proctree;
+pub mod router;
 pub mod supervise;
 pub mod workspace;
 

@@ -67,6 +67,10 @@ pub struct SuperviseArgs {
 
 /// Small stacks: the helper threads only copy bytes, and RLIMIT_AS counts their stacks.
 const HELPER_STACK: usize = 64 * 1024;
+/// The timer and the two output readers.
+const HELPER_THREADS: usize = 3;
+/// How long the helpers may take to start (a loaded machine under gVisor: well under this).
+const HELPER_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the command and prints the outcome to stdout; the process exit code is 0 whenever an
 /// outcome was printed.
@@ -101,6 +105,7 @@ fn spawn_reader<R: Read + Send + 'static>(
     cap: usize,
     overflow: Arc<AtomicBool>,
     tree: Tree,
+    ready: mpsc::Sender<()>,
 ) -> std::io::Result<(mpsc::Sender<R>, Reader)> {
     let (pipe_tx, pipe_rx) = mpsc::channel::<R>();
     let (done_tx, done_rx) = mpsc::channel::<()>();
@@ -109,6 +114,7 @@ fn spawn_reader<R: Read + Send + 'static>(
     thread::Builder::new()
         .stack_size(HELPER_STACK)
         .spawn(move || {
+            let _ = ready.send(());
             let Ok(mut pipe) = pipe_rx.recv() else {
                 return;
             };
@@ -323,12 +329,24 @@ fn run_contained(args: &SuperviseArgs, tree: Tree) -> Outcome {
 
     let overflow = Arc::new(AtomicBool::new(false));
     let timed_out = Arc::new(AtomicBool::new(false));
-    let readers =
-        spawn_reader::<ChildStdout>(args.max_output_bytes, overflow.clone(), tree.clone())
-            .and_then(|out| {
-                spawn_reader::<ChildStderr>(args.max_output_bytes, overflow.clone(), tree.clone())
-                    .map(|err| (out, err))
-            });
+    // Each helper says when it runs: std maps a thread's signal stack as the thread starts, and
+    // under RLIMIT_AS that mapping can fail (an abort, seen under gVisor), so the limits wait.
+    let (ready_tx, ready_rx) = mpsc::channel::<()>();
+    let readers = spawn_reader::<ChildStdout>(
+        args.max_output_bytes,
+        overflow.clone(),
+        tree.clone(),
+        ready_tx.clone(),
+    )
+    .and_then(|out| {
+        spawn_reader::<ChildStderr>(
+            args.max_output_bytes,
+            overflow.clone(),
+            tree.clone(),
+            ready_tx.clone(),
+        )
+        .map(|err| (out, err))
+    });
     let ((out_pipe, out_rx), (err_pipe, err_rx)) = match readers {
         Ok(r) => r,
         Err(e) => return failed(format!("cannot start a reader thread: {e}"), 1),
@@ -342,6 +360,7 @@ fn run_contained(args: &SuperviseArgs, tree: Tree) -> Outcome {
     let timer = thread::Builder::new()
         .stack_size(HELPER_STACK)
         .spawn(move || {
+            let _ = ready_tx.send(());
             if let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(wall) {
                 timer_flag.store(true, Ordering::SeqCst);
                 timer_tree.kill_all();
@@ -351,6 +370,11 @@ fn run_contained(args: &SuperviseArgs, tree: Tree) -> Outcome {
         return failed(format!("cannot start the timer thread: {e}"), 1);
     }
 
+    for _ in 0..HELPER_THREADS {
+        if ready_rx.recv_timeout(HELPER_START_TIMEOUT).is_err() {
+            return failed("a helper thread did not start".to_string(), 1);
+        }
+    }
     if let Err(e) = set_limits(args) {
         return failed(e, 1);
     }
