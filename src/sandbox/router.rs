@@ -25,6 +25,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 
+use crate::serve::kv_events::{digests_equal, sha256};
+
 const DEFAULT_NAMESPACE: &str = "default";
 const DEFAULT_SANDBOX_PORT: u16 = 8888;
 
@@ -63,7 +65,8 @@ pub enum RouterError {
 struct Routing {
     client: Client<HttpConnector, Body>,
     timeout: Duration,
-    token: Option<String>,
+    /// SHA-256 of the required bearer token (compared by digest, as the KV-event stream does).
+    token_digest: Option<[u8; 32]>,
     host_template: String,
 }
 
@@ -92,7 +95,11 @@ pub async fn start(
     let routing = Arc::new(Routing {
         client: Client::builder(TokioExecutor::new()).build(connector),
         timeout: Duration::from_secs_f64(secs),
-        token: args.auth_token.clone().filter(|t| !t.is_empty()),
+        token_digest: args
+            .auth_token
+            .as_deref()
+            .filter(|t| !t.is_empty())
+            .map(|t| sha256(t.as_bytes())),
         host_template: args.sandbox_host_template.clone(),
     });
     let app = Router::new()
@@ -130,17 +137,6 @@ fn detail(status: StatusCode, text: impl Into<String>) -> Response {
     (status, Json(json!({"detail": text.into()}))).into_response()
 }
 
-/// Compares SHA-256 digests without an early exit, so timing says nothing about the token.
-fn same_secret(a: &str, b: &str) -> bool {
-    let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
-    let (a, b) = (digest(a), digest(b));
-    a.as_ref()
-        .iter()
-        .zip(b.as_ref())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
-}
-
 /// Upstream's check: non-empty once `-` is removed, and only letters and digits.
 fn dns_safe(name: &str) -> bool {
     let rest: Vec<u8> = name.bytes().filter(|&b| b != b'-').collect();
@@ -160,7 +156,7 @@ impl IntoResponse for Refusal {
 /// Where a request goes, from its headers.
 fn target(routing: &Routing, headers: &HeaderMap, uri: &Uri) -> Result<(String, Uri), Refusal> {
     let text = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or("\u{fffd}"));
-    if let Some(want) = &routing.token {
+    if let Some(want) = &routing.token_digest {
         let presented = text("authorization")
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(|v| v.split(' ').next().unwrap_or(""));
@@ -171,7 +167,7 @@ fn target(routing: &Routing, headers: &HeaderMap, uri: &Uri) -> Result<(String, 
                     "Missing or invalid Authorization header.",
                 ))
             }
-            Some(t) if !same_secret(t, want) => {
+            Some(t) if !digests_equal(&sha256(t.as_bytes()), want) => {
                 return Err(Refusal(StatusCode::UNAUTHORIZED, "Invalid token."))
             }
             Some(_) => {}
@@ -304,7 +300,7 @@ mod tests {
         Routing {
             client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
             timeout: Duration::from_secs(1),
-            token: token.map(str::to_owned),
+            token_digest: token.map(|t| sha256(t.as_bytes())),
             host_template: "{id}.{namespace}.svc.cluster.local".into(),
         }
     }

@@ -264,7 +264,7 @@ pub struct SubscriberPolicy {
     pub max_subscribers: usize,
 }
 
-fn sha256(bytes: &[u8]) -> [u8; 32] {
+pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, bytes);
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
@@ -272,7 +272,7 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
 }
 
 /// Compares fixed-size digests without an early exit, so timing says nothing about the token.
-fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+pub(crate) fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
