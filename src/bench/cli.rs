@@ -535,6 +535,7 @@ pub async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             let (results, info) =
                 with_ctrl_c(compare(&a.workload, &a.setup, &a.policies, Preset::Full)).await?;
             println!("{}", report::markdown_table(&results));
+            println!("{}", super::prediction::markdown_table(&results));
             if !a.no_write {
                 let name = a.name.clone().unwrap_or_else(|| {
                     let w = info.workload["kind"]

@@ -5,7 +5,8 @@
 //! - [`client`] + [`load`]: the streaming OpenAI client and the open-loop driver.
 //! - [`stack`] + [`epp`] + [`envoy`] + [`procs`]: local sim replicas, the EPP and Envoy as child
 //!   processes ([`epp`] builds the one EPP command line; HTTP probes live in [`client`]).
-//! - [`routing`]: the same workload under each routing policy; [`report`]: table, JSON, plot.
+//! - [`routing`]: the same workload under each routing policy; [`report`]: table, JSON, plot;
+//!   [`prediction`]: the EPP's prefix-hit prediction accuracy per policy.
 //! - [`overhead`]: what the ext_proc hop costs in front of a zero-latency backend.
 //! - [`soak`]: the stack under steady load with churn and bad requests; RSS/FD growth.
 
@@ -16,6 +17,7 @@ pub mod envoy;
 pub mod epp;
 pub mod load;
 pub mod overhead;
+pub mod prediction;
 pub mod procs;
 pub mod real_demo;
 pub mod report;

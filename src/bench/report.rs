@@ -410,6 +410,7 @@ pub fn write(
         info.time_scale
     );
     md.push_str(&markdown_table(results));
+    md.push_str(&super::prediction::markdown_table(results));
     let _ = writeln!(md, "\n![TTFT CDF]({name}-ttft.svg)");
     std::fs::write(&markdown, md)?;
     let record = serde_json::json!({
@@ -495,6 +496,7 @@ mod tests {
             error_samples: vec![],
             ttft_samples_ms: vec![p50, 2.0 * p50],
             classes: Vec::new(),
+            prediction: Vec::new(),
         }
     }
 

@@ -301,6 +301,9 @@ pub struct PolicyResult {
     /// Per objective, when the workload sends objectives (mixed priority).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub classes: Vec<ClassResult>,
+    /// Prefix-hit prediction accuracy per index, from the EPP's metrics (EPP policies).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prediction: Vec<super::prediction::IndexAccuracy>,
 }
 
 /// One objective's numbers within a policy's run.
@@ -410,6 +413,7 @@ pub fn summarise(
         error_samples,
         ttft_samples_ms: ttft,
         classes: Vec::new(),
+        prediction: Vec::new(),
     }
 }
 
@@ -474,6 +478,7 @@ async fn run_policy(
             after.iter().zip(&before).map(|(a, b)| a.since(b)).collect();
         let mut result = summarise(policy, &res.outcomes, res.wall_s, sim_per_wall, &deltas);
         result.classes = class_results(&cmp.plan, &res.outcomes, sim_per_wall);
+        result.prediction = super::prediction::from_epp(stack.epp_metrics).await;
         Ok::<_, StackError>(result)
     }
     .await;

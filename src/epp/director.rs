@@ -15,6 +15,7 @@ use rand::Rng;
 use super::datastore::{Datastore, RequestPolicy, RewriteTarget};
 use super::endpoint::{EndpointSnapshot, InflightGuard};
 use super::flowcontrol::{FlowError, PoolState};
+use super::kvcache::CachedPrediction;
 use super::request::{self, ApiType, RequestError};
 use super::saturation::SaturationDetector;
 use super::scheduling::{ScheduleError, ScheduleResult, Scheduler, SchedulingRequest};
@@ -116,6 +117,9 @@ pub struct Decision {
     pub prefill_tokens: u64,
     /// Headers plugins want on the response to the client (e.g. the session token).
     pub response_headers: Vec<(String, String)>,
+    /// Cached tokens the primary is expected to report, compared with its usage on the
+    /// response path (`kvcache::accuracy`).
+    pub prediction: CachedPrediction,
 }
 
 impl Decision {
@@ -260,6 +264,7 @@ impl Director {
             stream: false,
             prefill_tokens: result.prefill_tokens,
             response_headers,
+            prediction: result.prediction,
         })
     }
 
@@ -436,6 +441,7 @@ impl Director {
             stream: inspected.stream,
             prefill_tokens: result.prefill_tokens,
             response_headers,
+            prediction: result.prediction,
         })
     }
 

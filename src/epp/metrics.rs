@@ -1,6 +1,7 @@
 //! The EPP's own Prometheus metrics, with the reference EPP's names, labels and buckets
 //! (GIE v1.5.0 `pkg/epp/metrics/metrics.go`) so existing dashboards keep working.
-//! Scheduler and prefix-index metrics are registered by `scheduling`.
+//! Scheduler and prefix-index metrics are registered by `scheduling`; the prefix-hit prediction
+//! metrics (Switchyard's own) by `kvcache::accuracy`.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use super::datastore::Datastore;
+use super::kvcache::PredictionMetrics;
 
 const GENERAL_LATENCY_BUCKETS: [f64; 35] = [
     0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0,
@@ -148,6 +150,8 @@ pub struct EppMetrics {
     pub prompt_cached_tokens: HistogramFamily<ModelLabels>,
     pub normalized_time_per_output_token: HistogramFamily<ModelLabels>,
     pub running_requests: Family<ModelNameLabel, Gauge>,
+    /// Predicted vs reported cached tokens (`switchyard_prefix_prediction_*`).
+    pub prefix_prediction: PredictionMetrics,
     pool_avg_kv: Family<PoolLabel, FloatGauge>,
     pool_avg_queue: Family<PoolLabel, FloatGauge>,
     pool_avg_running: Family<PoolLabel, FloatGauge>,
@@ -168,6 +172,7 @@ impl EppMetrics {
             prompt_cached_tokens: histogram_family(&TOKEN_BUCKETS),
             normalized_time_per_output_token: histogram_family(&NTPOT_BUCKETS),
             running_requests: Family::default(),
+            prefix_prediction: PredictionMetrics::new(registry),
             pool_avg_kv: Family::default(),
             pool_avg_queue: Family::default(),
             pool_avg_running: Family::default(),

@@ -12,7 +12,7 @@
 //! skipped and counted) and an endpoint's entry goes when the endpoint leaves the pool.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -97,6 +97,8 @@ struct Blocks {
 pub struct EndpointBlocks {
     blocks: RwLock<Blocks>,
     live: AtomicBool,
+    /// The engine's block size (tokens) from its last applied `BlockStored`; 0 before one.
+    engine_block: AtomicU32,
 }
 
 impl EndpointBlocks {
@@ -125,6 +127,11 @@ impl EndpointBlocks {
 
     pub fn has_lora(&self, name: &str) -> bool {
         self.blocks.read().loras.contains(name)
+    }
+
+    /// The engine's block size, once a stored event has told it.
+    pub fn engine_block_size(&self) -> Option<u32> {
+        Some(self.engine_block.load(Ordering::Relaxed)).filter(|&b| b > 0)
     }
 }
 
@@ -219,6 +226,9 @@ impl BlockIndex {
             self.skip(Skip::BlockSize);
             return;
         }
+        endpoint
+            .engine_block
+            .store(ev.block_size, Ordering::Relaxed);
         let mut b = endpoint.blocks.write();
         let mut parent = match ev.parent_block_hash {
             None => chain_root(

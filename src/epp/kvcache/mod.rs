@@ -5,6 +5,7 @@
 //! live event stream are scored from the approximate index instead.
 //!
 //! - [`params`]: the plugin's llm-d-router parameters → [`PreciseParams`].
+//! - [`accuracy`]: predicted vs reported cached tokens per routed request, as metrics.
 //! - [`subscriber`]: one event-stream task per endpoint, following the datastore.
 
 use std::path::Path;
@@ -15,11 +16,13 @@ use crate::serve::api::types::ChatMessageIn;
 use crate::serve::approx_codec::ApproxCodec;
 use crate::serve::codec::TextCodec;
 
+pub mod accuracy;
 pub mod index;
 pub mod params;
 pub mod scorer;
 pub mod subscriber;
 
+pub use accuracy::{CachedPrediction, PredictionMetrics};
 pub use index::{BlockIndex, IndexConfig};
 pub use params::{PreciseParamError, PreciseParams, WirePreciseParams};
 

@@ -3,12 +3,15 @@
 //! approximate index (the scheduler's prefix matches), so a pool mixing engines with and without
 //! events is still scored on one scale.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
+use super::accuracy::engine_hit_tokens;
 use super::index::{chain_root, request_keys};
 use super::Precise;
 use crate::epp::endpoint::EndpointSnapshot;
 use crate::epp::scheduling::plugins::{CycleState, Plugin, Scorer};
+use crate::epp::scheduling::SchedulingRequest;
 
 #[derive(Debug)]
 pub struct PrecisePrefixScorer {
@@ -26,45 +29,112 @@ impl Plugin for PrecisePrefixScorer {
     }
 }
 
-/// The prompt's request keys for the base model, and for the target model as a LoRA adapter
-/// when an endpoint holds blocks of that adapter.
-struct PromptKeys {
+/// Which request (and which scorer) a [`Memo`] holds keys for: the addresses of the scorer's
+/// shared state, the request id and the prompt, and the prompt's length. Addresses are reused
+/// once a request is freed, so a match is only trusted within one scheduling call: `score`
+/// always recomputes, and the prediction asked after it in the same call finds its keys.
+type MemoKey = (usize, usize, usize, usize);
+
+/// The prompt this thread tokenized last, and its request keys. Tokenizing is the scorer's main
+/// cost; the scheduler asks for the primary's prediction ([`Scorer::predicted_cached_tokens`])
+/// right after scoring, in the same synchronous call, so the keys are kept here rather than
+/// computed twice. The vectors are reused, so no key buffer is allocated per request.
+#[derive(Debug, Default)]
+struct Memo {
+    key: Option<MemoKey>,
+    /// Whether the prompt could be tokenized here (else the fields below are stale).
+    tokenized: bool,
+    tokens: Vec<u32>,
+    /// The base model's chain.
     base: Vec<u64>,
-    lora: Option<Vec<u64>>,
+    /// The target model's chain as a LoRA adapter, computed once an endpoint holds blocks of
+    /// that adapter (`lora_done`).
+    lora: Vec<u64>,
+    lora_done: bool,
+}
+
+impl Memo {
+    /// The chain an endpoint is matched against: the adapter's when it holds blocks of the
+    /// target model as a LoRA adapter, else the base model's.
+    fn chain(&self, lora_held: bool) -> &[u64] {
+        if lora_held && self.lora_done {
+            &self.lora
+        } else {
+            &self.base
+        }
+    }
+}
+
+thread_local! {
+    static LAST: RefCell<Memo> = RefCell::new(Memo::default());
 }
 
 impl PrecisePrefixScorer {
-    fn keys(&self, cycle: &CycleState<'_>, eps: &[Arc<EndpointSnapshot>]) -> Option<PromptKeys> {
+    fn memo_key(&self, req: &SchedulingRequest<'_>) -> MemoKey {
+        (
+            Arc::as_ptr(&self.precise) as usize,
+            req.request_id.as_ptr() as usize,
+            req.prompt.as_ptr() as usize,
+            req.prompt.len(),
+        )
+    }
+
+    /// Makes `memo` hold `req`'s keys (and the adapter chain when one of `eps` needs it),
+    /// tokenizing again when `fresh` or when it holds another request's.
+    fn fill(
+        &self,
+        req: &SchedulingRequest<'_>,
+        eps: &[Arc<EndpointSnapshot>],
+        memo: &mut Memo,
+        fresh: bool,
+    ) {
         let p = &self.precise;
-        let tokens = p.prompt_tokens(cycle.request.api, cycle.request.prompt)?;
         let bs = p.params.block_size;
-        let mut base = Vec::with_capacity(tokens.len() / bs.max(1));
-        request_keys(chain_root(&p.params.hash_seed, ""), bs, &tokens, &mut base);
-        let model = cycle.request.target_model;
-        let lora = eps
-            .iter()
-            .any(|e| {
+        let key = self.memo_key(req);
+        if fresh || memo.key != Some(key) {
+            memo.key = Some(key);
+            memo.tokenized = false;
+            memo.lora_done = false;
+            let Some(tokens) = p.prompt_tokens(req.api, req.prompt) else {
+                return;
+            };
+            memo.tokens = tokens;
+            memo.base.clear();
+            request_keys(
+                chain_root(&p.params.hash_seed, ""),
+                bs,
+                &memo.tokens,
+                &mut memo.base,
+            );
+            memo.tokenized = true;
+        }
+        let model = req.target_model;
+        if memo.tokenized
+            && !memo.lora_done
+            && eps.iter().any(|e| {
                 p.index
                     .get(&e.endpoint.name)
                     .is_some_and(|b| b.has_lora(model))
             })
-            .then(|| {
-                let mut keys = Vec::with_capacity(base.len());
-                request_keys(
-                    chain_root(&p.params.hash_seed, model),
-                    bs,
-                    &tokens,
-                    &mut keys,
-                );
-                keys
-            });
-        Some(PromptKeys { base, lora })
+        {
+            memo.lora.clear();
+            request_keys(
+                chain_root(&p.params.hash_seed, model),
+                bs,
+                &memo.tokens,
+                &mut memo.lora,
+            );
+            memo.lora_done = true;
+        }
     }
-}
 
-impl Scorer for PrecisePrefixScorer {
-    fn score(&self, cycle: &CycleState<'_>, eps: &[Arc<EndpointSnapshot>], out: &mut [f64]) {
-        let keys = self.keys(cycle, eps);
+    fn score_with(
+        &self,
+        cycle: &CycleState<'_>,
+        eps: &[Arc<EndpointSnapshot>],
+        memo: &Memo,
+        out: &mut [f64],
+    ) {
         let approx_total = cycle.prefix_hashes.len();
         for (i, (ep, o)) in eps.iter().zip(out.iter_mut()).enumerate() {
             let live = self
@@ -72,12 +142,9 @@ impl Scorer for PrecisePrefixScorer {
                 .index
                 .get(&ep.endpoint.name)
                 .filter(|b| b.is_live());
-            *o = match (live, &keys) {
-                (Some(blocks), Some(k)) => {
-                    let chain = match &k.lora {
-                        Some(l) if blocks.has_lora(cycle.request.target_model) => l,
-                        _ => &k.base,
-                    };
+            *o = match live {
+                Some(blocks) if memo.tokenized => {
+                    let chain = memo.chain(blocks.has_lora(cycle.request.target_model));
                     if chain.is_empty() {
                         0.0
                     } else {
@@ -95,6 +162,43 @@ impl Scorer for PrecisePrefixScorer {
                 }
             };
         }
+    }
+}
+
+impl Scorer for PrecisePrefixScorer {
+    fn score(&self, cycle: &CycleState<'_>, eps: &[Arc<EndpointSnapshot>], out: &mut [f64]) {
+        LAST.with_borrow_mut(|memo| {
+            self.fill(cycle.request, eps, memo, true);
+            self.score_with(cycle, eps, memo, out);
+        });
+    }
+
+    /// `engine_hit_tokens` of the primary's matched blocks when its event stream is live.
+    fn predicted_cached_tokens(
+        &self,
+        req: &SchedulingRequest<'_>,
+        endpoint: &Arc<EndpointSnapshot>,
+    ) -> Option<u64> {
+        let blocks = self
+            .precise
+            .index
+            .get(&endpoint.endpoint.name)
+            .filter(|b| b.is_live())?;
+        LAST.with_borrow_mut(|memo| {
+            self.fill(req, std::slice::from_ref(endpoint), memo, false);
+            if !memo.tokenized {
+                return None;
+            }
+            let bs = self.precise.params.block_size as u64;
+            let matched = blocks.matched(memo.chain(blocks.has_lora(req.target_model))) as u64;
+            // Whole engine blocks are what the engine can hit (ours divide its size).
+            let engine_block = blocks.engine_block_size().map_or(bs, |b| b as u64);
+            Some(engine_hit_tokens(
+                matched.saturating_mul(bs),
+                memo.tokens.len() as u64,
+                engine_block,
+            ))
+        })
     }
 
     fn uses_prefix_matches(&self) -> bool {
@@ -175,6 +279,82 @@ mod tests {
         s.score(&cycle, &eps, &mut out);
         assert_eq!(out, [1.0, 0.0, 0.25]);
         assert!(s.uses_prefix_matches());
+    }
+
+    /// Stores the first `blocks` blocks of `tokens` on `ep` as one engine event.
+    fn store(precise: &Precise, ep: &str, tokens: &[u32], blocks: usize, block: usize) {
+        let e = precise.index.endpoint(ep);
+        e.set_live(true);
+        precise.index.apply(
+            &e,
+            &Event::Stored(BlockStored {
+                block_hashes: (1..=blocks as u64).collect(),
+                token_ids: tokens[..blocks * block].to_vec(),
+                block_size: block as u32,
+                ..BlockStored::default()
+            }),
+        );
+    }
+
+    #[test]
+    fn predicts_what_the_engine_reports_for_the_primary() {
+        let precise = Arc::new(
+            Precise::new(PreciseParams {
+                block_size: 4,
+                ..PreciseParams::default()
+            })
+            .unwrap(),
+        );
+        // 64 bytes: 16 tokens, 4 blocks of 4.
+        let prompt = b"0123456789abcdef0123456789ABCDEF0123456789abcdef0123456789ABCDEF";
+        let tokens = precise.prompt_tokens(ApiType::Completions, prompt).unwrap();
+        assert_eq!(tokens.len(), 16);
+        // "full" holds all 4 blocks, "half" 2; "quiet" has blocks but no live stream; "eight"
+        // holds all of them in engine blocks of 8 tokens.
+        store(&precise, "full", &tokens, 4, 4);
+        store(&precise, "half", &tokens, 2, 4);
+        store(&precise, "quiet", &tokens, 4, 4);
+        precise.index.endpoint("quiet").set_live(false);
+        store(&precise, "eight", &tokens, 2, 8);
+        let s = PrecisePrefixScorer {
+            name: "p".into(),
+            precise: precise.clone(),
+        };
+        let req = SchedulingRequest {
+            request_id: "r",
+            target_model: "m",
+            api: ApiType::Completions,
+            prompt,
+            cache_salt: b"",
+            fallbacks: 0,
+            headers: &[],
+        };
+        let cycle = CycleState {
+            request: &req,
+            prefix_hashes: &[],
+            prefix_block_tokens: 4,
+            prefix_matches: &[],
+        };
+        let eps = [ep("full"), ep("half"), ep("quiet"), ep("eight"), ep("none")];
+        let mut out = [9.0; 5];
+        s.score(&cycle, &eps, &mut out);
+        assert_eq!(out, [1.0, 0.5, 0.0, 1.0, 0.0]);
+        let predicted: Vec<Option<u64>> = eps
+            .iter()
+            .map(|e| s.predicted_cached_tokens(&req, e))
+            .collect();
+        // Fully cached: the engine computes the last token, so the last block is not a hit
+        // (3 of 4 blocks; with engine blocks of 8, 1 of 2).
+        assert_eq!(predicted, [Some(12), Some(8), None, Some(8), None]);
+
+        // Asked for a request this thread did not score last, the keys are computed afresh.
+        let other = SchedulingRequest {
+            request_id: "other",
+            prompt: &prompt[..32],
+            ..req
+        };
+        assert_eq!(s.predicted_cached_tokens(&other, &eps[0]), Some(4));
+        assert_eq!(s.predicted_cached_tokens(&req, &eps[1]), Some(8));
     }
 
     #[test]

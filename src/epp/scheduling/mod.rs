@@ -17,6 +17,8 @@ use prometheus_client::registry::Registry;
 use rand::RngCore;
 
 use crate::epp::endpoint::EndpointSnapshot;
+use crate::epp::kvcache::accuracy::engine_hit_tokens;
+use crate::epp::kvcache::CachedPrediction;
 use crate::epp::prefix::PrefixIndex;
 
 pub mod plugins;
@@ -99,6 +101,8 @@ pub struct ScheduleResult {
     pub prefix_block_tokens: usize,
     /// Total weighted score of each entry of `endpoints`.
     pub scores: Vec<f64>,
+    /// Cached tokens the primary is expected to report, per index (`kvcache::accuracy`).
+    pub prediction: CachedPrediction,
 }
 
 impl ScheduleResult {
@@ -516,6 +520,19 @@ impl Scheduler {
         }
         let prompt_tokens = plugins::predicted_ttft::prompt_tokens(req.prompt);
         let cached = (matched as u64).saturating_mul(block_tokens as u64);
+        let prediction = CachedPrediction {
+            approximate: self
+                .prefix
+                .as_ref()
+                .map(|_| engine_hit_tokens(cached, prompt_tokens, block_tokens as u64)),
+            precise: match (self.profiles.get(primary), run.endpoints.first()) {
+                (Some(profile), Some(first)) => profile
+                    .scorers
+                    .iter()
+                    .find_map(|(s, _, _)| s.predicted_cached_tokens(req, first)),
+                _ => None,
+            },
+        };
         Ok(ScheduleResult {
             prefill_tokens: prompt_tokens.saturating_sub(cached),
             endpoints: run.endpoints,
@@ -525,6 +542,7 @@ impl Scheduler {
             prefix_hashes: hashes,
             prefix_block_tokens: block_tokens,
             scores: run.scores,
+            prediction,
         })
     }
 

@@ -278,6 +278,10 @@ impl StreamState {
             m.prompt_cached_tokens
                 .get_or_create(labels)
                 .observe(cached as f64);
+            // The prediction was for the primary; a fallback's usage says nothing about it.
+            if let Some(d) = r.decision.as_ref().filter(|d| served_primary(d, &r.served)) {
+                m.prefix_prediction.record(&d.prediction, cached);
+            }
         }
     }
 
@@ -345,6 +349,15 @@ fn replace_all(hay: &[u8], old: &[u8], new: &[u8]) -> Vec<u8> {
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Whether the response came from the decision's primary (assumed when Envoy sent no served
+/// endpoint metadata).
+fn served_primary(d: &Decision, served: &Option<String>) -> bool {
+    match served {
+        Some(s) => d.destination.split(',').next() == Some(s.as_str()),
+        None => true,
+    }
 }
 
 fn served_endpoint(metadata: &Metadata) -> Option<String> {

@@ -80,6 +80,18 @@ pub trait Scorer: Plugin {
     fn uses_prefix_matches(&self) -> bool {
         false
     }
+
+    /// The cached prompt tokens this scorer's index expects `endpoint` to report for `request`
+    /// (`usage.prompt_tokens_details.cached_tokens`), or `None` for no prediction. Asked once
+    /// per routed request, for the primary, right after [`Scorer::score`] ran for the same
+    /// request on the same thread (so a scorer may reuse what `score` computed).
+    fn predicted_cached_tokens(
+        &self,
+        _request: &SchedulingRequest<'_>,
+        _endpoint: &Arc<EndpointSnapshot>,
+    ) -> Option<u64> {
+        None
+    }
 }
 
 /// An endpoint's position in the profile's endpoint list and its weighted score.
