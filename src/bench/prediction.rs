@@ -1,6 +1,6 @@
-//! Prefix-hit prediction accuracy of a routing run, read from the EPP's
-//! `switchyard_prefix_prediction_*` metrics (`docs/precise-prefix.md`) after the load: per index
-//! kind, mean absolute error in tokens, the share predicted exactly, over- and under-prediction
+//! Prefix-hit prediction accuracy of a routing run, from the EPP's
+//! `switchyard_prefix_prediction_*` metrics (`docs/precise-prefix.md`) scraped before and after
+//! the load (so the stack's warm-up request is not counted): per index kind, mean absolute error in tokens, the share predicted exactly, over- and under-prediction
 //! rates, and the mean bias.
 
 use std::fmt::Write as _;
@@ -34,9 +34,51 @@ pub struct IndexAccuracy {
     pub mean_reported_tokens: f64,
 }
 
-/// The accuracy of each index with at least one compared request, from an EPP metrics page
-/// (counters since the EPP started; the bench starts one EPP per policy). `approximate` first.
-pub fn parse(text: &str) -> Result<Vec<IndexAccuracy>, String> {
+/// One index kind's counters on an EPP metrics page.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Counts {
+    pub exact: f64,
+    pub over: f64,
+    pub under: f64,
+    pub error_sum: f64,
+    pub predicted: f64,
+    pub reported: f64,
+}
+
+impl Counts {
+    /// `self - before`, per counter.
+    pub fn since(&self, before: &Counts) -> Counts {
+        Counts {
+            exact: self.exact - before.exact,
+            over: self.over - before.over,
+            under: self.under - before.under,
+            error_sum: self.error_sum - before.error_sum,
+            predicted: self.predicted - before.predicted,
+            reported: self.reported - before.reported,
+        }
+    }
+
+    /// The accuracy these counts show, when they compared any request.
+    pub fn accuracy(&self, index: &str) -> Option<IndexAccuracy> {
+        let n = self.exact + self.over + self.under;
+        (n > 0.0).then(|| IndexAccuracy {
+            index: index.to_owned(),
+            requests: n,
+            mae_tokens: self.error_sum / n,
+            exact: self.exact / n,
+            over: self.over / n,
+            under: self.under / n,
+            bias_tokens: (self.predicted - self.reported) / n,
+            mean_reported_tokens: self.reported / n,
+        })
+    }
+}
+
+/// The index kinds, in report order.
+pub const INDEXES: [&str; 2] = ["approximate", "precise"];
+
+/// The counters of each of [`INDEXES`] on an EPP metrics page (zero where absent).
+pub fn parse(text: &str) -> Result<[Counts; 2], String> {
     // Counters by their sample names; `promtext` reads counters and gauges only, so the
     // histogram's `_sum` (one label, as this project's EPP writes it) is read from its line.
     let wanted = [OUTCOMES, PREDICTED, REPORTED];
@@ -51,59 +93,56 @@ pub fn parse(text: &str) -> Result<Vec<IndexAccuracy>, String> {
                 .sum()
         })
     };
-    let mut out = Vec::new();
-    for index in ["approximate", "precise"] {
+    let mut out = [Counts::default(); 2];
+    for (index, c) in INDEXES.iter().zip(out.iter_mut()) {
         let outcome = |o| counter(OUTCOMES, &[("index", index), ("outcome", o)]);
-        let (exact, over, under) = (outcome("exact"), outcome("over"), outcome("under"));
-        let n = exact + over + under;
-        if n <= 0.0 {
-            continue;
-        }
-        let error_sum = error_sum(text, index)?;
-        let predicted = counter(PREDICTED, &[("index", index)]);
-        let reported = counter(REPORTED, &[("index", index)]);
-        out.push(IndexAccuracy {
-            index: index.to_owned(),
-            requests: n,
-            mae_tokens: error_sum / n,
-            exact: exact / n,
-            over: over / n,
-            under: under / n,
-            bias_tokens: (predicted - reported) / n,
-            mean_reported_tokens: reported / n,
-        });
+        *c = Counts {
+            exact: outcome("exact"),
+            over: outcome("over"),
+            under: outcome("under"),
+            error_sum: error_sum(text, index)?,
+            predicted: counter(PREDICTED, &[("index", index)]),
+            reported: counter(REPORTED, &[("index", index)]),
+        };
     }
     Ok(out)
 }
 
-/// The error histogram's `_sum` for `index`.
-fn error_sum(text: &str, index: &str) -> Result<f64, String> {
-    let prefix = format!("{ERROR_SUM}{{index=\"{index}\"}} ");
-    let Some(v) = text.lines().find_map(|l| l.strip_prefix(&prefix)) else {
-        return Err(format!("no {prefix}line on the EPP's metrics page"));
-    };
-    v.trim().parse().map_err(|e| format!("{prefix}{v}: {e}"))
+/// The accuracy of each index that compared any request between two scrapes.
+pub fn accuracy_since(after: &[Counts; 2], before: &[Counts; 2]) -> Vec<IndexAccuracy> {
+    INDEXES
+        .iter()
+        .zip(after.iter().zip(before))
+        .filter_map(|(index, (a, b))| a.since(b).accuracy(index))
+        .collect()
 }
 
-/// The accuracy from the EPP at `metrics` (its metrics address; `None` for Envoy-only
-/// policies). A page that cannot be read or parsed is logged and gives no figures: the run's
-/// other results stand.
-pub async fn from_epp(metrics: Option<std::net::SocketAddr>) -> Vec<IndexAccuracy> {
-    let Some(addr) = metrics else {
-        return Vec::new();
-    };
-    let url = format!("http://{addr}/metrics");
+/// The error histogram's `_sum` for `index` (0 when the page has none).
+fn error_sum(text: &str, index: &str) -> Result<f64, String> {
+    let prefix = format!("{ERROR_SUM}{{index=\"{index}\"}} ");
+    match text.lines().find_map(|l| l.strip_prefix(&prefix)) {
+        Some(v) => v.trim().parse().map_err(|e| format!("{prefix}{v}: {e}")),
+        None => Ok(0.0),
+    }
+}
+
+/// The counters of the EPP at `metrics` (its metrics address; `None` for Envoy-only policies).
+/// A page that cannot be read or parsed is logged and gives `None`: the run's other results
+/// stand without prediction figures.
+pub async fn scrape(metrics: Option<std::net::SocketAddr>) -> Option<[Counts; 2]> {
+    let url = format!("http://{}/metrics", metrics?);
     let text = match super::client::get_text(&super::client::http_client(), &url).await {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(%url, error = %e, "EPP metrics unreadable: no prediction accuracy");
-            return Vec::new();
+            return None;
         }
     };
-    parse(&text).unwrap_or_else(|e| {
-        tracing::warn!(%url, error = %e, "EPP metrics unparsable: no prediction accuracy");
-        Vec::new()
-    })
+    parse(&text)
+        .inspect_err(
+            |e| tracing::warn!(%url, error = %e, "EPP metrics unparsable: no prediction accuracy"),
+        )
+        .ok()
 }
 
 /// The per-policy accuracy table in markdown; empty when no policy has any.
@@ -172,17 +211,39 @@ switchyard_prefix_prediction_reported_tokens_total{index="precise"} 0
         let got = parse(text).unwrap();
         assert_eq!(
             got,
+            [
+                Counts {
+                    exact: 2.0,
+                    over: 1.0,
+                    under: 1.0,
+                    error_sum: 112.0,
+                    predicted: 320.0,
+                    reported: 256.0,
+                },
+                Counts::default(),
+            ]
+        );
+        // Over the run: less what the warm-up request added (one exact prediction of 0).
+        let before = [
+            Counts {
+                exact: 1.0,
+                ..Counts::default()
+            },
+            Counts::default(),
+        ];
+        assert_eq!(
+            accuracy_since(&got, &before),
             vec![IndexAccuracy {
                 index: "approximate".into(),
-                requests: 4.0,
-                mae_tokens: 28.0,
-                exact: 0.5,
-                over: 0.25,
-                under: 0.25,
-                bias_tokens: 16.0,
-                mean_reported_tokens: 64.0,
+                requests: 3.0,
+                mae_tokens: 112.0 / 3.0,
+                exact: 1.0 / 3.0,
+                over: 1.0 / 3.0,
+                under: 1.0 / 3.0,
+                bias_tokens: 64.0 / 3.0,
+                mean_reported_tokens: 256.0 / 3.0,
             }]
         );
-        assert_eq!(parse("").unwrap(), Vec::new());
+        assert_eq!(parse("").unwrap(), [Counts::default(); 2]);
     }
 }

@@ -466,6 +466,7 @@ async fn run_policy(
     .await?;
     let outcome = async {
         let before = stack.replica_counters().await?;
+        let predicted_before = super::prediction::scrape(stack.epp_metrics).await;
         let opts = LoadOptions {
             progress_label: cmp.progress.then(|| policy.slug().to_owned()),
             ..cmp.load.clone()
@@ -478,7 +479,10 @@ async fn run_policy(
             after.iter().zip(&before).map(|(a, b)| a.since(b)).collect();
         let mut result = summarise(policy, &res.outcomes, res.wall_s, sim_per_wall, &deltas);
         result.classes = class_results(&cmp.plan, &res.outcomes, sim_per_wall);
-        result.prediction = super::prediction::from_epp(stack.epp_metrics).await;
+        let predicted_after = super::prediction::scrape(stack.epp_metrics).await;
+        if let (Some(a), Some(b)) = (predicted_after, predicted_before) {
+            result.prediction = super::prediction::accuracy_since(&a, &b);
+        }
         Ok::<_, StackError>(result)
     }
     .await;
