@@ -130,6 +130,10 @@ pub struct Step {
     pub added_p99_ms: f64,
     /// The EPP path kept up: see [`sustained`].
     pub sustained: bool,
+    /// EPP CPU (user + system) during this step's EPP path, per request sent (µs).
+    pub epp_cpu_us_per_req: f64,
+    /// EPP context switches (all threads, voluntary + involuntary) per request sent.
+    pub epp_switches_per_req: f64,
 }
 
 /// Results of the whole benchmark.
@@ -140,7 +144,12 @@ pub struct OverheadReport {
     pub sustained_max_added_p99_ms: f64,
     pub max_sustained_small_rps: f64,
     pub max_sustained_large_rps: f64,
+    /// EPP CPU over the whole run (both paths' steps, so idle scraping while the direct path
+    /// runs is included) per 1,000 EPP requests: the figure recorded before per-step CPU.
     pub epp_cpu_s_per_1k: f64,
+    /// EPP CPU during the EPP path's steps only, per request, by prompt size (µs).
+    pub epp_cpu_us_per_req_small: f64,
+    pub epp_cpu_us_per_req_large: f64,
     pub epp_peak_rss_mib: f64,
 }
 
@@ -269,9 +278,17 @@ pub async fn run(args: OverheadArgs) -> anyhow::Result<()> {
     ] {
         for &rate in rates {
             let d = run_step(&http, &direct_url, body, rate, args.step_duration).await;
+            let (cpu0, sw0) = (procs::cpu_seconds(epp.pid()), context_switches(epp.pid()));
             let e = run_step(&http, &epp_url, body, rate, args.step_duration).await;
+            let (cpu1, sw1) = (procs::cpu_seconds(epp.pid()), context_switches(epp.pid()));
             epp.check_running()?;
             epp_requests += e.sent;
+            let per_req = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) if e.sent > 0 => (b - a) / e.sent as f64,
+                _ => 0.0,
+            };
+            let cpu_us = per_req(cpu0, cpu1) * 1e6;
+            let switches = per_req(sw0.map(|v| v as f64), sw1.map(|v| v as f64));
             let added_p99_ms = e.latency_ms.p99 - d.latency_ms.p99;
             let sustained = sustained(rate, &e, added_p99_ms, args.max_added_p99_ms);
             let step = Step {
@@ -282,9 +299,11 @@ pub async fn run(args: OverheadArgs) -> anyhow::Result<()> {
                 added_p50_ms: e.latency_ms.p50 - d.latency_ms.p50,
                 added_p99_ms,
                 sustained,
+                epp_cpu_us_per_req: cpu_us,
+                epp_switches_per_req: switches,
             };
             eprintln!(
-                "  {label:>5} {rate:>6.0} req/s: direct p50 {:.2} ms p99 {:.2} ms ({:.0} req/s) | with EPP p50 {:.2} ms p99 {:.2} ms ({:.0} req/s){}",
+                "  {label:>5} {rate:>6.0} req/s: direct p50 {:.2} ms p99 {:.2} ms ({:.0} req/s) | with EPP p50 {:.2} ms p99 {:.2} ms ({:.0} req/s) | EPP {cpu_us:.0} us CPU, {switches:.1} switches per request{}",
                 d.latency_ms.p50,
                 d.latency_ms.p99,
                 d.achieved_rps,
@@ -309,6 +328,8 @@ pub async fn run(args: OverheadArgs) -> anyhow::Result<()> {
             .fold(0.0f64, f64::max)
     };
     let report = OverheadReport {
+        epp_cpu_us_per_req_small: mean_cpu_us(&steps, "small"),
+        epp_cpu_us_per_req_large: mean_cpu_us(&steps, "large"),
         sustained_max_added_p99_ms: args.max_added_p99_ms,
         max_sustained_small_rps: max_sustained("small"),
         max_sustained_large_rps: max_sustained("large"),
@@ -356,6 +377,42 @@ fn sustained(rate: f64, epp: &PathStep, added_p99_ms: f64, max_added_p99_ms: f64
         && added_p99_ms <= max_added_p99_ms
 }
 
+/// EPP CPU per request over all of one prompt size's steps, weighted by requests sent (µs).
+fn mean_cpu_us(steps: &[Step], prompt: &str) -> f64 {
+    let (cpu, sent) =
+        steps
+            .iter()
+            .filter(|s| s.prompt == prompt)
+            .fold((0.0, 0usize), |(cpu, sent), s| {
+                (
+                    cpu + s.epp_cpu_us_per_req * s.with_epp.sent as f64,
+                    sent + s.with_epp.sent,
+                )
+            });
+    if sent == 0 {
+        0.0
+    } else {
+        cpu / sent as f64
+    }
+}
+
+/// Context switches of every thread of `pid` so far (voluntary + involuntary, from
+/// `/proc/<pid>/task/*/status`); threads that already exited are not counted.
+fn context_switches(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(status) = std::fs::read_to_string(task.ok()?.path().join("status")) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Some(total)
+}
+
 /// A non-streaming completion request whose prompt is `bytes` long.
 fn prompt_body(bytes: usize) -> Bytes {
     let mut prompt = String::with_capacity(bytes);
@@ -377,11 +434,11 @@ fn markdown(r: &OverheadReport, args: &OverheadArgs) -> String {
         args.small_tokens,
         args.large_bytes / 1024
     );
-    s.push_str("| prompt | target req/s | direct p50 / p99 | with EPP p50 / p99 | added p50 | added p99 | achieved req/s (EPP) | sustained |\n|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| prompt | target req/s | direct p50 / p99 | with EPP p50 / p99 | added p50 | added p99 | achieved req/s (EPP) | sustained | EPP CPU per request | EPP context switches per request |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for st in &r.steps {
         let _ = writeln!(
             s,
-            "| {} | {:.0} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:+.2} ms | {:+.2} ms | {:.0} | {} |",
+            "| {} | {:.0} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:+.2} ms | {:+.2} ms | {:.0} | {} | {:.0} µs | {:.1} |",
             st.prompt,
             st.target_rps,
             st.direct.latency_ms.p50,
@@ -391,15 +448,19 @@ fn markdown(r: &OverheadReport, args: &OverheadArgs) -> String {
             st.added_p50_ms,
             st.added_p99_ms,
             st.with_epp.achieved_rps,
-            if st.sustained { "yes" } else { "no" }
+            if st.sustained { "yes" } else { "no" },
+            st.epp_cpu_us_per_req,
+            st.epp_switches_per_req
         );
     }
     let _ = writeln!(
         s,
-        "\nSustained = the EPP path answers ≥ 95 % of the target rate with < 1 % errors and adds ≤ {} ms to the direct p99. Max sustained with the EPP: {:.0} req/s (small), {:.0} req/s (large). EPP CPU: {:.3} s per 1,000 requests; peak RSS {:.1} MiB.",
+        "\nSustained = the EPP path answers ≥ 95 % of the target rate with < 1 % errors and adds ≤ {} ms to the direct p99. Max sustained with the EPP: {:.0} req/s (small), {:.0} req/s (large). EPP CPU per request during the EPP path's steps: {:.0} µs (small), {:.0} µs (large); over the whole run (idle scraping while the direct path runs included): {:.3} s per 1,000 requests; peak RSS {:.1} MiB.",
         r.sustained_max_added_p99_ms,
         r.max_sustained_small_rps,
         r.max_sustained_large_rps,
+        r.epp_cpu_us_per_req_small,
+        r.epp_cpu_us_per_req_large,
         r.epp_cpu_s_per_1k,
         r.epp_peak_rss_mib
     );
@@ -434,6 +495,41 @@ mod tests {
         assert!(sustained(100.0, &step(95.0, 500, 500), 25.0, 25.0));
         assert!(!sustained(100.0, &step(94.9, 500, 500), 1.0, 25.0));
         assert!(!sustained(100.0, &step(100.0, 500, 494), 1.0, 25.0));
+    }
+
+    #[test]
+    fn cpu_per_request_of_a_size_is_weighted_by_requests_sent() {
+        let step = |prompt, sent, cpu_us| Step {
+            prompt,
+            target_rps: 0.0,
+            direct: PathStep::default(),
+            with_epp: PathStep {
+                sent,
+                ..PathStep::default()
+            },
+            added_p50_ms: 0.0,
+            added_p99_ms: 0.0,
+            sustained: true,
+            epp_cpu_us_per_req: cpu_us,
+            epp_switches_per_req: 0.0,
+        };
+        let steps = [
+            step("small", 1000, 200.0),
+            step("small", 3000, 100.0),
+            step("large", 500, 900.0),
+        ];
+        // (1000 × 200 + 3000 × 100) / 4000
+        assert_eq!(mean_cpu_us(&steps, "small"), 125.0);
+        assert_eq!(mean_cpu_us(&steps, "large"), 900.0);
+        assert_eq!(mean_cpu_us(&steps, "none"), 0.0);
+    }
+
+    #[test]
+    fn context_switches_of_this_process_are_counted() {
+        let n = context_switches(std::process::id()).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(context_switches(std::process::id()).unwrap() > n);
+        assert_eq!(context_switches(u32::MAX), None);
     }
 
     #[test]
