@@ -222,7 +222,8 @@ impl StreamState {
         true
     }
 
-    /// Handles one message; pushes replies to `out`. Returns true when the stream should end.
+    /// Handles one message; pushes replies to `out`. Returns true when the stream should end
+    /// (after those replies): an error reply was sent, or the response is complete.
     pub fn on_message(
         &mut self,
         msg: ProcessingRequest,
@@ -250,11 +251,11 @@ impl StreamState {
             }
             Some(Msg::ResponseBody(b)) => {
                 self.on_response_body(b, out);
-                Ok(())
+                return self.response_complete();
             }
             Some(Msg::ResponseTrailers(_)) => {
                 self.on_response_trailers(out);
-                Ok(())
+                return self.response_complete();
             }
             None => Ok(()),
         };
@@ -265,6 +266,14 @@ impl StreamState {
                 true
             }
         }
+    }
+
+    /// The response is complete (body end_of_stream or trailers): Envoy sends nothing more on
+    /// this stream, so it can end with the last reply. Ending here puts the gRPC trailers in
+    /// the same write as that reply, instead of one more round (Envoy's half-close, a wake-up
+    /// of the stream, a write of the trailers) per request.
+    fn response_complete(&self) -> bool {
+        matches!(&self.phase, Phase::Responding(r) if r.is_complete())
     }
 
     fn fail(&mut self, err: &StreamError, out: &mut Vec<ProcessingResponse>) {

@@ -68,7 +68,7 @@ impl Responding {
         }
     }
 
-    fn is_complete(&self) -> bool {
+    pub(super) fn is_complete(&self) -> bool {
         matches!(self.body, BodyState::Complete)
     }
 }

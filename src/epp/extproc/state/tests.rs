@@ -6,7 +6,7 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request as Msg, processing_response::Response as Reply, HttpBody,
-    HttpHeaders, HttpTrailers, ProcessingRequest,
+    HttpHeaders, HttpTrailers, ProcessingRequest, ProcessingResponse,
 };
 use prometheus_client::registry::Registry;
 use proptest::prelude::*;
@@ -253,5 +253,72 @@ fn routed_request_counts_in_flight_until_the_stream_ends() {
 fn inflight_accounting_off_counts_nothing() {
     let (shared, ds) = shared_with(3, 1024, false);
     let _a = route_one(&shared);
+    assert_eq!(in_flight(&ds), [0, 0, 0]);
+}
+
+fn send(state: &mut StreamState, msg: Msg, out: &mut Vec<ProcessingResponse>) -> bool {
+    out.clear();
+    state.on_message(
+        ProcessingRequest {
+            request: Some(msg),
+            ..Default::default()
+        },
+        out,
+    )
+}
+
+fn response_body(body: &[u8], end_of_stream: bool) -> Msg {
+    Msg::ResponseBody(HttpBody {
+        body: body.to_vec(),
+        end_of_stream,
+        ..Default::default()
+    })
+}
+
+/// The stream ends with the reply that completes the response (Envoy sends nothing after it),
+/// not before: headers and body chunks before end_of_stream keep it open.
+#[test]
+fn stream_ends_with_the_reply_that_completes_the_response() {
+    let (shared, ds) = shared(3, 1024);
+    let mut out = Vec::new();
+
+    // JSON body in two chunks, end_of_stream on the second.
+    let mut state = route_one(&shared);
+    assert!(!send(
+        &mut state,
+        Msg::ResponseHeaders(HttpHeaders::default()),
+        &mut out
+    ));
+    assert!(matches!(&out[..], [r] if matches!(r.response, Some(Reply::ResponseHeaders(_)))));
+    assert!(!send(
+        &mut state,
+        response_body(b"{\"usage\":", false),
+        &mut out
+    ));
+    assert!(
+        out.is_empty(),
+        "a JSON body is held until complete: {out:?}"
+    );
+    assert!(send(&mut state, response_body(b"{}}", true), &mut out));
+    assert!(matches!(&out[..], [r] if matches!(r.response, Some(Reply::ResponseBody(_)))));
+    drop(state);
+
+    // A body without end_of_stream, completed by trailers: body reply and trailers ack.
+    let mut state = route_one(&shared);
+    assert!(!send(
+        &mut state,
+        Msg::ResponseHeaders(HttpHeaders::default()),
+        &mut out
+    ));
+    assert!(!send(&mut state, response_body(b"{}", false), &mut out));
+    assert!(send(
+        &mut state,
+        Msg::ResponseTrailers(HttpTrailers::default()),
+        &mut out
+    ));
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(matches!(out[0].response, Some(Reply::ResponseBody(_))));
+    assert!(matches!(out[1].response, Some(Reply::ResponseTrailers(_))));
+    drop(state);
     assert_eq!(in_flight(&ds), [0, 0, 0]);
 }
