@@ -38,13 +38,16 @@ type MemoKey = (usize, usize, usize, usize);
 /// The prompt this thread tokenized last, and its request keys. Tokenizing is the scorer's main
 /// cost; the scheduler asks for the primary's prediction ([`Scorer::predicted_cached_tokens`])
 /// right after scoring, in the same synchronous call, so the keys are kept here rather than
-/// computed twice. The vectors are reused, so no key buffer is allocated per request.
+/// computed twice. The key vectors are reused, so no key buffer is allocated per request; what
+/// stays between requests is bounded by the largest prompt's keys (8 bytes per block: about
+/// 2 MB per thread for a 16 MiB prompt); the token ids themselves are not kept.
 #[derive(Debug, Default)]
 struct Memo {
     key: Option<MemoKey>,
     /// Whether the prompt could be tokenized here (else the fields below are stale).
     tokenized: bool,
-    tokens: Vec<u32>,
+    /// The prompt's token count.
+    tokens: usize,
     /// The base model's chain.
     base: Vec<u64>,
     /// The target model's chain as a LoRA adapter, computed once an endpoint holds blocks of
@@ -89,43 +92,46 @@ impl PrecisePrefixScorer {
         fresh: bool,
     ) {
         let p = &self.precise;
-        let bs = p.params.block_size;
-        let key = self.memo_key(req);
-        if fresh || memo.key != Some(key) {
-            memo.key = Some(key);
-            memo.tokenized = false;
-            memo.lora_done = false;
-            let Some(tokens) = p.prompt_tokens(req.api, req.prompt) else {
-                return;
-            };
-            memo.tokens = tokens;
-            memo.base.clear();
-            request_keys(
-                chain_root(&p.params.hash_seed, ""),
-                bs,
-                &memo.tokens,
-                &mut memo.base,
-            );
-            memo.tokenized = true;
-        }
         let model = req.target_model;
-        if memo.tokenized
-            && !memo.lora_done
-            && eps.iter().any(|e| {
+        let needs_lora = || {
+            eps.iter().any(|e| {
                 p.index
                     .get(&e.endpoint.name)
                     .is_some_and(|b| b.has_lora(model))
             })
-        {
+        };
+        let key = self.memo_key(req);
+        // The adapter chain is computed with the base one; asked for later (a prediction for an
+        // adapter endpoint the scoring did not see), the prompt is tokenized again.
+        if !fresh && memo.key == Some(key) && !(memo.tokenized && !memo.lora_done && needs_lora()) {
+            return;
+        }
+        memo.key = Some(key);
+        memo.tokenized = false;
+        memo.lora_done = false;
+        let Some(tokens) = p.prompt_tokens(req.api, req.prompt) else {
+            return;
+        };
+        let bs = p.params.block_size;
+        memo.tokens = tokens.len();
+        memo.base.clear();
+        request_keys(
+            chain_root(&p.params.hash_seed, ""),
+            bs,
+            &tokens,
+            &mut memo.base,
+        );
+        if needs_lora() {
             memo.lora.clear();
             request_keys(
                 chain_root(&p.params.hash_seed, model),
                 bs,
-                &memo.tokens,
+                &tokens,
                 &mut memo.lora,
             );
             memo.lora_done = true;
         }
+        memo.tokenized = true;
     }
 
     fn score_with(
@@ -195,7 +201,7 @@ impl Scorer for PrecisePrefixScorer {
             let engine_block = blocks.engine_block_size().map_or(bs, |b| b as u64);
             Some(engine_hit_tokens(
                 matched.saturating_mul(bs),
-                memo.tokens.len() as u64,
+                memo.tokens as u64,
                 engine_block,
             ))
         })
@@ -355,6 +361,65 @@ mod tests {
         };
         assert_eq!(s.predicted_cached_tokens(&other, &eps[0]), Some(4));
         assert_eq!(s.predicted_cached_tokens(&req, &eps[1]), Some(8));
+    }
+
+    #[test]
+    fn adapter_blocks_are_matched_on_the_adapter_chain() {
+        let precise = Arc::new(
+            Precise::new(PreciseParams {
+                block_size: 4,
+                ..PreciseParams::default()
+            })
+            .unwrap(),
+        );
+        let prompt = b"0123456789abcdef0123456789ABCDEF0123456789abcdef0123456789ABCDEF";
+        let tokens = precise.prompt_tokens(ApiType::Completions, prompt).unwrap();
+        // "ad" holds the first 2 blocks as adapter "m" (chained from the adapter's root).
+        let ad = precise.index.endpoint("ad");
+        ad.set_live(true);
+        precise.index.apply(
+            &ad,
+            &Event::Stored(BlockStored {
+                block_hashes: vec![7, 8],
+                token_ids: tokens[..8].to_vec(),
+                block_size: 4,
+                lora_name: Some("m".into()),
+                ..BlockStored::default()
+            }),
+        );
+        store(&precise, "base", &tokens, 4, 4);
+        let s = PrecisePrefixScorer {
+            name: "p".into(),
+            precise: precise.clone(),
+        };
+        let req = SchedulingRequest {
+            request_id: "r",
+            target_model: "m",
+            api: ApiType::Completions,
+            prompt,
+            cache_salt: b"",
+            fallbacks: 0,
+            headers: &[],
+        };
+        let cycle = CycleState {
+            request: &req,
+            prefix_hashes: &[],
+            prefix_block_tokens: 4,
+            prefix_matches: &[],
+        };
+        // Scored without the adapter endpoint, the memo has no adapter chain; the prediction
+        // for it tokenizes again.
+        let base_only = [ep("base")];
+        let mut out = [9.0; 1];
+        s.score(&cycle, &base_only, &mut out);
+        assert_eq!(out, [1.0]);
+        assert_eq!(s.predicted_cached_tokens(&req, &ep("ad")), Some(8));
+        let both = [ep("base"), ep("ad")];
+        let mut out = [9.0; 2];
+        s.score(&cycle, &both, &mut out);
+        assert_eq!(out, [1.0, 0.5]);
+        assert_eq!(s.predicted_cached_tokens(&req, &both[1]), Some(8));
+        assert_eq!(s.predicted_cached_tokens(&req, &both[0]), Some(12));
     }
 
     #[test]
