@@ -162,6 +162,14 @@ impl PluginKind {
                 let f = SessionAffinity::filter(name.to_string(), strategy.clone());
                 (Instance::Filter(f.clone()), Some(f))
             }
+            // With speculative indexing the scorer also credits the primary after the decision.
+            PluginKind::PrecisePrefixCacheScorer(p) if p.0.params.speculative_ttl.is_some() => {
+                let s = Arc::new(kvcache::scorer::PrecisePrefixScorer {
+                    name: name.to_string(),
+                    precise: Arc::clone(&p.0),
+                });
+                (Instance::Scorer(s.clone()), Some(s))
+            }
             other => (other.instance(name.to_string()), None),
         }
     }

@@ -294,3 +294,39 @@ fn prefix_cache_affinity_filter_parameters() {
         assert!(e.contains(message), "{params}: {e}");
     }
 }
+
+#[test]
+fn precise_scorer_speculative_indexing() {
+    let body = |params: &str| {
+        format!(
+            "plugins:\n- type: precise-prefix-cache-scorer\n  parameters:\n{params}\
+             schedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: precise-prefix-cache-scorer\n"
+        )
+    };
+    let spec = |params: &str| {
+        let c = cfg(&body(params)).unwrap();
+        let p = c.plugin("precise-prefix-cache-scorer").unwrap();
+        let PluginKind::PrecisePrefixCacheScorer(h) = &p.kind else {
+            panic!("{:?}", p.kind)
+        };
+        // On, the scorer is also the hook that credits the primary after the decision.
+        assert_eq!(h.0.params.speculative_ttl.is_some(), p.hook.is_some());
+        h.0.params.speculative_ttl
+    };
+    assert_eq!(spec("    speculativeIndexing: false\n"), None);
+    assert_eq!(
+        spec("    speculativeIndexing: true\n"),
+        Some(Duration::from_secs(2))
+    );
+    assert_eq!(
+        spec("    speculativeIndexing: true\n    speculativeTTL: 30s\n"),
+        Some(Duration::from_secs(30))
+    );
+    let e = err(&body(
+        "    speculativeIndexing: true\n    speculativeTTL: soon\n",
+    ));
+    assert_eq!(
+        e,
+        "invalid EndpointPickerConfig: plugins[0]: speculativeTTL: invalid duration \"soon\" at line 4 column 3"
+    );
+}

@@ -10,10 +10,21 @@
 //!
 //! Memory is bounded per endpoint (`max_keys_per_endpoint` request keys; a store beyond it is
 //! skipped and counted) and an endpoint's entry goes when the endpoint leaves the pool.
+//!
+//! **Speculative credits** (llm-d's `speculativeIndexing`): after a routing decision the chosen
+//! endpoint is credited with the prompt's request keys until a TTL passes, so the next request
+//! with the same prefix finds it before the engine's `BlockStored` arrives. A stored key
+//! confirms (replaces) its credit; `BlockRemoved` drops stored keys only (a credit made after
+//! the store stands for a routed request that will store the block again) and credits expire;
+//! `AllBlocksCleared` drops everything. Credits per endpoint are capped at
+//! `max_keys_per_endpoint` too (the oldest go first).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use parking_lot::RwLock;
 use prometheus_client::metrics::counter::Counter;
@@ -89,6 +100,26 @@ struct Blocks {
     held: HashMap<u64, u32>,
     /// LoRA adapters seen in stored events (their blocks chain from their own root).
     loras: HashSet<String>,
+    /// Speculative credits not yet confirmed: request key → when the credit expires.
+    spec: HashMap<u64, Instant>,
+    /// Every credit made, oldest first. One TTL for all, so this is also expiry order; an entry
+    /// whose key was re-credited, confirmed or removed since is skipped when it is popped.
+    spec_order: VecDeque<(u64, Instant)>,
+}
+
+impl Blocks {
+    fn holds(&self, key: &u64, now: Instant) -> bool {
+        self.held.contains_key(key) || self.spec.get(key).is_some_and(|&exp| exp > now)
+    }
+
+    /// Pops the oldest credit, dropping its key unless a later credit renewed it.
+    fn pop_credit(&mut self) {
+        if let Some((k, exp)) = self.spec_order.pop_front() {
+            if self.spec.get(&k) == Some(&exp) {
+                self.spec.remove(&k);
+            }
+        }
+    }
 }
 
 /// One endpoint's blocks. `live` says whether its event stream is connected; scoring falls
@@ -119,10 +150,20 @@ impl EndpointBlocks {
         self.len() == 0
     }
 
-    /// How many of `keys`, from the first, this endpoint holds.
+    /// How many of `keys`, from the first, this endpoint holds or is speculatively credited
+    /// with.
     pub fn matched(&self, keys: &[u64]) -> usize {
         let b = self.blocks.read();
-        keys.iter().take_while(|k| b.held.contains_key(k)).count()
+        if b.spec.is_empty() {
+            return keys.iter().take_while(|k| b.held.contains_key(k)).count();
+        }
+        let now = Instant::now();
+        keys.iter().take_while(|k| b.holds(k, now)).count()
+    }
+
+    /// Speculative credits (unconfirmed, possibly expired but not yet swept).
+    pub fn speculative_len(&self) -> usize {
+        self.blocks.read().spec.len()
     }
 
     pub fn has_lora(&self, name: &str) -> bool {
@@ -215,6 +256,28 @@ impl BlockIndex {
         *b = Blocks::default();
     }
 
+    /// Credits `endpoint` with `keys` (a routed prompt's request keys) until `ttl` from now.
+    /// Expired credits are swept first, and beyond
+    /// `max_keys_per_endpoint` credits the oldest go.
+    pub fn credit(&self, endpoint: &EndpointBlocks, keys: &[u64], ttl: Duration) {
+        let now = Instant::now();
+        let exp = now + ttl;
+        let cap = self.cfg.max_keys_per_endpoint;
+        let mut b = endpoint.blocks.write();
+        while b.spec_order.front().is_some_and(|&(_, e)| e <= now) {
+            b.pop_credit();
+        }
+        // Held keys are credited too: the engine may evict them before this request's
+        // prefill, which would store them again (llm-d keeps both entries as well).
+        for &k in keys {
+            while b.spec_order.len() >= cap {
+                b.pop_credit();
+            }
+            b.spec.insert(k, exp);
+            b.spec_order.push_back((k, exp));
+        }
+    }
+
     fn store(&self, endpoint: &EndpointBlocks, ev: &BlockStored) {
         let bs = self.cfg.block_size;
         let ebs = ev.block_size as usize;
@@ -269,6 +332,10 @@ impl BlockIndex {
                     self.metrics.keys.inc();
                 }
                 *n += 1;
+                // Confirmed: the held key replaces the credit (its queue entry is skipped).
+                if !b.spec.is_empty() {
+                    b.spec.remove(&k);
+                }
             }
         }
     }
@@ -413,6 +480,66 @@ mod tests {
         assert_eq!(ep.matched(&keys), 0);
         idx.remove_endpoint("a");
         assert!(idx.get("a").is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn credits_count_until_the_ttl_and_stored_keys_confirm_them() {
+        let idx = index(2, 100);
+        let ep = idx.endpoint("a");
+        let ttl = Duration::from_secs(2);
+        let keys = prompt_keys(&[1, 2, 3, 4, 5, 6], 2);
+        idx.credit(&ep, &keys, ttl);
+        assert_eq!(ep.matched(&keys), 3);
+        assert_eq!(ep.speculative_len(), 3);
+        // Credits are not stored blocks: the gauge counts what the engine reported.
+        assert_eq!((ep.len(), idx.metrics.keys.get()), (0, 0));
+        // The engine stores the first two blocks: confirmed, no longer speculative.
+        idx.apply(&ep, &stored(&[100, 200], None, &[1, 2, 3, 4], 2));
+        assert_eq!(ep.speculative_len(), 1);
+        tokio::time::advance(Duration::from_millis(1999)).await;
+        assert_eq!(ep.matched(&keys), 3);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        // The third block's credit expired; the confirmed two stay.
+        assert_eq!(ep.matched(&keys), 2);
+        // A later credit sweeps the expired entries first.
+        idx.credit(&ep, &keys[..1], ttl);
+        assert_eq!(ep.speculative_len(), 1);
+        // A credit made after the store survives BlockRemoved (its request stores it again)...
+        idx.apply(
+            &ep,
+            &Event::Removed(BlockRemoved {
+                block_hashes: vec![100, 200],
+                medium: None,
+            }),
+        );
+        assert_eq!(ep.matched(&keys), 1);
+        // ...but not AllBlocksCleared.
+        idx.apply(&ep, &Event::AllCleared);
+        assert_eq!((ep.matched(&keys), ep.speculative_len()), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn credits_are_capped_oldest_first_and_renewed_on_recredit() {
+        let idx = index(1, 4);
+        let ep = idx.endpoint("a");
+        let ttl = Duration::from_secs(2);
+        let first = prompt_keys(&[1, 2, 3], 1);
+        idx.credit(&ep, &first, ttl);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // Two more keys exceed the cap of 4: the oldest credit (first[0]) goes.
+        let second = prompt_keys(&[7, 8], 1);
+        idx.credit(&ep, &second, ttl);
+        assert_eq!(ep.speculative_len(), 4);
+        assert_eq!(ep.matched(&first), 0);
+        assert_eq!(ep.matched(&second), 2);
+        // Re-crediting renews: at 3.5 s the credits of 1 s have expired, the one renewed at 2 s
+        // has not (the sweep at 2 s dropped the credits of 0 s).
+        tokio::time::advance(Duration::from_secs(1)).await;
+        idx.credit(&ep, &second[..1], ttl);
+        assert_eq!(ep.speculative_len(), 2);
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert_eq!(ep.matched(&second), 1);
+        assert_eq!(ep.matched(&first[1..]), 0);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -34,6 +35,10 @@ pub struct PreciseParams {
     /// Switchyard: the bearer token gRPC subscriptions present, read from
     /// `kvEventsConfig.grpcTokenFile` (the decode servers' `--kv-events-token-file`).
     pub grpc_token: Option<BearerToken>,
+    /// How long a routing decision credits the chosen endpoint with the prompt's blocks
+    /// (`speculativeTTL` when `speculativeIndexing: true`); `None` when speculative indexing is
+    /// off.
+    pub speculative_ttl: Option<Duration>,
 }
 
 /// A secret that never reaches a log: `Debug` prints its length only.
@@ -71,9 +76,13 @@ impl Default for PreciseParams {
             grpc_port: None,
             endpoint_sockets: BTreeMap::new(),
             grpc_token: None,
+            speculative_ttl: None,
         }
     }
 }
+
+/// llm-d's `defaultSpeculativeTTL`: used when `speculativeTTL` is empty, zero or negative.
+pub const DEFAULT_SPECULATIVE_TTL: Duration = Duration::from_secs(2);
 
 /// About 60 MB per endpoint at capacity; a replica with 16-token blocks and 1M blocks of KV
 /// cache (16M tokens) fits.
@@ -100,8 +109,6 @@ pub enum PreciseParamError {
     SocketPort(i64),
     #[error("kvEventsConfig.endpointSockets[{key:?}] = {value:?}: expected tcp://HOST:PORT or grpc://HOST:PORT")]
     EndpointSocket { key: String, value: String },
-    #[error("speculativeIndexing is not supported by switchyard (the approximate index covers endpoints without events)")]
-    Speculative,
     #[error("{key}: {reason}")]
     Duration { key: &'static str, reason: String },
     #[error("tokenizer in {path}: {reason}")]
@@ -209,17 +216,30 @@ pub fn valid_socket(s: &str) -> bool {
 impl WirePreciseParams {
     pub fn validate(self) -> Result<PreciseParams, PreciseParamError> {
         let d = PreciseParams::default();
-        if self.speculative_indexing == Some(true) {
-            return Err(PreciseParamError::Speculative);
-        }
-        if let Some(ttl) = &self.speculative_ttl {
-            crate::flagfmt::parse_go_duration(ttl).map_err(|reason| {
-                PreciseParamError::Duration {
-                    key: "speculativeTTL",
-                    reason,
+        // Checked even with speculative indexing off (llm-d only parses it when on), so a typo
+        // shows before someone turns it on.
+        let ttl = match self.speculative_ttl.as_deref().map(str::trim) {
+            None | Some("") => DEFAULT_SPECULATIVE_TTL,
+            Some(t) => {
+                // Go's ParseDuration takes a sign; llm-d uses its default for a TTL <= 0.
+                let (negative, magnitude) = match t.strip_prefix('-') {
+                    Some(m) => (true, m),
+                    None => (false, t.strip_prefix('+').unwrap_or(t)),
+                };
+                let d = crate::flagfmt::parse_go_duration(magnitude).map_err(|reason| {
+                    PreciseParamError::Duration {
+                        key: "speculativeTTL",
+                        reason,
+                    }
+                })?;
+                if negative || d.is_zero() {
+                    DEFAULT_SPECULATIVE_TTL
+                } else {
+                    d
                 }
-            })?;
-        }
+            }
+        };
+        let speculative_ttl = (self.speculative_indexing == Some(true)).then_some(ttl);
         let tp = self.token_processor_config.unwrap_or_default();
         let block = tp
             .block_size_tokens
@@ -341,6 +361,7 @@ impl WirePreciseParams {
             grpc_port: ev.grpc_port.filter(|&p| p > 0),
             endpoint_sockets,
             grpc_token,
+            speculative_ttl,
         })
     }
 }
@@ -384,6 +405,7 @@ speculativeTTL: 2s
                 grpc_port: None,
                 endpoint_sockets: BTreeMap::new(),
                 grpc_token: None,
+                speculative_ttl: None,
             }
         );
         assert_eq!(parse("{}").unwrap(), PreciseParams::default());
@@ -406,7 +428,8 @@ speculativeTTL: 2s
             ("kvEventsConfig: { discoverPods: false }", "kvEventsConfig.discoverPods: false needs kvEventsConfig.endpointSockets (switchyard has no central socket)"),
             ("kvEventsConfig: { endpointSockets: { a: \"ipc:///x\" } }", "kvEventsConfig.endpointSockets[\"a\"] = \"ipc:///x\": expected tcp://HOST:PORT or grpc://HOST:PORT"),
             ("kvEventsConfig: { podDiscoveryConfig: { socketPort: 70000 } }", "kvEventsConfig.podDiscoveryConfig.socketPort must be in 1..=65535, got 70000"),
-            ("speculativeIndexing: true", "speculativeIndexing is not supported by switchyard (the approximate index covers endpoints without events)"),
+            ("speculativeTTL: \"2\"", "speculativeTTL: missing unit in duration \"2\""),
+            ("{ speculativeIndexing: true, speculativeTTL: fast }", "speculativeTTL: invalid duration \"fast\""),
         ];
         for (yaml, want) in cases {
             assert_eq!(parse(yaml).unwrap_err(), want, "{yaml}");
@@ -414,6 +437,37 @@ speculativeTTL: 2s
         assert!(parse("bogus: 1")
             .unwrap_err()
             .starts_with("unknown field `bogus`"));
+    }
+
+    #[test]
+    fn speculative_indexing_and_its_ttl() {
+        let ttl = |yaml: &str| parse(yaml).unwrap().speculative_ttl;
+        // Off by default, as in llm-d; the TTL alone does not turn it on.
+        assert_eq!(ttl("{}"), None);
+        assert_eq!(ttl("speculativeTTL: 5s"), None);
+        assert_eq!(ttl("speculativeIndexing: false"), None);
+        // On: llm-d's 2 s unless set; empty, zero or negative fall back to it.
+        assert_eq!(
+            ttl("speculativeIndexing: true"),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            ttl("{ speculativeIndexing: true, speculativeTTL: 1m30s }"),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(
+            ttl("{ speculativeIndexing: true, speculativeTTL: 250ms }"),
+            Some(Duration::from_millis(250))
+        );
+        for fallback in ["\"\"", "0s", "-3s"] {
+            assert_eq!(
+                ttl(&format!(
+                    "{{ speculativeIndexing: true, speculativeTTL: {fallback} }}"
+                )),
+                Some(DEFAULT_SPECULATIVE_TTL),
+                "{fallback}"
+            );
+        }
     }
 
     #[test]

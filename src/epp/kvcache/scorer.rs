@@ -2,6 +2,10 @@
 //! KV-event stream is matched against the blocks it reported and any other endpoint against the
 //! approximate index (the scheduler's prefix matches), so a pool mixing engines with and without
 //! events is still scored on one scale.
+//!
+//! With `speculativeIndexing`, the scorer is also a [`RequestHook`]: after the decision it
+//! credits the primary with the request keys its scoring computed (the thread's memo, no second
+//! tokenization) for `speculativeTTL` (see [`super::index`]).
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -10,7 +14,7 @@ use super::accuracy::engine_hit_tokens;
 use super::index::{chain_root, request_keys};
 use super::Precise;
 use crate::epp::endpoint::EndpointSnapshot;
-use crate::epp::scheduling::plugins::{CycleState, Plugin, Scorer};
+use crate::epp::scheduling::plugins::{CycleState, Plugin, RequestHook, Scorer};
 use crate::epp::scheduling::SchedulingRequest;
 
 #[derive(Debug)]
@@ -209,6 +213,37 @@ impl Scorer for PrecisePrefixScorer {
 
     fn uses_prefix_matches(&self) -> bool {
         true
+    }
+}
+
+impl RequestHook for PrecisePrefixScorer {
+    /// Credits the primary with the keys `score` computed for this request on this thread
+    /// (the director calls this right after scheduling, on the same thread). A request this
+    /// thread did not score last, an untokenizable prompt or an endpoint without a live stream
+    /// is not credited: tokenizing again here would double the scorer's cost.
+    fn pre_request(&self, req: &SchedulingRequest<'_>, primary: &EndpointSnapshot) {
+        let Some(ttl) = self.precise.params.speculative_ttl else {
+            return;
+        };
+        let Some(blocks) = self
+            .precise
+            .index
+            .get(&primary.endpoint.name)
+            .filter(|b| b.is_live())
+        else {
+            return;
+        };
+        let key = self.memo_key(req);
+        LAST.with_borrow(|memo| {
+            if memo.key != Some(key) || !memo.tokenized {
+                return;
+            }
+            let lora = blocks.has_lora(req.target_model);
+            if lora && !memo.lora_done {
+                return;
+            }
+            self.precise.index.credit(&blocks, memo.chain(lora), ttl);
+        });
     }
 }
 
@@ -420,6 +455,102 @@ mod tests {
         assert_eq!(out, [1.0, 0.5]);
         assert_eq!(s.predicted_cached_tokens(&req, &both[1]), Some(8));
         assert_eq!(s.predicted_cached_tokens(&req, &both[0]), Some(12));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn decisions_credit_the_primary_until_events_confirm_or_the_ttl_ends() {
+        let ttl = std::time::Duration::from_secs(2);
+        let precise = Arc::new(
+            Precise::new(PreciseParams {
+                block_size: 4,
+                speculative_ttl: Some(ttl),
+                ..PreciseParams::default()
+            })
+            .unwrap(),
+        );
+        // 64 bytes: 16 tokens, 4 blocks of 4.
+        let prompt = b"0123456789abcdef0123456789ABCDEF0123456789abcdef0123456789ABCDEF";
+        let tokens = precise.prompt_tokens(ApiType::Completions, prompt).unwrap();
+        for name in ["a", "b"] {
+            precise.index.endpoint(name).set_live(true);
+        }
+        let s = PrecisePrefixScorer {
+            name: "p".into(),
+            precise: precise.clone(),
+        };
+        let eps = [ep("a"), ep("b")];
+        let req = SchedulingRequest {
+            request_id: "r1",
+            target_model: "m",
+            api: ApiType::Completions,
+            prompt,
+            cache_salt: b"",
+            fallbacks: 0,
+            headers: &[],
+        };
+        // Scores `request_id` with the prompt, as a fresh request (a distinct id buffer).
+        let score = |id: &str| {
+            let id = id.to_string();
+            let r = SchedulingRequest {
+                request_id: &id,
+                ..req
+            };
+            let cycle = CycleState {
+                request: &r,
+                prefix_hashes: &[],
+                prefix_block_tokens: 4,
+                prefix_matches: &[],
+            };
+            let mut out = [9.0; 2];
+            s.score(&cycle, &eps, &mut out);
+            out
+        };
+        let cycle = CycleState {
+            request: &req,
+            prefix_hashes: &[],
+            prefix_block_tokens: 4,
+            prefix_matches: &[],
+        };
+        let mut out = [9.0; 2];
+        s.score(&cycle, &eps, &mut out);
+        assert_eq!(out, [0.0, 0.0]);
+        // The decision: "a". Before any event the next request with this prompt finds it.
+        s.pre_request(&req, &eps[0]);
+        let a = precise.index.get("a").unwrap();
+        assert_eq!(a.speculative_len(), 4);
+        assert_eq!(score("r2"), [1.0, 0.0]);
+        assert_eq!(s.predicted_cached_tokens(&req, &eps[0]), Some(12));
+        tokio::time::advance(ttl - std::time::Duration::from_millis(1)).await;
+        assert_eq!(score("r3"), [1.0, 0.0]);
+        // "a" never stored them: after the TTL it is not credited any more.
+        tokio::time::advance(std::time::Duration::from_millis(1)).await;
+        assert_eq!(score("r4"), [0.0, 0.0]);
+
+        // Routed to "b", whose engine then stores the first 3 blocks: those outlive the TTL.
+        let r5 = "r5".to_string();
+        let req5 = SchedulingRequest {
+            request_id: &r5,
+            ..req
+        };
+        let cycle5 = CycleState {
+            request: &req5,
+            ..cycle
+        };
+        s.score(&cycle5, &eps, &mut out);
+        s.pre_request(&req5, &eps[1]);
+        assert_eq!(score("r6"), [0.0, 1.0]);
+        store(&precise, "b", &tokens, 3, 4);
+        assert_eq!(precise.index.get("b").unwrap().speculative_len(), 1);
+        tokio::time::advance(ttl).await;
+        assert_eq!(score("r7"), [0.0, 0.75]);
+
+        // A request this thread did not score last is not credited (no second tokenization).
+        let other = SchedulingRequest {
+            request_id: "other",
+            ..req
+        };
+        s.pre_request(&other, &eps[0]);
+        assert_eq!(score("r8"), [0.0, 0.75]);
     }
 
     #[test]
