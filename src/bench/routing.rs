@@ -45,6 +45,17 @@ schedulingProfiles:
   - pluginRef: max-score-picker
 ";
 
+/// The work-aware default with bounded-load placement (`loadBoundFactor: 2`): no endpoint takes
+/// a request while it holds twice the mean of the EPP's requests in flight, so a hot prefix
+/// spreads to a second replica.
+pub fn load_bound_config() -> String {
+    DEFAULT_CONFIG.replacen(
+        "- type: predicted-ttft-scorer\n",
+        "- type: predicted-ttft-scorer\n  parameters:\n    loadBoundFactor: 2\n",
+        1,
+    )
+}
+
 /// Work-aware load alone: the predicted-TTFT scorer without a prefix index (every prompt
 /// counts as uncached), so no affinity.
 const WORK_ONLY_CONFIG: &str = "apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -147,6 +158,9 @@ pub enum Policy {
     /// EPP predicted-TTFT scorer without the prefix index: work-aware load alone.
     #[value(name = "epp-work-only")]
     EppWorkOnly,
+    /// EPP default with bounded-load placement ([`load_bound_config`]).
+    #[value(name = "epp-load-bound")]
+    EppLoadBound,
     /// The reference default weights with `precise-prefix-cache-scorer` (replicas publish
     /// vLLM-format KV events over ZMQ).
     #[value(name = "epp-precise")]
@@ -183,6 +197,7 @@ impl Policy {
             Policy::Epp352 => "epp 3:5:2",
             Policy::EppReferenceScrapedOnly => "epp reference, scraped only",
             Policy::EppWorkOnly => "epp work-aware load only",
+            Policy::EppLoadBound => "epp default + load bound 2x",
             Policy::EppPrecise => "epp precise prefix (3:2:2, KV events)",
             Policy::EppFlowControl => "epp default + flow control",
             Policy::EppFlowHoldback => "epp flow control + priority holdback",
@@ -201,6 +216,7 @@ impl Policy {
             Policy::Epp352 => "epp-3-5-2",
             Policy::EppReferenceScrapedOnly => "epp-reference-scraped-only",
             Policy::EppWorkOnly => "epp-work-only",
+            Policy::EppLoadBound => "epp-load-bound",
             Policy::EppPrecise => "epp-precise",
             Policy::EppFlowControl => "epp-flow-control",
             Policy::EppFlowHoldback => "epp-flow-holdback",
@@ -234,6 +250,10 @@ impl Policy {
             },
             Policy::EppWorkOnly => Gateway::Epp {
                 config_text: WORK_ONLY_CONFIG.to_owned(),
+                inflight_accounting: true,
+            },
+            Policy::EppLoadBound => Gateway::Epp {
+                config_text: load_bound_config(),
                 inflight_accounting: true,
             },
             Policy::EppPrecise => Gateway::Epp {
@@ -526,6 +546,22 @@ mod tests {
         );
         assert_eq!(fc.bands.keys().copied().collect::<Vec<_>>(), [-1, 1]);
         assert_eq!(fc.band(-1).max_requests, 200);
+    }
+
+    #[test]
+    fn the_load_bound_policy_is_the_default_plus_its_bound() {
+        use crate::epp::config::{parse_config, PluginKind};
+        let bound = |text: &str| match &parse_config(text)
+            .unwrap()
+            .plugin("predicted-ttft-scorer")
+            .unwrap()
+            .kind
+        {
+            PluginKind::PredictedTtftScorer(p) => p.load_bound_factor,
+            _ => unreachable!("predicted-ttft-scorer decodes to its own kind"),
+        };
+        assert_eq!(bound(DEFAULT_CONFIG), None);
+        assert_eq!(bound(&load_bound_config()), Some(2.0));
     }
 
     #[test]

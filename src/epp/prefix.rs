@@ -469,22 +469,32 @@ impl PrefixIndex {
         let Some(Some(entry)) = interner.slots.get(usize::from(ep)) else {
             return;
         };
-        let mut used: u32 = 0;
+        // Hashes grouped by shard (a counting sort), each group last block first so the
+        // prompt's head ends up most recently used; one pass instead of one per shard.
+        let mut start = [0usize; MAX_SHARDS + 1];
         for &h in hashes {
-            used |= 1 << self.shard_of(h);
+            start[self.shard_of(h) + 1] += 1;
+        }
+        for s in 0..MAX_SHARDS {
+            start[s + 1] += start[s];
+        }
+        let mut next = start;
+        let mut grouped = vec![0u64; hashes.len()];
+        for &h in hashes.iter().rev() {
+            let slot = &mut next[self.shard_of(h)];
+            grouped[*slot] = h;
+            *slot += 1;
         }
         let mut delta = 0;
         for (s, lock) in self.shards.iter().enumerate() {
-            if used & (1 << s) == 0 {
+            let group = &grouped[start[s]..start[s + 1]];
+            if group.is_empty() {
                 continue;
             }
             let cap = entry.shard_caps.get(s).copied().unwrap_or(0);
             let mut shard = lock.write();
-            // Last block first, so the prompt's head ends up most recently used.
-            for &h in hashes.iter().rev() {
-                if self.shard_of(h) == s {
-                    delta += shard.touch(ep, h, cap);
-                }
+            for &h in group {
+                delta += shard.touch(ep, h, cap);
             }
         }
         drop(interner);

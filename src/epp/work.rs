@@ -88,15 +88,26 @@ impl WorkView {
     }
 }
 
+/// `now` on the clock [`WorkCounters::view_at`] takes: read it once per scheduling decision,
+/// not once per endpoint.
+pub fn clock_ns(now: Instant) -> u64 {
+    nanos_since_epoch(now)
+}
+
 impl WorkCounters {
     pub fn view(&self, now: Instant) -> WorkView {
+        self.view_at(nanos_since_epoch(now))
+    }
+
+    /// [`Self::view`] as of `now_ns` from [`clock_ns`].
+    pub fn view_at(&self, now_ns: u64) -> WorkView {
         let rate = f64::from_bits(self.rate_bits.load(Ordering::Relaxed));
         let prefill_tokens = self.prefill_tokens.load(Ordering::Relaxed);
         let start = self.drain_start_ns.load(Ordering::Relaxed);
         let draining_s = if start == 0 || prefill_tokens == 0 {
             0.0
         } else {
-            nanos_since_epoch(now).saturating_sub(start) as f64 * 1e-9
+            now_ns.saturating_sub(start) as f64 * 1e-9
         };
         WorkView {
             prefill_tokens,

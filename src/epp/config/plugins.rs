@@ -478,6 +478,8 @@ pub enum ParamError {
     DefaultEngine(String),
     #[error("initialPrefillTokensPerSecond must be a finite number > 0, got {0}")]
     PrefillRate(f64),
+    #[error("loadBoundFactor must be a finite number >= 1, got {0}")]
+    LoadBoundFactor(f64),
     #[error("metricsStalenessThreshold {given:?}: {reason}")]
     FreshnessSyntax { given: String, reason: String },
     #[error("metricsStalenessThreshold must be > 0")]
@@ -727,6 +729,7 @@ impl WireExtractorParams {
 struct WirePredictedTtftParams {
     initial_prefill_tokens_per_second: Option<f64>,
     request_overhead_tokens: Option<i64>,
+    load_bound_factor: Option<f64>,
 }
 
 impl WirePredictedTtftParams {
@@ -742,9 +745,15 @@ impl WirePredictedTtftParams {
             Some(v) => non_negative("requestOverheadTokens", v)? as u64,
             None => d.request_overhead_tokens,
         };
+        if let Some(f) = self.load_bound_factor {
+            if !(f.is_finite() && f >= 1.0) {
+                return Err(ParamError::LoadBoundFactor(f));
+            }
+        }
         Ok(PredictedTtftParams {
             initial_prefill_tokens_per_s: rate,
             request_overhead_tokens: overhead,
+            load_bound_factor: self.load_bound_factor,
         })
     }
 }

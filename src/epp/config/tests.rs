@@ -443,7 +443,7 @@ fn header_is_checked() {
 /// instance in the profile slot its role gives it.
 #[test]
 fn work_aware_plugins_decode_and_take_their_slots() {
-    let c = cfg("plugins:\n- type: scrape-freshness-filter\n  parameters: {metricsStalenessThreshold: 2s}\n- type: predicted-ttft-scorer\n  parameters: {initialPrefillTokensPerSecond: 5000, requestOverheadTokens: 8}\n- type: prefix-cache-scorer\n").unwrap();
+    let c = cfg("plugins:\n- type: scrape-freshness-filter\n  parameters: {metricsStalenessThreshold: 2s}\n- type: predicted-ttft-scorer\n  parameters: {initialPrefillTokensPerSecond: 5000, requestOverheadTokens: 8, loadBoundFactor: 1.5}\n- type: prefix-cache-scorer\n").unwrap();
     assert_eq!(
         c.plugin("scrape-freshness-filter").unwrap().kind,
         PluginKind::ScrapeFreshnessFilter(Duration::from_secs(2))
@@ -452,6 +452,7 @@ fn work_aware_plugins_decode_and_take_their_slots() {
         c.plugin("predicted-ttft-scorer").unwrap().kind,
         PluginKind::PredictedTtftScorer(p)
             if p.initial_prefill_tokens_per_s == 5000.0 && p.request_overhead_tokens == 8
+                && p.load_bound_factor == Some(1.5)
     ));
     assert_eq!(
         profiles(&c),
@@ -481,6 +482,11 @@ fn work_aware_plugins_decode_and_take_their_slots() {
         err("plugins:\n- type: predicted-ttft-scorer\n  parameters: {requestOverheadTokens: -1}\n");
     assert!(
         e.contains("requestOverheadTokens must be >= 0, got -1"),
+        "{e}"
+    );
+    let e = err("plugins:\n- type: predicted-ttft-scorer\n  parameters: {loadBoundFactor: 0.9}\n");
+    assert!(
+        e.contains("loadBoundFactor must be a finite number >= 1, got 0.9"),
         "{e}"
     );
 }

@@ -13,6 +13,20 @@
 //!   score_i     = min_j predicted_j / predicted_i        (1 for the best, in (0, 1])
 //! ```
 //! A ratio rather than min-max keeps the scale: 10 % more predicted wait scores 0.91, not 0.
+//!
+//! The formula is greedy: for one request a cached 16k-token prefix beats any cold prefill,
+//! so a hot prefix never leaves its holder even when that replica decodes for twice as many
+//! requests as the others (slower steps for all of them, every later hit waiting behind its
+//! prefills). With `loadBoundFactor` set, bounded-load placement (consistent hashing with
+//! bounded loads, Mirrokni et al.) caps each endpoint's in-flight requests from this EPP:
+//!
+//! ```text
+//!   cap       = ceil(loadBoundFactor × (in_flight_total + 1) / endpoints)
+//!   eligible  = in_flight_i < cap          (at least one endpoint always is)
+//!   score_i   = min_eligible predicted / predicted_i,   0 for an endpoint at the cap
+//! ```
+//! so the request goes to the best endpoint under the cap, and a hot prefix spreads to a
+//! second replica (learned there) once its holder carries more than its share.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,7 +34,7 @@ use std::time::Instant;
 use super::{CycleState, Plugin, Scorer};
 use crate::epp::endpoint::EndpointSnapshot;
 use crate::epp::prefix::AVERAGE_CHARS_PER_TOKEN;
-use crate::epp::work::{WorkView, DEFAULT_PREFILL_TOKENS_PER_S};
+use crate::epp::work::{clock_ns, WorkView, DEFAULT_PREFILL_TOKENS_PER_S};
 
 /// Validated parameters (`plugins[].parameters` of `predicted-ttft-scorer`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -32,6 +46,9 @@ pub struct PredictedTtftParams {
     /// decoding): every running sequence lengthens each step a little, and it breaks ties
     /// between idle-looking endpoints toward the less busy one.
     pub request_overhead_tokens: u64,
+    /// Bounded-load factor (≥ 1): an endpoint already holding `ceil(factor × mean)` of this
+    /// EPP's in-flight requests (the mean counting this one) scores 0. `None`: no bound.
+    pub load_bound_factor: Option<f64>,
 }
 
 impl Default for PredictedTtftParams {
@@ -39,8 +56,18 @@ impl Default for PredictedTtftParams {
         PredictedTtftParams {
             initial_prefill_tokens_per_s: DEFAULT_PREFILL_TOKENS_PER_S,
             request_overhead_tokens: 32,
+            load_bound_factor: None,
         }
     }
+}
+
+/// The in-flight request count at or above which an endpoint is over its bound, given the
+/// candidates' total in flight (before this request) and their number. Some endpoint is
+/// always under it: all at `cap` would hold `n × cap ≥ factor × (total + 1) > total`.
+pub fn load_cap(factor: f64, total_in_flight: u64, endpoints: usize) -> u64 {
+    let mean = (total_in_flight as f64 + 1.0) / endpoints.max(1) as f64;
+    // The float is small and positive; `as` saturates anyway.
+    (factor.max(1.0) * mean).ceil() as u64
 }
 
 /// Reads the prefix matches the scheduler prepared ([`CycleState::prefix_matches`]); without
@@ -65,10 +92,10 @@ pub fn prompt_tokens(prompt: &[u8]) -> u64 {
     prompt.len().div_ceil(AVERAGE_CHARS_PER_TOKEN) as u64
 }
 
-fn work_of(e: &EndpointSnapshot, now: Instant) -> WorkView {
+fn work_of(e: &EndpointSnapshot, now_ns: u64) -> WorkView {
     e.dispatch
         .as_ref()
-        .map(|d| d.work.view(now))
+        .map(|d| d.work.view_at(now_ns))
         .unwrap_or_default()
 }
 
@@ -96,13 +123,22 @@ impl PredictedTtftScorer {
 
         // Endpoints with no learned rate yet use the mean of those with one, so one fast
         // sample does not make an endpoint look slower than its unmeasured peers.
-        let (mut sum, mut count) = (0.0, 0u32);
-        for e in eps {
-            if let Some(r) = work_of(e, now).prefill_rate {
+        // One view per endpoint, on one clock reading: the rate mean and the load bound need
+        // every endpoint before the first score.
+        let now_ns = clock_ns(now);
+        let views: Vec<WorkView> = eps.iter().map(|e| work_of(e, now_ns)).collect();
+        let (mut sum, mut count, mut in_flight) = (0.0, 0u32, 0u64);
+        for w in &views {
+            if let Some(r) = w.prefill_rate {
                 sum += r;
                 count += 1;
             }
+            in_flight += u64::from(w.prefilling) + u64::from(w.decoding);
         }
+        let cap = self
+            .params
+            .load_bound_factor
+            .map_or(u64::MAX, |f| load_cap(f, in_flight, eps.len()));
         let fallback_rate = if count > 0 {
             sum / f64::from(count)
         } else {
@@ -116,15 +152,19 @@ impl PredictedTtftScorer {
         };
 
         let mut best = f64::INFINITY;
-        for (i, (o, e)) in out.iter_mut().zip(eps).enumerate() {
-            let w = work_of(e, now);
+        for (i, ((o, e), w)) in out.iter_mut().zip(eps).zip(&views).enumerate() {
+            let requests = u64::from(w.prefilling) + u64::from(w.decoding);
+            if requests >= cap {
+                // Over its bound: marked, and left out of `best`.
+                *o = f64::INFINITY;
+                continue;
+            }
             let rate = rate_of(w.prefill_rate).max(1e-9);
             let cached = cycle
                 .prefix_matches
                 .get(i)
                 .map_or(0, |&m| (m as u64).saturating_mul(block))
                 .min(prompt);
-            let requests = u64::from(w.prefilling) + u64::from(w.decoding);
             // Waiting requests the scrape shows beyond the ones this EPP is waiting on came
             // from elsewhere (another EPP replica, direct traffic); charge each like an
             // average request of ours there, or like this one when there is none.
@@ -228,6 +268,7 @@ mod tests {
             params: PredictedTtftParams {
                 initial_prefill_tokens_per_s: 1000.0,
                 request_overhead_tokens: 0,
+                load_bound_factor: None,
             },
         }
     }
@@ -334,5 +375,67 @@ mod tests {
         g.first_token(t);
         // a: one decoding request = 10 tokens + 10 own; b: 10 own.
         assert_eq!(score_at(&s, &eps, &[b'x'; 40], t), vec![0.5, 1.0]);
+    }
+
+    #[test]
+    fn load_cap_is_the_ceiling_of_factor_times_the_mean_with_this_request() {
+        // 9 in flight + this one over 4 endpoints: mean 2.5.
+        assert_eq!(load_cap(1.25, 9, 4), 4); // 3.125 → 4
+        assert_eq!(load_cap(1.0, 9, 4), 3); // 2.5 → 3
+        assert_eq!(load_cap(2.0, 9, 4), 5);
+        // Nothing in flight: only an idle endpoint is under the cap.
+        assert_eq!(load_cap(1.25, 0, 4), 1);
+        // A factor below 1 counts as 1; no endpoints counts as one.
+        assert_eq!(load_cap(0.5, 9, 4), 3);
+        assert_eq!(load_cap(1.0, 3, 0), 4);
+    }
+
+    #[test]
+    fn a_hot_prefix_holder_at_its_load_bound_scores_zero_and_the_prefix_spreads() {
+        let matches = [4, 0, 0];
+        let (h, a, b) = (Arc::default(), Arc::default(), Arc::default());
+        let t = Instant::now();
+        // The holder decodes 4 requests, a 1, b none: 5 in flight, cap ceil(1.25 × 6 / 3) = 3.
+        let mut hot: Vec<_> = (0..4).map(|_| WorkGuard::dispatch(&h, 0, t)).collect();
+        let mut warm = WorkGuard::dispatch(&a, 0, t);
+        for g in hot.iter_mut().chain(std::iter::once(&mut warm)) {
+            g.first_token(t);
+        }
+        let eps = [ep("holder", &h), ep("a", &a), ep("b", &b)];
+        // 80-token prompt, 64 tokens cached on the holder.
+        let prompt = [b'x'; 320];
+        let mut s = scorer();
+        s.params.request_overhead_tokens = 10;
+        // Unbounded, the hit wins: holder 40 + 16 = 56, a 10 + 80 = 90, b 80 tokens.
+        let got = score_matched(&s, &eps, &prompt, &matches, t);
+        assert_close(&got, &[1.0, 56.0 / 90.0, 56.0 / 80.0]);
+        // Bounded: the holder is at the cap; b (idle) is best among the rest.
+        s.params.load_bound_factor = Some(1.25);
+        let got = score_matched(&s, &eps, &prompt, &matches, t);
+        assert_close(&got, &[0.0, 80.0 / 90.0, 1.0]);
+        // A looser bound (cap ceil(2 × 6 / 3) = 4) still excludes it; 3 × leaves it the hit.
+        s.params.load_bound_factor = Some(2.0);
+        let got = score_matched(&s, &eps, &prompt, &matches, t);
+        assert_close(&got, &[0.0, 80.0 / 90.0, 1.0]);
+        s.params.load_bound_factor = Some(3.0);
+        let got = score_matched(&s, &eps, &prompt, &matches, t);
+        assert_close(&got, &[1.0, 56.0 / 90.0, 56.0 / 80.0]);
+        // Once b also holds the prefix it takes the hot prefix's traffic under the bound.
+        s.params.load_bound_factor = Some(1.25);
+        let got = score_matched(&s, &eps, &prompt, &[4, 0, 4], t);
+        assert_close(&got, &[0.0, 16.0 / 90.0, 1.0]);
+    }
+
+    #[test]
+    fn with_every_endpoint_idle_the_bound_leaves_all_eligible() {
+        let (a, b) = (Arc::default(), Arc::default());
+        let eps = [ep("a", &a), ep("b", &b)];
+        let mut s = scorer();
+        s.params.load_bound_factor = Some(1.0);
+        let t = Instant::now();
+        assert_eq!(score_at(&s, &eps, &[b'x'; 40], t), vec![1.0, 1.0]);
+        // One request at a: cap ceil(2 / 2) = 1, so a is at the bound.
+        let _g = WorkGuard::dispatch(&a, 10, t);
+        assert_eq!(score_at(&s, &eps, &[b'x'; 40], t), vec![0.0, 1.0]);
     }
 }
