@@ -183,7 +183,7 @@ async fn publishes_metrics_and_stops_advancing_when_the_server_stops() {
 async fn scraper_reports_each_failure_precisely() {
     let server = MockServer::start(vllm_page(4, 0.75)).await;
     let endpoint = Endpoint::from_addr(server.addr);
-    let mut scraper = Scraper::new(Duration::from_millis(300));
+    let scraper = Scraper::new(Duration::from_millis(300));
 
     let m = scraper.scrape(&endpoint).await.unwrap();
     assert_eq!(

@@ -42,7 +42,7 @@ async fn scrape_once(response: Vec<u8>) {
         let _ = conn.write_all(&response).await;
         let _ = conn.shutdown().await;
     });
-    let mut scraper = Scraper::new(TIMEOUT);
+    let scraper = Scraper::new(TIMEOUT);
     let started = Instant::now();
     let result = scraper.scrape(&Endpoint::from_addr(addr)).await;
     let took = started.elapsed();

@@ -9,16 +9,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::Poll;
-
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
@@ -465,38 +460,12 @@ impl Default for ScrapeConfig {
     }
 }
 
-/// Fetches and parses one endpoint's model-server metrics pages over an HTTP/1.1 keep-alive
-/// connection that the scraping task drives itself.
-///
-/// Each poller owns a clone, and a clone starts without a connection. An earlier version shared
-/// a pooled client whose connections each ran as a task of their own: every scrape then was a
-/// pool checkout and hand-offs between the poller and that task (and often a second worker
-/// thread woken to steal one of them), which the issue-12 profile showed as a large share of an
-/// idle EPP's CPU at 20 scrapes per second per endpoint.
+/// An HTTP/1.1 keep-alive client that fetches and parses model-server metrics pages.
+#[derive(Clone, Debug)]
 pub struct Scraper {
+    client: Client<HttpConnector, Empty<Bytes>>,
     timeout: Duration,
     layer: Arc<DataLayerConfig>,
-    conn: Option<Conn>,
-}
-
-impl Clone for Scraper {
-    fn clone(&self) -> Self {
-        Scraper {
-            timeout: self.timeout,
-            layer: self.layer.clone(),
-            conn: None,
-        }
-    }
-}
-
-impl std::fmt::Debug for Scraper {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Scraper")
-            .field("timeout", &self.timeout)
-            .field("layer", &self.layer)
-            .field("connected", &self.conn.is_some())
-            .finish()
-    }
 }
 
 impl Scraper {
@@ -507,73 +476,56 @@ impl Scraper {
 
     /// A scraper applying the configured data layer.
     pub fn with_data_layer(timeout: Duration, layer: DataLayerConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(timeout));
+        let client = Client::builder(TokioExecutor::new())
+            // Each poller runs one request at a time, so one idle connection per endpoint suffices.
+            .pool_max_idle_per_host(1)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
         Scraper {
+            client,
             timeout,
             layer: Arc::new(layer),
-            conn: None,
         }
     }
 
     /// Fetches `<scheme>://<addr><path>` and extracts the endpoint's metrics with its engine's
-    /// names (`updated_at` unset). `timeout` bounds it from connect to the last body byte.
-    pub async fn scrape(&mut self, endpoint: &Endpoint) -> Result<EndpointMetrics, ScrapeError> {
-        let layer = self.layer.clone();
-        let uri = format!(
-            "{}://{}{}",
-            layer.source.scheme, endpoint.addr, layer.source.path
-        );
-        let fetched = tokio::time::timeout(self.timeout, self.fetch(endpoint.addr, &uri)).await;
-        let body = match fetched {
-            Ok(Ok(body)) => body,
-            Ok(Err(e)) => {
-                // The connection may be mid-response: never reuse it after a failure.
-                self.conn = None;
-                return Err(e);
-            }
+    /// names (`updated_at` unset).
+    pub async fn scrape(&self, endpoint: &Endpoint) -> Result<EndpointMetrics, ScrapeError> {
+        let source = &self.layer.source;
+        let uri = format!("{}://{}{}", source.scheme, endpoint.addr, source.path);
+        let body = match tokio::time::timeout(self.timeout, self.fetch(&uri)).await {
+            Ok(result) => result?,
             Err(_) => {
-                self.conn = None;
                 return Err(ScrapeError::Timeout {
                     uri,
                     timeout: self.timeout,
-                });
+                })
             }
         };
         let text = std::str::from_utf8(&body).map_err(|_| ScrapeError::NotUtf8 { uri })?;
-        extract_metrics(layer.extractor.engine_of(endpoint), text)
+        extract_metrics(self.layer.extractor.engine_of(endpoint), text)
     }
 
-    async fn fetch(&mut self, addr: SocketAddr, uri: &str) -> Result<Bytes, ScrapeError> {
+    async fn fetch(&self, uri: &str) -> Result<Bytes, ScrapeError> {
         let http_err = |reason: String| ScrapeError::Http {
             uri: uri.to_string(),
             reason,
         };
-        let request = metrics_request(uri).map_err(http_err)?;
-        // A kept connection that the server closed since the last scrape is found here (polling
-        // it reads the EOF), so the request goes to a fresh one instead of failing.
-        if let Some(conn) = self.conn.as_mut() {
-            if !conn.still_open().await {
-                self.conn = None;
-            }
-        }
-        let reused = self.conn.is_some();
-        let mut conn = match self.conn.take() {
-            Some(conn) => conn,
-            None => Conn::open(addr)
-                .await
-                .map_err(|e| http_err(e.to_string()))?,
-        };
-        let response = match conn.send(request.clone()).await {
-            Ok(response) => response,
-            // The server closed a kept connection as the request went out: once more on a new
-            // one (a GET, nothing was answered).
-            Err(_) if reused => {
-                conn = Conn::open(addr)
-                    .await
-                    .map_err(|e| http_err(e.to_string()))?;
-                conn.send(request).await.map_err(http_err)?
-            }
-            Err(e) => return Err(http_err(e)),
-        };
+        let request = http::Request::get(uri)
+            .header(
+                http::header::ACCEPT,
+                "text/plain;version=0.0.4;q=1,application/openmetrics-text;version=1.0.0;q=0.5",
+            )
+            .body(Empty::new())
+            .map_err(|e| http_err(e.to_string()))?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| http_err(e.to_string()))?;
         if response.status() != http::StatusCode::OK {
             return Err(ScrapeError::Status {
                 uri: uri.to_string(),
@@ -592,139 +544,30 @@ impl Scraper {
         if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
             return Err(too_large());
         }
-        let collect = Limited::new(response.into_body(), MAX_BODY_BYTES).collect();
-        let body = match conn.drive(collect).await {
-            Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-            Ok(Err(e)) => return Err(http_err(e.to_string())),
-            Err(e) => return Err(http_err(e)),
-        };
-        if conn.is_reusable() {
-            self.conn = Some(conn);
-        }
-        Ok(body)
-    }
-}
-
-/// `GET <path>` with the headers the pooled client sent: `accept`, then `host` (the URI's
-/// authority, the port left out when it is the scheme's default).
-fn metrics_request(uri: &str) -> Result<http::Request<Empty<Bytes>>, String> {
-    let full: http::Uri = uri
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| e.to_string())?;
-    let (Some(authority), Some(path)) = (full.authority(), full.path_and_query()) else {
-        return Err("URI without an authority or path".to_string());
-    };
-    let host = match authority.port_u16() {
-        Some(80) | None => authority.host().to_string(),
-        Some(_) => authority.as_str().to_string(),
-    };
-    http::Request::get(path.as_str())
-        .header(
-            http::header::ACCEPT,
-            "text/plain;version=0.0.4;q=1,application/openmetrics-text;version=1.0.0;q=0.5",
-        )
-        .header(http::header::HOST, host)
-        .body(Empty::new())
-        .map_err(|e| e.to_string())
-}
-
-type ConnFuture = http1::Connection<TokioIo<TcpStream>, Empty<Bytes>>;
-
-/// One HTTP/1.1 connection whose I/O runs only while the owner awaits [`Conn::drive`].
-struct Conn {
-    sender: http1::SendRequest<Empty<Bytes>>,
-    /// `None` once the connection has ended.
-    io: Option<Pin<Box<ConnFuture>>>,
-}
-
-impl Conn {
-    async fn open(addr: SocketAddr) -> std::io::Result<Self> {
-        let tcp = TcpStream::connect(addr).await?;
-        tcp.set_nodelay(true)?;
-        let (sender, io) = http1::handshake(TokioIo::new(tcp))
+        match Limited::new(response.into_body(), MAX_BODY_BYTES)
+            .collect()
             .await
-            .map_err(std::io::Error::other)?;
-        Ok(Conn {
-            sender,
-            io: Some(Box::pin(io)),
-        })
-    }
-
-    /// Polls the connection once: false when it has ended (closed by the server, or broken).
-    async fn still_open(&mut self) -> bool {
-        std::future::poll_fn(|cx| {
-            let ended = self
-                .io
-                .as_mut()
-                .is_none_or(|io| io.as_mut().poll(cx).is_ready());
-            if ended {
-                self.io = None;
-            }
-            Poll::Ready(!ended)
-        })
-        .await
-    }
-
-    async fn send(
-        &mut self,
-        request: http::Request<Empty<Bytes>>,
-    ) -> Result<http::Response<hyper::body::Incoming>, String> {
-        let response = self.sender.send_request(request);
-        match self.drive(response).await {
-            Ok(result) => result.map_err(|e| e.to_string()),
-            Err(e) => Err(e),
+        {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+            Err(e) => Err(http_err(e.to_string())),
         }
-    }
-
-    /// Awaits `work` while running the connection's I/O on this task. Errs when the connection
-    /// ends before `work` is done (its result could never come).
-    async fn drive<F: Future>(&mut self, work: F) -> Result<F::Output, String> {
-        let mut work = std::pin::pin!(work);
-        std::future::poll_fn(|cx| {
-            if let Some(io) = self.io.as_mut() {
-                if let Poll::Ready(result) = io.as_mut().poll(cx) {
-                    self.io = None;
-                    if let Poll::Ready(out) = work.as_mut().poll(cx) {
-                        return Poll::Ready(Ok(out));
-                    }
-                    return Poll::Ready(Err(match result {
-                        Ok(()) => "connection closed".to_string(),
-                        Err(e) => e.to_string(),
-                    }));
-                }
-            }
-            match work.as_mut().poll(cx) {
-                Poll::Ready(out) => Poll::Ready(Ok(out)),
-                Poll::Pending if self.io.is_none() => {
-                    Poll::Ready(Err("connection closed".to_string()))
-                }
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await
-    }
-
-    /// Whether the next request can go on this connection (it is open and idle).
-    fn is_reusable(&self) -> bool {
-        self.io.is_some() && self.sender.is_ready()
     }
 }
 
 /// Where a poller gets one endpoint's metrics: the HTTP [`Scraper`] in production; tests use
 /// an in-memory source so pollers run under paused time.
 pub trait MetricsSource: Clone + Send + Sync + 'static {
-    /// Fetches and extracts the endpoint's metrics (`updated_at` unset). Each poller owns its
-    /// source (a clone), so a source may keep per-endpoint state such as a connection.
+    /// Fetches and extracts the endpoint's metrics (`updated_at` unset).
     fn scrape(
-        &mut self,
+        &self,
         endpoint: &Endpoint,
     ) -> impl std::future::Future<Output = Result<EndpointMetrics, ScrapeError>> + Send;
 }
 
 impl MetricsSource for Scraper {
     fn scrape(
-        &mut self,
+        &self,
         endpoint: &Endpoint,
     ) -> impl std::future::Future<Output = Result<EndpointMetrics, ScrapeError>> + Send {
         Scraper::scrape(self, endpoint)
@@ -829,7 +672,7 @@ const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 async fn poll_endpoint<S: MetricsSource>(
     slot: Arc<EndpointSlot>,
-    mut scraper: S,
+    scraper: S,
     config: ScrapeConfig,
 ) {
     let endpoint = slot.endpoint();

@@ -435,7 +435,7 @@ impl FakeSource {
 
 impl MetricsSource for FakeSource {
     fn scrape(
-        &mut self,
+        &self,
         endpoint: &Endpoint,
     ) -> impl std::future::Future<Output = Result<EndpointMetrics, ScrapeError>> + Send {
         let result = if self.down.lock().contains(&endpoint.name) {
@@ -603,86 +603,4 @@ async fn failed_scrapes_keep_the_last_metrics_until_recovery() {
         4,
         "published again on recovery"
     );
-}
-
-/// A raw HTTP/1.1 server for the scraper's connection handling: answers every request on a
-/// connection with `VLLM_PAGE`, closes each connection after `per_conn` answers, and records
-/// each request head and how many connections it accepted.
-async fn raw_metrics_server(
-    per_conn: usize,
-) -> (
-    SocketAddr,
-    Arc<parking_lot::Mutex<Vec<String>>>,
-    Arc<std::sync::atomic::AtomicUsize>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let heads = Arc::new(parking_lot::Mutex::new(Vec::new()));
-    let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (h, c) = (heads.clone(), conns.clone());
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let h = h.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                for _ in 0..per_conn {
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        let mut chunk = [0u8; 1024];
-                        match tcp.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                    h.lock()
-                        .push(String::from_utf8_lossy(&buf[..end]).into_owned());
-                    buf.drain(..end);
-                    let reply = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{VLLM_PAGE}",
-                        VLLM_PAGE.len()
-                    );
-                    if tcp.write_all(reply.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-                // Closed after `per_conn` answers, as a server's keep-alive timeout would.
-            });
-        }
-    });
-    (addr, heads, conns)
-}
-
-/// The scraper keeps its connection between scrapes and sends the request the pooled client
-/// sent, byte for byte.
-#[tokio::test]
-async fn scraper_reuses_its_connection_and_sends_the_same_request() {
-    let (addr, heads, conns) = raw_metrics_server(usize::MAX).await;
-    let mut scraper = Scraper::new(Duration::from_secs(5));
-    let endpoint = Endpoint::from_addr(addr);
-    for _ in 0..3 {
-        assert_eq!(scraper.scrape(&endpoint).await.unwrap().running_requests, 7);
-    }
-    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
-    let want = format!(
-        "GET /metrics HTTP/1.1\r\naccept: text/plain;version=0.0.4;q=1,application/openmetrics-text;version=1.0.0;q=0.5\r\nhost: {addr}\r\n\r\n"
-    );
-    assert_eq!(*heads.lock(), vec![want; 3]);
-}
-
-/// A connection the server closed between scrapes is replaced without a failed scrape.
-#[tokio::test]
-async fn scraper_reconnects_when_the_server_closed_the_kept_connection() {
-    let (addr, heads, conns) = raw_metrics_server(1).await;
-    let mut scraper = Scraper::new(Duration::from_secs(5));
-    let endpoint = Endpoint::from_addr(addr);
-    for _ in 0..3 {
-        assert_eq!(
-            scraper.scrape(&endpoint).await.unwrap().waiting_queue_size,
-            3
-        );
-    }
-    assert_eq!(heads.lock().len(), 3);
-    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
