@@ -63,6 +63,7 @@ fn engine(num_seqs: usize) -> (EngineCore, Vec<Receiver<SeqEvent>>) {
         max_num_batched_tokens: 8192,
         max_model_len: 32_768,
         max_waiting: 100_000,
+        scheduling_policy: switchyard::serve::engine::SchedulingPolicy::Fcfs,
         enable_prefix_caching: true,
         num_blocks_override: None,
         gpu_memory_utilization: 0.9,

@@ -10,7 +10,8 @@ use switchyard::serve::backend::cpu::{CpuBackend, CpuOptions};
 use switchyard::serve::backend::sim::{profile, SimBackend, SimOptions};
 use switchyard::serve::backend::Backend;
 use switchyard::serve::engine::{
-    EngineConfig, EngineCore, EngineRequest, EngineShared, FinishReason, SamplingParams, SeqEvent,
+    EngineConfig, EngineCore, EngineRequest, EngineShared, FinishReason, SamplingParams,
+    SchedulingPolicy, SeqEvent,
 };
 use switchyard::serve::metrics::ServeMetrics;
 use tokio::sync::mpsc::{channel, Receiver};
@@ -23,6 +24,7 @@ fn config(num_blocks: usize, max_model_len: usize) -> EngineConfig {
         max_num_batched_tokens: 64,
         max_model_len,
         max_waiting: 1000,
+        scheduling_policy: SchedulingPolicy::Fcfs,
         enable_prefix_caching: true,
         num_blocks_override: Some(num_blocks),
         gpu_memory_utilization: 0.9,
@@ -235,6 +237,8 @@ struct Job {
     len: usize,
     max_tokens: usize,
     abort_at: Option<usize>,
+    /// Used by the engine only under the priority policy.
+    priority: i64,
 }
 
 fn job() -> impl Strategy<Value = Job> {
@@ -243,12 +247,14 @@ fn job() -> impl Strategy<Value = Job> {
         1..40usize,
         1..12usize,
         prop::option::weighted(0.25, 0..30usize),
+        0..3i64,
     )
-        .prop_map(|(prefix, len, max_tokens, abort_at)| Job {
+        .prop_map(|(prefix, len, max_tokens, abort_at, priority)| Job {
             prefix,
             len,
             max_tokens,
             abort_at,
+            priority,
         })
 }
 
@@ -273,7 +279,11 @@ fn run_jobs(h: &mut Harness, jobs: &[Job], per_step: usize, with_aborts: bool) -
     let mut next = 0;
     while next < jobs.len() || h.core.has_work() {
         for j in jobs.iter().skip(next).take(per_step) {
-            rxs.push(Some(h.submit(prompt_of(j), greedy(j.max_tokens))));
+            let params = SamplingParams {
+                priority: j.priority,
+                ..greedy(j.max_tokens)
+            };
+            rxs.push(Some(h.submit(prompt_of(j), params)));
         }
         next = (next + per_step).min(jobs.len());
         if h.core.has_work() {
@@ -301,11 +311,22 @@ fn run_jobs(h: &mut Harness, jobs: &[Job], per_step: usize, with_aborts: bool) -
 /// Runs `jobs` with ample KV (the reference) and with `blocks` blocks plus client aborts, and
 /// checks: no block leaks or double frees, every surviving request gets exactly the reference's
 /// tokens, and when nothing was preempted the hit counter equals the cached tokens reported to
-/// clients. Returns how many preemptions the tight run made.
-fn check_tight_kv(jobs: &[Job], per_step: usize, blocks: usize) -> Result<f64, TestCaseError> {
+/// clients. Returns how many preemptions the tight run made. `priority`: the tight run schedules
+/// by the jobs' priorities with `max_num_seqs` 3, so waiting requests also preempt for slots.
+fn check_tight_kv(
+    jobs: &[Job],
+    per_step: usize,
+    blocks: usize,
+    priority: bool,
+) -> Result<f64, TestCaseError> {
     let mut ample = Harness::new(config(400, 52), sim());
     let reference = run_jobs(&mut ample, jobs, per_step, false);
-    let mut tight = Harness::new(config(blocks, 52), sim());
+    let mut tight_cfg = config(blocks, 52);
+    if priority {
+        tight_cfg.scheduling_policy = SchedulingPolicy::Priority;
+        tight_cfg.max_num_seqs = 3;
+    }
+    let mut tight = Harness::new(tight_cfg, sim());
     let outs = run_jobs(&mut tight, jobs, per_step, true);
     // One more step lets the engine notice the last disconnects.
     tight.core.step().unwrap();
@@ -344,7 +365,14 @@ proptest! {
     /// `tight_kv_preempts_and_still_leaks_nothing` is the one that must).
     #[test]
     fn random_workloads_leak_nothing(jobs in prop::collection::vec(job(), 1..24), per_step in 1..4usize, blocks in 13..40usize) {
-        check_tight_kv(&jobs, per_step, blocks)?;
+        check_tight_kv(&jobs, per_step, blocks, false)?;
+    }
+
+    /// The same under the priority policy: victims chosen by key, taken back out of a step's
+    /// plan, and preempted for slots as well as blocks.
+    #[test]
+    fn random_workloads_leak_nothing_under_priority(jobs in prop::collection::vec(job(), 1..24), per_step in 1..4usize, blocks in 13..40usize) {
+        check_tight_kv(&jobs, per_step, blocks, true)?;
     }
 }
 
@@ -360,9 +388,10 @@ fn tight_kv_preempts_and_still_leaks_nothing() {
             len: 12 + i,
             max_tokens: 11,
             abort_at: (i == 4).then_some(6),
+            priority: 0,
         })
         .collect();
-    let preemptions = check_tight_kv(&jobs, 3, 13).unwrap_or_else(|e| panic!("{e}"));
+    let preemptions = check_tight_kv(&jobs, 3, 13, false).unwrap_or_else(|e| panic!("{e}"));
     assert!(
         preemptions > 0.0,
         "no preemption with 13 blocks for six requests growing to 6-7 blocks each"

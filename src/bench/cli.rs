@@ -12,8 +12,11 @@ use super::procs::ScratchDir;
 use super::report::{self, Machine, RunInfo};
 use super::routing::{self, Comparison, Policy, PolicyResult};
 use super::stack::{self, ReplicaSpec};
-use super::workload::{completion_body, PlannedRequest, Workload, INTERACTIVE_OBJECTIVE};
+use super::workload::{
+    completion_body_with_priority, engine_priority, PlannedRequest, Workload, INTERACTIVE_OBJECTIVE,
+};
 use crate::process::{self, LogFormat, Signal};
+use crate::serve::engine::SchedulingPolicy;
 
 /// Flags of `switchyard bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -111,6 +114,11 @@ pub struct WorkloadArgs {
     /// Sheddable batch requests (mixed-priority).
     #[arg(long)]
     pub batch_requests: Option<u32>,
+    /// Replicas' `--scheduling-policy` (default: `priority` for mixed-priority, else the
+    /// server's `fcfs`). Under `priority` requests that carry an objective also carry vLLM's body
+    /// `priority` (interactive 0, batch 1); `fcfs` reproduces runs before the replicas had it.
+    #[arg(long, value_enum)]
+    pub replica_scheduling_policy: Option<SchedulingPolicy>,
     /// Poisson arrival rate, requests per simulated second.
     #[arg(long)]
     pub rate: Option<f64>,
@@ -151,6 +159,9 @@ pub struct Resolved {
     pub time_scale: Option<f64>,
     /// Replica flags the workload suggests (used when `--replica-arg` is not given).
     pub replica_args: Vec<String>,
+    /// Send vLLM's `priority` in the body of requests with an objective (the replicas run
+    /// `--scheduling-policy priority`, else they would refuse it).
+    pub body_priority: bool,
 }
 
 impl WorkloadArgs {
@@ -172,6 +183,7 @@ impl WorkloadArgs {
                 seed: f.seed.unwrap_or(self.seed),
                 time_scale: None,
                 replica_args: Vec::new(),
+                body_priority: false,
             });
         }
         let kind = self.workload.unwrap_or(WorkloadKind::SharedPrefix);
@@ -285,10 +297,20 @@ impl WorkloadArgs {
         rate.validate()?;
         // Mixed priority: replicas that admit 16 sequences at a time, so a flood queues in
         // the replicas (where the EPP cannot reorder it) unless the EPP holds it back.
-        let replica_args = match kind {
+        let mut replica_args = match kind {
             WorkloadKind::MixedPriority => vec!["--max-num-seqs=16".to_owned()],
             _ => Vec::new(),
         };
+        // Mixed priority: the replicas also order their own queues and batches by priority
+        // (preempting batch work for interactive), as vLLM does with `--scheduling-policy
+        // priority`.
+        let policy = self.replica_scheduling_policy.unwrap_or(match kind {
+            WorkloadKind::MixedPriority => SchedulingPolicy::Priority,
+            _ => SchedulingPolicy::Fcfs,
+        });
+        if policy == SchedulingPolicy::Priority {
+            replica_args.push("--scheduling-policy=priority".to_owned());
+        }
         Ok(Resolved {
             workload,
             rate,
@@ -297,6 +319,7 @@ impl WorkloadArgs {
             seed: self.seed,
             time_scale,
             replica_args,
+            body_priority: policy == SchedulingPolicy::Priority,
         })
     }
 }
@@ -338,7 +361,12 @@ impl Resolved {
             .take(self.max_requests)
             .map(|(req, at)| Scheduled {
                 at: at.mul_f64(wall_per_sim),
-                body: completion_body(model, &req.prompt, req.max_tokens),
+                body: completion_body_with_priority(
+                    model,
+                    &req.prompt,
+                    req.max_tokens,
+                    engine_priority(req.objective).filter(|_| self.body_priority),
+                ),
                 objective: req.objective,
             })
             .collect())
@@ -479,6 +507,14 @@ pub async fn compare(
     } else {
         setup.replica_arg.clone()
     };
+    anyhow::ensure!(
+        !resolved.body_priority
+            || replica_args
+                .iter()
+                .any(|a| a == "--scheduling-policy=priority"),
+        "requests carry a body priority but --replica-arg lacks --scheduling-policy=priority \
+         (add it, or pass --replica-scheduling-policy fcfs)"
+    );
     let info = RunInfo {
         workload: serde_json::to_value(&resolved.workload)?,
         rate: serde_json::to_value(resolved.rate)?,
@@ -646,4 +682,62 @@ async fn with_ctrl_c<T>(
 
 fn init_logging() {
     process::init_logging("warn", LogFormat::Console);
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        workload: WorkloadArgs,
+    }
+
+    fn body_priorities(r: &Resolved) -> Vec<(Option<&'static str>, serde_json::Value)> {
+        r.schedule("m", 1.0)
+            .unwrap()
+            .into_iter()
+            .map(|s| {
+                let v: serde_json::Value = serde_json::from_slice(&s.body).unwrap();
+                (s.objective, v["priority"].clone())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn mixed_priority_replicas_schedule_by_priority_unless_told_fcfs() {
+        let args = [
+            "bench",
+            "--workload",
+            "mixed-priority",
+            "--batch-requests",
+            "2",
+        ];
+        let r = Cli::parse_from(args).workload.resolve().unwrap();
+        assert_eq!(
+            r.replica_args,
+            ["--max-num-seqs=16", "--scheduling-policy=priority"]
+        );
+        let sent = body_priorities(&r);
+        assert_eq!(sent.len(), 62);
+        for (objective, priority) in &sent {
+            let want = if *objective == Some(INTERACTIVE_OBJECTIVE) {
+                0
+            } else {
+                1
+            };
+            assert_eq!(*priority, want, "{objective:?}");
+        }
+
+        let fcfs = [&args[..], &["--replica-scheduling-policy", "fcfs"]].concat();
+        let r = Cli::parse_from(fcfs).workload.resolve().unwrap();
+        assert_eq!(r.replica_args, ["--max-num-seqs=16"]);
+        assert!(body_priorities(&r).iter().all(|(_, p)| p.is_null()));
+
+        let other = Cli::parse_from(["bench", "--workload", "bursty-chat"]);
+        assert!(other.workload.resolve().unwrap().replica_args.is_empty());
+    }
 }

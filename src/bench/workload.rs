@@ -84,6 +84,21 @@ pub const INTERACTIVE_PRIORITY: i32 = 1;
 pub const BATCH_OBJECTIVE: &str = "batch";
 pub const BATCH_PRIORITY: i32 = -1;
 
+/// The same classes as vLLM request `priority` values (lower is served first), sent in the body
+/// when the replicas run `--scheduling-policy priority`, as an async processor would mark its
+/// batch work.
+pub const INTERACTIVE_ENGINE_PRIORITY: i64 = 0;
+pub const BATCH_ENGINE_PRIORITY: i64 = 1;
+
+/// The body `priority` for a request of `objective` (none for requests without one).
+pub fn engine_priority(objective: Option<&str>) -> Option<i64> {
+    match objective? {
+        INTERACTIVE_OBJECTIVE => Some(INTERACTIVE_ENGINE_PRIORITY),
+        BATCH_OBJECTIVE => Some(BATCH_ENGINE_PRIORITY),
+        _ => None,
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WorkloadError {
     #[error("{field} must be at least {min}, got {value}")]
@@ -391,7 +406,17 @@ fn tagged(kind: char, id: u32, tokens: u32, rng: &mut StdRng) -> String {
 
 /// The JSON body of a streaming `/v1/completions` request.
 pub fn completion_body(model: &str, prompt: &str, max_tokens: u32) -> Bytes {
-    let body = serde_json::json!({
+    completion_body_with_priority(model, prompt, max_tokens, None)
+}
+
+/// [`completion_body`] with vLLM's `priority` field when `priority` is given.
+pub fn completion_body_with_priority(
+    model: &str,
+    prompt: &str,
+    max_tokens: u32,
+    priority: Option<i64>,
+) -> Bytes {
+    let mut body = serde_json::json!({
         "model": model,
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -400,6 +425,9 @@ pub fn completion_body(model: &str, prompt: &str, max_tokens: u32) -> Bytes {
         "stream": true,
         "stream_options": {"include_usage": true},
     });
+    if let Some(p) = priority {
+        body["priority"] = p.into();
+    }
     Bytes::from(body.to_string())
 }
 
@@ -569,6 +597,12 @@ mod tests {
         assert_eq!(v["stream"], true);
         assert_eq!(v["max_tokens"], 3);
         assert_eq!(v["prompt"], "hi");
+        assert!(v.get("priority").is_none());
+        let b = completion_body_with_priority("m", "hi", 3, engine_priority(Some(BATCH_OBJECTIVE)));
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["priority"], 1);
+        assert_eq!(engine_priority(Some(INTERACTIVE_OBJECTIVE)), Some(0));
+        assert_eq!(engine_priority(None), None);
     }
 
     #[test]

@@ -98,6 +98,11 @@ pub struct ServeArgs {
     /// Waiting requests beyond which new ones get 503 with Retry-After.
     #[arg(long, default_value_t = 1024)]
     pub max_waiting: usize,
+    /// `fcfs`: first come, first served. `priority`: by the request body's `priority` (lower
+    /// first, default 0), then arrival; a waiting request preempts (recompute) the worst
+    /// running one of a strictly higher priority number when no slot or KV block is free.
+    #[arg(long, value_enum, default_value_t = engine::SchedulingPolicy::Fcfs)]
+    pub scheduling_policy: engine::SchedulingPolicy,
     /// Fraction of device memory for weights + KV cache (sim, cuda).
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
@@ -214,6 +219,7 @@ impl ServeArgs {
             max_num_seqs: 256,
             max_num_batched_tokens: 8192,
             max_waiting: 1024,
+            scheduling_policy: engine::SchedulingPolicy::Fcfs,
             gpu_memory_utilization: 0.9,
             kv_cache_memory: 1 << 30,
             num_gpu_blocks_override: None,
@@ -545,6 +551,7 @@ pub async fn start(args: ServeArgs) -> Result<ServerHandle, ServeError> {
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_model_len,
         max_waiting: args.max_waiting,
+        scheduling_policy: args.scheduling_policy,
         enable_prefix_caching: !args.no_enable_prefix_caching,
         num_blocks_override: args.num_gpu_blocks_override,
         gpu_memory_utilization: args.gpu_memory_utilization,

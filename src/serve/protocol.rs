@@ -119,6 +119,10 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// Number of top alternatives to return per token; `None` returns no logprobs.
     pub logprobs: Option<usize>,
+    /// Scheduling priority, lower first (vLLM's request `priority`; only under
+    /// `--scheduling-policy priority`). Not a sampling knob, but it travels with the
+    /// parameters the API validated.
+    pub priority: i64,
 }
 
 impl Default for SamplingParams {
@@ -132,6 +136,7 @@ impl Default for SamplingParams {
             stop_token_ids: StopTokenIds::None,
             ignore_eos: false,
             logprobs: None,
+            priority: 0,
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use crate::serve::codec::TextCodec;
-use crate::serve::engine::{EngineHandle, RequestStream};
+use crate::serve::engine::{EngineHandle, RequestStream, SchedulingPolicy};
 use crate::serve::metrics::ServeMetrics;
 use crate::serve::protocol::{
     FinishReason, SamplingParams, SeqEvent, StopTokenIds, TokenConstraint, TokenLogprobs,
@@ -196,6 +196,15 @@ pub fn prepare(
         terminal_ids.extend_from_slice(&info.eos_token_ids);
     }
     let include_stop = common.include_stop_str_in_output.unwrap_or(false);
+    let priority = common.priority.unwrap_or(0);
+    // vLLM's check and text (`vllm/v1/engine/processor.py`): a priority the server would ignore
+    // is refused rather than silently dropped.
+    if priority != 0 && info.scheduling_policy != SchedulingPolicy::Priority {
+        return Err(ApiError::bad(
+            format!("Got priority {priority} but Priority scheduling is not enabled."),
+            Some("priority"),
+        ));
+    }
     let params = SamplingParams {
         temperature,
         top_p,
@@ -206,6 +215,7 @@ pub fn prepare(
         stop_token_ids: StopTokenIds::new(stop_token_ids),
         ignore_eos,
         logprobs,
+        priority,
     };
     let spec = OutputSpec {
         stops: StopMatcher::new(stops, include_stop)

@@ -77,7 +77,6 @@ const COMMON: &[Unsupported] = &[
     ("allowed_token_ids", NULL),
     ("bad_words", NULL_EMPTY_LIST),
     ("echo", NULL_FALSE),
-    ("priority", NULL_ZERO),
     ("return_tokens_as_token_ids", NULL_FALSE),
     ("return_token_ids", NULL_FALSE),
     ("routed_experts_prompt_start", NULL_ZERO),

@@ -192,6 +192,57 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
+/// `priority`: an integer (or null); anything else is refused with a message naming the field,
+/// where a plain `i64` would only say "expected i64".
+fn priority_field<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Option<i64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an integer")
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            i64::try_from(v).map(Some).map_err(|_| {
+                E::custom(format!(
+                    "priority {v} is out of range (at most {})",
+                    i64::MAX
+                ))
+            })
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            Err(E::custom(format!("priority must be an integer, got {v}")))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Err(E::custom(format!(
+                "priority must be an integer, got the string {v:?}"
+            )))
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+            Err(E::custom(format!("priority must be an integer, got {v}")))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+            Err(de::Error::custom(
+                "priority must be an integer, got an array",
+            ))
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+            Err(de::Error::custom(
+                "priority must be an integer, got an object",
+            ))
+        }
+    }
+    d.deserialize_any(V)
+}
+
 /// Fields completions and chat share.
 #[derive(Debug, Clone, Default)]
 pub struct CommonParams {
@@ -215,6 +266,8 @@ pub struct CommonParams {
     pub structured_outputs: Option<serde_json::Value>,
     /// vLLM `request_id`: names the response (`cmpl-{id}` / `chatcmpl-{id}`).
     pub request_id: Option<String>,
+    /// vLLM `priority`: lower is scheduled first (`--scheduling-policy priority`).
+    pub priority: Option<i64>,
 }
 
 /// Declares a request with its own fields followed by the [`CommonParams`] fields, and
@@ -246,6 +299,8 @@ macro_rules! request_with_common_params {
             pub response_format: Option<serde_json::Value>,
             pub structured_outputs: Option<serde_json::Value>,
             pub request_id: Option<String>,
+            #[serde(default, deserialize_with = "priority_field")]
+            pub priority: Option<i64>,
         }
 
         impl $(<$lt>)? $name $(<$lt>)? {
@@ -269,6 +324,7 @@ macro_rules! request_with_common_params {
                     response_format: self.response_format.take(),
                     structured_outputs: self.structured_outputs.take(),
                     request_id: self.request_id.take(),
+                    priority: self.priority.take(),
                 }
             }
         }

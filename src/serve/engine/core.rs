@@ -97,6 +97,7 @@ impl EngineCore {
         let kv = KvManager::new(pool, cfg.block_size, &cfg.model_name);
         let sched = Scheduler::new(
             SchedulerConfig {
+                policy: cfg.scheduling_policy,
                 max_num_seqs: cfg.max_num_seqs,
                 max_num_batched_tokens: cfg.max_num_batched_tokens,
                 max_model_len: cfg.max_model_len,
@@ -146,6 +147,7 @@ impl EngineCore {
             num_blocks: self.num_blocks,
             max_model_len: self.cfg.max_model_len,
             max_waiting: self.cfg.max_waiting,
+            scheduling_policy: self.cfg.scheduling_policy,
             eos_token_ids: self.cfg.eos_token_ids.clone(),
             vocab_size: self.backend.vocab_size(),
             computes_logits: self.backend.computes_logits(),

@@ -24,6 +24,7 @@ use crate::serve::kv_events::KvEventLog;
 use crate::serve::metrics::ServeMetrics;
 
 pub use self::core::EngineCore;
+pub use self::scheduler::SchedulingPolicy;
 pub use crate::serve::protocol::{
     EngineRequest, FinishReason, SamplingParams, SeqEvent, SubmitError, TokenConstraint,
     TokenLogprobs,
@@ -37,6 +38,8 @@ pub struct EngineConfig {
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub max_model_len: usize,
+    /// Waiting-queue order and preemption victims (`--scheduling-policy`).
+    pub scheduling_policy: SchedulingPolicy,
     /// Requests waiting (queued + not yet admitted) beyond which new ones are refused.
     pub max_waiting: usize,
     pub enable_prefix_caching: bool,
@@ -105,6 +108,7 @@ pub struct EngineInfo {
     pub num_blocks: usize,
     pub max_model_len: usize,
     pub max_waiting: usize,
+    pub scheduling_policy: SchedulingPolicy,
     pub eos_token_ids: Vec<u32>,
     pub vocab_size: usize,
     /// The backend returns logits (so output constraints can apply); the plain sim does not.

@@ -1,5 +1,6 @@
-//! Continuous-batching scheduler: FCFS admission under a token budget with chunked prefill, and
+//! Continuous-batching scheduler: admission under a token budget with chunked prefill, and
 //! preemption by recompute when the KV pool runs out (vLLM `vllm/v1/core/sched/scheduler.py`).
+//! Admission is FCFS, or by (priority, arrival) under [`SchedulingPolicy::Priority`].
 //!
 //! ```text
 //!  budget = max_num_batched_tokens
@@ -8,6 +9,14 @@
 //!  waiting.front ── prefix lookup → allocate(hits, chunk) ── (only if no    ─┘
 //!                  preemption this step, while seqs < max_num_seqs)
 //! ```
+//! Under the priority policy the victim is the running sequence with the worst (priority,
+//! arrival) key instead of the newest (vLLM's `max(running, key=(priority, arrival_time))`), and
+//! a waiting sequence that cannot be admitted (no slot under `max_num_seqs`, or no blocks)
+//! preempts the worst running one when that one's priority number is strictly higher. Upstream
+//! V1 does the latter only in open pull requests (vLLM issue #40004, V0 did it); the strict
+//! comparison is theirs too: equal priorities never preempt each other, so a victim, whose
+//! arrival is earlier, cannot take its slot straight back.
+//!
 //! A preempted sequence drops its blocks and later recomputes prompt + generated tokens; its full
 //! blocks usually survive in the prefix cache, so recompute is mostly prefix hits.
 //!
@@ -26,8 +35,29 @@ use super::kv_manager::KvManager;
 use super::sequence::Sequence;
 use crate::serve::protocol::{FinishReason, SamplingParams, TokenConstraint, TokenLogprobs};
 
+/// Order of the waiting queue and choice of preemption victims (vLLM `--scheduling-policy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SchedulingPolicy {
+    /// First come, first served; the newest running sequence is preempted.
+    #[default]
+    Fcfs,
+    /// Lowest `priority` value first, then arrival; the worst running sequence is preempted,
+    /// also to admit a waiting one of strictly better priority.
+    Priority,
+}
+
+impl SchedulingPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SchedulingPolicy::Fcfs => "fcfs",
+            SchedulingPolicy::Priority => "priority",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchedulerConfig {
+    pub policy: SchedulingPolicy,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     /// Context length: a sequence that reaches it ends with `length`.
@@ -115,7 +145,27 @@ impl Scheduler {
     }
 
     pub fn add(&mut self, seq: Sequence) {
-        self.waiting.push_back(seq);
+        match self.cfg.policy {
+            SchedulingPolicy::Fcfs => self.waiting.push_back(seq),
+            SchedulingPolicy::Priority => self.insert_by_key(seq),
+        }
+    }
+
+    /// Puts `seq` behind every waiting sequence whose key is not greater (priority policy: the
+    /// queue stays sorted by (priority, arrival, id)).
+    fn insert_by_key(&mut self, seq: Sequence) {
+        let key = seq.sched_key();
+        let at = self.waiting.partition_point(|s| s.sched_key() <= key);
+        self.waiting.insert(at, seq);
+    }
+
+    /// A preempted sequence waits again: at the front under FCFS (vLLM's `prepend_request`), in
+    /// key order under priority (vLLM's heap), so better work waiting is not overtaken.
+    fn requeue(&mut self, seq: Sequence) {
+        match self.cfg.policy {
+            SchedulingPolicy::Fcfs => self.waiting.push_front(seq),
+            SchedulingPolicy::Priority => self.insert_by_key(seq),
+        }
     }
 
     pub fn has_work(&self) -> bool {
@@ -154,47 +204,55 @@ impl Scheduler {
         plan.clear();
         let mut budget = self.cfg.max_num_batched_tokens;
         let mut i = 0;
-        while i < self.running.len() && budget > 0 {
+        'running: while i < self.running.len() && budget > 0 {
             let seq = &self.running[i];
             let num_new = (seq.num_tokens() - seq.num_computed).min(budget);
             if num_new == 0 {
                 i += 1;
                 continue;
             }
-            loop {
-                if self.kv.allocate(&mut self.running[i], &[], num_new) {
-                    plan.scheduled.push(Scheduled { idx: i, num_new });
-                    budget -= num_new;
-                    break;
-                }
-                // Out of blocks: the newest running sequence gives its blocks back. Victims come
-                // from the tail, which is never already scheduled this step (we go head first).
-                let Some(mut victim) = self.running.pop() else {
-                    break;
+            while !self.kv.allocate(&mut self.running[i], &[], num_new) {
+                // Out of blocks: a victim gives its blocks back (FCFS: the newest, which is
+                // never already scheduled this step because we go head first; priority: the
+                // worst key, unscheduled if it was).
+                let Some(v) = self.kv_victim() else {
+                    break 'running;
                 };
-                let victim_is_current = self.running.len() == i;
-                self.preempt(&mut victim);
-                self.waiting.push_front(victim);
-                plan.num_preempted += 1;
-                if victim_is_current {
-                    break;
+                self.preempt_at(v, plan, &mut budget);
+                match v.cmp(&i) {
+                    // The current sequence itself: the next one now sits at `i`.
+                    std::cmp::Ordering::Equal => continue 'running,
+                    std::cmp::Ordering::Less => i -= 1,
+                    std::cmp::Ordering::Greater => {}
                 }
             }
+            plan.scheduled.push(Scheduled { idx: i, num_new });
+            budget -= num_new;
             i += 1;
         }
         // Admitting while preempting would just thrash: new work waits for the next step.
         if plan.num_preempted > 0 {
             return;
         }
-        while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+        while budget > 0 {
             let Some(seq) = self.waiting.front_mut() else {
                 break;
             };
+            let priority = seq.priority;
+            if self.running.len() >= self.cfg.max_num_seqs {
+                if self.preempt_worse_than(priority, plan, &mut budget) {
+                    continue;
+                }
+                break;
+            }
             self.kv.find_prefix(seq, &mut self.hits);
             let hit_tokens = self.hits.len() * self.kv.block_size();
             let num_new = (seq.num_tokens() - hit_tokens).min(budget);
             if !self.kv.allocate(seq, &self.hits, num_new) {
-                // FCFS: nobody overtakes the head of the queue.
+                if self.preempt_worse_than(priority, plan, &mut budget) {
+                    continue; // look the prefix up again: the victim's blocks may hit now
+                }
+                // Nobody overtakes the head of the queue.
                 break;
             }
             plan.prefix_queries += seq.num_tokens() as u64;
@@ -211,6 +269,59 @@ impl Scheduler {
             });
             budget -= num_new;
         }
+    }
+
+    /// Index of the running sequence to preempt when a running one cannot get blocks.
+    fn kv_victim(&self) -> Option<usize> {
+        match self.cfg.policy {
+            SchedulingPolicy::Fcfs => self.running.len().checked_sub(1),
+            SchedulingPolicy::Priority => self.worst_running(),
+        }
+    }
+
+    /// The running sequence with the greatest (priority, arrival, id) key.
+    fn worst_running(&self) -> Option<usize> {
+        self.running
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, s)| s.sched_key())
+            .map(|(i, _)| i)
+    }
+
+    /// Priority policy: preempts the worst running sequence if its priority number is strictly
+    /// greater than `priority` (a waiting sequence's that cannot be admitted). Returns whether
+    /// it did. Never under FCFS.
+    fn preempt_worse_than(
+        &mut self,
+        priority: i64,
+        plan: &mut StepPlan,
+        budget: &mut usize,
+    ) -> bool {
+        if self.cfg.policy != SchedulingPolicy::Priority {
+            return false;
+        }
+        match self.worst_running() {
+            Some(v) if self.running[v].priority > priority => {
+                self.preempt_at(v, plan, budget);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Preempts `running[v]`: takes back its share of this step (if it had one), frees its
+    /// blocks and queues it again. Later plan entries are re-indexed.
+    fn preempt_at(&mut self, v: usize, plan: &mut StepPlan, budget: &mut usize) {
+        let mut victim = self.running.remove(v);
+        if let Some(pos) = plan.scheduled.iter().position(|s| s.idx == v) {
+            *budget += plan.scheduled.remove(pos).num_new;
+        }
+        for s in plan.scheduled.iter_mut().filter(|s| s.idx > v) {
+            s.idx -= 1;
+        }
+        self.preempt(&mut victim);
+        plan.num_preempted += 1;
+        self.requeue(victim);
     }
 
     /// Calls `f` with the sampling parameters and RNG of each sequence of `plan` that produces
@@ -362,3 +473,6 @@ impl Scheduler {
 fn report_pool_error(id: u64, e: &PoolError) {
     tracing::error!(request_id = id, error = %e, "block pool inconsistency on free");
 }
+
+#[cfg(test)]
+mod tests;

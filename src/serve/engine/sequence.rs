@@ -44,6 +44,8 @@ pub struct Sequence {
     pub cached_tokens: Option<usize>,
     pub finished: Option<FinishReason>,
     pub num_preemptions: u32,
+    /// Scheduling priority, lower first (used under `--scheduling-policy priority`).
+    pub priority: i64,
     /// Structured-output mask state, advanced once per sampled token (kept across preemption:
     /// recompute re-runs the same tokens, it does not re-sample them).
     pub constraint: Option<Box<dyn TokenConstraint>>,
@@ -53,6 +55,7 @@ impl Sequence {
     /// A new, waiting sequence for `req` (its token buffer sized for the whole output).
     pub fn new(req: EngineRequest, rng: StdRng) -> Self {
         let capacity = req.prompt.len().saturating_add(req.params.max_tokens);
+        let priority = req.params.priority;
         let mut tokens = Vec::with_capacity(capacity);
         tokens.extend_from_slice(&req.prompt);
         Self {
@@ -75,8 +78,15 @@ impl Sequence {
             cached_tokens: None,
             finished: None,
             num_preemptions: 0,
+            priority,
             constraint: req.constraint,
         }
+    }
+
+    /// Order under the priority policy: priority, then arrival, then id (submission order, for
+    /// arrivals within one clock tick).
+    pub fn sched_key(&self) -> (i64, Instant, u64) {
+        (self.priority, self.timing.arrival, self.id)
     }
 
     pub fn num_tokens(&self) -> usize {
