@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use hashbrown::{HashMap, HashTable};
-use parking_lot::{RwLock, RwLockUpgradableReadGuard};
+use parking_lot::{RwLock, RwLockReadGuard, RwLockUpgradableReadGuard};
 use prometheus_client::metrics::gauge::Gauge;
 use xxhash_rust::xxh64::Xxh64;
 
@@ -72,10 +72,12 @@ pub fn hash_prompt(
     hasher.update(cache_salt);
     let mut prev = hasher.digest();
     for chunk in prompt.chunks_exact(block).take(blocks) {
-        let mut hasher = Xxh64::new(0);
-        hasher.update(chunk);
-        hasher.update(&prev.to_le_bytes());
-        prev = hasher.digest();
+        prev = block_hash::chained(chunk, prev).unwrap_or_else(|| {
+            let mut hasher = Xxh64::new(0);
+            hasher.update(chunk);
+            hasher.update(&prev.to_le_bytes());
+            hasher.digest()
+        });
         out.push(prev);
     }
 }
@@ -432,8 +434,16 @@ impl PrefixIndex {
         if !any {
             return;
         }
+        // Each shard's read lock is taken once, on first use, and held for the rest of the walk:
+        // a lock per block cost two locked atomics, which also kept the CPU from overlapping one
+        // block's cache misses with the next block's. `read_recursive` never waits behind a
+        // queued writer while we hold other shards (writers hold one shard at a time and never
+        // wait while holding it), so holding several cannot deadlock.
+        let mut guards: [Option<RwLockReadGuard<'_, Shard>>; MAX_SHARDS] =
+            [const { None }; MAX_SHARDS];
         for (depth, &hash) in hashes.iter().enumerate() {
-            let shard = self.shards[self.shard_of(hash)].read();
+            let s = self.shard_of(hash);
+            let shard = guards[s].get_or_insert_with(|| self.shards[s].read_recursive());
             let mut advanced = false;
             for ep in shard.holders(hash) {
                 if let Some(&c) = candidate_of.get(usize::from(ep)) {
@@ -645,5 +655,6 @@ impl PrefixIndex {
 /// Convenience for callers that share one index.
 pub type SharedPrefixIndex = Arc<PrefixIndex>;
 
+mod block_hash;
 #[cfg(test)]
 mod tests;
