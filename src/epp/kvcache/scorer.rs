@@ -4,17 +4,18 @@
 //! events is still scored on one scale.
 //!
 //! With `speculativeIndexing`, the scorer is also a [`RequestHook`]: after the decision it
-//! credits the primary with the request keys its scoring computed (the thread's memo, no second
-//! tokenization) for `speculativeTTL` (see [`super::index`]).
+//! credits the primary with the request keys its scoring computed (kept in the request's
+//! scratch, no second tokenization) for `speculativeTTL` (see [`super::index`]).
 
-use std::cell::RefCell;
 use std::sync::Arc;
 
 use super::accuracy::engine_hit_tokens;
 use super::index::{chain_root, request_keys};
 use super::Precise;
 use crate::epp::endpoint::EndpointSnapshot;
-use crate::epp::scheduling::plugins::{CycleState, Plugin, RequestHook, Scorer};
+use crate::epp::scheduling::plugins::{
+    CycleState, Plugin, RequestHook, RequestScratch, Scorer, ScratchOwner,
+};
 use crate::epp::scheduling::SchedulingRequest;
 
 #[derive(Debug)]
@@ -33,68 +34,49 @@ impl Plugin for PrecisePrefixScorer {
     }
 }
 
-/// Which request (and which scorer) a [`Memo`] holds keys for: the addresses of the scorer's
-/// shared state, the request id and the prompt, and the prompt's length. Addresses are reused
-/// once a request is freed, so a match is only trusted within one scheduling call: `score`
-/// always recomputes, and the prediction asked after it in the same call finds its keys.
-type MemoKey = (usize, usize, usize, usize);
-
-/// The prompt this thread tokenized last, and its request keys. Tokenizing is the scorer's main
-/// cost; the scheduler asks for the primary's prediction ([`Scorer::predicted_cached_tokens`])
-/// right after scoring, in the same synchronous call, so the keys are kept here rather than
-/// computed twice. The key vectors are reused, so no key buffer is allocated per request; what
-/// stays between requests is bounded by the largest prompt's keys (8 bytes per block: about
-/// 2 MB per thread for a 16 MiB prompt); the token ids themselves are not kept.
+/// The request's block keys as this scorer's index hashes them. Tokenizing is the scorer's main
+/// cost, so they are computed once per request and kept in the request's
+/// [`RequestScratch`]: other profiles, the primary's prediction and the speculative hook after
+/// the decision reuse them, and they go when the request's decision does.
 #[derive(Debug, Default)]
-struct Memo {
-    key: Option<MemoKey>,
-    /// Whether the prompt could be tokenized here (else the fields below are stale).
+struct RequestKeys {
+    /// Whether the prompt could be tokenized (else the fields below are empty).
     tokenized: bool,
     /// The prompt's token count.
     tokens: usize,
     /// The base model's chain.
     base: Vec<u64>,
-    /// The target model's chain as a LoRA adapter, computed once an endpoint holds blocks of
-    /// that adapter (`lora_done`).
-    lora: Vec<u64>,
-    lora_done: bool,
+    /// The target model's chain as a LoRA adapter, computed when an endpoint the keys were
+    /// computed for holds blocks of that adapter.
+    lora: Option<Vec<u64>>,
 }
 
-impl Memo {
+impl RequestKeys {
     /// The chain an endpoint is matched against: the adapter's when it holds blocks of the
-    /// target model as a LoRA adapter, else the base model's.
-    fn chain(&self, lora_held: bool) -> &[u64] {
-        if lora_held && self.lora_done {
-            &self.lora
+    /// target model as a LoRA adapter, else the base model's; `None` when the adapter's chain
+    /// was not computed.
+    fn chain(&self, lora_held: bool) -> Option<&[u64]> {
+        if lora_held {
+            self.lora.as_deref()
         } else {
-            &self.base
+            Some(&self.base)
         }
     }
 }
 
-thread_local! {
-    static LAST: RefCell<Memo> = RefCell::new(Memo::default());
-}
-
 impl PrecisePrefixScorer {
-    fn memo_key(&self, req: &SchedulingRequest<'_>) -> MemoKey {
-        (
-            Arc::as_ptr(&self.precise) as usize,
-            req.request_id.as_ptr() as usize,
-            req.prompt.as_ptr() as usize,
-            req.prompt.len(),
-        )
+    fn owner(&self) -> ScratchOwner {
+        Arc::as_ptr(&self.precise) as ScratchOwner
     }
 
-    /// Makes `memo` hold `req`'s keys (and the adapter chain when one of `eps` needs it),
-    /// tokenizing again when `fresh` or when it holds another request's.
-    fn fill(
+    /// `req`'s keys, from `scratch` when computed earlier in this decision with what `eps`
+    /// need (the adapter chain when one of them holds the target model's adapter blocks).
+    fn keys(
         &self,
         req: &SchedulingRequest<'_>,
         eps: &[Arc<EndpointSnapshot>],
-        memo: &mut Memo,
-        fresh: bool,
-    ) {
+        scratch: &RequestScratch,
+    ) -> Arc<RequestKeys> {
         let p = &self.precise;
         let model = req.target_model;
         let needs_lora = || {
@@ -104,45 +86,45 @@ impl PrecisePrefixScorer {
                     .is_some_and(|b| b.has_lora(model))
             })
         };
-        let key = self.memo_key(req);
-        // The adapter chain is computed with the base one; asked for later (a prediction for an
-        // adapter endpoint the scoring did not see), the prompt is tokenized again.
-        if !fresh && memo.key == Some(key) && !(memo.tokenized && !memo.lora_done && needs_lora()) {
-            return;
+        if let Some(keys) = scratch.get::<RequestKeys>(self.owner()) {
+            // The adapter chain is computed with the base one; needed later (an adapter endpoint
+            // the earlier call did not see), the prompt is tokenized again.
+            if !keys.tokenized || keys.lora.is_some() || !needs_lora() {
+                return keys;
+            }
         }
-        memo.key = Some(key);
-        memo.tokenized = false;
-        memo.lora_done = false;
-        let Some(tokens) = p.prompt_tokens(req.api, req.prompt) else {
-            return;
-        };
-        let bs = p.params.block_size;
-        memo.tokens = tokens.len();
-        memo.base.clear();
-        request_keys(
-            chain_root(&p.params.hash_seed, ""),
-            bs,
-            &tokens,
-            &mut memo.base,
-        );
-        if needs_lora() {
-            memo.lora.clear();
+        let mut keys = RequestKeys::default();
+        if let Some(tokens) = p.prompt_tokens(req.api, req.prompt) {
+            let bs = p.params.block_size;
+            keys.tokens = tokens.len();
             request_keys(
-                chain_root(&p.params.hash_seed, model),
+                chain_root(&p.params.hash_seed, ""),
                 bs,
                 &tokens,
-                &mut memo.lora,
+                &mut keys.base,
             );
-            memo.lora_done = true;
+            if needs_lora() {
+                let mut lora = Vec::new();
+                request_keys(
+                    chain_root(&p.params.hash_seed, model),
+                    bs,
+                    &tokens,
+                    &mut lora,
+                );
+                keys.lora = Some(lora);
+            }
+            keys.tokenized = true;
         }
-        memo.tokenized = true;
+        let keys = Arc::new(keys);
+        scratch.put(self.owner(), Arc::clone(&keys));
+        keys
     }
 
     fn score_with(
         &self,
         cycle: &CycleState<'_>,
         eps: &[Arc<EndpointSnapshot>],
-        memo: &Memo,
+        keys: &RequestKeys,
         out: &mut [f64],
     ) {
         let approx_total = cycle.prefix_hashes.len();
@@ -152,17 +134,18 @@ impl PrecisePrefixScorer {
                 .index
                 .get(&ep.endpoint.name)
                 .filter(|b| b.is_live());
-            *o = match live {
-                Some(blocks) if memo.tokenized => {
-                    let chain = memo.chain(blocks.has_lora(cycle.request.target_model));
-                    if chain.is_empty() {
-                        0.0
-                    } else {
-                        blocks.matched(chain) as f64 / chain.len() as f64
-                    }
-                }
+            let chain = live.as_ref().filter(|_| keys.tokenized).map(|blocks| {
+                (
+                    blocks,
+                    keys.chain(blocks.has_lora(cycle.request.target_model))
+                        .unwrap_or_default(),
+                )
+            });
+            *o = match chain {
+                Some((_, [])) => 0.0,
+                Some((blocks, chain)) => blocks.matched(chain) as f64 / chain.len() as f64,
                 // No event stream (or an untokenizable prompt): the approximate index's view.
-                _ => {
+                None => {
                     let m = cycle.prefix_matches.get(i).copied().unwrap_or(0);
                     if approx_total == 0 {
                         0.0
@@ -177,10 +160,8 @@ impl PrecisePrefixScorer {
 
 impl Scorer for PrecisePrefixScorer {
     fn score(&self, cycle: &CycleState<'_>, eps: &[Arc<EndpointSnapshot>], out: &mut [f64]) {
-        LAST.with_borrow_mut(|memo| {
-            self.fill(cycle.request, eps, memo, true);
-            self.score_with(cycle, eps, memo, out);
-        });
+        let keys = self.keys(cycle.request, eps, cycle.scratch);
+        self.score_with(cycle, eps, &keys, out);
     }
 
     /// `engine_hit_tokens` of the primary's matched blocks when its event stream is live.
@@ -188,27 +169,27 @@ impl Scorer for PrecisePrefixScorer {
         &self,
         req: &SchedulingRequest<'_>,
         endpoint: &Arc<EndpointSnapshot>,
+        scratch: &RequestScratch,
     ) -> Option<u64> {
         let blocks = self
             .precise
             .index
             .get(&endpoint.endpoint.name)
             .filter(|b| b.is_live())?;
-        LAST.with_borrow_mut(|memo| {
-            self.fill(req, std::slice::from_ref(endpoint), memo, false);
-            if !memo.tokenized {
-                return None;
-            }
-            let bs = self.precise.params.block_size as u64;
-            let matched = blocks.matched(memo.chain(blocks.has_lora(req.target_model))) as u64;
-            // Whole engine blocks are what the engine can hit (ours divide its size).
-            let engine_block = blocks.engine_block_size().map_or(bs, |b| b as u64);
-            Some(engine_hit_tokens(
-                matched.saturating_mul(bs),
-                memo.tokens as u64,
-                engine_block,
-            ))
-        })
+        let keys = self.keys(req, std::slice::from_ref(endpoint), scratch);
+        if !keys.tokenized {
+            return None;
+        }
+        let chain = keys.chain(blocks.has_lora(req.target_model))?;
+        let bs = self.precise.params.block_size as u64;
+        let matched = blocks.matched(chain) as u64;
+        // Whole engine blocks are what the engine can hit (ours divide its size).
+        let engine_block = blocks.engine_block_size().map_or(bs, |b| b as u64);
+        Some(engine_hit_tokens(
+            matched.saturating_mul(bs),
+            keys.tokens as u64,
+            engine_block,
+        ))
     }
 
     fn uses_prefix_matches(&self) -> bool {
@@ -217,11 +198,15 @@ impl Scorer for PrecisePrefixScorer {
 }
 
 impl RequestHook for PrecisePrefixScorer {
-    /// Credits the primary with the keys `score` computed for this request on this thread
-    /// (the director calls this right after scheduling, on the same thread). A request this
-    /// thread did not score last, an untokenizable prompt or an endpoint without a live stream
+    /// Credits the primary with the keys the scoring computed for this request. A request
+    /// this scorer did not score, an untokenizable prompt or an endpoint without a live stream
     /// is not credited: tokenizing again here would double the scorer's cost.
-    fn pre_request(&self, req: &SchedulingRequest<'_>, primary: &EndpointSnapshot) {
+    fn pre_request(
+        &self,
+        req: &SchedulingRequest<'_>,
+        primary: &EndpointSnapshot,
+        scratch: &RequestScratch,
+    ) {
         let Some(ttl) = self.precise.params.speculative_ttl else {
             return;
         };
@@ -233,17 +218,15 @@ impl RequestHook for PrecisePrefixScorer {
         else {
             return;
         };
-        let key = self.memo_key(req);
-        LAST.with_borrow(|memo| {
-            if memo.key != Some(key) || !memo.tokenized {
-                return;
-            }
-            let lora = blocks.has_lora(req.target_model);
-            if lora && !memo.lora_done {
-                return;
-            }
-            self.precise.index.credit(&blocks, memo.chain(lora), ttl);
-        });
+        let Some(keys) = scratch.get::<RequestKeys>(self.owner()) else {
+            return;
+        };
+        if !keys.tokenized {
+            return;
+        }
+        if let Some(chain) = keys.chain(blocks.has_lora(req.target_model)) {
+            self.precise.index.credit(&blocks, chain, ttl);
+        }
     }
 }
 
@@ -310,6 +293,7 @@ mod tests {
             prefix_hashes: &[1, 2, 3, 4],
             prefix_block_tokens: 1,
             prefix_matches: &[4, 4, 1],
+            scratch: &RequestScratch::new(),
         };
         let eps = [ep("a"), ep("b"), ep("c")];
         let mut out = [9.0; 3];
@@ -370,32 +354,41 @@ mod tests {
             fallbacks: 0,
             headers: &[],
         };
+        let scratch = RequestScratch::new();
         let cycle = CycleState {
             request: &req,
             prefix_hashes: &[],
             prefix_block_tokens: 4,
             prefix_matches: &[],
+            scratch: &scratch,
         };
         let eps = [ep("full"), ep("half"), ep("quiet"), ep("eight"), ep("none")];
         let mut out = [9.0; 5];
         s.score(&cycle, &eps, &mut out);
         assert_eq!(out, [1.0, 0.5, 0.0, 1.0, 0.0]);
+        // The scoring kept the request's keys for the rest of its decision.
+        let keys = scratch.get::<RequestKeys>(s.owner()).unwrap();
+        assert_eq!(
+            (keys.tokenized, keys.tokens, keys.base.len()),
+            (true, 16, 4)
+        );
         let predicted: Vec<Option<u64>> = eps
             .iter()
-            .map(|e| s.predicted_cached_tokens(&req, e))
+            .map(|e| s.predicted_cached_tokens(&req, e, &scratch))
             .collect();
         // Fully cached: the engine computes the last token, so the last block is not a hit
         // (3 of 4 blocks; with engine blocks of 8, 1 of 2).
         assert_eq!(predicted, [Some(12), Some(8), None, Some(8), None]);
 
-        // Asked for a request this thread did not score last, the keys are computed afresh.
+        // Asked for a request that was not scored (a fresh scratch), the keys are computed.
         let other = SchedulingRequest {
             request_id: "other",
             prompt: &prompt[..32],
             ..req
         };
-        assert_eq!(s.predicted_cached_tokens(&other, &eps[0]), Some(4));
-        assert_eq!(s.predicted_cached_tokens(&req, &eps[1]), Some(8));
+        let fresh = RequestScratch::new();
+        assert_eq!(s.predicted_cached_tokens(&other, &eps[0], &fresh), Some(4));
+        assert_eq!(s.predicted_cached_tokens(&req, &eps[1], &scratch), Some(8));
     }
 
     #[test]
@@ -436,25 +429,47 @@ mod tests {
             fallbacks: 0,
             headers: &[],
         };
+        let scratch = RequestScratch::new();
         let cycle = CycleState {
             request: &req,
             prefix_hashes: &[],
             prefix_block_tokens: 4,
             prefix_matches: &[],
+            scratch: &scratch,
         };
-        // Scored without the adapter endpoint, the memo has no adapter chain; the prediction
-        // for it tokenizes again.
+        // Scored without the adapter endpoint, the keys have no adapter chain; the prediction
+        // for it tokenizes again and keeps both chains.
         let base_only = [ep("base")];
         let mut out = [9.0; 1];
         s.score(&cycle, &base_only, &mut out);
         assert_eq!(out, [1.0]);
-        assert_eq!(s.predicted_cached_tokens(&req, &ep("ad")), Some(8));
+        assert!(scratch
+            .get::<RequestKeys>(s.owner())
+            .is_some_and(|k| k.lora.is_none()));
+        assert_eq!(
+            s.predicted_cached_tokens(&req, &ep("ad"), &scratch),
+            Some(8)
+        );
+        assert!(scratch.get::<RequestKeys>(s.owner()).is_some_and(|k| k
+            .lora
+            .as_ref()
+            .map(Vec::len)
+            == Some(4)));
+        // A new request's decision scoring both endpoints computes both chains at once.
+        let scratch = RequestScratch::new();
+        let cycle = CycleState {
+            scratch: &scratch,
+            ..cycle
+        };
         let both = [ep("base"), ep("ad")];
         let mut out = [9.0; 2];
         s.score(&cycle, &both, &mut out);
         assert_eq!(out, [1.0, 0.5]);
-        assert_eq!(s.predicted_cached_tokens(&req, &both[1]), Some(8));
-        assert_eq!(s.predicted_cached_tokens(&req, &both[0]), Some(12));
+        assert_eq!(s.predicted_cached_tokens(&req, &both[1], &scratch), Some(8));
+        assert_eq!(
+            s.predicted_cached_tokens(&req, &both[0], &scratch),
+            Some(12)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -488,11 +503,10 @@ mod tests {
             fallbacks: 0,
             headers: &[],
         };
-        // Scores `request_id` with the prompt, as a fresh request (a distinct id buffer).
+        // Scores `request_id` with the prompt, as a fresh request (its own scratch).
         let score = |id: &str| {
-            let id = id.to_string();
             let r = SchedulingRequest {
-                request_id: &id,
+                request_id: id,
                 ..req
             };
             let cycle = CycleState {
@@ -500,26 +514,29 @@ mod tests {
                 prefix_hashes: &[],
                 prefix_block_tokens: 4,
                 prefix_matches: &[],
+                scratch: &RequestScratch::new(),
             };
             let mut out = [9.0; 2];
             s.score(&cycle, &eps, &mut out);
             out
         };
+        let scratch = RequestScratch::new();
         let cycle = CycleState {
             request: &req,
             prefix_hashes: &[],
             prefix_block_tokens: 4,
             prefix_matches: &[],
+            scratch: &scratch,
         };
         let mut out = [9.0; 2];
         s.score(&cycle, &eps, &mut out);
         assert_eq!(out, [0.0, 0.0]);
         // The decision: "a". Before any event the next request with this prompt finds it.
-        s.pre_request(&req, &eps[0]);
+        s.pre_request(&req, &eps[0], &scratch);
         let a = precise.index.get("a").unwrap();
         assert_eq!(a.speculative_len(), 4);
         assert_eq!(score("r2"), [1.0, 0.0]);
-        assert_eq!(s.predicted_cached_tokens(&req, &eps[0]), Some(12));
+        assert_eq!(s.predicted_cached_tokens(&req, &eps[0], &scratch), Some(12));
         tokio::time::advance(ttl - std::time::Duration::from_millis(1)).await;
         assert_eq!(score("r3"), [1.0, 0.0]);
         // "a" never stored them: after the TTL it is not credited any more.
@@ -527,29 +544,30 @@ mod tests {
         assert_eq!(score("r4"), [0.0, 0.0]);
 
         // Routed to "b", whose engine then stores the first 3 blocks: those outlive the TTL.
-        let r5 = "r5".to_string();
         let req5 = SchedulingRequest {
-            request_id: &r5,
+            request_id: "r5",
             ..req
         };
+        let scratch5 = RequestScratch::new();
         let cycle5 = CycleState {
             request: &req5,
+            scratch: &scratch5,
             ..cycle
         };
         s.score(&cycle5, &eps, &mut out);
-        s.pre_request(&req5, &eps[1]);
+        s.pre_request(&req5, &eps[1], &scratch5);
         assert_eq!(score("r6"), [0.0, 1.0]);
         store(&precise, "b", &tokens, 3, 4);
         assert_eq!(precise.index.get("b").unwrap().speculative_len(), 1);
         tokio::time::advance(ttl).await;
         assert_eq!(score("r7"), [0.0, 0.75]);
 
-        // A request this thread did not score last is not credited (no second tokenization).
+        // A request whose decision computed no keys is not credited (no second tokenization).
         let other = SchedulingRequest {
             request_id: "other",
             ..req
         };
-        s.pre_request(&other, &eps[0]);
+        s.pre_request(&other, &eps[0], &RequestScratch::new());
         assert_eq!(score("r8"), [0.0, 0.75]);
     }
 

@@ -28,7 +28,8 @@ pub use prefix_cache::PrefixCache;
 
 pub use crate::epp::prefix::PrefixCacheParams;
 use plugins::{
-    CycleState, Filter, Picker, ProfileHandler, ProfileOutcome, RequestHook, Scored, Scorer,
+    CycleState, Filter, Picker, ProfileHandler, ProfileOutcome, RequestHook, RequestScratch,
+    Scored, Scorer,
 };
 
 /// The scheduling slice of the EPP configuration, resolved by `epp::config`: profiles with
@@ -103,6 +104,8 @@ pub struct ScheduleResult {
     pub scores: Vec<f64>,
     /// Cached tokens the primary is expected to report, per index (`kvcache::accuracy`).
     pub prediction: CachedPrediction,
+    /// What plugins derived from the request while deciding, for the hooks after it.
+    pub scratch: RequestScratch,
 }
 
 impl ScheduleResult {
@@ -310,6 +313,7 @@ impl Profile {
             prefix_hashes: prepared.hashes,
             prefix_block_tokens: prepared.block_tokens,
             prefix_matches: &matches,
+            scratch: prepared.scratch,
         };
         let mut total = vec![0.0f64; n];
         let mut buf = vec![0.0f64; n];
@@ -362,6 +366,7 @@ struct Prepared<'a> {
     hashes: &'a [u64],
     block_tokens: usize,
     index: Option<&'a PrefixIndex>,
+    scratch: &'a RequestScratch,
 }
 
 /// Runs scheduling cycles for the configured profiles. Shared by all request tasks.
@@ -450,10 +455,12 @@ impl Scheduler {
             Some(p) => p.hash(req, candidates, &mut hashes),
             None => 0,
         };
+        let scratch = RequestScratch::default();
         let prepared = Prepared {
             hashes: &hashes,
             block_tokens,
             index: self.prefix.as_ref().map(|p| p.index().as_ref()),
+            scratch: &scratch,
         };
         let mut rng = rand::rng();
         let n = self.profiles.len();
@@ -529,7 +536,7 @@ impl Scheduler {
                 (Some(profile), Some(first)) => profile
                     .scorers
                     .iter()
-                    .find_map(|(s, _, _)| s.predicted_cached_tokens(req, first)),
+                    .find_map(|(s, _, _)| s.predicted_cached_tokens(req, first, &scratch)),
                 _ => None,
             },
         };
@@ -543,6 +550,7 @@ impl Scheduler {
             prefix_block_tokens: block_tokens,
             scores: run.scores,
             prediction,
+            scratch,
         })
     }
 
@@ -557,7 +565,7 @@ impl Scheduler {
         let mut headers = Vec::new();
         if let Some(primary) = result.primary() {
             for hook in &self.hooks {
-                hook.pre_request(req, primary);
+                hook.pre_request(req, primary, &result.scratch);
                 hook.response_headers(req, primary, &mut headers);
             }
         }

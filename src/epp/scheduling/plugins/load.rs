@@ -182,6 +182,7 @@ mod tests {
             prefix_hashes: &[],
             prefix_block_tokens: 16,
             prefix_matches: &[],
+            scratch: &crate::epp::scheduling::plugins::scratch::NOTHING_STORED,
         };
         let mut out = vec![f64::NAN; eps.len()];
         s.score(&cycle, eps, &mut out);

@@ -21,7 +21,10 @@ pub mod predicted_ttft;
 pub mod prefix_affinity;
 pub mod profile;
 pub mod scorers;
+pub mod scratch;
 pub mod session_affinity;
+
+pub use scratch::{RequestScratch, ScratchOwner};
 
 /// What every plugin has: its config `type` and its instance name (used in logs and metrics).
 pub trait Plugin: Send + Sync + fmt::Debug {
@@ -44,6 +47,8 @@ pub struct CycleState<'a> {
     /// index when a scorer of the profile [asks for them](Scorer::uses_prefix_matches); else
     /// empty.
     pub prefix_matches: &'a [usize],
+    /// Values plugins derived from this request earlier in the decision (see [`scratch`]).
+    pub scratch: &'a RequestScratch,
 }
 
 /// Removes endpoints that must not serve the request. Runs in profile order; a filter that
@@ -83,12 +88,13 @@ pub trait Scorer: Plugin {
 
     /// The cached prompt tokens this scorer's index expects `endpoint` to report for `request`
     /// (`usage.prompt_tokens_details.cached_tokens`), or `None` for no prediction. Asked once
-    /// per routed request, for the primary, right after [`Scorer::score`] ran for the same
-    /// request on the same thread (so a scorer may reuse what `score` computed).
+    /// per routed request, for the primary, after [`Scorer::score`] ran for the same request
+    /// (what `score` stored in `scratch` is still there).
     fn predicted_cached_tokens(
         &self,
         _request: &SchedulingRequest<'_>,
         _endpoint: &Arc<EndpointSnapshot>,
+        _scratch: &RequestScratch,
     ) -> Option<u64> {
         None
     }
@@ -130,9 +136,16 @@ pub trait ProfileHandler: Plugin {
 
 /// Runs after a decision (the reference's PreRequest and ResponseHeader extension points):
 /// `pre_request` learns where the request went, `response_headers` appends headers to set on
-/// the response the client gets. Both see the primary endpoint. Must not block.
+/// the response the client gets. Both see the primary endpoint; `pre_request` also sees what
+/// the plugins stored for the request while deciding. Must not block.
 pub trait RequestHook: Plugin {
-    fn pre_request(&self, _request: &SchedulingRequest<'_>, _primary: &EndpointSnapshot) {}
+    fn pre_request(
+        &self,
+        _request: &SchedulingRequest<'_>,
+        _primary: &EndpointSnapshot,
+        _scratch: &RequestScratch,
+    ) {
+    }
     fn response_headers(
         &self,
         _request: &SchedulingRequest<'_>,

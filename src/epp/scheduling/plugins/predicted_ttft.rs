@@ -248,6 +248,7 @@ mod tests {
             prefix_hashes: &hashes,
             prefix_block_tokens: 16,
             prefix_matches: matches,
+            scratch: &crate::epp::scheduling::plugins::scratch::NOTHING_STORED,
         };
         let mut out = vec![f64::NAN; eps.len()];
         s.score_at(&cycle, eps, &mut out, at);

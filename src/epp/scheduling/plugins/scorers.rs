@@ -207,6 +207,7 @@ pub(crate) mod tests {
             prefix_hashes: hashes,
             prefix_block_tokens: 16,
             prefix_matches: matches,
+            scratch: &crate::epp::scheduling::plugins::scratch::NOTHING_STORED,
         };
         let mut out = vec![f64::NAN; eps.len()];
         s.score(&cycle, eps, &mut out);

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use parking_lot::Mutex;
 
-use super::{CycleState, Filter, Plugin, RequestHook, Scorer};
+use super::{CycleState, Filter, Plugin, RequestHook, RequestScratch, Scorer};
 use crate::epp::endpoint::EndpointSnapshot;
 use crate::epp::scheduling::SchedulingRequest;
 
@@ -189,7 +189,12 @@ impl Filter for SessionAffinity {
 }
 
 impl RequestHook for SessionAffinity {
-    fn pre_request(&self, request: &SchedulingRequest<'_>, primary: &EndpointSnapshot) {
+    fn pre_request(
+        &self,
+        request: &SchedulingRequest<'_>,
+        primary: &EndpointSnapshot,
+        _scratch: &RequestScratch,
+    ) {
         if let Some(id) = self.session_id(request) {
             self.bind(id, &primary.endpoint.name, Instant::now());
         }
@@ -232,6 +237,7 @@ mod tests {
             prefix_hashes: &[],
             prefix_block_tokens: 0,
             prefix_matches: &[],
+            scratch: &crate::epp::scheduling::plugins::scratch::NOTHING_STORED,
         }
     }
 
@@ -307,7 +313,7 @@ mod tests {
         let mut out = vec![0.0; 2];
         s.score(&cycle(&r), &eps, &mut out);
         assert_eq!(out, vec![0.0, 0.0], "unbound session: no preference");
-        s.pre_request(&r, &eps[1]);
+        s.pre_request(&r, &eps[1], &RequestScratch::new());
         s.score(&cycle(&r), &eps, &mut out);
         assert_eq!(out, vec![0.0, 1.0]);
         let mut headers = Vec::new();
