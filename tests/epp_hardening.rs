@@ -244,6 +244,41 @@ async fn handshakes_beyond_the_cap_are_refused_at_once() {
     epp.shutdown().await;
 }
 
+/// `--ext-proc-own-thread` on (default) and off: plain and TLS ext_proc are served, and after
+/// shutdown the port no longer accepts (the own thread's runtime, with its listener, is gone).
+#[tokio::test]
+async fn both_runtime_shapes_serve_plain_and_tls_and_release_the_port() {
+    for own_thread in ["--ext-proc-own-thread=true", "--ext-proc-own-thread=false"] {
+        let epp = start_epp(&[own_thread, "--secure-serving=false"]).await;
+        let addr = epp.grpc_addr;
+        let (r, _) = route_once(addr, &[], completion("m")).await;
+        assert_eq!(destination(&r), ENDPOINT, "{own_thread}, plain");
+        epp.shutdown().await;
+        assert_port_closed(addr, own_thread).await;
+
+        let epp = start_epp(&[own_thread]).await;
+        let addr = epp.grpc_addr;
+        let (dest, _) = tokio::time::timeout(Duration::from_secs(10), grpc_over_tls(addr))
+            .await
+            .expect("TLS client not served");
+        assert_eq!(dest, ENDPOINT, "{own_thread}, TLS");
+        epp.shutdown().await;
+        assert_port_closed(addr, own_thread).await;
+    }
+}
+
+/// Waits (generously, for a loaded machine) until connecting to `addr` is refused.
+async fn assert_port_closed(addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {addr} still accepts after shutdown"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 // ---------------------------------------------------------------- item 2: metric labels
 
 const FORGERY: &str = "evil\"} 1\ninference_pool_ready_pods{name=\"local\"} 9999\n";

@@ -22,6 +22,7 @@ pub mod kvcache;
 pub mod leader;
 pub mod metrics;
 pub mod metrics_auth;
+pub mod own_thread;
 pub mod prefix;
 pub mod request;
 pub mod saturation;

@@ -422,25 +422,30 @@ pub async fn start(args: EppArgs) -> Result<RunningEpp, StartError> {
         let _ = stop.wait_for(|s| *s).await;
     };
     let limits = GrpcLimits::from_args(&args);
-    let grpc_task = if args.secure_serving {
+    let tls = if args.secure_serving {
         let cert_dir = (!args.cert_path.is_empty()).then(|| Path::new(&args.cert_path));
-        let acceptor = super::tls::acceptor(cert_dir, args.enable_cert_reload)?;
-        let (accept_task, incoming) = super::tls::spawn_tls_accept(
-            grpc_listener,
-            acceptor,
+        Some((
+            super::tls::acceptor(cert_dir, args.enable_cert_reload)?,
             super::tls::HandshakeLimits {
                 timeout: args.tls_handshake_timeout,
                 max_concurrent: args.tls_max_concurrent_handshakes,
             },
-        );
-        tasks.push(accept_task);
-        tokio::spawn(serve_ext_proc(service, incoming, limits, stopped))
+        ))
     } else {
-        // tonic ignores `Server::tcp_nodelay` with a custom incoming stream: set it on the
-        // accepted sockets, or Nagle + delayed ACK stall every small ext_proc reply (~40 ms).
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-        tokio::spawn(serve_ext_proc(service, incoming, limits, stopped))
+        None
+    };
+    let grpc_task = if args.ext_proc_own_thread {
+        // Built on the ext_proc thread so the listener and every accepted socket register with
+        // that thread's reactor (`own_thread`).
+        let listener = grpc_listener.into_std()?;
+        super::own_thread::spawn("ext-proc", move || async move {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => serve_listener(listener, tls, service, limits, stopped).await,
+                Err(e) => tracing::error!(error = %e, "ext_proc listener"),
+            }
+        })?
+    } else {
+        tokio::spawn(serve_listener(grpc_listener, tls, service, limits, stopped))
     };
     tracing::info!(%grpc_addr, %health_addr, %metrics_addr, tls = args.secure_serving, "switchyard epp started");
 
@@ -473,6 +478,32 @@ impl GrpcLimits {
             keepalive_interval: (!args.grpc_keepalive_interval.is_zero())
                 .then_some(args.grpc_keepalive_interval),
             keepalive_timeout: args.grpc_keepalive_timeout,
+        }
+    }
+}
+
+/// Accepts ext_proc connections on `listener` (TLS when `tls` is given) and serves them on the
+/// current runtime until `stopped`.
+async fn serve_listener(
+    listener: TcpListener,
+    tls: Option<(tokio_rustls::TlsAcceptor, super::tls::HandshakeLimits)>,
+    service: super::extproc::ExtProcServer,
+    limits: GrpcLimits,
+    stopped: impl std::future::Future<Output = ()>,
+) {
+    match tls {
+        Some((acceptor, handshake)) => {
+            // The accept task ends once `incoming` is dropped.
+            let (_accept_task, incoming) =
+                super::tls::spawn_tls_accept(listener, acceptor, handshake);
+            serve_ext_proc(service, incoming, limits, stopped).await;
+        }
+        None => {
+            // tonic ignores `Server::tcp_nodelay` with a custom incoming stream: set it on the
+            // accepted sockets, or Nagle + delayed ACK stall every small ext_proc reply (~40 ms).
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            serve_ext_proc(service, incoming, limits, stopped).await;
         }
     }
 }
