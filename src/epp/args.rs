@@ -164,9 +164,9 @@ pub struct EppArgs {
     pub grpc_stream_timeout: Duration,
     /// Serve ext_proc on a thread of its own (single-threaded runtime): each exchange stays on
     /// one thread instead of waking tokio workers across threads (~20 % less CPU per request
-    /// measured, p50 latency not better on a busy machine; docs/benchmarks.md); caps ext_proc at
-    /// one core. Default false: the shared runtime (one worker per CPU, or `TOKIO_WORKER_THREADS`).
-    #[arg(long, num_args = 0..=1, require_equals = true, default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    /// measured, p50 latency no different; docs/benchmarks.md); caps ext_proc at one core.
+    /// false: the shared runtime (one worker per CPU, or `TOKIO_WORKER_THREADS`).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_value = "true", default_missing_value = "true", value_parser = go_bool)]
     pub ext_proc_own_thread: bool,
     /// Largest JSON response body buffered for usage parsing; larger responses pass through
     /// unparsed (server-sent events are never buffered).
@@ -392,9 +392,9 @@ mod tests {
         assert_eq!(a.max_body_bytes, 16 << 20);
         assert_eq!(a.fallback_endpoints, 0);
         assert!(a.inflight_accounting);
-        assert!(!a.ext_proc_own_thread);
+        assert!(a.ext_proc_own_thread);
         assert!(
-            parse(&["--ext-proc-own-thread"])
+            !parse(&["--ext-proc-own-thread=false"])
                 .unwrap()
                 .ext_proc_own_thread
         );
