@@ -238,7 +238,7 @@ impl Scheduler {
             let Some(seq) = self.waiting.front_mut() else {
                 break;
             };
-            let priority = seq.priority;
+            let priority = seq.params.priority;
             if self.running.len() >= self.cfg.max_num_seqs {
                 if self.preempt_worse_than(priority, plan, &mut budget) {
                     continue;
@@ -301,7 +301,7 @@ impl Scheduler {
             return false;
         }
         match self.worst_running() {
-            Some(v) if self.running[v].priority > priority => {
+            Some(v) if self.running[v].params.priority > priority => {
                 self.preempt_at(v, plan, budget);
                 true
             }

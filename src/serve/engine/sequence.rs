@@ -44,8 +44,6 @@ pub struct Sequence {
     pub cached_tokens: Option<usize>,
     pub finished: Option<FinishReason>,
     pub num_preemptions: u32,
-    /// Scheduling priority, lower first (used under `--scheduling-policy priority`).
-    pub priority: i64,
     /// Structured-output mask state, advanced once per sampled token (kept across preemption:
     /// recompute re-runs the same tokens, it does not re-sample them).
     pub constraint: Option<Box<dyn TokenConstraint>>,
@@ -55,7 +53,6 @@ impl Sequence {
     /// A new, waiting sequence for `req` (its token buffer sized for the whole output).
     pub fn new(req: EngineRequest, rng: StdRng) -> Self {
         let capacity = req.prompt.len().saturating_add(req.params.max_tokens);
-        let priority = req.params.priority;
         let mut tokens = Vec::with_capacity(capacity);
         tokens.extend_from_slice(&req.prompt);
         Self {
@@ -78,7 +75,6 @@ impl Sequence {
             cached_tokens: None,
             finished: None,
             num_preemptions: 0,
-            priority,
             constraint: req.constraint,
         }
     }
@@ -86,7 +82,7 @@ impl Sequence {
     /// Order under the priority policy: priority, then arrival, then id (submission order, for
     /// arrivals within one clock tick).
     pub fn sched_key(&self) -> (i64, Instant, u64) {
-        (self.priority, self.timing.arrival, self.id)
+        (self.params.priority, self.timing.arrival, self.id)
     }
 
     pub fn num_tokens(&self) -> usize {
